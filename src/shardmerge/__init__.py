@@ -1,0 +1,67 @@
+"""shardmerge: fold LoRA adapters into a base model, one safetensors shard at a time.
+
+``import shardmerge`` does not import torch; only ``merge()`` does.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from .config import AdapterSpec, MergeJob
+from .errors import (
+    AdapterError,
+    DeviceError,
+    InputError,
+    JobConfigError,
+    OutputError,
+    PlanError,
+    SafetensorsFormatError,
+    ShardmergeError,
+)
+
+if TYPE_CHECKING:
+    from .executor import MergeReport
+    from .planner import Plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterError",
+    "AdapterSpec",
+    "DeviceError",
+    "InputError",
+    "JobConfigError",
+    "MergeJob",
+    "OutputError",
+    "PlanError",
+    "SafetensorsFormatError",
+    "ShardmergeError",
+    "__version__",
+    "merge",
+    "plan",
+]
+
+
+def _job(job: MergeJob | None, fields: dict[str, Any]) -> MergeJob:
+    from .config import build_job
+
+    if job is not None and fields:
+        raise TypeError("pass either a MergeJob or its fields as keyword arguments, not both")
+    return job if job is not None else build_job("arguments", fields)
+
+
+def plan(job: MergeJob | None = None, **fields: Any) -> Plan:
+    """Check the inputs and return the Plan, reading headers only. Raises PlanError listing
+    every problem. Takes a MergeJob, or its fields: ``plan(base=..., adapters=[...])``."""
+    from .planner import build_plan
+
+    return build_plan(_job(job, fields))
+
+
+def merge(job: MergeJob | None = None, *, quiet: bool = True, **fields: Any) -> MergeReport:
+    """Merge and write the model: ``merge(base=..., adapters=[{"path": ..., "weight": 0.5}],
+    output=...)``. ``quiet=False`` shows the progress bar on stderr."""
+    from .executor import execute
+    from .planner import build_plan
+
+    return execute(build_plan(_job(job, fields)), quiet=quiet)

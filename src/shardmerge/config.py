@@ -1,0 +1,118 @@
+"""The job: what to merge, into what, how. One model for the CLI, YAML files and the Python API."""
+
+from __future__ import annotations
+
+import difflib
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from .errors import JobConfigError
+
+OutputDtype = Literal["bfloat16", "float16", "float32"]
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+class AdapterSpec(BaseModel):
+    """One adapter and the weight its delta is multiplied by."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str
+    weight: float = 1.0
+
+
+class MergeJob(BaseModel):
+    """A merge of one or more adapters into one base model."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    base: str
+    adapters: list[AdapterSpec] = Field(min_length=1)
+    output: str | None = None
+    dtype: OutputDtype = "bfloat16"
+    device: str = "auto"
+
+    @field_validator("adapters", mode="before")
+    @classmethod
+    def _plain_paths(cls, value: Any) -> Any:
+        # A bare path is an adapter of weight 1; it reads better in short YAML files.
+        if isinstance(value, list):
+            return [{"path": item} if isinstance(item, (str, Path)) else item for item in value]
+        return value
+
+    @field_validator("base", "output", mode="before")
+    @classmethod
+    def _path_to_str(cls, value: Any) -> Any:
+        return str(value) if isinstance(value, Path) else value
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, value: str) -> str:
+        if not _DEVICE.match(value):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return value
+
+
+def build_job(source: str, data: Any) -> MergeJob:
+    """Validate ``data`` into a job; ``source`` names where it came from in error messages."""
+    if not isinstance(data, dict):
+        raise JobConfigError("a job must be a mapping of keys to values", file=source)
+    try:
+        return MergeJob.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise JobConfigError(_describe(first), file=source, hint=_fix_for(first)) from exc
+
+
+def load_job_file(path: Path) -> MergeJob:
+    """Load a YAML job. Relative paths in it are taken relative to the file's folder."""
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise JobConfigError(f"cannot read: {exc.strerror}", file=path) from exc
+    except yaml.YAMLError as exc:
+        raise JobConfigError(f"not valid YAML ({str(exc).splitlines()[0]})", file=path) from exc
+    job = build_job(str(path), data)
+    if job.output is None:
+        raise JobConfigError("missing key 'output'", file=path, hint="name the folder to write the merged model to")
+    folder = path.parent
+
+    def anchor(value: str) -> str:
+        candidate = Path(value).expanduser()
+        return str(candidate if candidate.is_absolute() else folder / candidate)
+
+    return job.model_copy(
+        update={
+            "base": anchor(job.base),
+            "output": anchor(job.output),  # type: ignore[arg-type]
+            "adapters": [spec.model_copy(update={"path": anchor(spec.path)}) for spec in job.adapters],
+        }
+    )
+
+
+def _location(error: Any) -> str:
+    return ".".join(str(part) for part in error["loc"]) or "(top level)"
+
+
+def _describe(error: Any) -> str:
+    loc = _location(error)
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {loc!r}"
+    if error["type"] == "missing":
+        return f"missing key {loc!r}"
+    return f"{loc}: {error['msg']}"
+
+
+def _fix_for(error: Any) -> str | None:
+    if error["type"] != "extra_forbidden":
+        return None
+    key = str(error["loc"][-1])
+    known = list(AdapterSpec.model_fields) if len(error["loc"]) > 1 else list(MergeJob.model_fields)
+    close = difflib.get_close_matches(key, known, n=1)
+    if close:
+        return f"did you mean {close[0]!r}?"
+    return f"known keys: {', '.join(known)}"

@@ -1,0 +1,77 @@
+"""One exception tree. Every error carries the file and tensor at fault and a next step.
+
+The CLI turns these into a one-line message and an exit code; nothing else prints them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+
+class ShardmergeError(Exception):
+    """Base of every error shardmerge raises on purpose.
+
+    ``file`` and ``tensor`` locate the fault, ``hint`` says what to do about it.
+    """
+
+    exit_code = 1
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str | Path | None = None,
+        tensor: str | None = None,
+        hint: str | None = None,
+    ) -> None:
+        self.message = message
+        self.file = str(file) if file is not None else None
+        self.tensor = tensor
+        self.hint = hint
+        super().__init__(self.one_line())
+
+    def one_line(self) -> str:
+        where = [part for part in (self.file, self.tensor) if part]
+        text = ": ".join([*where, self.message])
+        if self.hint:
+            text += f" ({self.hint})"
+        return text
+
+
+class JobConfigError(ShardmergeError):
+    """A job (YAML file, CLI flags or API arguments) is invalid."""
+
+    exit_code = 2
+
+
+class InputError(ShardmergeError):
+    """A base model or adapter cannot be found or read."""
+
+
+class SafetensorsFormatError(InputError):
+    """A safetensors file is corrupt, truncated or not safetensors at all."""
+
+
+class AdapterError(InputError):
+    """An adapter is malformed, or of a kind shardmerge cannot merge exactly."""
+
+
+class PlanError(ShardmergeError):
+    """The inputs do not fit together. Carries every problem found, not just the first."""
+
+    def __init__(self, problems: Sequence[ShardmergeError]) -> None:
+        self.problems = list(problems)
+        count = len(self.problems)
+        super().__init__(
+            f"refusing to merge: {count} problem{'s' if count != 1 else ''} found, nothing was written",
+            hint="fix the adapters or the base listed below, or check that they belong together",
+        )
+
+
+class OutputError(ShardmergeError):
+    """The output location cannot be used or written."""
+
+
+class DeviceError(ShardmergeError):
+    """The requested compute device is not available."""

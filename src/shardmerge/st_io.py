@@ -1,0 +1,216 @@
+"""safetensors at the byte level: header parsing, header encoding, raw range copies.
+
+The format: 8 bytes little-endian header length N, N bytes of JSON, then the data buffer.
+Every tensor entry has ``dtype``, ``shape`` and ``data_offsets`` relative to the buffer start.
+Nothing here imports torch, so planning stays cheap.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import SafetensorsFormatError
+
+# Bytes per element of each safetensors dtype.
+ITEMSIZE: dict[str, int] = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U64": 8,
+    "U32": 4,
+    "U16": 2,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
+# Dtypes a merge may read as float32 and convert to the output dtype. FP8 is deliberately
+# absent: an FP8 checkpoint is quantized, and widening it silently would change its meaning.
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+
+# safetensors itself refuses headers over 100 MB; a larger length means a corrupt file.
+MAX_HEADER_BYTES = 100_000_000
+INDEX_NAME = "model.safetensors.index.json"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor entry of a safetensors header; ``begin``/``end`` are absolute file offsets."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+
+@dataclass(frozen=True)
+class SafetensorsHeader:
+    path: Path
+    file_size: int
+    raw: bytes
+    metadata: dict[str, str] | None
+    tensors: dict[str, TensorInfo]
+
+
+def numel(shape: tuple[int, ...]) -> int:
+    count = 1
+    for dim in shape:
+        count *= dim
+    return count
+
+
+def read_header(path: Path) -> SafetensorsHeader:
+    """Parse and validate a safetensors header without reading any tensor data."""
+    hint = "the file is damaged or incomplete: download or save it again"
+    try:
+        file_size = path.stat().st_size
+        with path.open("rb") as handle:
+            prefix = handle.read(8)
+            if len(prefix) < 8:
+                raise SafetensorsFormatError(
+                    f"file is {file_size} bytes, too short to be safetensors", file=path, hint=hint
+                )
+            (length,) = struct.unpack("<Q", prefix)
+            if length > MAX_HEADER_BYTES or length > file_size - 8:
+                raise SafetensorsFormatError(
+                    f"header length {length} does not fit in a {file_size}-byte file",
+                    file=path,
+                    hint=hint,
+                )
+            raw = handle.read(length)
+    except OSError as exc:
+        raise SafetensorsFormatError(f"cannot read: {exc.strerror}", file=path) from exc
+    try:
+        parsed = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SafetensorsFormatError(f"header is not valid JSON ({exc})", file=path, hint=hint) from exc
+    if not isinstance(parsed, dict):
+        raise SafetensorsFormatError("header is not a JSON object", file=path, hint=hint)
+    metadata = parsed.pop("__metadata__", None)
+    data_start = 8 + length
+    tensors = {name: _tensor_info(path, name, entry, data_start, file_size) for name, entry in parsed.items()}
+    return SafetensorsHeader(path, file_size, raw, metadata, tensors)
+
+
+def _tensor_info(path: Path, name: str, entry: object, data_start: int, file_size: int) -> TensorInfo:
+    hint = "the file is damaged or incomplete: download or save it again"
+    if not isinstance(entry, dict):
+        raise SafetensorsFormatError("header entry is not an object", file=path, tensor=name, hint=hint)
+    dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+    if dtype not in ITEMSIZE:
+        raise SafetensorsFormatError(f"unknown dtype {dtype!r}", file=path, tensor=name, hint=hint)
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise SafetensorsFormatError(f"invalid shape {shape!r}", file=path, tensor=name, hint=hint)
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(isinstance(o, int) for o in offsets)
+        or not 0 <= offsets[0] <= offsets[1]
+    ):
+        raise SafetensorsFormatError(f"invalid data_offsets {offsets!r}", file=path, tensor=name, hint=hint)
+    begin, end = data_start + offsets[0], data_start + offsets[1]
+    expected = numel(tuple(shape)) * ITEMSIZE[dtype]
+    if end - begin != expected:
+        raise SafetensorsFormatError(
+            f"data_offsets span {end - begin} bytes but {dtype}{shape} needs {expected}",
+            file=path,
+            tensor=name,
+            hint=hint,
+        )
+    if end > file_size:
+        raise SafetensorsFormatError(
+            f"file is truncated: tensor data ends at byte {end} but the file has {file_size}",
+            file=path,
+            tensor=name,
+            hint=hint,
+        )
+    return TensorInfo(name, dtype, tuple(shape), begin, end)
+
+
+def encode_header(entries: list[tuple[str, str, tuple[int, ...], int, int]], metadata: dict[str, str] | None) -> bytes:
+    """Encode a header (length prefix included) for entries ``(name, dtype, shape, begin, end)``.
+
+    Offsets are relative to the data buffer. The JSON is padded with spaces to a multiple of
+    8 bytes, as the safetensors library does, so the data buffer starts aligned.
+    """
+    body: dict[str, object] = {}
+    if metadata:
+        body["__metadata__"] = metadata
+    for name, dtype, shape, begin, end in entries:
+        body[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [begin, end]}
+    text = json.dumps(body, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text
+
+
+def write_all(fd: int, data: memoryview | bytes) -> None:
+    """``os.write`` until every byte is written (writes may be partial)."""
+    view = memoryview(data).cast("B")
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def pread_into(fd: int, buffer: memoryview, offset: int) -> None:
+    """Fill ``buffer`` from ``fd`` at ``offset``; a short file is an error, not a short read."""
+    view = buffer.cast("B")
+    while view:
+        got = os.preadv(fd, [view], offset)
+        if got == 0:
+            raise EOFError(f"unexpected end of file at byte {offset}")
+        view = view[got:]
+        offset += got
+
+
+# copy_file_range is refused across file systems and by some file systems; fall back then.
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
+_COPY_CHUNK = 64 * 1024 * 1024
+
+
+def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
+    """Append ``count`` bytes of ``src_fd`` from ``offset`` to ``dst_fd`` at its position.
+
+    Uses ``copy_file_range`` so the bytes never enter this process; falls back to reads and
+    writes through one bounded buffer where the kernel refuses.
+    """
+    end = offset + count
+    if hasattr(os, "copy_file_range"):
+        try:
+            while offset < end:
+                copied = os.copy_file_range(src_fd, dst_fd, min(end - offset, _COPY_CHUNK), offset)
+                if copied == 0:
+                    raise EOFError(f"unexpected end of file at byte {offset}")
+                offset += copied
+            return
+        except OSError as exc:
+            if exc.errno not in _NO_KERNEL_COPY:
+                raise
+    buffer = bytearray(min(end - offset, _COPY_CHUNK))
+    while offset < end:
+        view = memoryview(buffer)[: min(end - offset, len(buffer))]
+        pread_into(src_fd, view, offset)
+        write_all(dst_fd, view)
+        offset += len(view)
+
+
+def render_index(total_size: int, weight_map: dict[str, str], metadata: dict[str, object] | None) -> bytes:
+    """Render ``model.safetensors.index.json`` the way transformers writes it."""
+    meta = dict(metadata or {})
+    meta["total_size"] = total_size
+    body = {"metadata": meta, "weight_map": dict(sorted(weight_map.items()))}
+    return (json.dumps(body, indent=2) + "\n").encode()

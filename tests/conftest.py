@@ -1,0 +1,169 @@
+"""Tiny real checkpoints and adapters, and PEFT's own merge as the reference.
+
+Bases are built with transformers and saved with save_pretrained; adapters are built with
+peft on the same base, every LoRA parameter (B included) drawn at random so that no delta is
+zero. The reference is PEFT's merge_and_unload() computed in float32.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from peft.tuners.lora import LoraLayer
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@dataclass(frozen=True)
+class Base:
+    path: Path
+    dtype: torch.dtype
+
+
+def llama_config(layers: int = 2, hidden: int = 32) -> LlamaConfig:
+    return LlamaConfig(
+        vocab_size=96,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
+
+
+def gpt2_config() -> GPT2Config:
+    return GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+
+
+def save_base(config: object, folder: Path, dtype: torch.dtype, seed: int = 0, shard_kb: int | None = 24) -> Base:
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config).to(dtype)
+    kwargs = {"max_shard_size": f"{shard_kb}KB"} if shard_kb else {}
+    model.save_pretrained(folder, **kwargs)
+    return Base(folder, dtype)
+
+
+def load_fp32(folder: Path) -> PreTrainedModel:
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+
+
+def save_adapter(base: Base, folder: Path, seed: int, dtype: torch.dtype = torch.float32, **lora: object) -> Path:
+    """A PEFT adapter trained on ``base`` in spirit: its LoRA parameters set to random values."""
+    model = get_peft_model(load_fp32(base.path), LoraConfig(**lora))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                param.mul_(1 + 0.25 * torch.rand(param.shape, generator=generator))
+            elif "lora_" in name or "modules_to_save" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+    model.to(dtype).save_pretrained(folder)
+    return folder
+
+
+def peft_reference(base: Base, adapters: Sequence[tuple[Path, float]]) -> PreTrainedModel:
+    """PEFT's merge in float32: each adapter in turn, its scaling multiplied by its weight."""
+    model = load_fp32(base.path)
+    for folder, weight in adapters:
+        peft_model = PeftModel.from_pretrained(model, folder)
+        for module in peft_model.modules():
+            if isinstance(module, LoraLayer):
+                for name in module.scaling:
+                    module.scaling[name] *= weight
+        model = peft_model.merge_and_unload()
+    return model
+
+
+def read_output(folder: Path) -> dict[str, torch.Tensor]:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(set(index["weight_map"].values())):
+        tensors.update(load_file(folder / shard))
+    return tensors
+
+
+def ulp(values: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Spacing of ``dtype`` numbers at ``values``' magnitudes (normal range)."""
+    _, exponent = torch.frexp(values.float())
+    return torch.ldexp(torch.ones_like(values, dtype=torch.float32), exponent - 1 - MANTISSA_BITS[dtype])
+
+
+def assert_within_tolerance(name: str, ours: torch.Tensor, reference: torch.Tensor) -> None:
+    """One unit in the last place of the output dtype, or 2^-16 of the tensor's RMS where the
+    value nearly cancels; ``reference`` is float32."""
+    assert ours.shape == reference.shape, name
+    expected = reference.to(ours.dtype).float()
+    diff = (ours.float() - expected).abs()
+    rms = reference.float().pow(2).mean().sqrt()
+    tolerance = torch.maximum(ulp(expected, ours.dtype), rms * 2**-16)
+    worst = (diff - tolerance).max()
+    assert worst <= 0, f"{name}: {int((diff > tolerance).sum())} elements off by up to {diff.max().item():.3g}"
+
+
+def assert_matches_reference(output: Path, base: Base, reference: PreTrainedModel, dtype: torch.dtype) -> None:
+    ours = read_output(output)
+    base_tensors = read_output_like_base(base.path)
+    assert set(ours) == set(base_tensors), "output tensor names differ from the base"
+    state = reference.state_dict()
+    for name, tensor in ours.items():
+        if tensor.is_floating_point():
+            assert tensor.dtype == dtype, name
+            assert_within_tolerance(name, tensor, state[name])
+        else:
+            assert torch.equal(tensor, base_tensors[name]), name
+
+
+def read_output_like_base(folder: Path) -> dict[str, torch.Tensor]:
+    single = folder / "model.safetensors"
+    return load_file(single) if single.exists() else read_output(folder)
+
+
+def assert_same_logits(output: Path, reference: PreTrainedModel, dtype: torch.dtype) -> None:
+    """The output loads with AutoModelForCausalLM and gives the reference model's logits, the
+    reference's weights rounded once to the output dtype."""
+    ours = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
+    rounded = {name: value.to(dtype).float() for name, value in reference.state_dict().items()}
+    reference.load_state_dict(rounded)
+    ids = torch.arange(24).reshape(2, 12) % reference.config.vocab_size
+    with torch.no_grad():
+        got, want = ours(ids).logits, reference.eval()(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-3 * want.abs().max().item())
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Base]:
+    """Bases by name, built once per session."""
+    root = tmp_path_factory.mktemp("bases")
+    builders = {
+        "llama-bf16": lambda path: save_base(llama_config(), path, torch.bfloat16),
+        "llama-fp32": lambda path: save_base(llama_config(), path, torch.float32, seed=1, shard_kb=None),
+        "gpt2-bf16": lambda path: save_base(gpt2_config(), path, torch.bfloat16, seed=2),
+    }
+    built: dict[str, Base] = {}
+
+    def get(name: str) -> Base:
+        if name not in built:
+            built[name] = builders[name](root / name)
+        return built[name]
+
+    return get
