@@ -64,7 +64,8 @@ def build_job(source: str, data: Any) -> MergeJob:
     try:
         return MergeJob.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
+        # A misspelled key also makes the real key "missing": name the misspelling first.
+        first = min(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
         raise JobConfigError(_describe(first), file=source, hint=_fix_for(first)) from exc
 
 
