@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -84,7 +85,7 @@ def load_job_file(path: Path) -> MergeJob:
 
     def anchor(value: str) -> str:
         candidate = Path(value).expanduser()
-        return str(candidate if candidate.is_absolute() else folder / candidate)
+        return os.path.normpath(candidate if candidate.is_absolute() else folder / candidate)
 
     return job.model_copy(
         update={

@@ -14,17 +14,15 @@ import time
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
-from safetensors import safe_open
 from tqdm import tqdm
 
 from . import outdir
 from .errors import DeviceError, JobConfigError, OutputError
 from .kernels import TORCH_DTYPES, apply_op
 from .planner import COPY_CHUNK_BYTES, Plan, ShardPlan, TensorPlan
-from .st_io import INDEX_NAME, ITEMSIZE, copy_range, pread_into, render_index, write_all
+from .st_io import INDEX_NAME, ITEMSIZE, copy_range, pread_into, read_header, render_index, write_all
 
 
 @dataclass(frozen=True)
@@ -67,8 +65,26 @@ class _Staging:
         return self.buffer[:nbytes]
 
 
+class _AdapterReader:
+    """Reads adapter tensors with pread, not mmap: pages of a mapped file stay resident and
+    count against memory, so a large adapter would grow the footprint as the merge went on."""
+
+    def __init__(self, path: str) -> None:
+        self.tensors = read_header(Path(path)).tensors
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def get_tensor(self, key: str) -> torch.Tensor:
+        info = self.tensors[key]
+        raw = torch.empty(info.nbytes, dtype=torch.uint8)
+        pread_into(self.fd, memoryview(raw.numpy()), info.begin)
+        return raw.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class _Executor:
-    def __init__(self, device: torch.device, progress: tqdm, adapters: list[Any]) -> None:
+    def __init__(self, device: torch.device, progress: tqdm, adapters: list[_AdapterReader]) -> None:
         self.device = device
         self.progress = progress
         self.adapters = adapters
@@ -85,6 +101,7 @@ class _Executor:
             try:
                 self.progress.set_postfix_str(shard.name, refresh=False)
                 write_all(dst, shard.header_bytes())
+                self.progress.update(shard.header_size)
                 for tensor in shard.tensors:
                     if tensor.ops:
                         write_all(dst, self.merge(src, tensor))
@@ -141,9 +158,11 @@ def execute(plan: Plan, *, quiet: bool = False) -> MergeReport:
     outdir.claim(folder, plan.fingerprint, inputs)
     try:
         with ExitStack() as stack:
-            adapters = [
-                stack.enter_context(safe_open(adapter.weights_file, framework="pt")) for adapter in plan.adapters
-            ]
+            adapters = []
+            for adapter in plan.adapters:
+                reader = _AdapterReader(adapter.weights_file)
+                stack.callback(reader.close)
+                adapters.append(reader)
             progress = stack.enter_context(
                 tqdm(
                     total=plan.total_bytes,
