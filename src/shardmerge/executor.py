@@ -155,8 +155,8 @@ def execute(plan: Plan, *, quiet: bool = False) -> MergeReport:
     device = resolve_device(plan.device)
     folder = Path(plan.output)
     inputs = [Path(plan.base), *(Path(adapter.path) for adapter in plan.adapters)]
-    outdir.claim(folder, plan.fingerprint, inputs)
     try:
+        outdir.claim(folder, plan.fingerprint, inputs)
         with ExitStack() as stack:
             adapters = []
             for adapter in plan.adapters:

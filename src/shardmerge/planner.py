@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -73,8 +73,7 @@ class ShardPlan:
     size: int
 
     def header_bytes(self) -> bytes:
-        entries = [(t.name, t.dtype, t.shape, t.begin, t.end) for t in self.tensors]
-        return encode_header(entries, self.metadata)
+        return _encode(self.tensors, self.metadata)
 
     @property
     def merged(self) -> int:
@@ -399,6 +398,7 @@ def _layout(header: SafetensorsHeader, ops: dict[str, list[MergeOp]], out_dtype:
     offset = 0
     for info in infos:
         size = numel(info.shape) * ITEMSIZE[dtypes[info.name]]
+        tensor_ops = tuple(ops.get(info.name, ()))
         tensors.append(
             TensorPlan(
                 info.name,
@@ -409,13 +409,18 @@ def _layout(header: SafetensorsHeader, ops: dict[str, list[MergeOp]], out_dtype:
                 info.end,
                 offset,
                 offset + size,
-                tuple(ops.get(info.name, ())),
+                tensor_ops,
             )
         )
         offset += size
-    plan = ShardPlan(header.path.name, str(header.path), header.metadata, tuple(tensors), 0, 0)
-    header_size = len(plan.header_bytes())
-    return ShardPlan(plan.name, plan.source, plan.metadata, plan.tensors, header_size, header_size + offset)
+    header_size = len(_encode(tensors, header.metadata))
+    return ShardPlan(
+        header.path.name, str(header.path), header.metadata, tuple(tensors), header_size, header_size + offset
+    )
+
+
+def _encode(tensors: Sequence[TensorPlan], metadata: dict[str, str] | None) -> bytes:
+    return encode_header([(t.name, t.dtype, t.shape, t.begin, t.end) for t in tensors], metadata)
 
 
 def _summary(adapter: Adapter) -> AdapterSummary:
@@ -459,14 +464,17 @@ def _fingerprint(job: MergeJob, base: BaseFiles, headers: list[SafetensorsHeader
 
 def _peak_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> int:
     """Working memory the executor needs beyond the interpreter: the largest merged tensor in
-    float32 twice (value and DoRA / replacement temporary), its source and output bytes, the
-    largest adapter tensors it reads, and the copy buffer."""
+    float32 (twice for DoRA or a replacement), its source and output bytes, the largest
+    adapter tensors it reads, and the copy buffer."""
     worst = 0
     for shard in shards:
         for tensor in shard.tensors:
             if tensor.ops:
-                count = numel(tensor.shape)
-                need = 2 * 4 * count + (tensor.src_end - tensor.src_begin) + (tensor.end - tensor.begin)
+                # DoRA and whole-tensor replacement hold a second float32 copy of the tensor.
+                copies = 2 if any(op.kind in ("dora", "replace") for op in tensor.ops) else 1
+                need = (
+                    copies * 4 * numel(tensor.shape) + (tensor.src_end - tensor.src_begin) + (tensor.end - tensor.begin)
+                )
                 worst = max(worst, need)
     largest_adapter_tensor = max(
         (4 * numel(info.shape) for adapter in adapters for info in adapter.header.tensors.values()), default=0
