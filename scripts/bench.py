@@ -69,11 +69,12 @@ def generate(shape: Shape, folder: Path) -> None:
     groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, dims in names:
-        if size >= budget and len(groups) < shape.shards:
+        nbytes = 2 * _numel(dims)
+        if size and size + nbytes > budget and len(groups) < shape.shards:
             groups.append([])
             size = 0
         groups[-1].append((name, dims))
-        size += 2 * _numel(dims)
+        size += nbytes
     generator = torch.Generator().manual_seed(0)
     weight_map = {}
     for number, group in enumerate(groups, start=1):

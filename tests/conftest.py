@@ -73,9 +73,11 @@ def save_adapter(base: Base, folder: Path, seed: int, dtype: torch.dtype = torch
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
+            if not param.requires_grad:  # the frozen base
+                continue
             if "lora_magnitude_vector" in name:
                 param.mul_(1 + 0.25 * torch.rand(param.shape, generator=generator))
-            elif "lora_" in name or "modules_to_save" in name:
+            else:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
     model.to(dtype).save_pretrained(folder)
     return folder

@@ -52,6 +52,11 @@ FEATURES: dict[str, tuple[str, dict[str, object], str]] = {
         {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj", "c_fc"], "lora_bias": True},
         "bfloat16",
     ),
+    "conv1d-bias-all": (
+        "gpt2-bf16",
+        {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_fc"], "bias": "all"},
+        "bfloat16",
+    ),
     "conv1d-dora": (
         "gpt2-bf16",
         {"r": 4, "lora_alpha": 8, "use_dora": True, "target_modules": ["c_attn", "c_proj", "c_fc"]},
