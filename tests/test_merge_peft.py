@@ -163,3 +163,27 @@ def test_untouched_tensors_are_copied_byte_for_byte(models: Callable[[str], Base
     )
     for extra in ("config.json", "generation_config.json"):
         assert (output / extra).read_bytes() == (base.path / extra).read_bytes()
+
+
+def test_saved_base_layer_replaces_the_base_tensor(models: Callable[[str], Base], tmp_path: Path) -> None:
+    """PEFT saves targeted embeddings whole (``.base_layer.weight``); a changed one must win."""
+    from safetensors.torch import load_file, save_file
+
+    base = models("llama-bf16")
+    adapter = save_adapter(base, tmp_path / "a", seed=6, r=4, lora_alpha=8, target_modules=["embed_tokens"])
+    weights = adapter / "adapter_model.safetensors"
+    tensors = load_file(weights)
+    key = "base_model.model.model.embed_tokens.base_layer.weight"
+    tensors[key] = tensors[key] + 0.5 * torch.randn(tensors[key].shape, generator=torch.Generator().manual_seed(0))
+    save_file(tensors, weights, metadata={"format": "pt"})
+    output = tmp_path / "out"
+
+    shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output))
+
+    reference = peft_reference(base, [(adapter, 1.0)])
+    assert not torch.equal(reference.state_dict()["model.embed_tokens.weight"], load_fp32_embedding(base))
+    assert_matches_reference(output, base, reference, torch.bfloat16)
+
+
+def load_fp32_embedding(base: Base) -> torch.Tensor:
+    return read_output(base.path)["model.embed_tokens.weight"].float()
