@@ -14,7 +14,7 @@ from typing import Any
 
 from .errors import AdapterError, ShardmergeError
 from .resolve import AdapterFiles
-from .st_io import SafetensorsHeader, read_header
+from .st_io import SafetensorsHeader, read_checkpoint_header
 
 PEFT_PREFIX = "base_model.model."
 
@@ -114,7 +114,7 @@ def load_adapter(index: int, files: AdapterFiles, weight: float, problems: list[
     before = len(problems)
     _check_config(files, config, problems)
     try:
-        header = read_header(files.weights)
+        header = read_checkpoint_header(files.weights)
     except ShardmergeError as exc:
         problems.append(exc)
         return None

@@ -22,7 +22,7 @@ from . import outdir
 from .errors import DeviceError, JobConfigError, OutputError
 from .kernels import TORCH_DTYPES, apply_op
 from .planner import COPY_CHUNK_BYTES, Plan, ShardPlan, TensorPlan
-from .st_io import INDEX_NAME, ITEMSIZE, copy_range, pread_into, read_header, render_index, write_all
+from .st_io import INDEX_NAME, ITEMSIZE, copy_range, pread_into, read_checkpoint_header, render_index, write_all
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class _AdapterReader:
     count against memory, so a large adapter would grow the footprint as the merge went on."""
 
     def __init__(self, path: str) -> None:
-        self.tensors = read_header(Path(path)).tensors
+        self.tensors = read_checkpoint_header(Path(path)).tensors
         self.fd = os.open(path, os.O_RDONLY)
 
     def get_tensor(self, key: str) -> torch.Tensor:

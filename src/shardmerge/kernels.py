@@ -22,6 +22,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+ST_DTYPES: dict[torch.dtype, str] = {value: key for key, value in TORCH_DTYPES.items()}
 
 
 def apply_op(value: torch.Tensor, op: MergeOp, tensors: list[torch.Tensor]) -> torch.Tensor:

@@ -19,8 +19,8 @@ from .adapters import Adapter, FullTensor, LoraModule, load_adapter
 from .config import MergeJob
 from .errors import AdapterError, PlanError, ShardmergeError
 from .keymap import Mapping, map_name
-from .resolve import BaseFiles, resolve_adapter, resolve_base
-from .st_io import FLOAT_DTYPES, ITEMSIZE, SafetensorsHeader, TensorInfo, encode_header, numel, read_header
+from .resolve import BaseFiles, output_shard_name, resolve_adapter, resolve_base
+from .st_io import FLOAT_DTYPES, ITEMSIZE, SafetensorsHeader, TensorInfo, encode_header, numel, read_checkpoint_header
 
 FORMAT_VERSION = 1
 OUTPUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -173,7 +173,7 @@ def _read_base_headers(base: BaseFiles, problems: list[ShardmergeError]) -> list
     seen: dict[str, Path] = {}
     for shard in base.shards:
         try:
-            header = read_header(shard)
+            header = read_checkpoint_header(shard)
         except ShardmergeError as exc:
             problems.append(exc)
             continue
@@ -415,7 +415,12 @@ def _layout(header: SafetensorsHeader, ops: dict[str, list[MergeOp]], out_dtype:
         offset += size
     header_size = len(_encode(tensors, header.metadata))
     return ShardPlan(
-        header.path.name, str(header.path), header.metadata, tuple(tensors), header_size, header_size + offset
+        output_shard_name(header.path),
+        str(header.path),
+        header.metadata,
+        tuple(tensors),
+        header_size,
+        header_size + offset,
     )
 
 

@@ -15,10 +15,12 @@ from .st_io import INDEX_NAME
 
 SINGLE_FILE = "model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 # Weight files of other formats that the output replaces and so must not copy.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _WEIGHT_INDEXES = (INDEX_NAME, "pytorch_model.bin.index.json")
+# Where a base's weights start, in order: safetensors win where a folder holds both formats.
+_WEIGHT_ENTRY_POINTS = (INDEX_NAME, SINGLE_FILE, "pytorch_model.bin.index.json", "pytorch_model.bin")
 
 
 @dataclass(frozen=True)
@@ -46,33 +48,18 @@ def resolve_base(name: str) -> BaseFiles:
             file=folder,
             hint="give the folder that holds config.json and the .safetensors shards",
         )
-    index = folder / INDEX_NAME
-    metadata: dict[str, object] | None = None
-    if index.is_file():
-        try:
-            parsed = json.loads(index.read_text())
-            weight_map = parsed["weight_map"]
-            metadata = parsed.get("metadata")
-            names = list(dict.fromkeys(weight_map.values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise InputError(f"unreadable index ({exc})", file=index, hint="download or save the model again") from exc
-        shards = tuple(folder / shard for shard in sorted(names))
-        missing = [shard.name for shard in shards if not shard.is_file()]
-        if missing:
-            raise InputError(
-                f"index lists shards that are missing: {', '.join(missing)}",
-                file=index,
-                hint="the download is incomplete: fetch the missing shards",
-            )
-    elif (folder / SINGLE_FILE).is_file():
-        shards = (folder / SINGLE_FILE,)
-    else:
+    weights = next((folder / name for name in _WEIGHT_ENTRY_POINTS if (folder / name).is_file()), None)
+    if weights is None:
         raise InputError(
-            f"no {SINGLE_FILE} or {INDEX_NAME} found",
+            f"no {SINGLE_FILE}, {INDEX_NAME} or pytorch_model.bin found",
             file=folder,
-            hint="shardmerge reads safetensors checkpoints; save the base with "
-            "save_pretrained(safe_serialization=True)",
+            hint="give the folder a model was saved to with save_pretrained()",
         )
+    metadata: dict[str, object] | None = None
+    if weights.name.endswith(".index.json"):
+        shards, metadata = _read_index(weights)
+    else:
+        shards = (weights,)
     extra = tuple(
         sorted(
             path
@@ -84,6 +71,24 @@ def resolve_base(name: str) -> BaseFiles:
         )
     )
     return BaseFiles(folder, shards, metadata, extra)
+
+
+def _read_index(index: Path) -> tuple[tuple[Path, ...], dict[str, object] | None]:
+    try:
+        parsed = json.loads(index.read_text())
+        names = sorted(set(parsed["weight_map"].values()))
+        metadata = parsed.get("metadata")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise InputError(f"unreadable index ({exc})", file=index, hint="download or save the model again") from exc
+    shards = tuple(index.parent / name for name in names)
+    missing = [shard.name for shard in shards if not shard.is_file()]
+    if missing:
+        raise InputError(
+            f"index lists shards that are missing: {', '.join(missing)}",
+            file=index,
+            hint="the download is incomplete: fetch the missing shards",
+        )
+    return shards, metadata
 
 
 def resolve_adapter(name: str) -> AdapterFiles:
@@ -99,11 +104,19 @@ def resolve_adapter(name: str) -> AdapterFiles:
             file=folder,
             hint="shardmerge merges PEFT adapters saved with save_pretrained(); check the path",
         )
-    weights = folder / ADAPTER_WEIGHTS
-    if not weights.is_file():
+    weights = next((folder / name for name in ADAPTER_WEIGHTS if (folder / name).is_file()), None)
+    if weights is None:
         raise AdapterError(
-            f"no {ADAPTER_WEIGHTS} in the adapter folder",
+            f"no {' or '.join(ADAPTER_WEIGHTS)} in the adapter folder",
             file=folder,
-            hint="save the adapter with save_pretrained(safe_serialization=True)",
+            hint="save the adapter with PEFT's save_pretrained()",
         )
     return AdapterFiles(folder, config, weights)
+
+
+def output_shard_name(source: Path) -> str:
+    """The safetensors name of a base shard: ``pytorch_model-00001-of-00002.bin`` becomes
+    ``model-00001-of-00002.safetensors``, as transformers names them."""
+    if source.suffix != ".bin":
+        return source.name
+    return source.name.removesuffix(".bin").replace("pytorch_model", "model", 1) + ".safetensors"

@@ -107,6 +107,15 @@ def read_header(path: Path) -> SafetensorsHeader:
     return SafetensorsHeader(path, file_size, raw, metadata, tensors)
 
 
+def read_checkpoint_header(path: Path) -> SafetensorsHeader:
+    """Header of a safetensors file, or the same description of a PyTorch ``.bin`` file."""
+    if path.suffix == ".bin":
+        from .torch_bin import read_bin_header  # imports torch: only for pickle-format files
+
+        return read_bin_header(path)
+    return read_header(path)
+
+
 def _tensor_info(path: Path, name: str, entry: object, data_start: int, file_size: int) -> TensorInfo:
     hint = "the file is damaged or incomplete: download or save it again"
     if not isinstance(entry, dict):
