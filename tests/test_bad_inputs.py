@@ -89,7 +89,7 @@ def test_missing_adapter_config(base: Path, adapter: Path, tmp_path: Path, capsy
     ("changes", "expected"),
     [
         ({"peft_type": "FANCY"}, "unsupported peft_type 'FANCY'"),
-        ({"peft_type": "LOHA"}, "unsupported peft_type 'LOHA'"),
+        ({"peft_type": "VERA"}, "unsupported peft_type 'VERA'"),
         ({"init_lora_weights": "pissa"}, "init_lora_weights='pissa' changed the base weights"),
         ({"layer_replication": [[0, 2]]}, "layer_replication is set"),
     ],

@@ -21,7 +21,7 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .executor import MergeReport
-    from .planner import Plan
+    from .plan_data import Plan
 
 __version__ = "0.1.0"
 

@@ -12,7 +12,8 @@ from typing import Any
 from . import __version__
 from .config import MergeJob, build_job, load_job_file
 from .errors import JobConfigError, PlanError, ShardmergeError
-from .planner import Plan, build_plan
+from .plan_data import AdapterSummary, Plan
+from .planner import build_plan
 
 EXIT_INTERRUPTED = 130
 
@@ -114,10 +115,11 @@ def _merge(job: MergeJob, *, quiet: bool) -> int:
     print(f"shardmerge: merged {count} adapter{'s' if count != 1 else ''} into {plan.base}")
     for adapter in plan.adapters:
         print(
-            f"  adapter {adapter.path}  weight {adapter.weight:g}  r={adapter.r} alpha={adapter.lora_alpha:g}"
-            f"{'  rslora' if adapter.use_rslora else ''}{'  dora' if adapter.use_dora else ''}"
+            f"  adapter {adapter.path}  {_describe(adapter)}"
             f"  ({adapter.modules} LoRA modules, {adapter.full_tensors} full tensors)"
         )
+    for note in plan.notes:
+        print(f"  note    {note}")
     print(
         f"  output  {report.output}: {report.shards} shard{'s' if report.shards != 1 else ''}, "
         f"{report.tensors_merged} tensors merged, {report.tensors_copied} copied, "
@@ -139,10 +141,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 def _print_plan(plan: Plan) -> None:
     print(f"base    {plan.base}")
     for adapter in plan.adapters:
-        print(
-            f"adapter [{adapter.index}] {adapter.path}  weight {adapter.weight:g}  r={adapter.r} "
-            f"alpha={adapter.lora_alpha:g}  ({adapter.modules} LoRA modules, {adapter.full_tensors} full tensors)"
-        )
+        print(f"adapter [{adapter.index}] {adapter.path}  {_describe(adapter)}")
     print(f"dtype   {plan.dtype}")
     for shard in plan.shards:
         copied = len(shard.tensors) - shard.merged
@@ -156,7 +155,18 @@ def _print_plan(plan: Plan) -> None:
         f"total   {len(plan.shards)} shards, {merged} tensors merged, {tensors - merged} copied, "
         f"{_size(plan.total_bytes)} to write"
     )
+    for note in plan.notes:
+        print(f"note    {note}")
     print(f"memory  about {_size(plan.peak_memory_bytes)} of working memory, plus the interpreter and torch")
+
+
+def _describe(adapter: AdapterSummary) -> str:
+    parts = [adapter.peft_type, f"weight {adapter.weight:g}"]
+    if adapter.r is not None and adapter.alpha is not None:
+        parts.append(f"r={adapter.r} alpha={adapter.alpha:g}")
+    parts += [flag for flag, on in (("rslora", adapter.use_rslora), ("dora", adapter.use_dora)) if on]
+    parts.append(f"({adapter.modules} modules, {adapter.full_tensors} full tensors)")
+    return "  ".join(parts)
 
 
 def _size(count: float) -> str:

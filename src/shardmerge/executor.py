@@ -21,7 +21,8 @@ from tqdm import tqdm
 from . import outdir
 from .errors import DeviceError, JobConfigError, OutputError
 from .kernels import TORCH_DTYPES, apply_op
-from .planner import COPY_CHUNK_BYTES, Plan, ShardPlan, TensorPlan
+from .plan_data import Plan, ShardPlan, TensorPlan
+from .planner import COPY_CHUNK_BYTES
 from .st_io import INDEX_NAME, ITEMSIZE, copy_range, pread_into, read_checkpoint_header, render_index, write_all
 
 
@@ -127,7 +128,7 @@ class _Executor:
         value = source.to(self.device, non_blocking=True).to(torch.float32)
         for op in tensor.ops:
             handle = self.adapters[op.adapter]
-            factors = [handle.get_tensor(key).to(self.device, torch.float32) for key in op.keys]
+            factors = [handle.get_tensor(key).to(self.device, torch.float32) if key else None for key in op.keys]
             value = apply_op(value, op, factors)
         rounded = value.to(TORCH_DTYPES[tensor.dtype])
         if self.device.type == "cuda":
@@ -200,24 +201,9 @@ def _finish(plan: Plan, folder: Path) -> None:
     for name in plan.extra_files:
         source = Path(name)
         final = folder / source.name
-        if source.name == "config.json":
-            outdir.write_bytes_atomic(final, _config_with_dtype(source, plan.dtype))
+        if source.name == "config.json" and plan.config is not None:
+            outdir.write_bytes_atomic(final, (json.dumps(plan.config, indent=2, sort_keys=True) + "\n").encode())
         else:
             outdir.copy_atomic(source, final)
     weight_map = {tensor.name: shard.name for shard in plan.shards for tensor in shard.tensors}
     outdir.write_bytes_atomic(folder / INDEX_NAME, render_index(plan.tensor_bytes, weight_map, plan.index_metadata))
-
-
-def _config_with_dtype(source: Path, dtype: str) -> bytes:
-    """config.json with its dtype entry (``torch_dtype`` in v4, ``dtype`` in v5) made true."""
-    raw = source.read_bytes()
-    try:
-        config = json.loads(raw)
-    except ValueError:
-        return raw
-    keys = [key for key in ("torch_dtype", "dtype") if isinstance(config, dict) and key in config]
-    if not keys or all(config[key] == dtype for key in keys):
-        return raw
-    for key in keys:
-        config[key] = dtype
-    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()

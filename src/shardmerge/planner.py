@@ -10,17 +10,17 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .adapters import Adapter, FullTensor, LoraModule, load_adapter
+from .adapters import Adapter, load_adapter
 from .config import MergeJob
-from .errors import AdapterError, PlanError, ShardmergeError
-from .keymap import Mapping, map_name
+from .errors import AdapterError, InputError, PlanError, ShardmergeError
+from .module_ops import AdapterPlanner
+from .plan_data import AdapterSummary, MergeOp, Plan, ShardPlan, TensorPlan, encode_shard_header
 from .resolve import BaseFiles, output_shard_name, resolve_adapter, resolve_base
-from .st_io import FLOAT_DTYPES, ITEMSIZE, SafetensorsHeader, TensorInfo, encode_header, numel, read_checkpoint_header
+from .st_io import FLOAT_DTYPES, ITEMSIZE, SafetensorsHeader, TensorInfo, numel, read_checkpoint_header
+from .tied import find_tied, split_uses
 
 FORMAT_VERSION = 1
 OUTPUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -28,99 +28,11 @@ OUTPUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 COPY_CHUNK_BYTES = 64 * 1024 * 1024
 
 
-@dataclass(frozen=True)
-class MergeOp:
-    """One adapter's change to one base tensor.
-
-    kind: ``replace`` (a whole tensor from the adapter), ``lora``, ``dora`` or ``bias``
-    (lora_B.bias). layout: how B @ A lies against the base tensor: ``linear`` (out, in),
-    ``conv1d`` (in, out), ``embedding`` (num_embeddings, dim).
-    """
-
-    adapter: int
-    kind: str
-    keys: tuple[str, ...]
-    scale: float
-    weight: float
-    layout: str
-    module: str
-    rule: str
-
-
-@dataclass(frozen=True)
-class TensorPlan:
-    """One output tensor. ``src_begin``/``src_end`` are absolute offsets in the source shard,
-    ``begin``/``end`` offsets in the output data buffer."""
-
-    name: str
-    shape: tuple[int, ...]
-    src_dtype: str
-    dtype: str
-    src_begin: int
-    src_end: int
-    begin: int
-    end: int
-    ops: tuple[MergeOp, ...]
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    name: str
-    source: str
-    metadata: dict[str, str] | None
-    tensors: tuple[TensorPlan, ...]
-    header_size: int
-    size: int
-
-    def header_bytes(self) -> bytes:
-        return _encode(self.tensors, self.metadata)
-
-    @property
-    def merged(self) -> int:
-        return sum(1 for t in self.tensors if t.ops)
-
-
-@dataclass(frozen=True)
-class AdapterSummary:
-    index: int
-    path: str
-    weights_file: str
-    weight: float
-    r: int
-    lora_alpha: float
-    use_rslora: bool
-    use_dora: bool
-    modules: int
-    full_tensors: int
-
-
-@dataclass(frozen=True)
-class Plan:
-    format_version: int
-    base: str
-    output: str
-    dtype: str
-    device: str
-    adapters: tuple[AdapterSummary, ...]
-    shards: tuple[ShardPlan, ...]
-    extra_files: tuple[str, ...]
-    index_metadata: dict[str, Any] | None
-    fingerprint: str
-    tensor_bytes: int
-    peak_memory_bytes: int
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(shard.size for shard in self.shards)
-
-    def to_json(self) -> dict[str, Any]:
-        return asdict(self)
-
-
 def build_plan(job: MergeJob) -> Plan:
     """Plan ``job``; raises PlanError with every problem found."""
     base = resolve_base(job.base)
     problems: list[ShardmergeError] = []
+    config = _read_config(base, problems)
     headers = _read_base_headers(base, problems)
     adapters = []
     for index, spec in enumerate(job.adapters):
@@ -132,40 +44,69 @@ def build_plan(job: MergeJob) -> Plan:
         adapter = load_adapter(index, files, spec.weight, problems)
         if adapter is not None:
             adapters.append(adapter)
-    owner = {name: info for header in headers for name, info in header.tensors.items()}
+    tensors = {name: info for header in headers for name, info in header.tensors.items()}
+    tied = find_tied(config, tensors)
+    virtual_head = tied.virtual_head(tensors) if tied else None
+    targets = {**tensors, virtual_head.name: virtual_head} if virtual_head else tensors
     ops: dict[str, list[MergeOp]] = defaultdict(list)
     for adapter in adapters:
-        _plan_adapter(adapter, owner, ops, problems)
-    shard_of = {name: header.path for header in headers for name in header.tensors}
-    for name in ops:
-        if owner[name].dtype not in FLOAT_DTYPES:
-            problems.append(
-                AdapterError(
-                    f"adapter targets a {owner[name].dtype} tensor; only floating-point tensors can be merged",
-                    file=shard_of[name],
-                    tensor=name,
-                    hint="a quantized base cannot be merged exactly: merge into the unquantized model",
-                )
-            )
+        for name, tensor_ops in AdapterPlanner(adapter, targets, problems).plan().items():
+            ops[name].extend(tensor_ops)
+    untie = tied is not None and split_uses(tied, ops)
+    _check_targets(headers, targets, ops, problems)
     if problems:
         raise PlanError(problems)
+    extra: dict[Path, TensorInfo] = {}
+    notes: tuple[str, ...] = ()
+    if tied is not None and untie:
+        notes = (f"tied embeddings untied: the adapters change {tied.embedding} and {tied.head} differently",)
+        if virtual_head is not None:
+            extra[_shard_of(headers, tied.embedding)] = virtual_head
+    elif virtual_head is not None:
+        # Still tied: the embedding's changes reach the head through the tie.
+        ops.pop(virtual_head.name, None)
     out_dtype = OUTPUT_DTYPES[job.dtype]
-    shards = tuple(_layout(header, ops, out_dtype) for header in headers)
-    summaries = tuple(_summary(adapter) for adapter in adapters)
+    shards = tuple(_layout(header, extra.get(header.path), ops, out_dtype) for header in headers)
     return Plan(
         format_version=FORMAT_VERSION,
         base=str(base.folder),
         output=job.output,
         dtype=job.dtype,
         device=job.device,
-        adapters=summaries,
+        adapters=tuple(_summary(adapter) for adapter in adapters),
         shards=shards,
         extra_files=tuple(str(path) for path in base.extra_files),
+        config=_output_config(config, job.dtype, untie),
         index_metadata={k: v for k, v in (base.index_metadata or {}).items() if k != "total_size"} or None,
+        notes=notes,
         fingerprint=_fingerprint(job, base, headers, adapters),
         tensor_bytes=sum(t.end - t.begin for shard in shards for t in shard.tensors),
         peak_memory_bytes=_peak_memory(shards, adapters),
     )
+
+
+def _read_config(base: BaseFiles, problems: list[ShardmergeError]) -> dict[str, Any] | None:
+    path = base.folder / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        problems.append(InputError(f"unreadable config ({exc})", file=path))
+        return None
+    if not isinstance(config, dict):
+        return None
+    quantization = config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
+        problems.append(
+            InputError(
+                f"the base model is quantized ({method}); a merge into quantized weights is not exact",
+                file=path,
+                hint="merge into the unquantized base model, then quantize the merged model",
+            )
+        )
+    return config
 
 
 def _read_base_headers(base: BaseFiles, problems: list[ShardmergeError]) -> list[SafetensorsHeader]:
@@ -180,218 +121,48 @@ def _read_base_headers(base: BaseFiles, problems: list[ShardmergeError]) -> list
         for name in header.tensors:
             if name in seen:
                 problems.append(
-                    ShardmergeError(
-                        f"tensor is stored in two shards (also in {seen[name].name})", file=shard, tensor=name
-                    )
+                    InputError(f"tensor is stored in two shards (also in {seen[name].name})", file=shard, tensor=name)
                 )
             seen[name] = shard
         headers.append(header)
     return headers
 
 
-def _plan_adapter(
-    adapter: Adapter,
-    owner: dict[str, TensorInfo],
+def _shard_of(headers: list[SafetensorsHeader], name: str) -> Path:
+    return next(header.path for header in headers if name in header.tensors)
+
+
+def _check_targets(
+    headers: list[SafetensorsHeader],
+    targets: dict[str, TensorInfo],
     ops: dict[str, list[MergeOp]],
     problems: list[ShardmergeError],
 ) -> None:
-    file = adapter.files.weights
-    mine: dict[str, list[MergeOp]] = defaultdict(list)
-
-    def target(name: str, key: str) -> Mapping | None:
-        mapping = map_name(name, owner)
-        if mapping.target is not None:
-            return mapping
-        if mapping.candidates:
+    shards = {name: header.path for header in headers for name in header.tensors}
+    for name in ops:
+        if targets[name].dtype not in FLOAT_DTYPES:
             problems.append(
                 AdapterError(
-                    f"maps to more than one base tensor: {', '.join(mapping.candidates)}",
-                    file=file,
-                    tensor=key,
-                    hint="the adapter is ambiguous for this checkpoint; report it with both names",
-                )
-            )
-        else:
-            near = f"; closest base names: {', '.join(mapping.closest)}" if mapping.closest else ""
-            problems.append(
-                AdapterError(
-                    f"no base tensor {name!r}{near}",
-                    file=file,
-                    tensor=key,
-                    hint="check that this adapter was trained on this base model",
-                )
-            )
-        return None
-
-    for full in adapter.full_tensors:
-        mapping = target(full.target, full.key)
-        if mapping is not None and _check_full(adapter, full, owner[mapping.target], problems):
-            mine[mapping.target].append(
-                MergeOp(adapter.index, "replace", (full.key,), 1.0, adapter.weight, "full", full.target, mapping.rule)
-            )
-    for module in adapter.modules:
-        _plan_module(adapter, module, owner, target, mine, problems)
-    for name, tensor_ops in mine.items():
-        kinds = [op.kind for op in tensor_ops]
-        duplicated = {kind for kind in kinds if kinds.count(kind) > 1}
-        if duplicated:
-            problems.append(
-                AdapterError(
-                    f"several adapter entries ({', '.join(op.module for op in tensor_ops)}) "
-                    "change the same base tensor",
-                    file=file,
+                    f"adapter targets a {targets[name].dtype} tensor; only floating-point tensors can be merged",
+                    file=shards.get(name),
                     tensor=name,
-                    hint="the adapter is ambiguous for this checkpoint",
+                    hint="a quantized base cannot be merged exactly: merge into the unquantized model",
                 )
             )
-        # Within one adapter a whole replacement comes first, then the low-rank update.
-        ops[name].extend(sorted(tensor_ops, key=lambda op: op.kind != "replace"))
 
 
-def _check_full(adapter: Adapter, full: FullTensor, base: TensorInfo, problems: list[ShardmergeError]) -> bool:
-    if full.shape == base.shape:
-        return True
-    problems.append(
-        AdapterError(
-            f"shape mismatch: adapter has {list(full.shape)}, base tensor {base.name!r} has {list(base.shape)}",
-            file=adapter.files.weights,
-            tensor=full.key,
-            hint="the adapter resized this layer (e.g. a larger vocabulary) or belongs to another model",
-        )
-    )
-    return False
-
-
-def _plan_module(
-    adapter: Adapter,
-    module: LoraModule,
-    owner: dict[str, TensorInfo],
-    target: Callable[[str, str], Mapping | None],
-    mine: dict[str, list[MergeOp]],
-    problems: list[ShardmergeError],
-) -> None:
-    file = adapter.files.weights
-    a_role, b_role = ("embedding_A", "embedding_B") if module.is_embedding else ("lora_A", "lora_B")
-    missing = [role for role in (a_role, b_role) if role not in module.keys]
-    if missing:
-        present = next(iter(module.keys.values()))
-        problems.append(
-            AdapterError(f"module {module.path!r} has no {' or '.join(missing)}", file=file, tensor=present)
-        )
-        return
-    a_key, b_key = module.keys[a_role], module.keys[b_role]
-    a_shape, b_shape = module.shapes[a_role], module.shapes[b_role]
-    if len(a_shape) != 2 or len(b_shape) != 2:
-        problems.append(
-            AdapterError(
-                f"LoRA on a {len(a_shape)}-D layer (e.g. a convolution) is not supported",
-                file=file,
-                tensor=a_key,
-                hint="only Linear, Conv1D and Embedding layers can be merged",
-            )
-        )
-        return
-    r, _ = adapter.rank_and_alpha(module.path)
-    rank_a = a_shape[0]
-    rank_b = b_shape[1]
-    if rank_a != r or rank_b != r:
-        problems.append(
-            AdapterError(
-                f"r mismatch: the config gives r={r} for {module.path!r} "
-                f"but the tensors have rank {rank_a} (A) and {rank_b} (B)",
-                file=file,
-                tensor=a_key,
-                hint="the adapter_config.json (r / rank_pattern) does not belong to these weights",
-            )
-        )
-        return
-    mapping = target(f"{module.path}.weight", a_key)
-    if mapping is None:
-        return
-    base = owner[mapping.target]
-    layout = _layout_of(adapter, module, base, a_shape, b_shape)
-    if layout is None:
-        problems.append(
-            AdapterError(
-                f"shape mismatch: A {list(a_shape)} and B {list(b_shape)} give a delta that fits neither "
-                f"{list(base.shape)} nor its transpose (base tensor {base.name!r})",
-                file=file,
-                tensor=a_key,
-                hint="the adapter belongs to another model, or to another size of it",
-            )
-        )
-        return
-    # DoRA's magnitude has one entry per output feature: B's rows in every layout.
-    out_features = b_shape[0]
-    scale = adapter.scale(module.path)
-    keys: tuple[str, ...] = (a_key, b_key)
-    kind = "lora"
-    magnitude = module.keys.get("magnitude")
-    if magnitude is not None:
-        if module.shapes["magnitude"] != (out_features,):
-            problems.append(
-                AdapterError(
-                    f"shape mismatch: DoRA magnitude has {list(module.shapes['magnitude'])}, expected [{out_features}]",
-                    file=file,
-                    tensor=magnitude,
-                )
-            )
-            return
-        kind, keys = "dora", (a_key, b_key, magnitude)
-    elif adapter.config.get("use_dora"):
-        problems.append(
-            AdapterError("use_dora is set but the module has no lora_magnitude_vector", file=file, tensor=a_key)
-        )
-        return
-    mine[mapping.target].append(
-        MergeOp(adapter.index, kind, keys, scale, adapter.weight, layout, module.path, mapping.rule)
-    )
-    bias_key = module.keys.get("lora_B_bias")
-    if bias_key is not None:
-        bias_mapping = target(f"{module.path}.bias", bias_key)
-        if bias_mapping is None:
-            return
-        bias_shape = owner[bias_mapping.target].shape
-        if module.shapes["lora_B_bias"] != bias_shape:
-            problems.append(
-                AdapterError(
-                    f"shape mismatch: lora_B.bias has {list(module.shapes['lora_B_bias'])}, "
-                    f"base bias has {list(bias_shape)}",
-                    file=file,
-                    tensor=bias_key,
-                )
-            )
-            return
-        mine[bias_mapping.target].append(
-            MergeOp(adapter.index, "bias", (bias_key,), scale, adapter.weight, "bias", module.path, bias_mapping.rule)
-        )
-
-
-def _layout_of(
-    adapter: Adapter, module: LoraModule, base: TensorInfo, a_shape: tuple[int, ...], b_shape: tuple[int, ...]
-) -> str | None:
-    if module.is_embedding:
-        # lora_embedding_A is (r, num_embeddings), lora_embedding_B is (dim, r).
-        return "embedding" if base.shape == (a_shape[1], b_shape[0]) else None
-    as_linear = base.shape == (b_shape[0], a_shape[1])
-    as_conv1d = base.shape == (a_shape[1], b_shape[0])
-    if as_linear and as_conv1d:
-        # A square weight fits both ways; only then does the config's flag decide.
-        return "conv1d" if adapter.config.get("fan_in_fan_out") else "linear"
-    if as_linear:
-        return "linear"
-    if as_conv1d:
-        return "conv1d"
-    return None
-
-
-def _layout(header: SafetensorsHeader, ops: dict[str, list[MergeOp]], out_dtype: str) -> ShardPlan:
+def _layout(
+    header: SafetensorsHeader, extra: TensorInfo | None, ops: dict[str, list[MergeOp]], out_dtype: str
+) -> ShardPlan:
     """Lay out one output shard: the base's tensor order, new dtypes, contiguous offsets.
 
     Tensors are grouped by descending item size (stable, so the base order holds within a
-    group), as safetensors does, which keeps every tensor aligned to its item size.
+    group), as safetensors does, which keeps every tensor aligned to its item size. An extra
+    tensor (an untied output head) follows the tensor it is read from.
     """
     infos = sorted(header.tensors.values(), key=lambda info: info.begin)
+    if extra is not None:
+        infos.insert(next(i for i, info in enumerate(infos) if info.begin == extra.begin) + 1, extra)
     dtypes = {info.name: out_dtype if info.dtype in FLOAT_DTYPES else info.dtype for info in infos}
     infos.sort(key=lambda info: -ITEMSIZE[dtypes[info.name]])
     tensors = []
@@ -413,7 +184,7 @@ def _layout(header: SafetensorsHeader, ops: dict[str, list[MergeOp]], out_dtype:
             )
         )
         offset += size
-    header_size = len(_encode(tensors, header.metadata))
+    header_size = len(encode_shard_header(tensors, header.metadata))
     return ShardPlan(
         output_shard_name(header.path),
         str(header.path),
@@ -424,19 +195,34 @@ def _layout(header: SafetensorsHeader, ops: dict[str, list[MergeOp]], out_dtype:
     )
 
 
-def _encode(tensors: Sequence[TensorPlan], metadata: dict[str, str] | None) -> bytes:
-    return encode_header([(t.name, t.dtype, t.shape, t.begin, t.end) for t in tensors], metadata)
+def _output_config(config: dict[str, Any] | None, dtype: str, untie: bool) -> dict[str, Any] | None:
+    """The base config with its dtype entry (``torch_dtype`` in v4, ``dtype`` in v5) made true
+    and, where the merge untied the embeddings, ``tie_word_embeddings`` false; None if unchanged."""
+    if config is None:
+        return None
+    updated = json.loads(json.dumps(config))
+    sections = [updated] + [value for key, value in updated.items() if key == "text_config" and isinstance(value, dict)]
+    for section in sections:
+        for key in ("torch_dtype", "dtype"):
+            if key in section:
+                section[key] = dtype
+        if untie and (section is updated or "tie_word_embeddings" in section):
+            section["tie_word_embeddings"] = False
+    return None if updated == config else updated
 
 
 def _summary(adapter: Adapter) -> AdapterSummary:
     config = adapter.config
+    ranked = adapter.peft_type in ("LORA", "LOHA", "LOKR")
+    r, alpha = (int(config["r"]), float(config.get("lora_alpha", config.get("alpha", 0)))) if ranked else (None, None)
     return AdapterSummary(
         index=adapter.index,
         path=str(adapter.files.folder),
         weights_file=str(adapter.files.weights),
+        peft_type=adapter.peft_type,
         weight=adapter.weight,
-        r=int(config["r"]),
-        lora_alpha=float(config["lora_alpha"]),
+        r=r,
+        alpha=alpha,
         use_rslora=bool(config.get("use_rslora")),
         use_dora=bool(config.get("use_dora")),
         modules=len(adapter.modules),
@@ -456,11 +242,7 @@ def _fingerprint(job: MergeJob, base: BaseFiles, headers: list[SafetensorsHeader
         "base": [header_id(header) for header in headers],
         "base_files": {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in base.extra_files},
         "adapters": [
-            {
-                "weight": adapter.weight,
-                "config": adapter.config,
-                "weights": header_id(adapter.header),
-            }
+            {"weight": adapter.weight, "config": adapter.config, "weights": header_id(adapter.header)}
             for adapter in adapters
         ],
     }
@@ -469,18 +251,15 @@ def _fingerprint(job: MergeJob, base: BaseFiles, headers: list[SafetensorsHeader
 
 def _peak_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> int:
     """Working memory the executor needs beyond the interpreter: the largest merged tensor in
-    float32 (twice for DoRA or a replacement), its source and output bytes, the largest
-    adapter tensors it reads, and the copy buffer."""
+    float32 (twice for DoRA, replacements and dense LoHa/LoKr updates), its source and output
+    bytes, the largest adapter tensors it reads, and the copy buffer."""
     worst = 0
     for shard in shards:
         for tensor in shard.tensors:
             if tensor.ops:
-                # DoRA and whole-tensor replacement hold a second float32 copy of the tensor.
-                copies = 2 if any(op.kind in ("dora", "replace") for op in tensor.ops) else 1
-                need = (
-                    copies * 4 * numel(tensor.shape) + (tensor.src_end - tensor.src_begin) + (tensor.end - tensor.begin)
-                )
-                worst = max(worst, need)
+                copies = 1 if all(op.kind in ("lora", "bias", "ia3", "tokens") for op in tensor.ops) else 2
+                source, output = tensor.src_end - tensor.src_begin, tensor.end - tensor.begin
+                worst = max(worst, copies * 4 * numel(tensor.shape) + source + output)
     largest_adapter_tensor = max(
         (4 * numel(info.shape) for adapter in adapters for info in adapter.header.tensors.values()), default=0
     )
