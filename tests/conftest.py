@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
@@ -63,29 +63,44 @@ def save_base(config: object, folder: Path, dtype: torch.dtype, seed: int = 0, s
     return Base(folder, dtype)
 
 
-def load_fp32(folder: Path) -> PreTrainedModel:
-    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+def load_fp32(folder: Path, model_class: type[PreTrainedModel] | None = None) -> PreTrainedModel:
+    return (model_class or AutoModelForCausalLM).from_pretrained(folder, dtype=torch.float32)
 
 
-def save_adapter(base: Base, folder: Path, seed: int, dtype: torch.dtype = torch.float32, **lora: object) -> Path:
-    """A PEFT adapter trained on ``base`` in spirit: its LoRA parameters set to random values."""
-    model = get_peft_model(load_fp32(base.path), LoraConfig(**lora))
+def save_adapter(
+    base: Base,
+    folder: Path,
+    seed: int,
+    dtype: torch.dtype = torch.float32,
+    config: PeftConfig | None = None,
+    model_class: type[PreTrainedModel] | None = None,
+    **lora: object,
+) -> Path:
+    """A PEFT adapter trained on ``base`` in spirit: its trainable parameters set at random."""
+    model = get_peft_model(load_fp32(base.path, model_class), config or LoraConfig(**lora))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if not param.requires_grad:  # the frozen base
                 continue
+            noise = torch.randn(param.shape, generator=generator)
             if "lora_magnitude_vector" in name:
-                param.mul_(1 + 0.25 * torch.rand(param.shape, generator=generator))
+                param.mul_(1 + 0.25 * noise.abs())
+            elif "ia3_l" in name:
+                param.copy_(1 + 0.25 * noise)
+            elif "hada_" in name or "lokr_" in name:
+                param.copy_(0.3 * noise)  # products of factors: large enough to matter
             else:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.05)
+                param.copy_(0.05 * noise)
     model.to(dtype).save_pretrained(folder)
     return folder
 
 
-def peft_reference(base: Base, adapters: Sequence[tuple[Path, float]]) -> PreTrainedModel:
+def peft_reference(
+    base: Base, adapters: Sequence[tuple[Path, float]], model_class: type[PreTrainedModel] | None = None
+) -> PreTrainedModel:
     """PEFT's merge in float32: each adapter in turn, its scaling multiplied by its weight."""
-    model = load_fp32(base.path)
+    model = load_fp32(base.path, model_class)
     for folder, weight in adapters:
         peft_model = PeftModel.from_pretrained(model, folder)
         for module in peft_model.modules():
@@ -94,6 +109,31 @@ def peft_reference(base: Base, adapters: Sequence[tuple[Path, float]]) -> PreTra
                     module.scaling[name] *= weight
         model = peft_model.merge_and_unload()
     return model
+
+
+def unmerged_logits(base: Base, adapter: Path, ids: torch.Tensor) -> torch.Tensor:
+    """The adapter's own forward pass (PEFT, not merged) in float32: the oracle where PEFT's
+    merge itself is wrong, as for adapters on tied embeddings."""
+    model = PeftModel.from_pretrained(load_fp32(base.path), adapter).eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def saved_reference(reference: PreTrainedModel, folder: Path) -> dict[str, torch.Tensor]:
+    """The reference as transformers saves it: checkpoint names, whatever the module names."""
+    reference.save_pretrained(folder)
+    return read_output_like_base(folder)
+
+
+def assert_matches_saved(output: Path, expected: dict[str, torch.Tensor], dtype: torch.dtype) -> None:
+    ours = read_output(output)
+    assert set(ours) == set(expected), sorted(set(ours) ^ set(expected))
+    for name, tensor in ours.items():
+        if tensor.is_floating_point():
+            assert tensor.dtype == dtype, name
+            assert_within_tolerance(name, tensor, expected[name].float())
+        else:
+            assert torch.equal(tensor, expected[name]), name
 
 
 def read_output(folder: Path) -> dict[str, torch.Tensor]:
