@@ -174,7 +174,7 @@ def test_foreign_non_empty_output_is_refused(
     assert sorted(p.name for p in output.iterdir()) == ["notes.txt"]
 
 
-def test_output_of_another_job_is_refused_and_the_same_job_may_rewrite(
+def test_output_of_another_job_is_refused_and_the_same_job_resumes(
     base: Path, adapter: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     output = tmp_path / "out"
@@ -183,9 +183,11 @@ def test_output_of_another_job_is_refused_and_the_same_job_may_rewrite(
 
     code, lines = run_cli(["merge", str(base), str(adapter), "-o", str(output), "--dtype", "float16"], capsys)
     assert code != 0
-    assert "output folder holds the output of a different merge job" in lines[0]
+    assert "output folder holds an earlier merge with other inputs: dtype changed from bfloat16 to float16" in lines[0]
+    assert "--restart" in lines[0]
 
-    assert run_cli(["merge", str(base), str(adapter), "-o", str(output), "--quiet"], capsys)[0] == 0
+    assert main(["merge", str(base), str(adapter), "-o", str(output), "--quiet"]) == 0
+    assert f"resumed: {len(first)} of {len(first)} shards were already finished" in capsys.readouterr().out
     assert {p.name: p.read_bytes() for p in output.glob("*.safetensors")} == first
 
 

@@ -17,6 +17,7 @@ from .errors import (
     PlanError,
     SafetensorsFormatError,
     ShardmergeError,
+    VerifyError,
 )
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ __all__ = [
     "PlanError",
     "SafetensorsFormatError",
     "ShardmergeError",
+    "VerifyError",
     "__version__",
     "merge",
     "plan",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 
 from . import __version__
 from .config import MergeJob, build_job, load_job_file
-from .errors import JobConfigError, PlanError, ShardmergeError
+from .errors import JobConfigError, ProblemsError, ShardmergeError
 from .plan_data import AdapterSummary, Plan
 from .planner import build_plan
 
@@ -21,6 +22,9 @@ EXIT_INTERRUPTED = 130
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    # SIGTERM (a scheduler, a container stop) ends the run as Ctrl-C does: the tensor in hand
+    # is discarded with its temp file, and the journal keeps every finished shard.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
         return int(args.handler(args))
     except ShardmergeError as exc:
@@ -31,13 +35,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print("shardmerge: interrupted; no file was left under a final name half-written", file=sys.stderr)
+        print(
+            "shardmerge: interrupted; finished shards are kept and nothing half-written has a final name: "
+            "run the same command again to resume",
+            file=sys.stderr,
+        )
         return EXIT_INTERRUPTED
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _report(exc: ShardmergeError) -> None:
     print(f"shardmerge: error: {exc.one_line()}", file=sys.stderr)
-    if isinstance(exc, PlanError):
+    if isinstance(exc, ProblemsError):
         for problem in exc.problems:
             print(f"  - {problem.one_line()}", file=sys.stderr)
 
@@ -63,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("-o", "--output", required=True, help="output folder (new or empty)")
     merge.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    _resume_flags(merge)
     merge.set_defaults(handler=_cmd_merge)
 
     plan = commands.add_parser("plan", parents=[common, inputs], help="check the inputs and print the plan")
@@ -72,8 +87,25 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", parents=[common], help="run a YAML job file")
     run.add_argument("job", type=Path, help="YAML job: base, adapters, output, dtype, device")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
+    _resume_flags(run)
     run.set_defaults(handler=_cmd_run)
+
+    verify = commands.add_parser("verify", parents=[common], help="check a finished merge against its journal")
+    verify.add_argument("output", type=Path, help="the output folder of a merge")
+    verify.add_argument(
+        "--recompute", type=int, default=0, metavar="N", help="also recompute N merged tensors from the inputs"
+    )
+    verify.set_defaults(handler=_cmd_verify)
     return parser
+
+
+def _resume_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--restart", action="store_true", help="discard an earlier, different merge in the output folder and start over"
+    )
+    parser.add_argument(
+        "--verify-resume", action="store_true", help="re-hash finished shards before skipping them on resume"
+    )
 
 
 def _job_from_args(args: argparse.Namespace) -> MergeJob:
@@ -99,31 +131,41 @@ def _job_from_args(args: argparse.Namespace) -> MergeJob:
 
 
 def _cmd_merge(args: argparse.Namespace) -> int:
-    return _merge(_job_from_args(args), quiet=args.quiet)
+    return _merge(_job_from_args(args), args)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    return _merge(load_job_file(args.job), quiet=args.quiet)
+    return _merge(load_job_file(args.job), args)
 
 
-def _merge(job: MergeJob, *, quiet: bool) -> int:
+def _merge(job: MergeJob, args: argparse.Namespace) -> int:
     from .executor import execute  # imports torch: only when a merge really runs
 
     plan = build_plan(job)
-    report = execute(plan, quiet=quiet)
+    report = execute(plan, quiet=args.quiet, restart=args.restart, verify_resume=args.verify_resume)
+    if report.shards_skipped:
+        print(f"shardmerge: resumed: {report.shards_skipped} of {report.shards} shards were already finished")
     count = len(plan.adapters)
     print(f"shardmerge: merged {count} adapter{'s' if count != 1 else ''} into {plan.base}")
     for adapter in plan.adapters:
-        print(
-            f"  adapter {adapter.path}  {_describe(adapter)}"
-            f"  ({adapter.modules} LoRA modules, {adapter.full_tensors} full tensors)"
-        )
+        print(f"  adapter {adapter.path}  {_describe(adapter)}")
     for note in plan.notes:
         print(f"  note    {note}")
     print(
         f"  output  {report.output}: {report.shards} shard{'s' if report.shards != 1 else ''}, "
         f"{report.tensors_merged} tensors merged, {report.tensors_copied} copied, "
         f"{_size(report.bytes_written)} {plan.dtype}, in {report.seconds:.1f} s on {report.device}"
+    )
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .verify import verify
+
+    report = verify(args.output, recompute=args.recompute)
+    print(
+        f"shardmerge: {args.output} verified: {report.shards} shards, {report.tensors} tensors, "
+        f"{report.merged_checked} merged tensors finite, {report.recomputed} recomputed"
     )
     return 0
 

@@ -57,16 +57,35 @@ class AdapterError(InputError):
     """An adapter is malformed, or of a kind shardmerge cannot merge exactly."""
 
 
-class PlanError(ShardmergeError):
+class ProblemsError(ShardmergeError):
+    """Several problems found together; ``problems`` lists each one."""
+
+    def __init__(self, problems: Sequence[ShardmergeError], message: str, hint: str) -> None:
+        self.problems = list(problems)
+        count = len(self.problems)
+        super().__init__(f"{message}: {count} problem{'s' if count != 1 else ''} found", hint=hint)
+
+
+class PlanError(ProblemsError):
     """The inputs do not fit together. Carries every problem found, not just the first."""
 
     def __init__(self, problems: Sequence[ShardmergeError]) -> None:
-        self.problems = list(problems)
-        count = len(self.problems)
         super().__init__(
-            f"refusing to merge: {count} problem{'s' if count != 1 else ''} found, nothing was written",
-            hint="fix the adapters or the base listed below, or check that they belong together",
+            problems,
+            "refusing to merge, nothing was written",
+            "fix the adapters or the base listed below, or check that they belong together",
         )
+
+
+class VerificationProblem(ShardmergeError):
+    """One thing wrong with a finished merge."""
+
+
+class VerifyError(ProblemsError):
+    """A finished merge does not match its journal or its inputs."""
+
+    def __init__(self, problems: Sequence[ShardmergeError]) -> None:
+        super().__init__(problems, "verification failed", "see each problem below")
 
 
 class OutputError(ShardmergeError):

@@ -2,13 +2,18 @@
 
 Memory holds one merged tensor (in float32) and its adapter factors at a time; untouched
 tensors are copied by the kernel or converted through one bounded buffer. Each shard is
-streamed into ``NAME.tmp`` behind a header computed from the plan, then fsynced and renamed.
+streamed into ``NAME.tmp`` behind a header computed from the plan, hashed as it is written,
+then fsynced, renamed and recorded in the journal. Shards the journal already holds are
+checked and skipped, so running the same job again resumes it.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from contextlib import ExitStack
@@ -18,6 +23,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import journal as journals
 from . import outdir
 from .errors import DeviceError, JobConfigError, OutputError
 from .kernels import TORCH_DTYPES, apply_op
@@ -25,11 +31,15 @@ from .plan_data import Plan, ShardPlan, TensorPlan
 from .planner import COPY_CHUNK_BYTES
 from .st_io import INDEX_NAME, ITEMSIZE, copy_range, pread_into, read_checkpoint_header, render_index, write_all
 
+# errno values that mean "no room": a full disk, a quota, or a file size limit.
+_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+
 
 @dataclass(frozen=True)
 class MergeReport:
     output: str
     shards: int
+    shards_skipped: int
     tensors_merged: int
     tensors_copied: int
     bytes_written: int
@@ -66,7 +76,7 @@ class _Staging:
         return self.buffer[:nbytes]
 
 
-class _AdapterReader:
+class AdapterReader:
     """Reads adapter tensors with pread, not mmap: pages of a mapped file stay resident and
     count against memory, so a large adapter would grow the footprint as the merge went on."""
 
@@ -84,39 +94,41 @@ class _AdapterReader:
         os.close(self.fd)
 
 
-class _Executor:
-    def __init__(self, device: torch.device, progress: tqdm, adapters: list[_AdapterReader]) -> None:
+class _HashingWriter:
+    """Appends to a file and hashes every byte on the way, so no shard is read back to hash.
+    Kernel-side copies are hashed from the source range, which holds the same bytes."""
+
+    def __init__(self, fd: int, buffer: _Staging) -> None:
+        self.fd = fd
+        self.buffer = buffer
+        self.sha256 = hashlib.sha256()
+        self.size = 0
+
+    def write(self, data: memoryview | bytes) -> None:
+        view = memoryview(data).cast("B")
+        self.sha256.update(view)
+        write_all(self.fd, view)
+        self.size += view.nbytes
+
+    def copy(self, src: int, offset: int, count: int) -> None:
+        copy_range(src, self.fd, offset, count)
+        for begin in range(offset, offset + count, COPY_CHUNK_BYTES):
+            chunk = memoryview(self.buffer.take(min(COPY_CHUNK_BYTES, offset + count - begin)).numpy())
+            pread_into(src, chunk, begin)
+            self.sha256.update(chunk)
+        self.size += count
+
+
+class TensorMerger:
+    """Computes merged tensors: read the base tensor, apply every op in float32, round once."""
+
+    def __init__(self, device: torch.device, adapters: list[AdapterReader]) -> None:
         self.device = device
-        self.progress = progress
         self.adapters = adapters
         cuda = device.type == "cuda"
         self.read_buffer = _Staging(pinned=cuda)
         self.write_buffer = _Staging(pinned=cuda)
-
-    def write_shard(self, shard: ShardPlan, folder: Path) -> None:
-        final = folder / shard.name
-        tmp = outdir.tmp_path(final)
-        src = os.open(shard.source, os.O_RDONLY)
-        try:
-            dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-            try:
-                self.progress.set_postfix_str(shard.name, refresh=False)
-                write_all(dst, shard.header_bytes())
-                self.progress.update(shard.header_size)
-                for tensor in shard.tensors:
-                    if tensor.ops:
-                        write_all(dst, self.merge(src, tensor))
-                    elif tensor.dtype == tensor.src_dtype:
-                        copy_range(src, dst, tensor.src_begin, tensor.src_end - tensor.src_begin)
-                    else:
-                        self.convert(src, dst, tensor)
-                    self.progress.update(tensor.end - tensor.begin)
-                os.fsync(dst)
-            finally:
-                os.close(dst)
-        finally:
-            os.close(src)
-        outdir.commit(tmp, final)
+        self.hash_buffer = _Staging(pinned=False)
 
     def read(self, fd: int, tensor: TensorPlan, begin: int, end: int) -> torch.Tensor:
         raw = self.read_buffer.take(end - begin)
@@ -124,6 +136,7 @@ class _Executor:
         return raw.view(TORCH_DTYPES[tensor.src_dtype])
 
     def merge(self, fd: int, tensor: TensorPlan) -> memoryview:
+        """The output bytes of ``tensor``, read from the source file ``fd``."""
         source = self.read(fd, tensor, tensor.src_begin, tensor.src_end).reshape(tensor.shape)
         value = source.to(self.device, non_blocking=True).to(torch.float32)
         for op in tensor.ops:
@@ -138,35 +151,76 @@ class _Executor:
             rounded = host
         return memoryview(rounded.contiguous().view(torch.uint8).numpy())
 
-    def convert(self, src: int, dst: int, tensor: TensorPlan) -> None:
+    def convert(self, src: int, out: _HashingWriter, tensor: TensorPlan) -> None:
         """Copy a tensor that only changes dtype, through one bounded buffer."""
         itemsize = ITEMSIZE[tensor.src_dtype]
         step = COPY_CHUNK_BYTES // itemsize * itemsize
         target = TORCH_DTYPES[tensor.dtype]
         for begin in range(tensor.src_begin, tensor.src_end, step):
             chunk = self.read(src, tensor, begin, min(begin + step, tensor.src_end))
-            write_all(dst, memoryview(chunk.to(target).view(torch.uint8).numpy()))
+            out.write(memoryview(chunk.to(target).view(torch.uint8).numpy()))
+
+    def write_shard(self, shard: ShardPlan, folder: Path, progress: tqdm) -> journals.ShardRecord:
+        """Write one shard as ``NAME.tmp``, fsync and rename it; a failure removes the temp file."""
+        final = folder / shard.name
+        tmp = outdir.tmp_path(final)
+        header = shard.header_bytes()
+        try:
+            with ExitStack() as stack:
+                src = os.open(shard.source, os.O_RDONLY)
+                stack.callback(os.close, src)
+                dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                stack.callback(os.close, dst)
+                out = _HashingWriter(dst, self.hash_buffer)
+                progress.set_postfix_str(shard.name, refresh=False)
+                out.write(header)
+                progress.update(len(header))
+                for tensor in shard.tensors:
+                    if tensor.ops:
+                        out.write(self.merge(src, tensor))
+                    elif tensor.dtype == tensor.src_dtype:
+                        out.copy(src, tensor.src_begin, tensor.src_end - tensor.src_begin)
+                    else:
+                        self.convert(src, out, tensor)
+                    progress.update(tensor.end - tensor.begin)
+                os.fsync(dst)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        outdir.commit(tmp, final)
+        merged = tuple(tensor.name for tensor in shard.tensors if tensor.ops)
+        return journals.ShardRecord(out.size, out.sha256.hexdigest(), hashlib.sha256(header).hexdigest(), merged)
 
 
-def execute(plan: Plan, *, quiet: bool = False) -> MergeReport:
-    """Write the merged model described by ``plan`` into ``plan.output``."""
+def open_adapters(plan: Plan, stack: ExitStack) -> list[AdapterReader]:
+    readers = []
+    for adapter in plan.adapters:
+        reader = AdapterReader(adapter.weights_file)
+        stack.callback(reader.close)
+        readers.append(reader)
+    return readers
+
+
+def execute(plan: Plan, *, quiet: bool = False, restart: bool = False, verify_resume: bool = False) -> MergeReport:
+    """Write the merged model described by ``plan`` into ``plan.output``, resuming an earlier
+    run of the same job there. ``verify_resume`` re-hashes the shards it would skip."""
     if not plan.output:
         raise JobConfigError("no output folder given", hint="pass -o OUT, or set output: in the job")
     started = time.monotonic()
     device = resolve_device(plan.device)
     folder = Path(plan.output)
     inputs = [Path(plan.base), *(Path(adapter.path) for adapter in plan.adapters)]
+    todo: list[ShardPlan] = []
     try:
-        outdir.claim(folder, plan.fingerprint, inputs)
+        journal = journals.claim(folder, plan, inputs, restart=restart, device=str(device))
+        todo = [shard for shard in plan.shards if not journal.finished(shard, rehash=verify_resume)]
+        _check_free_space(folder, sum(shard.size for shard in todo))
         with ExitStack() as stack:
-            adapters = []
-            for adapter in plan.adapters:
-                reader = _AdapterReader(adapter.weights_file)
-                stack.callback(reader.close)
-                adapters.append(reader)
+            merger = TensorMerger(device, open_adapters(plan, stack))
             progress = stack.enter_context(
                 tqdm(
                     total=plan.total_bytes,
+                    initial=plan.total_bytes - sum(shard.size for shard in todo),
                     unit="B",
                     unit_scale=True,
                     unit_divisor=1024,
@@ -176,24 +230,46 @@ def execute(plan: Plan, *, quiet: bool = False) -> MergeReport:
                     dynamic_ncols=True,
                 )
             )
-            executor = _Executor(device, progress, adapters)
-            for shard in plan.shards:
-                executor.write_shard(shard, folder)
+            for shard in todo:
+                journal.record(shard.name, merger.write_shard(shard, folder, progress))
         _finish(plan, folder)
+        journal.complete = True
+        journal.save()
     except OSError as exc:
-        raise OutputError(
-            f"I/O error: {exc.strerror or exc}", file=exc.filename or folder, hint="check free space and permissions"
-        ) from exc
+        raise _io_error(exc, folder, todo) from exc
     merged = sum(shard.merged for shard in plan.shards)
     return MergeReport(
         output=str(folder),
         shards=len(plan.shards),
+        shards_skipped=len(plan.shards) - len(todo),
         tensors_merged=merged,
         tensors_copied=sum(len(shard.tensors) for shard in plan.shards) - merged,
-        bytes_written=plan.total_bytes,
+        bytes_written=sum(shard.size for shard in todo),
         seconds=time.monotonic() - started,
         device=str(device),
     )
+
+
+def _check_free_space(folder: Path, needed: int) -> None:
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise OutputError(
+            f"not enough free space: the merge writes {needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB is free",
+            file=folder,
+            hint="free some space or choose another output folder",
+        )
+
+
+def _io_error(exc: OSError, folder: Path, todo: list[ShardPlan]) -> OutputError:
+    where = exc.filename or folder
+    if exc.errno in _NO_SPACE:
+        left = sum(shard.size for shard in todo) / 2**30
+        return OutputError(
+            f"out of space ({exc.strerror}) with up to {left:.2f} GiB still to write",
+            file=where,
+            hint="free some space, then run the same command again: finished shards are kept",
+        )
+    return OutputError(f"I/O error: {exc.strerror or exc}", file=where, hint="check the disk and permissions")
 
 
 def _finish(plan: Plan, folder: Path) -> None:

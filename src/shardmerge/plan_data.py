@@ -94,7 +94,9 @@ class AdapterSummary:
 @dataclass(frozen=True)
 class Plan:
     """``config`` is the output config.json when it differs from the base's (dtype, untied
-    embeddings); None copies the base's file byte for byte."""
+    embeddings); None copies the base's file byte for byte. ``inputs`` is everything that
+    decides the output bytes (files by name, size and header hash; options; format version),
+    and ``fingerprint`` its hash."""
 
     format_version: int
     base: str
@@ -107,6 +109,7 @@ class Plan:
     config: dict[str, Any] | None
     index_metadata: dict[str, Any] | None
     notes: tuple[str, ...]
+    inputs: dict[str, Any]
     fingerprint: str
     tensor_bytes: int
     peak_memory_bytes: int

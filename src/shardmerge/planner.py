@@ -66,6 +66,7 @@ def build_plan(job: MergeJob) -> Plan:
         # Still tied: the embedding's changes reach the head through the tie.
         ops.pop(virtual_head.name, None)
     out_dtype = OUTPUT_DTYPES[job.dtype]
+    inputs = _inputs(job, base, headers, adapters)
     shards = tuple(_layout(header, extra.get(header.path), ops, out_dtype) for header in headers)
     return Plan(
         format_version=FORMAT_VERSION,
@@ -79,7 +80,8 @@ def build_plan(job: MergeJob) -> Plan:
         config=_output_config(config, job.dtype, untie),
         index_metadata={k: v for k, v in (base.index_metadata or {}).items() if k != "total_size"} or None,
         notes=notes,
-        fingerprint=_fingerprint(job, base, headers, adapters),
+        inputs=inputs,
+        fingerprint=hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest(),
         tensor_bytes=sum(t.end - t.begin for shard in shards for t in shard.tensors),
         peak_memory_bytes=_peak_memory(shards, adapters),
     )
@@ -230,8 +232,10 @@ def _summary(adapter: Adapter) -> AdapterSummary:
     )
 
 
-def _fingerprint(job: MergeJob, base: BaseFiles, headers: list[SafetensorsHeader], adapters: list[Adapter]) -> str:
-    """Hash of everything that decides the output bytes: inputs (by header), options, version."""
+def _inputs(
+    job: MergeJob, base: BaseFiles, headers: list[SafetensorsHeader], adapters: list[Adapter]
+) -> dict[str, Any]:
+    """Everything that decides the output bytes: input files (by header), options, version."""
 
     def header_id(header: SafetensorsHeader) -> dict[str, Any]:
         return {"name": header.path.name, "size": header.file_size, "header": hashlib.sha256(header.raw).hexdigest()}
@@ -246,7 +250,7 @@ def _fingerprint(job: MergeJob, base: BaseFiles, headers: list[SafetensorsHeader
             for adapter in adapters
         ],
     }
-    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+    return state
 
 
 def _peak_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> int:

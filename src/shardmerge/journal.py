@@ -1,0 +1,215 @@
+"""Resume state, in ``OUT/.shardmerge/journal.json``: whose output this is, and what is done.
+
+The journal holds the job's inputs (files by name, size and header hash; every option that
+changes bytes; the format version) and, for each finished shard, its size, its sha256 and
+its header's sha256, computed while the shard was written. A shard is absent, a temp file
+(deleted on the next run), or finished and recorded here. It is rewritten atomically after
+each shard, so a kill at any moment leaves it consistent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import outdir
+from .errors import OutputError
+from .plan_data import Plan, ShardPlan
+
+STATE_DIR = ".shardmerge"
+JOURNAL = "journal.json"
+_HASH_CHUNK = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    size: int
+    sha256: str
+    header_sha256: str
+    merged: tuple[str, ...]
+
+
+@dataclass
+class Journal:
+    folder: Path
+    fingerprint: str
+    inputs: dict[str, Any]
+    job: dict[str, Any]
+    device: str = "cpu"
+    shards: dict[str, ShardRecord] = field(default_factory=dict)
+    complete: bool = False
+
+    @property
+    def path(self) -> Path:
+        return self.folder / STATE_DIR / JOURNAL
+
+    def save(self) -> None:
+        body = {
+            "fingerprint": self.fingerprint,
+            "inputs": self.inputs,
+            "job": self.job,
+            "device": self.device,
+            "shards": {
+                name: {
+                    "size": r.size,
+                    "sha256": r.sha256,
+                    "header_sha256": r.header_sha256,
+                    "merged": list(r.merged),
+                }
+                for name, r in self.shards.items()
+            },
+            "complete": self.complete,
+        }
+        outdir.write_bytes_atomic(self.path, (json.dumps(body, indent=2) + "\n").encode())
+
+    def record(self, shard: str, record: ShardRecord) -> None:
+        self.shards[shard] = record
+        self.save()
+
+    def finished(self, shard: ShardPlan, *, rehash: bool) -> bool:
+        """Whether ``shard`` is on disk exactly as recorded: size and header always, the whole
+        file's sha256 with ``rehash``. A shard that fails is forgotten, to be written again."""
+        record = self.shards.get(shard.name)
+        path = self.folder / shard.name
+        if record is None or not path.is_file():
+            return False
+        good = path.stat().st_size == record.size and header_sha256(path) == record.header_sha256
+        if good and rehash:
+            good = file_sha256(path) == record.sha256
+        if not good:
+            del self.shards[shard.name]
+            self.complete = False
+            self.save()
+        return good
+
+
+def load(folder: Path) -> Journal | None:
+    path = folder / STATE_DIR / JOURNAL
+    try:
+        body = json.loads(path.read_text())
+        return Journal(
+            folder=folder,
+            fingerprint=body["fingerprint"],
+            inputs=body["inputs"],
+            job=body["job"],
+            device=body.get("device", "cpu"),
+            shards={
+                name: ShardRecord(r["size"], r["sha256"], r["header_sha256"], tuple(r.get("merged", ())))
+                for name, r in body["shards"].items()
+            },
+            complete=bool(body.get("complete")),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def claim(folder: Path, plan: Plan, inputs: list[Path], *, restart: bool, device: str) -> Journal:
+    """The journal of this job in ``folder``: a new one for an empty or missing folder (or with
+    ``restart``), the earlier one when the same job ran here before. Refuses a folder that
+    is not ours, or ours for a job with other inputs, saying what changed."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError("output path exists and is not a folder", file=folder, hint="choose another output path")
+    resolved = folder.resolve()
+    if any(resolved == source.resolve() for source in inputs):
+        raise OutputError("output folder is one of the inputs", file=folder, hint="choose another output path")
+    journal = None
+    if folder.is_dir() and any(folder.iterdir()):
+        journal = load(folder)
+        if journal is None:
+            raise OutputError(
+                "output folder is not empty and was not written by shardmerge",
+                file=folder,
+                hint="choose an empty or new folder, or remove this one",
+            )
+        if journal.fingerprint != plan.fingerprint and not restart:
+            changes = "; ".join(describe_changes(journal.inputs, plan.inputs)) or "the job differs"
+            raise OutputError(
+                f"output folder holds an earlier merge with other inputs: {changes}",
+                file=folder,
+                hint="run it with --restart to discard that output and start over, or choose another folder",
+            )
+        if restart:
+            _clear(folder)
+            journal = None
+    for leftover in folder.glob(f"*{outdir.TMP_SUFFIX}"):
+        leftover.unlink()
+    if journal is None:
+        job = json.loads(json.dumps(_job_of(plan)))
+        journal = Journal(folder, plan.fingerprint, plan.inputs, job, device)
+        (folder / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        journal.save()
+    return journal
+
+
+def _job_of(plan: Plan) -> dict[str, Any]:
+    return {
+        "base": plan.base,
+        "adapters": [{"path": a.path, "weight": a.weight} for a in plan.adapters],
+        "output": plan.output,
+        "dtype": plan.dtype,
+        "device": plan.device,
+    }
+
+
+def _clear(folder: Path) -> None:
+    """Empty a folder our journal says we own (``--restart``)."""
+    for entry in folder.iterdir():
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two jobs' inputs, in words."""
+    changes = []
+    if old.get("format_version") != new.get("format_version"):
+        changes.append(f"output format version {old.get('format_version')} -> {new.get('format_version')}")
+    if old.get("dtype") != new.get("dtype"):
+        changes.append(f"dtype changed from {old.get('dtype')} to {new.get('dtype')}")
+    if old.get("base") != new.get("base"):
+        changed = _changed_names(old.get("base", []), new.get("base", []))
+        changes.append(f"base weights changed ({changed})")
+    if old.get("base_files") != new.get("base_files"):
+        names = sorted(set(old.get("base_files", {}).items()) ^ set(new.get("base_files", {}).items()))
+        changes.append(f"base files changed ({', '.join(sorted({name for name, _ in names}))})")
+    old_adapters, new_adapters = old.get("adapters", []), new.get("adapters", [])
+    if len(old_adapters) != len(new_adapters):
+        changes.append(f"{len(old_adapters)} adapters before, {len(new_adapters)} now")
+    for index, (before, after) in enumerate(zip(old_adapters, new_adapters, strict=False)):
+        what = [key for key in ("weights", "config") if before.get(key) != after.get(key)]
+        if before.get("weight") != after.get("weight"):
+            what.append(f"weight {before.get('weight')} -> {after.get('weight')}")
+        if what:
+            changes.append(f"adapter {index} changed: {', '.join(what)}")
+    return changes
+
+
+def _changed_names(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str:
+    before = {item["name"]: item for item in old}
+    after = {item["name"]: item for item in new}
+    names = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    return ", ".join(names)
+
+
+def header_sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+        return hashlib.sha256(prefix + handle.read(min(length, 100_000_000))).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while chunk := os.read(fd, _HASH_CHUNK):
+            digest.update(chunk)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()

@@ -1,0 +1,175 @@
+"""``shardmerge verify``: a finished merge checked against its journal, and optionally against
+a fresh computation from the base and adapters."""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import journal as journals
+from .config import MergeJob
+from .errors import OutputError, SafetensorsFormatError, ShardmergeError, VerificationProblem, VerifyError
+from .executor import TensorMerger, open_adapters
+from .kernels import TORCH_DTYPES
+from .planner import build_plan
+from .st_io import INDEX_NAME, TensorInfo, pread_into, read_header
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    shards: int
+    tensors: int
+    merged_checked: int
+    recomputed: int
+
+
+def verify(folder: Path, *, recompute: int = 0) -> VerifyReport:
+    """Check the index against the files, every header, size and sha256 against the journal,
+    and merged tensors for NaN and Inf; with ``recompute`` also recompute that many merged
+    tensors from the inputs. Raises VerifyError listing every problem."""
+    journal = journals.load(folder)
+    if journal is None:
+        raise OutputError("no shardmerge journal here", file=folder, hint="verify checks the output folder of a merge")
+    if not journal.complete:
+        raise OutputError(
+            "the merge in this folder did not finish", file=folder, hint="run the same merge again to resume it"
+        )
+    problems: list[ShardmergeError] = []
+    index = _read_index(folder, problems)
+    files = sorted(set(index.values()) | set(journal.shards))
+    tensors: dict[str, dict[str, TensorInfo]] = {}
+    for name in files:
+        path = folder / name
+        record = journal.shards.get(name)
+        if record is None:
+            problems.append(VerificationProblem("shard is in the index but not in the journal", file=path))
+            continue
+        if not path.is_file():
+            problems.append(VerificationProblem("shard is missing", file=path, hint="run the merge again to redo it"))
+            continue
+        try:
+            header = read_header(path)
+        except SafetensorsFormatError as exc:
+            problems.append(exc)
+            continue
+        tensors[name] = header.tensors
+        _check_shard(path, record, header.file_size, index, problems)
+        _check_finite(path, header.tensors, record.merged, problems)
+    merged = sum(len(journal.shards[name].merged) for name in tensors)
+    recomputed = _recompute(folder, journal, recompute, problems) if recompute else 0
+    if problems:
+        raise VerifyError(problems)
+    return VerifyReport(len(tensors), sum(len(t) for t in tensors.values()), merged, recomputed)
+
+
+def _read_index(folder: Path, problems: list[ShardmergeError]) -> dict[str, str]:
+    path = folder / INDEX_NAME
+    try:
+        index = json.loads(path.read_text())
+        weight_map = dict(index["weight_map"])
+        total = int(index["metadata"]["total_size"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        problems.append(VerificationProblem(f"unreadable index ({exc})", file=path))
+        return {}
+    sizes = 0
+    by_file: dict[str, set[str]] = {}
+    for tensor, file in weight_map.items():
+        by_file.setdefault(file, set()).add(tensor)
+    for file, names in by_file.items():
+        try:
+            header = read_header(folder / file)
+        except SafetensorsFormatError:
+            continue  # reported with the shard
+        if set(header.tensors) != names:
+            extra = sorted(set(header.tensors) ^ names)[:3]
+            problems.append(
+                VerificationProblem(f"index and file disagree on tensors ({', '.join(extra)})", file=folder / file)
+            )
+        sizes += sum(info.nbytes for info in header.tensors.values())
+    if sizes != total and not problems:
+        problems.append(VerificationProblem(f"total_size is {total} but the tensors hold {sizes} bytes", file=path))
+    return weight_map
+
+
+def _check_shard(
+    path: Path, record: journals.ShardRecord, size: int, index: dict[str, str], problems: list[ShardmergeError]
+) -> None:
+    if path.name not in index.values():
+        problems.append(VerificationProblem("shard is not in the index", file=path))
+    if size != record.size:
+        problems.append(
+            VerificationProblem(f"size is {size} bytes, the journal says {record.size}", file=path, hint=_REDO)
+        )
+    elif journals.header_sha256(path) != record.header_sha256:
+        problems.append(VerificationProblem("header differs from the one written", file=path, hint=_REDO))
+    elif journals.file_sha256(path) != record.sha256:
+        problems.append(VerificationProblem("sha256 differs from the one written", file=path, hint=_REDO))
+
+
+_REDO = "the file changed after the merge: run the merge again to redo this shard"
+
+
+def _check_finite(
+    path: Path, tensors: dict[str, TensorInfo], merged: tuple[str, ...], problems: list[ShardmergeError]
+) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for name in merged:
+            info = tensors.get(name)
+            if info is None:
+                problems.append(VerificationProblem("merged tensor is missing from the shard", file=path, tensor=name))
+                continue
+            raw = torch.empty(info.nbytes, dtype=torch.uint8)
+            pread_into(fd, memoryview(raw.numpy()), info.begin)
+            if not torch.isfinite(raw.view(TORCH_DTYPES[info.dtype])).all():
+                problems.append(
+                    VerificationProblem(
+                        "merged tensor holds NaN or Inf", file=path, tensor=name, hint="check the adapter's values"
+                    )
+                )
+    finally:
+        os.close(fd)
+
+
+def _recompute(folder: Path, journal: journals.Journal, count: int, problems: list[ShardmergeError]) -> int:
+    """Merge ``count`` sampled tensors again, on the CPU, and compare them with the files:
+    exactly for a CPU merge, within one unit in the last place for a GPU merge."""
+    plan = build_plan(MergeJob.model_validate(journal.job))
+    if plan.fingerprint != journal.fingerprint:
+        changes = "; ".join(journals.describe_changes(journal.inputs, plan.inputs))
+        problems.append(VerificationProblem(f"the inputs changed since the merge ({changes})", file=folder))
+        return 0
+    merged = [(shard, tensor) for shard in plan.shards for tensor in shard.tensors if tensor.ops]
+    step = max(1, len(merged) // max(count, 1))
+    sample = merged[::step][:count]
+    exact = not journal.device.startswith("cuda")
+    with ExitStack() as stack:
+        merger = TensorMerger(torch.device("cpu"), open_adapters(plan, stack))
+        for shard, tensor in sample:
+            src = os.open(shard.source, os.O_RDONLY)
+            stack.callback(os.close, src)
+            expected = torch.frombuffer(bytearray(merger.merge(src, tensor)), dtype=TORCH_DTYPES[tensor.dtype])
+            out = os.open(folder / shard.name, os.O_RDONLY)
+            stack.callback(os.close, out)
+            header_size = shard.header_size
+            raw = torch.empty(tensor.end - tensor.begin, dtype=torch.uint8)
+            pread_into(out, memoryview(raw.numpy()), header_size + tensor.begin)
+            found = raw.view(TORCH_DTYPES[tensor.dtype])
+            same = torch.equal(found, expected) if exact else _within_one_ulp(found, expected)
+            if not same:
+                problems.append(
+                    VerificationProblem(
+                        "differs from a fresh merge of the same inputs", file=folder / shard.name, tensor=tensor.name
+                    )
+                )
+    return len(sample)
+
+
+def _within_one_ulp(found: torch.Tensor, expected: torch.Tensor) -> bool:
+    spacing = torch.nextafter(expected, torch.full_like(expected, float("inf"))) - expected
+    return bool(((found.float() - expected.float()).abs() <= spacing.float().abs()).all())
