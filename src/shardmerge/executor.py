@@ -14,7 +14,9 @@ import hashlib
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -119,6 +121,35 @@ class _HashingWriter:
         self.size += count
 
 
+class _StopRequest:
+    """Ctrl-C and SIGTERM during a merge: noted, and acted on between tensors, so the tensor in
+    hand is finished and then discarded with its temp file, and a shard is never in place
+    without its journal entry. A second Ctrl-C stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> _StopRequest:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self.previous[signum] = signal.signal(signum, self._note)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)  # type: ignore[arg-type]
+
+    def _note(self, signum: int, frame: object) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def check(self) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+
+
 class TensorMerger:
     """Computes merged tensors: read the base tensor, apply every op in float32, round once."""
 
@@ -160,8 +191,8 @@ class TensorMerger:
             chunk = self.read(src, tensor, begin, min(begin + step, tensor.src_end))
             out.write(memoryview(chunk.to(target).view(torch.uint8).numpy()))
 
-    def write_shard(self, shard: ShardPlan, folder: Path, progress: tqdm) -> journals.ShardRecord:
-        """Write one shard as ``NAME.tmp``, fsync and rename it; a failure removes the temp file."""
+    def write_shard(self, shard: ShardPlan, folder: Path, progress: tqdm, stop: _StopRequest) -> journals.ShardRecord:
+        """Write one shard as ``NAME.tmp`` and fsync it; a failure removes the temp file."""
         final = folder / shard.name
         tmp = outdir.tmp_path(final)
         header = shard.header_bytes()
@@ -176,6 +207,7 @@ class TensorMerger:
                 out.write(header)
                 progress.update(len(header))
                 for tensor in shard.tensors:
+                    stop.check()
                     if tensor.ops:
                         out.write(self.merge(src, tensor))
                     elif tensor.dtype == tensor.src_dtype:
@@ -184,10 +216,11 @@ class TensorMerger:
                         self.convert(src, out, tensor)
                     progress.update(tensor.end - tensor.begin)
                 os.fsync(dst)
-        except BaseException:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.filename is None:
+                exc.filename = str(final)  # writes through a descriptor name no file
             raise
-        outdir.commit(tmp, final)
         merged = tuple(tensor.name for tensor in shard.tensors if tensor.ops)
         return journals.ShardRecord(out.size, out.sha256.hexdigest(), hashlib.sha256(header).hexdigest(), merged)
 
@@ -230,8 +263,11 @@ def execute(plan: Plan, *, quiet: bool = False, restart: bool = False, verify_re
                     dynamic_ncols=True,
                 )
             )
+            stop = stack.enter_context(_StopRequest())
             for shard in todo:
-                journal.record(shard.name, merger.write_shard(shard, folder, progress))
+                record = merger.write_shard(shard, folder, progress, stop)
+                outdir.commit(outdir.tmp_path(folder / shard.name), folder / shard.name)
+                journal.record(shard.name, record)
         _finish(plan, folder)
         journal.complete = True
         journal.save()

@@ -76,7 +76,7 @@ def _read_index(folder: Path, problems: list[ShardmergeError]) -> dict[str, str]
     except (OSError, ValueError, KeyError, TypeError) as exc:
         problems.append(VerificationProblem(f"unreadable index ({exc})", file=path))
         return {}
-    sizes = 0
+    sizes: int | None = 0
     by_file: dict[str, set[str]] = {}
     for tensor, file in weight_map.items():
         by_file.setdefault(file, set()).add(tensor)
@@ -84,14 +84,16 @@ def _read_index(folder: Path, problems: list[ShardmergeError]) -> dict[str, str]
         try:
             header = read_header(folder / file)
         except SafetensorsFormatError:
-            continue  # reported with the shard
+            sizes = None  # reported with the shard; the total cannot be checked
+            continue
         if set(header.tensors) != names:
             extra = sorted(set(header.tensors) ^ names)[:3]
             problems.append(
                 VerificationProblem(f"index and file disagree on tensors ({', '.join(extra)})", file=folder / file)
             )
-        sizes += sum(info.nbytes for info in header.tensors.values())
-    if sizes != total and not problems:
+        if sizes is not None:
+            sizes += sum(info.nbytes for info in header.tensors.values())
+    if sizes is not None and sizes != total:
         problems.append(VerificationProblem(f"total_size is {total} but the tensors hold {sizes} bytes", file=path))
     return weight_map
 
