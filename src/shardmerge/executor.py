@@ -65,17 +65,27 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-class _Staging:
-    """A reusable host buffer (pinned when feeding a GPU), grown to the largest request."""
+class _Buffer:
+    """A reusable buffer, grown to the largest request and never shrunk. Fresh tensors per
+    weight would cost more than the merge: the allocator returns large blocks to the kernel,
+    and faulting them in again runs at a fraction of memory speed."""
 
-    def __init__(self, pinned: bool) -> None:
+    def __init__(self, device: torch.device, pinned: bool = False) -> None:
+        self.device = device
         self.pinned = pinned
-        self.buffer = torch.empty(0, dtype=torch.uint8)
+        self.buffer = torch.empty(0, dtype=torch.uint8, device=device)
 
     def take(self, nbytes: int) -> torch.Tensor:
         if nbytes > self.buffer.numel():
-            self.buffer = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pinned)
+            self.buffer = torch.empty(0, dtype=torch.uint8, device=self.device)  # free the old one first
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device, pin_memory=self.pinned)
         return self.buffer[:nbytes]
+
+    def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        count = 1
+        for dim in shape:
+            count *= dim
+        return self.take(count * torch.tensor([], dtype=dtype).element_size()).view(dtype).reshape(shape)
 
 
 class AdapterReader:
@@ -100,7 +110,7 @@ class _HashingWriter:
     """Appends to a file and hashes every byte on the way, so no shard is read back to hash.
     Kernel-side copies are hashed from the source range, which holds the same bytes."""
 
-    def __init__(self, fd: int, buffer: _Staging) -> None:
+    def __init__(self, fd: int, buffer: _Buffer) -> None:
         self.fd = fd
         self.buffer = buffer
         self.sha256 = hashlib.sha256()
@@ -157,9 +167,12 @@ class TensorMerger:
         self.device = device
         self.adapters = adapters
         cuda = device.type == "cuda"
-        self.read_buffer = _Staging(pinned=cuda)
-        self.write_buffer = _Staging(pinned=cuda)
-        self.hash_buffer = _Staging(pinned=False)
+        host = torch.device("cpu")
+        self.read_buffer = _Buffer(host, pinned=cuda)
+        self.write_buffer = _Buffer(host, pinned=cuda)
+        self.hash_buffer = _Buffer(host)
+        self.work = _Buffer(device)  # the float32 value being merged
+        self.rounded = _Buffer(device) if cuda else self.write_buffer
 
     def read(self, fd: int, tensor: TensorPlan, begin: int, end: int) -> torch.Tensor:
         raw = self.read_buffer.take(end - begin)
@@ -169,18 +182,20 @@ class TensorMerger:
     def merge(self, fd: int, tensor: TensorPlan) -> memoryview:
         """The output bytes of ``tensor``, read from the source file ``fd``."""
         source = self.read(fd, tensor, tensor.src_begin, tensor.src_end).reshape(tensor.shape)
-        value = source.to(self.device, non_blocking=True).to(torch.float32)
+        value = self.work.tensor(torch.float32, tensor.shape)
+        value.copy_(source, non_blocking=True)
         for op in tensor.ops:
             handle = self.adapters[op.adapter]
             factors = [handle.get_tensor(key).to(self.device, torch.float32) if key else None for key in op.keys]
             value = apply_op(value, op, factors)
-        rounded = value.to(TORCH_DTYPES[tensor.dtype])
+        rounded = self.rounded.tensor(TORCH_DTYPES[tensor.dtype], tensor.shape)
+        rounded.copy_(value)
         if self.device.type == "cuda":
-            host = self.write_buffer.take(tensor.end - tensor.begin).view(rounded.dtype).reshape(tensor.shape)
+            host = self.write_buffer.tensor(rounded.dtype, tensor.shape)
             host.copy_(rounded, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
             rounded = host
-        return memoryview(rounded.contiguous().view(torch.uint8).numpy())
+        return memoryview(rounded.view(torch.uint8).numpy()).cast("B")
 
     def convert(self, src: int, out: _HashingWriter, tensor: TensorPlan) -> None:
         """Copy a tensor that only changes dtype, through one bounded buffer."""
@@ -189,7 +204,9 @@ class TensorMerger:
         target = TORCH_DTYPES[tensor.dtype]
         for begin in range(tensor.src_begin, tensor.src_end, step):
             chunk = self.read(src, tensor, begin, min(begin + step, tensor.src_end))
-            out.write(memoryview(chunk.to(target).view(torch.uint8).numpy()))
+            converted = self.write_buffer.tensor(target, tuple(chunk.shape))
+            converted.copy_(chunk)
+            out.write(memoryview(converted.view(torch.uint8).numpy()).cast("B"))
 
     def write_shard(self, shard: ShardPlan, folder: Path, progress: tqdm, stop: _StopRequest) -> journals.ShardRecord:
         """Write one shard as ``NAME.tmp`` and fsync it; a failure removes the temp file."""
@@ -216,6 +233,9 @@ class TensorMerger:
                         self.convert(src, out, tensor)
                     progress.update(tensor.end - tensor.begin)
                 os.fsync(dst)
+                # The bytes are on disk: hand their cache pages back now, so later shards
+                # reuse them instead of growing the page cache by the size of the model.
+                os.posix_fadvise(dst, 0, 0, os.POSIX_FADV_DONTNEED)
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
             if isinstance(exc, OSError) and exc.filename is None:
