@@ -28,6 +28,7 @@ from tqdm import tqdm
 from . import journal as journals
 from . import outdir
 from .errors import DeviceError, JobConfigError, OutputError
+from .hashing import BackgroundHasher
 from .kernels import TORCH_DTYPES, apply_op
 from .plan_data import Plan, ShardPlan, TensorPlan
 from .planner import COPY_CHUNK_BYTES
@@ -107,27 +108,24 @@ class AdapterReader:
 
 
 class _HashingWriter:
-    """Appends to a file and hashes every byte on the way, so no shard is read back to hash.
-    Kernel-side copies are hashed from the source range, which holds the same bytes."""
+    """Appends to a file; a second thread hashes the same bytes meanwhile (hashlib releases the
+    GIL), so no shard is read back to hash, and hashing overlaps the merge. Bytes of a
+    kernel-side copy are hashed from the source range, which holds the same bytes."""
 
-    def __init__(self, fd: int, buffer: _Buffer) -> None:
+    def __init__(self, fd: int, hasher: BackgroundHasher) -> None:
         self.fd = fd
-        self.buffer = buffer
-        self.sha256 = hashlib.sha256()
+        self.hasher = hasher
         self.size = 0
 
-    def write(self, data: memoryview | bytes) -> None:
-        view = memoryview(data).cast("B")
-        self.sha256.update(view)
+    def write(self, view: memoryview, buffer: _Buffer | None = None) -> None:
+        """Write ``view``; ``buffer`` (holding it) goes back to the hasher's pool once hashed."""
         write_all(self.fd, view)
+        self.hasher.update(view, buffer)
         self.size += view.nbytes
 
     def copy(self, src: int, offset: int, count: int) -> None:
         copy_range(src, self.fd, offset, count)
-        for begin in range(offset, offset + count, COPY_CHUNK_BYTES):
-            chunk = memoryview(self.buffer.take(min(COPY_CHUNK_BYTES, offset + count - begin)).numpy())
-            pread_into(src, chunk, begin)
-            self.sha256.update(chunk)
+        self.hasher.update_from_file(src, offset, count)
         self.size += count
 
 
@@ -169,18 +167,22 @@ class TensorMerger:
         cuda = device.type == "cuda"
         host = torch.device("cpu")
         self.read_buffer = _Buffer(host, pinned=cuda)
-        self.write_buffer = _Buffer(host, pinned=cuda)
-        self.hash_buffer = _Buffer(host)
         self.work = _Buffer(device)  # the float32 value being merged
-        self.rounded = _Buffer(device) if cuda else self.write_buffer
+        self.rounded = _Buffer(device) if cuda else None
+        # Two output buffers: one is written and hashed while the next tensor fills the other.
+        self.hasher = BackgroundHasher([_Buffer(host, pinned=cuda) for _ in range(2)])
+
+    def close(self) -> None:
+        self.hasher.close()
 
     def read(self, fd: int, tensor: TensorPlan, begin: int, end: int) -> torch.Tensor:
         raw = self.read_buffer.take(end - begin)
         pread_into(fd, memoryview(raw.numpy()), begin)
         return raw.view(TORCH_DTYPES[tensor.src_dtype])
 
-    def merge(self, fd: int, tensor: TensorPlan) -> memoryview:
-        """The output bytes of ``tensor``, read from the source file ``fd``."""
+    def merge(self, fd: int, tensor: TensorPlan) -> tuple[memoryview, _Buffer]:
+        """The output bytes of ``tensor``, read from the source file ``fd``, in a buffer of the
+        hasher's pool that goes back to it once written and hashed."""
         source = self.read(fd, tensor, tensor.src_begin, tensor.src_end).reshape(tensor.shape)
         value = self.work.tensor(torch.float32, tensor.shape)
         value.copy_(source, non_blocking=True)
@@ -188,14 +190,16 @@ class TensorMerger:
             handle = self.adapters[op.adapter]
             factors = [handle.get_tensor(key).to(self.device, torch.float32) if key else None for key in op.keys]
             value = apply_op(value, op, factors)
-        rounded = self.rounded.tensor(TORCH_DTYPES[tensor.dtype], tensor.shape)
-        rounded.copy_(value)
-        if self.device.type == "cuda":
-            host = self.write_buffer.tensor(rounded.dtype, tensor.shape)
+        output = self.hasher.acquire()
+        host = output.tensor(TORCH_DTYPES[tensor.dtype], tensor.shape)
+        if self.rounded is None:
+            host.copy_(value)
+        else:
+            rounded = self.rounded.tensor(host.dtype, tensor.shape)
+            rounded.copy_(value)
             host.copy_(rounded, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
-            rounded = host
-        return memoryview(rounded.view(torch.uint8).numpy()).cast("B")
+        return memoryview(host.view(torch.uint8).numpy()).cast("B"), output
 
     def convert(self, src: int, out: _HashingWriter, tensor: TensorPlan) -> None:
         """Copy a tensor that only changes dtype, through one bounded buffer."""
@@ -204,9 +208,10 @@ class TensorMerger:
         target = TORCH_DTYPES[tensor.dtype]
         for begin in range(tensor.src_begin, tensor.src_end, step):
             chunk = self.read(src, tensor, begin, min(begin + step, tensor.src_end))
-            converted = self.write_buffer.tensor(target, tuple(chunk.shape))
+            output = self.hasher.acquire()
+            converted = output.tensor(target, tuple(chunk.shape))
             converted.copy_(chunk)
-            out.write(memoryview(converted.view(torch.uint8).numpy()).cast("B"))
+            out.write(memoryview(converted.view(torch.uint8).numpy()).cast("B"), output)
 
     def write_shard(self, shard: ShardPlan, folder: Path, progress: tqdm, stop: _StopRequest) -> journals.ShardRecord:
         """Write one shard as ``NAME.tmp`` and fsync it; a failure removes the temp file."""
@@ -217,32 +222,37 @@ class TensorMerger:
             with ExitStack() as stack:
                 src = os.open(shard.source, os.O_RDONLY)
                 stack.callback(os.close, src)
+                stack.callback(self.hasher.discard)  # before src closes: the hasher may read it
                 dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 stack.callback(os.close, dst)
-                out = _HashingWriter(dst, self.hash_buffer)
+                out = _HashingWriter(dst, self.hasher)
                 progress.set_postfix_str(shard.name, refresh=False)
-                out.write(header)
+                out.write(memoryview(header))
                 progress.update(len(header))
                 for tensor in shard.tensors:
                     stop.check()
                     if tensor.ops:
-                        out.write(self.merge(src, tensor))
+                        out.write(*self.merge(src, tensor))
                     elif tensor.dtype == tensor.src_dtype:
                         out.copy(src, tensor.src_begin, tensor.src_end - tensor.src_begin)
                     else:
                         self.convert(src, out, tensor)
+                    # Start writing this tensor back to disk now, behind the next one, so
+                    # the fsync at the end of the shard finds little left to do.
+                    os.posix_fadvise(dst, shard.header_size + tensor.begin, tensor.end - tensor.begin, os.POSIX_FADV_DONTNEED)
                     progress.update(tensor.end - tensor.begin)
                 os.fsync(dst)
                 # The bytes are on disk: hand their cache pages back now, so later shards
                 # reuse them instead of growing the page cache by the size of the model.
                 os.posix_fadvise(dst, 0, 0, os.POSIX_FADV_DONTNEED)
+                digest = self.hasher.digest()
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
             if isinstance(exc, OSError) and exc.filename is None:
                 exc.filename = str(final)  # writes through a descriptor name no file
             raise
         merged = tuple(tensor.name for tensor in shard.tensors if tensor.ops)
-        return journals.ShardRecord(out.size, out.sha256.hexdigest(), hashlib.sha256(header).hexdigest(), merged)
+        return journals.ShardRecord(out.size, digest, hashlib.sha256(header).hexdigest(), merged)
 
 
 def open_adapters(plan: Plan, stack: ExitStack) -> list[AdapterReader]:
@@ -270,6 +280,7 @@ def execute(plan: Plan, *, quiet: bool = False, restart: bool = False, verify_re
         _check_free_space(folder, sum(shard.size for shard in todo))
         with ExitStack() as stack:
             merger = TensorMerger(device, open_adapters(plan, stack))
+            stack.callback(merger.close)
             progress = stack.enter_context(
                 tqdm(
                     total=plan.total_bytes,

@@ -152,10 +152,13 @@ def _recompute(folder: Path, journal: journals.Journal, count: int, problems: li
     exact = not journal.device.startswith("cuda")
     with ExitStack() as stack:
         merger = TensorMerger(torch.device("cpu"), open_adapters(plan, stack))
+        stack.callback(merger.close)
         for shard, tensor in sample:
             src = os.open(shard.source, os.O_RDONLY)
             stack.callback(os.close, src)
-            expected = torch.frombuffer(bytearray(merger.merge(src, tensor)), dtype=TORCH_DTYPES[tensor.dtype])
+            view, buffer = merger.merge(src, tensor)
+            expected = torch.frombuffer(bytearray(view), dtype=TORCH_DTYPES[tensor.dtype])
+            merger.hasher.release(buffer)
             out = os.open(folder / shard.name, os.O_RDONLY)
             stack.callback(os.close, out)
             header_size = shard.header_size
