@@ -18,6 +18,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from . import outdir
 from .errors import DeviceError, JobConfigError, OutputError
 from .hashing import BackgroundHasher
 from .kernels import TORCH_DTYPES, apply_op
-from .plan_data import Plan, ShardPlan, TensorPlan
+from .plan_data import MergeOp, Plan, ShardPlan, TensorPlan
 from .planner import COPY_CHUNK_BYTES
 from .st_io import INDEX_NAME, ITEMSIZE, copy_range, pread_into, read_checkpoint_header, render_index, write_all
 
@@ -97,11 +98,18 @@ class AdapterReader:
         self.tensors = read_checkpoint_header(Path(path)).tensors
         self.fd = os.open(path, os.O_RDONLY)
 
-    def get_tensor(self, key: str) -> torch.Tensor:
+    def get_tensor(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """Tensor ``key``, or only rows ``rows`` of it."""
         info = self.tensors[key]
-        raw = torch.empty(info.nbytes, dtype=torch.uint8)
-        pread_into(self.fd, memoryview(raw.numpy()), info.begin)
-        return raw.view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+        shape = info.shape
+        begin, end = info.begin, info.end
+        if rows is not None:
+            row_bytes = (end - begin) // shape[0]
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
+        raw = torch.empty(end - begin, dtype=torch.uint8)
+        pread_into(self.fd, memoryview(raw.numpy()), begin)
+        return raw.view(TORCH_DTYPES[info.dtype]).reshape(shape)
 
     def close(self) -> None:
         os.close(self.fd)
@@ -180,22 +188,40 @@ class TensorMerger:
         pread_into(fd, memoryview(raw.numpy()), begin)
         return raw.view(TORCH_DTYPES[tensor.src_dtype])
 
-    def merge(self, fd: int, tensor: TensorPlan) -> tuple[memoryview, _Buffer]:
-        """The output bytes of ``tensor``, read from the source file ``fd``, in a buffer of the
-        hasher's pool that goes back to it once written and hashed."""
-        source = self.read(fd, tensor, tensor.src_begin, tensor.src_end).reshape(tensor.shape)
-        value = self.work.tensor(torch.float32, tensor.shape)
-        value.copy_(source, non_blocking=True)
-        for op in tensor.ops:
-            handle = self.adapters[op.adapter]
-            factors = [handle.get_tensor(key).to(self.device, torch.float32) if key else None for key in op.keys]
-            value = apply_op(value, op, factors)
+    def merge(self, fd: int, tensor: TensorPlan) -> Iterator[tuple[memoryview, _Buffer]]:
+        """The output bytes of ``tensor``, read from the source file ``fd``, block by block:
+        blocks of rows where every op allows it, else the whole tensor. Each block comes in a
+        buffer of the hasher's pool that goes back to it once written and hashed."""
+        rows = tensor.shape[0] if tensor.shape else 1
+        step = tensor.block_rows or rows
+        whole = [None if op.kind == "replace" and step < rows else self.factors(op) for op in tensor.ops]
+        row_bytes = (tensor.src_end - tensor.src_begin) // max(rows, 1)
+        for first in range(0, rows, step) if rows else [0]:
+            last = min(rows, first + step)
+            span = (first, last) if step < rows else None
+            shape = (last - first, *tensor.shape[1:]) if tensor.shape else ()
+            begin = tensor.src_begin + first * row_bytes
+            source = self.read(
+                fd, tensor, begin, begin + (last - first) * row_bytes if tensor.shape else tensor.src_end
+            )
+            value = self.work.tensor(torch.float32, shape)
+            value.copy_(source.reshape(shape), non_blocking=True)
+            for op, factors in zip(tensor.ops, whole, strict=True):
+                value = apply_op(value, op, factors if factors is not None else self.factors(op, span), span)
+            yield self.rounded_bytes(value, TORCH_DTYPES[tensor.dtype])
+
+    def factors(self, op: MergeOp, rows: tuple[int, int] | None = None) -> list[torch.Tensor | None]:
+        handle = self.adapters[op.adapter]
+        return [handle.get_tensor(key, rows).to(self.device, torch.float32) if key else None for key in op.keys]
+
+    def rounded_bytes(self, value: torch.Tensor, dtype: torch.dtype) -> tuple[memoryview, _Buffer]:
+        """``value`` rounded once to ``dtype``, in host memory from the hasher's pool."""
         output = self.hasher.acquire()
-        host = output.tensor(TORCH_DTYPES[tensor.dtype], tensor.shape)
+        host = output.tensor(dtype, tuple(value.shape))
         if self.rounded is None:
             host.copy_(value)
         else:
-            rounded = self.rounded.tensor(host.dtype, tensor.shape)
+            rounded = self.rounded.tensor(dtype, tuple(value.shape))
             rounded.copy_(value)
             host.copy_(rounded, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
@@ -232,14 +258,17 @@ class TensorMerger:
                 for tensor in shard.tensors:
                     stop.check()
                     if tensor.ops:
-                        out.write(*self.merge(src, tensor))
+                        for block in self.merge(src, tensor):
+                            out.write(*block)
                     elif tensor.dtype == tensor.src_dtype:
                         out.copy(src, tensor.src_begin, tensor.src_end - tensor.src_begin)
                     else:
                         self.convert(src, out, tensor)
                     # Start writing this tensor back to disk now, behind the next one, so
                     # the fsync at the end of the shard finds little left to do.
-                    os.posix_fadvise(dst, shard.header_size + tensor.begin, tensor.end - tensor.begin, os.POSIX_FADV_DONTNEED)
+                    os.posix_fadvise(
+                        dst, shard.header_size + tensor.begin, tensor.end - tensor.begin, os.POSIX_FADV_DONTNEED
+                    )
                     progress.update(tensor.end - tensor.begin)
                 os.fsync(dst)
                 # The bytes are on disk: hand their cache pages back now, so later shards

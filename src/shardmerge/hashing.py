@@ -12,10 +12,8 @@ import queue
 import threading
 from typing import Any
 
+from .planner import HASH_CHUNK_BYTES
 from .st_io import pread_into
-
-# Bytes read at a time when hashing a range of a source file (a kernel-side copy).
-_FILE_CHUNK = 16 * 1024 * 1024
 
 
 class BackgroundHasher:
@@ -26,7 +24,7 @@ class BackgroundHasher:
         self._todo: queue.Queue[tuple[Any, ...] | None] = queue.Queue()
         self._sha = hashlib.sha256()
         self._error: BaseException | None = None
-        self._scratch = bytearray(_FILE_CHUNK)
+        self._scratch = bytearray(HASH_CHUNK_BYTES)
         self._thread = threading.Thread(target=self._run, name="shardmerge-hasher", daemon=True)
         self._thread.start()
 
@@ -90,7 +88,7 @@ class BackgroundHasher:
         _, fd, offset, count = item
         end = offset + count
         while offset < end:
-            view = memoryview(self._scratch)[: min(_FILE_CHUNK, end - offset)]
+            view = memoryview(self._scratch)[: min(HASH_CHUNK_BYTES, end - offset)]
             pread_into(fd, view, offset)
             self._sha.update(view)
             offset += len(view)

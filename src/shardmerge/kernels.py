@@ -30,19 +30,23 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
 ST_DTYPES: dict[torch.dtype, str] = {value: key for key, value in TORCH_DTYPES.items()}
 
 
-def apply_op(value: torch.Tensor, op: MergeOp, tensors: list[torch.Tensor | None]) -> torch.Tensor:
+def apply_op(
+    value: torch.Tensor, op: MergeOp, tensors: list[torch.Tensor | None], rows: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Apply ``op`` to ``value`` given the op's adapter tensors (float32, same device; None
-    for an absent optional factor)."""
+    for an absent optional factor). With ``rows``, ``value`` holds only those rows of the
+    tensor (see ``row_separable``), and a replacement tensor holds the same rows."""
     if op.kind == "replace":
         return value.lerp_(_get(tensors, 0), op.weight)
     if op.kind == "tokens":
-        rows = torch.tensor(op.indices, device=value.device, dtype=torch.long)
-        return value.index_copy_(0, rows, value.index_select(0, rows).lerp_(_get(tensors, 0), op.weight))
+        return _tokens(value, op, _get(tensors, 0), rows)
     if op.kind == "bias":
         return value.add_(_get(tensors, 0), alpha=op.scale * op.weight)
     if op.kind == "ia3":
         factor = _get(tensors, 0)
         factor = factor.reshape(-1) if op.layout == "bias" else factor.T if op.layout == "conv1d" else factor
+        if rows is not None and factor.dim() == 2 and factor.shape[0] != 1:
+            factor = factor[rows[0] : rows[1]]
         return value.mul_(torch.ones_like(factor).lerp_(factor, op.weight))
     if op.kind in ("lora", "dora"):
         lora_a, lora_b = _get(tensors, 0), _get(tensors, 1)
@@ -54,17 +58,30 @@ def apply_op(value: torch.Tensor, op: MergeOp, tensors: list[torch.Tensor | None
                 value[expert].addmm_(left, right, alpha=op.scale * op.weight)
             return value
         left, right = _factors(op, lora_a, lora_b)
+        if rows is not None:
+            left = left[rows[0] : rows[1]]
         if op.kind == "dora":
-            return _dora(value, left, right, _get(tensors, 2), op)
+            magnitude = _get(tensors, 2)
+            return _dora(value, left, right, magnitude if rows is None else magnitude[rows[0] : rows[1]], op)
         return value.addmm_(left, right, alpha=op.scale * op.weight)
     if op.kind == "loha":
         w1a, w1b, w2a, w2b = (_get(tensors, i) for i in range(4))
+        if rows is not None:
+            w1a, w2a = w1a[rows[0] : rows[1]], w2a[rows[0] : rows[1]]
         return value.add_((w1a @ w1b).mul_(w2a @ w2b), alpha=op.scale * op.weight)
     if op.kind == "lokr":
         w1 = _dense(tensors[0], tensors[1], tensors[2])
         w2 = _dense(tensors[3], tensors[4], tensors[5])
         return value.add_(torch.kron(w1, w2), alpha=op.scale * op.weight)
     raise ValueError(f"unknown merge op kind {op.kind!r}")
+
+
+def _tokens(value: torch.Tensor, op: MergeOp, delta: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
+    indices = torch.tensor(op.indices, device=value.device, dtype=torch.long)
+    if rows is not None:
+        inside = (indices >= rows[0]) & (indices < rows[1])
+        indices, delta = indices[inside] - rows[0], delta[inside]
+    return value.index_copy_(0, indices, value.index_select(0, indices).lerp_(delta, op.weight))
 
 
 def _get(tensors: list[torch.Tensor | None], index: int) -> torch.Tensor:

@@ -42,7 +42,8 @@ class MergeOp:
 @dataclass(frozen=True)
 class TensorPlan:
     """One output tensor. ``src_begin``/``src_end`` are absolute offsets in the source shard,
-    ``begin``/``end`` offsets in the output data buffer."""
+    ``begin``/``end`` offsets in the output data buffer, ``block_rows`` how many rows of a
+    merged tensor are worked on at once."""
 
     name: str
     shape: tuple[int, ...]
@@ -53,6 +54,17 @@ class TensorPlan:
     begin: int
     end: int
     ops: tuple[MergeOp, ...]
+    block_rows: int = 0  # rows merged at a time; the whole tensor where the ops need it
+
+
+def row_separable(op: MergeOp) -> bool:
+    """Whether ``op`` can be applied to a block of the base tensor's rows on its own: true for
+    every update whose rows depend only on the same rows of the base. DoRA on Conv1D and
+    Embedding normalises columns over all rows, LoKr's Kronecker rows interleave, and fused
+    3-D expert tensors are split by expert instead."""
+    if op.layout.startswith("experts-") or op.kind in ("lokr", "bias"):
+        return False
+    return op.kind != "dora" or op.layout == "linear"
 
 
 @dataclass(frozen=True)

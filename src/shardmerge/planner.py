@@ -17,7 +17,7 @@ from .adapters import Adapter, load_adapter
 from .config import MergeJob
 from .errors import AdapterError, InputError, PlanError, ShardmergeError
 from .module_ops import AdapterPlanner
-from .plan_data import AdapterSummary, MergeOp, Plan, ShardPlan, TensorPlan, encode_shard_header
+from .plan_data import AdapterSummary, MergeOp, Plan, ShardPlan, TensorPlan, encode_shard_header, row_separable
 from .resolve import BaseFiles, output_shard_name, resolve_adapter, resolve_base
 from .st_io import FLOAT_DTYPES, ITEMSIZE, SafetensorsHeader, TensorInfo, numel, read_checkpoint_header
 from .tied import find_tied, split_uses
@@ -25,7 +25,14 @@ from .tied import find_tied, split_uses
 FORMAT_VERSION = 1
 OUTPUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 # Bytes the executor's untouched-tensor conversion works through at a time.
-COPY_CHUNK_BYTES = 64 * 1024 * 1024
+COPY_CHUNK_BYTES = 16 * 1024 * 1024
+# Elements of a merged tensor worked on at once (16 MB in float32): what bounds memory, and
+# enough that each block's matrix product still runs at full speed. Fixed, because a BLAS
+# may round a product of another shape differently in the last bit, and a resumed merge
+# must give the same bytes as an uninterrupted one.
+MERGE_BLOCK_ELEMENTS = 4 * 1024 * 1024
+# Bytes the hasher reads at a time when it hashes a kernel-side copy.
+HASH_CHUNK_BYTES = 16 * 1024 * 1024
 
 
 def build_plan(job: MergeJob) -> Plan:
@@ -183,6 +190,7 @@ def _layout(
                 offset,
                 offset + size,
                 tensor_ops,
+                _block_rows(info.shape, tensor_ops),
             )
         )
         offset += size
@@ -195,6 +203,17 @@ def _layout(
         header_size,
         header_size + offset,
     )
+
+
+def _block_rows(shape: tuple[int, ...], ops: tuple[MergeOp, ...]) -> int:
+    """Rows merged at a time: blocks of about MERGE_BLOCK_ELEMENTS where every op allows it,
+    else the whole tensor (0 for an untouched one)."""
+    if not ops:
+        return 0
+    rows = shape[0] if shape else 1
+    if len(shape) == 2 and all(row_separable(op) for op in ops):
+        return min(rows, max(1, MERGE_BLOCK_ELEMENTS // max(1, shape[1])))
+    return rows
 
 
 def _output_config(config: dict[str, Any] | None, dtype: str, untie: bool) -> dict[str, Any] | None:
@@ -254,17 +273,24 @@ def _inputs(
 
 
 def _peak_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> int:
-    """Working memory the executor needs beyond the interpreter: the largest merged tensor in
-    float32 (twice for DoRA, replacements and dense LoHa/LoKr updates), its source and output
-    bytes, the largest adapter tensors it reads, and the copy buffer."""
+    """Working memory the executor needs beyond the interpreter: the largest merged block in
+    float32 (twice for DoRA, LoKr and replacements, which hold a second float32 operand), its
+    source bytes, two output buffers (one written and hashed while the next fills), the
+    largest adapter tensor it reads whole, and the conversion and hashing buffers."""
     worst = 0
     for shard in shards:
         for tensor in shard.tensors:
             if tensor.ops:
-                copies = 1 if all(op.kind in ("lora", "bias", "ia3", "tokens") for op in tensor.ops) else 2
-                source, output = tensor.src_end - tensor.src_begin, tensor.end - tensor.begin
-                worst = max(worst, copies * 4 * numel(tensor.shape) + source + output)
-    largest_adapter_tensor = max(
-        (4 * numel(info.shape) for adapter in adapters for info in adapter.header.tensors.values()), default=0
-    )
-    return worst + 3 * largest_adapter_tensor + COPY_CHUNK_BYTES
+                rows = tensor.shape[0] if tensor.shape else 1
+                count = numel(tensor.shape) * tensor.block_rows // max(rows, 1)
+                copies = 1 if all(op.kind in ("lora", "bias", "ia3", "tokens", "loha") for op in tensor.ops) else 2
+                source = count * ITEMSIZE[tensor.src_dtype]
+                worst = max(worst, copies * 4 * count + source + 2 * count * ITEMSIZE[tensor.dtype])
+    whole = [
+        4 * numel(info.shape)
+        for adapter in adapters
+        for info in adapter.header.tensors.values()
+        if not any(full.key == info.name for full in adapter.full_tensors)
+    ]
+    conversion = COPY_CHUNK_BYTES + 2 * 2 * COPY_CHUNK_BYTES  # a float16 chunk may widen to float32
+    return max(worst, conversion) + max(whole, default=0) + HASH_CHUNK_BYTES

@@ -156,9 +156,11 @@ def _recompute(folder: Path, journal: journals.Journal, count: int, problems: li
         for shard, tensor in sample:
             src = os.open(shard.source, os.O_RDONLY)
             stack.callback(os.close, src)
-            view, buffer = merger.merge(src, tensor)
-            expected = torch.frombuffer(bytearray(view), dtype=TORCH_DTYPES[tensor.dtype])
-            merger.hasher.release(buffer)
+            fresh = bytearray()
+            for view, buffer in merger.merge(src, tensor):
+                fresh += view
+                merger.hasher.release(buffer)
+            expected = torch.frombuffer(fresh, dtype=TORCH_DTYPES[tensor.dtype])
             out = os.open(folder / shard.name, os.O_RDONLY)
             stack.callback(os.close, out)
             header_size = shard.header_size
