@@ -2,7 +2,9 @@
 
 Generates a Llama-shaped bf16 checkpoint (default: hidden 4096, intermediate 11008, 4 layers,
 vocab 32000, 5 shards, about 2 GiB) and a LoRA adapter of rank 16 on every linear layer,
-then alternates ``cp`` of the shards and ``shardmerge merge --device cpu`` ``--repeats`` times.
+then alternates ``cp`` of the shards, ``python -c "import shardmerge, torch"`` (start-up) and
+``shardmerge merge --device cpu`` ``--repeats`` times, with ``--peft`` also PEFT's
+``merge_and_unload()`` + ``save_pretrained``.
 Peak RSS is the child process's own ``ru_maxrss``. ``--sweep 4,8`` repeats the whole run
 for each layer count, to show how memory grows with the model.
 
@@ -24,6 +26,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# What users run today: the whole model in memory, merged by PEFT, saved by transformers.
+PEFT_MERGE = """
+import sys, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+base, adapter, out = sys.argv[1:]
+model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(out)
+"""
 
 
 @dataclass(frozen=True)
@@ -136,7 +147,7 @@ def timed(command: list[str]) -> tuple[float, int]:
     return seconds, usage.ru_maxrss * 1024
 
 
-def run(shape: Shape, work: Path, repeats: int) -> dict[str, object]:
+def run(shape: Shape, work: Path, repeats: int, peft: bool) -> dict[str, object]:
     data = work / f"layers-{shape.layers}"
     if not (data / "adapter" / "adapter_config.json").exists():
         shutil.rmtree(data, ignore_errors=True)
@@ -156,6 +167,8 @@ def run(shape: Shape, work: Path, repeats: int) -> dict[str, object]:
             *("-o", str(data / "out"), "--device", "cpu", "--quiet"),
         ],
     }
+    if peft:
+        commands["peft"] = [sys.executable, "-c", PEFT_MERGE, str(base), str(data / "adapter"), str(data / "out")]
     samples: dict[str, list[tuple[float, int]]] = {name: [] for name in commands}
     for _ in range(repeats):
         for name, command in commands.items():
@@ -167,7 +180,11 @@ def run(shape: Shape, work: Path, repeats: int) -> dict[str, object]:
     shutil.rmtree(data / "cp-out", ignore_errors=True)
     wall = {name: statistics.median(s for s, _ in runs) for name, runs in samples.items()}
     rss = {name: max(r for _, r in runs) for name, runs in samples.items()}
-    return {"layers": shape.layers, "bytes": size, "wall": wall, "rss": rss}
+    plan = subprocess.run(
+        [shardmerge, "plan", str(base), str(data / "adapter"), "--json"], capture_output=True, check=True, text=True
+    )
+    estimate = json.loads(plan.stdout)["peak_memory_bytes"]
+    return {"layers": shape.layers, "bytes": size, "wall": wall, "rss": rss, "estimate": estimate}
 
 
 def report(result: dict[str, object], repeats: int) -> None:
@@ -177,11 +194,21 @@ def report(result: dict[str, object], repeats: int) -> None:
         f"\nmodel: {result['layers']} layers, {size / 2**30:.2f} GiB of shards; medians of {repeats} alternating runs"
     )
     print(f"{'':12} {'wall s':>8} {'x cp':>6} {'GB/s':>6} {'peak RSS':>10}")
-    for name in ("cp", "startup", "shardmerge"):
+    for name in wall:
         ratio = wall[name] / wall["cp"]
         print(f"{name:12} {wall[name]:8.2f} {ratio:6.2f} {size / wall[name] / 1e9:6.2f} {rss[name] / 2**20:8.0f} MB")
     corrected = (wall["shardmerge"] - wall["startup"]) / wall["cp"]
     print(f"shardmerge less start-up: {wall['shardmerge'] - wall['startup']:.2f} s, {corrected:.2f} x cp")
+    if "peft" in wall:
+        print(f"PEFT / shardmerge wall time: {wall['peft'] / wall['shardmerge']:.2f}")
+    working = rss["shardmerge"] - rss["startup"]
+    estimate = result["estimate"]
+    assert isinstance(estimate, int)
+    verdict = "within" if working <= estimate else "OVER"
+    print(
+        f"shardmerge peak RSS above start-up: {working / 2**20:.0f} MB, {verdict} the plan's estimate of "
+        f"{estimate / 2**20:.0f} MB"
+    )
 
 
 def main() -> None:
@@ -194,6 +221,7 @@ def main() -> None:
     parser.add_argument("--shards", type=int, default=5)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--peft", action="store_true", help="also time PEFT merge_and_unload + save_pretrained")
     parser.add_argument("--workdir", type=Path, default=Path("bench-data"))
     parser.add_argument("--generate", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -204,7 +232,7 @@ def main() -> None:
     results = []
     for layers in counts:
         shape = Shape(layers, args.hidden, args.intermediate, args.vocab, args.shards, args.rank)
-        results.append(run(shape, args.workdir, args.repeats))
+        results.append(run(shape, args.workdir, args.repeats, args.peft))
         report(results[-1], args.repeats)
     if len(results) > 1:
         print("\npeak RSS of shardmerge against model size:")

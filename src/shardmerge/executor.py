@@ -193,17 +193,17 @@ class TensorMerger:
         blocks of rows where every op allows it, else the whole tensor. Each block comes in a
         buffer of the hasher's pool that goes back to it once written and hashed."""
         rows = tensor.shape[0] if tensor.shape else 1
-        step = tensor.block_rows or rows
+        step = max(1, tensor.block_rows or rows)
+        # Replacement tensors are as large as the base tensor: read them block by block too.
         whole = [None if op.kind == "replace" and step < rows else self.factors(op) for op in tensor.ops]
         row_bytes = (tensor.src_end - tensor.src_begin) // max(rows, 1)
-        for first in range(0, rows, step) if rows else [0]:
+        for first in range(0, max(rows, 1), step):
             last = min(rows, first + step)
             span = (first, last) if step < rows else None
             shape = (last - first, *tensor.shape[1:]) if tensor.shape else ()
             begin = tensor.src_begin + first * row_bytes
-            source = self.read(
-                fd, tensor, begin, begin + (last - first) * row_bytes if tensor.shape else tensor.src_end
-            )
+            end = begin + (last - first) * row_bytes if tensor.shape else tensor.src_end
+            source = self.read(fd, tensor, begin, end)
             value = self.work.tensor(torch.float32, shape)
             value.copy_(source.reshape(shape), non_blocking=True)
             for op, factors in zip(tensor.ops, whole, strict=True):

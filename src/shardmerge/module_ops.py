@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 from .adapters import Adapter, AdapterModule, FullTensor
 from .errors import AdapterError, ShardmergeError
@@ -61,13 +62,18 @@ class AdapterPlanner:
         self.error(f"no base tensor {name!r}{near}", key, "check that this adapter was trained on this base model")
         return None
 
-    def add(self, mapping: Mapping, op: MergeOp) -> None:
+    def tensor(self, mapping: Mapping) -> TensorInfo:
         assert mapping.target is not None
-        self.ops[mapping.target].append(op)
+        return self.base[mapping.target]
 
-    def op(self, kind: str, keys: tuple[str, ...], layout: str, module: str, rule: str, **extra: object) -> MergeOp:
+    def add(self, mapping: Mapping, kind: str, keys: tuple[str, ...], layout: str, module: str, **extra: Any) -> None:
+        """Record that this adapter changes the mapped tensor (the op's scale is the module's)."""
+        assert mapping.target is not None
         scale = self.adapter.scale(module) if kind in ("lora", "dora", "bias", "loha", "lokr") else 1.0
-        return MergeOp(self.adapter.index, kind, keys, scale, self.adapter.weight, layout, module, rule, **extra)  # type: ignore[arg-type]
+        op = MergeOp(
+            self.adapter.index, kind, keys, scale, self.adapter.weight, layout, module, mapping.rule or "", **extra
+        )
+        self.ops[mapping.target].append(op)
 
     def plan(self) -> dict[str, list[MergeOp]]:
         for full in self.adapter.full_tensors:
@@ -104,7 +110,7 @@ class AdapterPlanner:
         mapping = self.target(full.target, full.key)
         if mapping is None:
             return
-        base = self.base[mapping.target]  # type: ignore[index]
+        base = self.tensor(mapping)
         if full.shape != base.shape:
             self.error(
                 f"shape mismatch: adapter has {list(full.shape)}, base tensor {base.name!r} has {list(base.shape)}",
@@ -113,7 +119,7 @@ class AdapterPlanner:
             )
             return
         layout = "shared" if full.shared else "full"
-        self.add(mapping, self.op("replace", (full.key,), layout, full.target, mapping.rule or ""))
+        self.add(mapping, "replace", (full.key,), layout, full.target)
 
     def check_rank(self, module: AdapterModule, found: dict[str, int], *, experts: int = 1) -> bool:
         r, _ = self.adapter.rank_and_alpha(module.path)
@@ -161,7 +167,7 @@ class AdapterPlanner:
         mapping = self.target(f"{module.path}.weight", a_key)
         if mapping is None:
             return
-        base = self.base[mapping.target]  # type: ignore[index]
+        base = self.tensor(mapping)
         layout = self.layout(module, base, (b_shape[0], a_shape[1]))
         if layout is None:
             self.error(
@@ -186,7 +192,7 @@ class AdapterPlanner:
         elif self.adapter.config.get("use_dora"):
             self.error("use_dora is set but the module has no lora_magnitude_vector", a_key)
             return
-        self.add(mapping, self.op(kind, keys, layout, module.path, mapping.rule or ""))
+        self.add(mapping, kind, keys, layout, module.path)
         if "lora_B_bias" in module.keys:
             self.bias_update(module, "bias", module.keys["lora_B_bias"], module.shapes["lora_B_bias"])
 
@@ -208,11 +214,11 @@ class AdapterPlanner:
         mapping = self.target(f"{module.path}.bias", key)
         if mapping is None:
             return
-        base_shape = self.base[mapping.target].shape  # type: ignore[index]
+        base_shape = self.tensor(mapping).shape
         if (shape[0] if kind == "bias" else max(shape)) != base_shape[0]:
             self.error(f"shape mismatch: {list(shape)} against the base bias {list(base_shape)}", key)
             return
-        self.add(mapping, self.op(kind, (key,), "bias", module.path, mapping.rule or ""))
+        self.add(mapping, kind, (key,), "bias", module.path)
 
     def target_parameter(self, module: AdapterModule) -> list[str] | None:
         """Names of the parameters ``target_parameters`` may have put on this module, if any."""
@@ -250,26 +256,14 @@ class AdapterPlanner:
         keys = (module.keys["lora_A"], module.keys["lora_B"])
         if layout is not None:
             mapping = parts[0][0]
-            self.add(mapping, self.op("lora", keys, layout, module.path, mapping.rule or "", experts=experts))
+            self.add(mapping, "lora", keys, layout, module.path, experts=experts)
             return
         per_expert = len(parts) // experts
         for expert in range(experts):
             start = 0
             for mapping, rows in parts[expert * per_expert : (expert + 1) * per_expert]:
                 span = (start, start + rows)
-                self.add(
-                    mapping,
-                    self.op(
-                        "lora",
-                        keys,
-                        "linear",
-                        module.path,
-                        mapping.rule or "",
-                        expert=expert,
-                        experts=experts,
-                        rows=span,
-                    ),
-                )
+                self.add(mapping, "lora", keys, "linear", module.path, expert=expert, experts=experts, rows=span)
                 start += rows
 
     def expert_targets(
@@ -293,14 +287,14 @@ class AdapterPlanner:
                 mappings = [map_name(f"{module.path}.{expert}.{name}.weight", self.base) for name in names]
                 if any(mapping.target is None for mapping in mappings):
                     break
-                shapes = [self.base[mapping.target].shape for mapping in mappings]  # type: ignore[index]
+                shapes = [self.tensor(mapping).shape for mapping in mappings]
                 if any(len(shape) != 2 or shape[1] != shapes[0][1] for shape in shapes):
                     break
                 parts += [(mapping, shape[0]) for mapping, shape in zip(mappings, shapes, strict=True)]
                 expert += 1
             if expert:
                 rows = sum(rows for _, rows in parts[: len(names)])
-                inputs = self.base[parts[0][0].target].shape[1]  # type: ignore[index]
+                inputs = self.tensor(parts[0][0]).shape[1]
                 found.append((expert, parts, (rows, inputs), None))
         return found
 
@@ -350,7 +344,7 @@ class AdapterPlanner:
         mapping = self.target(f"{module.path}.weight", module.first_key)
         if mapping is None:
             return
-        base = self.base[mapping.target]  # type: ignore[index]
+        base = self.tensor(mapping)
         if base.shape != out_in:
             self.error(
                 f"shape mismatch: the update is {list(out_in)}, base tensor {base.name!r} is {list(base.shape)}",
@@ -358,14 +352,14 @@ class AdapterPlanner:
                 "the adapter belongs to another model, or to another size of it",
             )
             return
-        self.add(mapping, self.op(kind, keys, "linear", module.path, mapping.rule or ""))
+        self.add(mapping, kind, keys, "linear", module.path)
 
     def ia3(self, module: AdapterModule) -> None:
         key, shape = module.keys["ia3_l"], module.shapes["ia3_l"]
         mapping = self.target(f"{module.path}.weight", key)
         if mapping is None:
             return
-        base = self.base[mapping.target]  # type: ignore[index]
+        base = self.tensor(mapping)
         if len(base.shape) != 2:
             self.error(f"IA3 on a {len(base.shape)}-D tensor is not supported", key)
             return
@@ -378,7 +372,7 @@ class AdapterPlanner:
                 f"shape mismatch: ia3_l is {list(shape)}, expected {list(expected)} for base {list(base.shape)}", key
             )
             return
-        self.add(mapping, self.op("ia3", (key,), "conv1d" if conv1d else "linear", module.path, mapping.rule or ""))
+        self.add(mapping, "ia3", (key,), "conv1d" if conv1d else "linear", module.path)
         if not feedforward and map_name(f"{module.path}.bias", self.base).target is not None:
             self.bias_update(module, "ia3", key, shape)
 
@@ -391,7 +385,7 @@ class AdapterPlanner:
         mapping = self.target(f"{module.path}.weight", key)
         if mapping is None:
             return
-        base = self.base[mapping.target]  # type: ignore[index]
+        base = self.tensor(mapping)
         if shape != (len(indices), base.shape[-1]) or len(base.shape) != 2:
             self.error(
                 f"shape mismatch: {list(shape)} for {len(indices)} token indices into base {list(base.shape)}", key
@@ -400,7 +394,7 @@ class AdapterPlanner:
         if indices and not 0 <= min(indices) <= max(indices) < base.shape[0]:
             self.error(f"token index out of range for a vocabulary of {base.shape[0]}", key)
             return
-        self.add(mapping, self.op("tokens", (key,), "shared", module.path, mapping.rule or "", indices=tuple(indices)))
+        self.add(mapping, "tokens", (key,), "shared", module.path, indices=tuple(indices))
 
 
 def _is_feedforward(spec: object, path: str) -> bool:
