@@ -29,11 +29,11 @@ from tqdm import tqdm
 from . import journal as journals
 from . import outdir
 from .errors import DeviceError, JobConfigError, OutputError
-from .hashing import BackgroundHasher
 from .kernels import TORCH_DTYPES, apply_op
 from .plan_data import MergeOp, Plan, ShardPlan, TensorPlan
 from .planner import COPY_CHUNK_BYTES
-from .st_io import INDEX_NAME, ITEMSIZE, copy_range, pread_into, read_checkpoint_header, render_index, write_all
+from .sink import ShardSink
+from .st_io import INDEX_NAME, ITEMSIZE, pread_into, read_checkpoint_header, render_index
 
 # errno values that mean "no room": a full disk, a quota, or a file size limit.
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -115,28 +115,6 @@ class AdapterReader:
         os.close(self.fd)
 
 
-class _HashingWriter:
-    """Appends to a file; a second thread hashes the same bytes meanwhile (hashlib releases the
-    GIL), so no shard is read back to hash, and hashing overlaps the merge. Bytes of a
-    kernel-side copy are hashed from the source range, which holds the same bytes."""
-
-    def __init__(self, fd: int, hasher: BackgroundHasher) -> None:
-        self.fd = fd
-        self.hasher = hasher
-        self.size = 0
-
-    def write(self, view: memoryview, buffer: _Buffer | None = None) -> None:
-        """Write ``view``; ``buffer`` (holding it) goes back to the hasher's pool once hashed."""
-        write_all(self.fd, view)
-        self.hasher.update(view, buffer)
-        self.size += view.nbytes
-
-    def copy(self, src: int, offset: int, count: int) -> None:
-        copy_range(src, self.fd, offset, count)
-        self.hasher.update_from_file(src, offset, count)
-        self.size += count
-
-
 class _StopRequest:
     """Ctrl-C and SIGTERM during a merge: noted, and acted on between tensors, so the tensor in
     hand is finished and then discarded with its temp file, and a shard is never in place
@@ -177,11 +155,11 @@ class TensorMerger:
         self.read_buffer = _Buffer(host, pinned=cuda)
         self.work = _Buffer(device)  # the float32 value being merged
         self.rounded = _Buffer(device) if cuda else None
-        # Two output buffers: one is written and hashed while the next tensor fills the other.
-        self.hasher = BackgroundHasher([_Buffer(host, pinned=cuda) for _ in range(2)])
+        # Three output buffers: one is written, one hashed, while the next block fills the third.
+        self.sink = ShardSink([_Buffer(host, pinned=cuda) for _ in range(3)])
 
     def close(self) -> None:
-        self.hasher.close()
+        self.sink.close()
 
     def read(self, fd: int, tensor: TensorPlan, begin: int, end: int) -> torch.Tensor:
         raw = self.read_buffer.take(end - begin)
@@ -191,7 +169,7 @@ class TensorMerger:
     def merge(self, fd: int, tensor: TensorPlan) -> Iterator[tuple[memoryview, _Buffer]]:
         """The output bytes of ``tensor``, read from the source file ``fd``, block by block:
         blocks of rows where every op allows it, else the whole tensor. Each block comes in a
-        buffer of the hasher's pool that goes back to it once written and hashed."""
+        buffer of the sink's pool that goes back to it once written and hashed."""
         rows = tensor.shape[0] if tensor.shape else 1
         step = max(1, tensor.block_rows or rows)
         # Replacement tensors are as large as the base tensor: read them block by block too.
@@ -215,8 +193,8 @@ class TensorMerger:
         return [handle.get_tensor(key, rows).to(self.device, torch.float32) if key else None for key in op.keys]
 
     def rounded_bytes(self, value: torch.Tensor, dtype: torch.dtype) -> tuple[memoryview, _Buffer]:
-        """``value`` rounded once to ``dtype``, in host memory from the hasher's pool."""
-        output = self.hasher.acquire()
+        """``value`` rounded once to ``dtype``, in host memory from the sink's pool."""
+        output = self.sink.acquire()
         host = output.tensor(dtype, tuple(value.shape))
         if self.rounded is None:
             host.copy_(value)
@@ -227,17 +205,17 @@ class TensorMerger:
             torch.cuda.current_stream(self.device).synchronize()
         return memoryview(host.view(torch.uint8).numpy()).cast("B"), output
 
-    def convert(self, src: int, out: _HashingWriter, tensor: TensorPlan) -> None:
+    def convert(self, src: int, tensor: TensorPlan) -> None:
         """Copy a tensor that only changes dtype, through one bounded buffer."""
         itemsize = ITEMSIZE[tensor.src_dtype]
         step = COPY_CHUNK_BYTES // itemsize * itemsize
         target = TORCH_DTYPES[tensor.dtype]
         for begin in range(tensor.src_begin, tensor.src_end, step):
             chunk = self.read(src, tensor, begin, min(begin + step, tensor.src_end))
-            output = self.hasher.acquire()
+            output = self.sink.acquire()
             converted = output.tensor(target, tuple(chunk.shape))
             converted.copy_(chunk)
-            out.write(memoryview(converted.view(torch.uint8).numpy()).cast("B"), output)
+            self.sink.write(memoryview(converted.view(torch.uint8).numpy()).cast("B"), output)
 
     def write_shard(self, shard: ShardPlan, folder: Path, progress: tqdm, stop: _StopRequest) -> journals.ShardRecord:
         """Write one shard as ``NAME.tmp`` and fsync it; a failure removes the temp file."""
@@ -248,40 +226,35 @@ class TensorMerger:
             with ExitStack() as stack:
                 src = os.open(shard.source, os.O_RDONLY)
                 stack.callback(os.close, src)
-                stack.callback(self.hasher.discard)  # before src closes: the hasher may read it
                 dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
                 stack.callback(os.close, dst)
-                out = _HashingWriter(dst, self.hasher)
+                stack.callback(self.sink.discard)  # first: the sink may still use both files
                 progress.set_postfix_str(shard.name, refresh=False)
-                out.write(memoryview(header))
+                self.sink.start(dst)
+                self.sink.write(memoryview(header))
                 progress.update(len(header))
                 for tensor in shard.tensors:
                     stop.check()
                     if tensor.ops:
                         for block in self.merge(src, tensor):
-                            out.write(*block)
+                            self.sink.write(*block)
                     elif tensor.dtype == tensor.src_dtype:
-                        out.copy(src, tensor.src_begin, tensor.src_end - tensor.src_begin)
+                        self.sink.copy(src, tensor.src_begin, tensor.src_end - tensor.src_begin)
                     else:
-                        self.convert(src, out, tensor)
-                    # Start writing this tensor back to disk now, behind the next one, so
-                    # the fsync at the end of the shard finds little left to do.
-                    os.posix_fadvise(
-                        dst, shard.header_size + tensor.begin, tensor.end - tensor.begin, os.POSIX_FADV_DONTNEED
-                    )
+                        self.convert(src, tensor)
                     progress.update(tensor.end - tensor.begin)
+                digest, size = self.sink.digest()
                 os.fsync(dst)
                 # The bytes are on disk: hand their cache pages back now, so later shards
                 # reuse them instead of growing the page cache by the size of the model.
                 os.posix_fadvise(dst, 0, 0, os.POSIX_FADV_DONTNEED)
-                digest = self.hasher.digest()
         except BaseException as exc:
             tmp.unlink(missing_ok=True)
             if isinstance(exc, OSError) and exc.filename is None:
                 exc.filename = str(final)  # writes through a descriptor name no file
             raise
         merged = tuple(tensor.name for tensor in shard.tensors if tensor.ops)
-        return journals.ShardRecord(out.size, digest, hashlib.sha256(header).hexdigest(), merged)
+        return journals.ShardRecord(size, digest, hashlib.sha256(header).hexdigest(), merged)
 
 
 def open_adapters(plan: Plan, stack: ExitStack) -> list[AdapterReader]:
@@ -308,6 +281,11 @@ def execute(plan: Plan, *, quiet: bool = False, restart: bool = False, verify_re
         todo = [shard for shard in plan.shards if not journal.finished(shard, rehash=verify_resume)]
         _check_free_space(folder, sum(shard.size for shard in todo))
         with ExitStack() as stack:
+            if device.type == "cpu":
+                # The writer and hasher threads need a core; the merge's products are small
+                # (rank r) and its conversions memory-bound, so one torch thread loses nothing.
+                stack.callback(torch.set_num_threads, torch.get_num_threads())
+                torch.set_num_threads(1)
             merger = TensorMerger(device, open_adapters(plan, stack))
             stack.callback(merger.close)
             progress = stack.enter_context(

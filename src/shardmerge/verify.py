@@ -159,7 +159,7 @@ def _recompute(folder: Path, journal: journals.Journal, count: int, problems: li
             fresh = bytearray()
             for view, buffer in merger.merge(src, tensor):
                 fresh += view
-                merger.hasher.release(buffer)
+                merger.sink.release(buffer)
             expected = torch.frombuffer(fresh, dtype=TORCH_DTYPES[tensor.dtype])
             out = os.open(folder / shard.name, os.O_RDONLY)
             stack.callback(os.close, out)
