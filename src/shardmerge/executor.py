@@ -87,7 +87,7 @@ class _Buffer:
         count = 1
         for dim in shape:
             count *= dim
-        return self.take(count * torch.tensor([], dtype=dtype).element_size()).view(dtype).reshape(shape)
+        return self.take(count * dtype.itemsize).view(dtype).reshape(shape)
 
 
 class AdapterReader:

@@ -44,7 +44,7 @@ def read_bin_header(path: Path) -> SafetensorsHeader:
     def persistent_load(saved_id: Any) -> Any:
         _, storage_type, key, _, numel = saved_id
         dtype = torch.uint8 if storage_type is torch.UntypedStorage else storage_type.dtype
-        storage = torch.UntypedStorage(numel * torch.tensor([], dtype=dtype).element_size(), device="meta")
+        storage = torch.UntypedStorage(numel * dtype.itemsize, device="meta")
         storage_keys[storage._cdata] = str(key)
         return torch.storage.TypedStorage(wrap_storage=storage, dtype=dtype, _internal=True)
 
