@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -222,3 +223,36 @@ def test_cuda_requested_without_cuda(
     code, lines = run_cli(["merge", str(base), str(adapter), "-o", str(tmp_path / "o"), "--device", "cuda"], capsys)
     assert code != 0
     assert "CUDA is not available" in lines[0]
+
+
+class _Exploit:
+    """A pickle that would run code when loaded without the weights-only unpickler."""
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.system, ("touch pwned",))
+
+
+def test_pickle_adapter_that_runs_code_is_refused(
+    base: Path, adapter: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (adapter / ADAPTER_FILE).unlink()
+    torch.save(
+        {"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": _Exploit()}, adapter / "adapter_model.bin"
+    )
+    code, lines = run_cli(["plan", str(base), str(adapter)], capsys)
+    assert code != 0
+    assert f"{adapter / 'adapter_model.bin'}: cannot read the checkpoint safely" in "\n".join(lines)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_legacy_pickle_base_is_refused(
+    base: Path, adapter: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    (legacy / "config.json").write_bytes((base / "config.json").read_bytes())
+    torch.save({"w": torch.zeros(2)}, legacy / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    code, lines = run_cli(["plan", str(legacy), str(adapter)], capsys)
+    assert code != 0
+    assert "not a PyTorch zip checkpoint" in "\n".join(lines)

@@ -54,7 +54,9 @@ def read_bin_header(path: Path) -> SafetensorsHeader:
         state = unpickler.load()
     except Exception as exc:  # the unpickler raises many types; all mean "not a plain state dict"
         raise SafetensorsFormatError(
-            f"cannot read the checkpoint safely ({str(exc).splitlines()[0]})", file=path, hint=_HINT
+            f"cannot read the checkpoint safely ({str(exc).splitlines()[0]})",
+            file=path,
+            hint="it holds more than tensors, which may run code when loaded: ask its author for safetensors",
         ) from exc
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise SafetensorsFormatError("checkpoint is not a flat dict of tensors", file=path, hint=_HINT)
