@@ -1,10 +1,11 @@
 """Carry out a Plan: shard by shard, tensor by tensor, nothing re-decided.
 
-Memory holds one merged tensor (in float32) and its adapter factors at a time; untouched
-tensors are copied by the kernel or converted through one bounded buffer. Each shard is
-streamed into ``NAME.tmp`` behind a header computed from the plan, hashed as it is written,
-then fsynced, renamed and recorded in the journal. Shards the journal already holds are
-checked and skipped, so running the same job again resumes it.
+Memory holds one block of rows of a merged tensor (in float32, or the whole tensor where an
+op needs it) and its adapter factors at a time, in reused buffers; untouched tensors are
+copied by the kernel or converted through one bounded buffer. Each shard is streamed into
+``NAME.tmp`` behind a header computed from the plan, written and hashed by the sink's
+threads while the next block is merged, then fsynced, renamed and recorded in the journal.
+Shards the journal already holds are checked and skipped, so the same job run again resumes.
 """
 
 from __future__ import annotations
