@@ -199,19 +199,26 @@ def test_changed_bytes_are_found_by_verify_resume_and_verify(job: Job, tmp_path:
 def test_changed_adapter_or_dtype_is_refused_and_restart_starts_over(job: Job, tmp_path: Path) -> None:
     output = tmp_path / "out"
     shutil.copytree(job.clean, output)
-    changed = tmp_path / "adapter"
-    shutil.copytree(job.adapter, changed)
-    tensors = load_file(changed / "adapter_model.safetensors")
-    tensors = {key: value * 1.5 for key, value in tensors.items()}
-    save_file(tensors, changed / "adapter_model.safetensors", metadata={"format": "pt"})
-    config = json.loads((changed / "adapter_config.json").read_text())
+    retrained = tmp_path / "retrained"  # new values, same shapes: the same header
+    shutil.copytree(job.adapter, retrained)
+    tensors = load_file(retrained / "adapter_model.safetensors")
+    save_file(
+        {k: v * 1.5 for k, v in tensors.items()}, retrained / "adapter_model.safetensors", metadata={"format": "pt"}
+    )
+    reconfigured = tmp_path / "reconfigured"
+    shutil.copytree(job.adapter, reconfigured)
+    config = json.loads((reconfigured / "adapter_config.json").read_text())
     config["lora_alpha"] = 4
-    (changed / "adapter_config.json").write_text(json.dumps(config))
+    (reconfigured / "adapter_config.json").write_text(json.dumps(config))
 
     args = {"base": str(job.base.path), "output": str(output)}
-    with pytest.raises(shardmerge.OutputError, match="adapter 0 changed: config") as caught:
-        shardmerge.merge(adapters=[str(changed)], **args)
-    assert "--restart" in caught.value.one_line()
+    with pytest.raises(shardmerge.OutputError) as caught:
+        shardmerge.merge(adapters=[str(retrained)], **args)
+    assert caught.value.message.endswith("other inputs: adapter 0 changed: weights")
+    assert caught.value.hint and "--restart" in caught.value.hint
+    with pytest.raises(shardmerge.OutputError) as caught:
+        shardmerge.merge(adapters=[str(reconfigured)], **args)
+    assert caught.value.message.endswith("other inputs: adapter 0 changed: config")
     with pytest.raises(shardmerge.OutputError, match="dtype changed from bfloat16 to float32"):
         shardmerge.merge(adapters=[str(job.adapter)], dtype="float32", **args)
     with pytest.raises(shardmerge.OutputError, match=r"adapter 0 changed: weight 1\.0 -> 0\.5"):

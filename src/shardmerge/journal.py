@@ -1,10 +1,10 @@
 """Resume state, in ``OUT/.shardmerge/journal.json``: whose output this is, and what is done.
 
-The journal holds the job's inputs (files by name, size and header hash; every option that
-changes bytes; the format version) and, for each finished shard, its size, its sha256 and
-its header's sha256, computed while the shard was written. A shard is absent, a temp file
-(deleted on the next run), or finished and recorded here. It is rewritten atomically after
-each shard, so a kill at any moment leaves it consistent.
+The journal holds the job's inputs (base shards by name, size and header hash, adapters by
+content; every option that changes bytes; the format version) and, for each finished shard,
+its size, its sha256 and its header's sha256, computed while the shard was written. A shard
+is absent, a temp file (deleted on the next run), or finished and recorded here. It is
+rewritten atomically after each shard, so a kill at any moment leaves it consistent.
 """
 
 from __future__ import annotations

@@ -254,22 +254,36 @@ def _summary(adapter: Adapter) -> AdapterSummary:
 def _inputs(
     job: MergeJob, base: BaseFiles, headers: list[SafetensorsHeader], adapters: list[Adapter]
 ) -> dict[str, Any]:
-    """Everything that decides the output bytes: input files (by header), options, version."""
+    """Everything that decides the output bytes: options, the format version, and the input
+    files. Base shards count by name, size and header hash (reading a 140 GB base at every
+    start would cost more than the merge); adapters, small beside the base, by their whole
+    content, since a retrained adapter keeps its header."""
 
     def header_id(header: SafetensorsHeader) -> dict[str, Any]:
         return {"name": header.path.name, "size": header.file_size, "header": hashlib.sha256(header.raw).hexdigest()}
 
-    state = {
+    return {
         "format_version": FORMAT_VERSION,
         "dtype": job.dtype,
         "base": [header_id(header) for header in headers],
-        "base_files": {path.name: hashlib.sha256(path.read_bytes()).hexdigest() for path in base.extra_files},
+        "base_files": {path.name: _file_sha256(path) for path in base.extra_files},
         "adapters": [
-            {"weight": adapter.weight, "config": adapter.config, "weights": header_id(adapter.header)}
+            {
+                "weight": adapter.weight,
+                "config": adapter.config,
+                "weights": {"name": adapter.files.weights.name, "sha256": _file_sha256(adapter.files.weights)},
+            }
             for adapter in adapters
         ],
     }
-    return state
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _peak_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> int:
