@@ -89,7 +89,6 @@ class FullTensor:
     target: str
     key: str
     shape: tuple[int, ...]
-    dtype: str
     shared: bool
 
 
@@ -175,10 +174,10 @@ def load_adapter(index: int, files: AdapterFiles, weight: float, problems: list[
                     )
                 )
                 continue
-            full.append(FullTensor(local, key, info.shape, info.dtype, shared=False))
+            full.append(FullTensor(local, key, info.shape, shared=False))
         elif role in ("base_layer", "modules_to_save"):
             target = f"{match['path']}.{match['param']}"
-            full.append(FullTensor(target, key, info.shape, info.dtype, shared=role == "base_layer"))
+            full.append(FullTensor(target, key, info.shape, shared=role == "base_layer"))
         else:
             key_path = match["path"]
             path = re.sub(r"(\.base_layer)+$", "", key_path)

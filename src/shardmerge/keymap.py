@@ -124,7 +124,6 @@ INFIX_RULES: tuple[Rule, ...] = (
 class Mapping:
     """Where a name went: the base tensor and the rule that took it there, or every candidate."""
 
-    source: str
     target: str | None
     rule: str | None
     candidates: tuple[str, ...] = ()
@@ -148,8 +147,8 @@ def map_name(name: str, base_names: Collection[str]) -> Mapping:
     hits = {target: rule for target, rule in candidates(name).items() if target in base_names}
     if len(hits) == 1:
         ((target, rule),) = hits.items()
-        return Mapping(name, target, rule)
-    return Mapping(name, None, None, candidates=tuple(hits))
+        return Mapping(target, rule)
+    return Mapping(None, None, candidates=tuple(hits))
 
 
 def closest_names(name: str, base_names: Collection[str], count: int = 3) -> list[str]:

@@ -17,7 +17,7 @@ from .errors import OutputError, SafetensorsFormatError, ShardmergeError, Verifi
 from .executor import TensorMerger, open_adapters
 from .kernels import TORCH_DTYPES
 from .planner import build_plan
-from .st_io import INDEX_NAME, TensorInfo, pread_into, read_header
+from .st_io import INDEX_NAME, SafetensorsHeader, TensorInfo, pread_into, read_header
 
 
 @dataclass(frozen=True)
@@ -40,12 +40,12 @@ def verify(folder: Path, *, recompute: int = 0) -> VerifyReport:
             "the merge in this folder did not finish", file=folder, hint="run the same merge again to resume it"
         )
     problems: list[ShardmergeError] = []
-    index = _read_index(folder, problems)
-    files = sorted(set(index.values()) | set(journal.shards))
-    tensors: dict[str, dict[str, TensorInfo]] = {}
-    for name in files:
+    index, total = _read_index(folder, problems)
+    headers: dict[str, SafetensorsHeader | None] = {}
+    for name in sorted(set(index.values()) | set(journal.shards)):
         path = folder / name
         record = journal.shards.get(name)
+        headers[name] = None
         if record is None:
             problems.append(VerificationProblem("shard is in the index but not in the journal", file=path))
             continue
@@ -53,55 +53,69 @@ def verify(folder: Path, *, recompute: int = 0) -> VerifyReport:
             problems.append(VerificationProblem("shard is missing", file=path, hint="run the merge again to redo it"))
             continue
         try:
-            header = read_header(path)
+            header = headers[name] = read_header(path)
         except SafetensorsFormatError as exc:
             problems.append(exc)
             continue
-        tensors[name] = header.tensors
-        _check_shard(path, record, header.file_size, index, problems)
+        _check_shard(path, record, header.file_size, set(index.values()), problems)
         _check_finite(path, header.tensors, record.merged, problems)
-    merged = sum(len(journal.shards[name].merged) for name in tensors)
+    if index:
+        _check_index(folder, index, total, headers, problems)
+    read = {name: header for name, header in headers.items() if header is not None}
+    merged = sum(len(journal.shards[name].merged) for name in read)
     recomputed = _recompute(folder, journal, recompute, problems) if recompute else 0
     if problems:
         raise VerifyError(problems)
-    return VerifyReport(len(tensors), sum(len(t) for t in tensors.values()), merged, recomputed)
+    return VerifyReport(len(read), sum(len(h.tensors) for h in read.values()), merged, recomputed)
 
 
-def _read_index(folder: Path, problems: list[ShardmergeError]) -> dict[str, str]:
+def _read_index(folder: Path, problems: list[ShardmergeError]) -> tuple[dict[str, str], int]:
+    """The index's weight map and total_size (empty and 0 when unreadable, a problem noted)."""
     path = folder / INDEX_NAME
     try:
         index = json.loads(path.read_text())
-        weight_map = dict(index["weight_map"])
+        weight_map = {str(k): str(v) for k, v in index["weight_map"].items()}
         total = int(index["metadata"]["total_size"])
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
         problems.append(VerificationProblem(f"unreadable index ({exc})", file=path))
-        return {}
-    sizes: int | None = 0
+        return {}, 0
+    return weight_map, total
+
+
+def _check_index(
+    folder: Path,
+    index: dict[str, str],
+    total: int,
+    headers: dict[str, SafetensorsHeader | None],
+    problems: list[ShardmergeError],
+) -> None:
+    """The index names exactly the tensors in each file, and its total_size is their bytes."""
     by_file: dict[str, set[str]] = {}
-    for tensor, file in weight_map.items():
+    for tensor, file in index.items():
         by_file.setdefault(file, set()).add(tensor)
+    complete = True
+    sizes = 0
     for file, names in by_file.items():
-        try:
-            header = read_header(folder / file)
-        except SafetensorsFormatError:
-            sizes = None  # reported with the shard; the total cannot be checked
+        header = headers.get(file)
+        if header is None:
+            complete = False  # reported with the shard; the total cannot be checked
             continue
         if set(header.tensors) != names:
             extra = sorted(set(header.tensors) ^ names)[:3]
             problems.append(
                 VerificationProblem(f"index and file disagree on tensors ({', '.join(extra)})", file=folder / file)
             )
-        if sizes is not None:
-            sizes += sum(info.nbytes for info in header.tensors.values())
-    if sizes is not None and sizes != total:
-        problems.append(VerificationProblem(f"total_size is {total} but the tensors hold {sizes} bytes", file=path))
-    return weight_map
+        sizes += sum(info.nbytes for info in header.tensors.values())
+    if complete and sizes != total:
+        problems.append(
+            VerificationProblem(f"total_size is {total} but the tensors hold {sizes} bytes", file=folder / INDEX_NAME)
+        )
 
 
 def _check_shard(
-    path: Path, record: journals.ShardRecord, size: int, index: dict[str, str], problems: list[ShardmergeError]
+    path: Path, record: journals.ShardRecord, size: int, indexed: set[str], problems: list[ShardmergeError]
 ) -> None:
-    if path.name not in index.values():
+    if path.name not in indexed:
         problems.append(VerificationProblem("shard is not in the index", file=path))
     if size != record.size:
         problems.append(
