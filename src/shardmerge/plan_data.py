@@ -101,6 +101,7 @@ class AdapterSummary:
     use_dora: bool
     modules: int
     full_tensors: int
+    base_model: str | None = None  # the base named in the adapter's config
 
 
 @dataclass(frozen=True)

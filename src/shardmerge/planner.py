@@ -248,6 +248,7 @@ def _summary(adapter: Adapter) -> AdapterSummary:
         use_dora=bool(config.get("use_dora")),
         modules=len(adapter.modules),
         full_tensors=len(adapter.full_tensors),
+        base_model=config.get("base_model_name_or_path") or None,
     )
 
 
