@@ -62,8 +62,11 @@ def plan(job: MergeJob | None = None, **fields: Any) -> Plan:
 
 def merge(job: MergeJob | None = None, *, quiet: bool = True, **fields: Any) -> MergeReport:
     """Merge and write the model: ``merge(base=..., adapters=[{"path": ..., "weight": 0.5}],
-    output=...)``. ``quiet=False`` shows the progress bar on stderr."""
+    output=...)``, and publish it with ``push_to_hub="org/name"``. ``quiet=False`` shows the
+    progress bar on stderr."""
     from .executor import execute
+    from .hub import PushTarget
     from .planner import build_plan
 
-    return execute(build_plan(_job(job, fields)), quiet=quiet)
+    merge_job = _job(job, fields)
+    return execute(build_plan(merge_job), quiet=quiet, push=PushTarget.of(merge_job))

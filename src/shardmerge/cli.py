@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import MergeJob, build_job, load_job_file
+from .config import MergeJob, build_job, build_push, load_job_file
 from .errors import JobConfigError, ProblemsError, ShardmergeError
+from .hub import PushTarget
 from .plan_data import AdapterSummary, Plan
 from .planner import build_plan
 
@@ -78,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
     _resume_flags(merge)
+    _push_flags(merge, "--push-to-hub", "upload each shard as it is finished, then commit once to this repo")
     merge.set_defaults(handler=_cmd_merge)
 
     plan = commands.add_parser("plan", parents=[common, inputs], help="check the inputs and print the plan")
@@ -89,6 +91,13 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     _resume_flags(run)
     run.set_defaults(handler=_cmd_run)
+
+    push = commands.add_parser("push", parents=[common], help="publish a finished merge to the Hub")
+    push.add_argument("output", type=Path, help="the output folder of a finished merge")
+    push.add_argument("push_to_hub", metavar="ORG/NAME", help="the Hub repo to publish to (created if missing)")
+    push.add_argument("--quiet", action="store_true", help="no progress bar")
+    _push_flags(push, None, None)
+    push.set_defaults(handler=_cmd_push)
 
     verify = commands.add_parser("verify", parents=[common], help="check a finished merge against its journal")
     verify.add_argument("output", type=Path, help="the output folder of a merge")
@@ -106,6 +115,24 @@ def _resume_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--verify-resume", action="store_true", help="re-hash finished shards before skipping them on resume"
     )
+
+
+def _push_flags(parser: argparse.ArgumentParser, flag: str | None, help_text: str | None) -> None:
+    if flag is not None:
+        parser.add_argument(flag, dest="push_to_hub", metavar="ORG/NAME", help=help_text)
+    parser.add_argument("--private", action="store_true", help="create the repo as private")
+    parser.add_argument("--revision", metavar="BRANCH", help="commit to this branch (created if missing)")
+    parser.add_argument("--commit-message", metavar="TEXT", help="the commit's title")
+    parser.add_argument(
+        "--delete-after-upload",
+        action="store_true",
+        help="delete each shard once the Hub holds it: the disk holds at most two shards",
+    )
+
+
+def _push_fields(args: argparse.Namespace) -> dict[str, Any]:
+    keys = ("push_to_hub", "private", "revision", "commit_message", "delete_after_upload")
+    return {key: getattr(args, key) for key in keys if getattr(args, key, None) not in (None, False)}
 
 
 def _job_from_args(args: argparse.Namespace) -> MergeJob:
@@ -126,6 +153,7 @@ def _job_from_args(args: argparse.Namespace) -> MergeJob:
         "output": getattr(args, "output", None),
         "dtype": args.dtype,
         "device": getattr(args, "device", "auto"),
+        **_push_fields(args),
     }
     return build_job("command line", data)
 
@@ -142,7 +170,9 @@ def _merge(job: MergeJob, args: argparse.Namespace) -> int:
     from .executor import execute  # imports torch: only when a merge really runs
 
     plan = build_plan(job)
-    report = execute(plan, quiet=args.quiet, restart=args.restart, verify_resume=args.verify_resume)
+    report = execute(
+        plan, quiet=args.quiet, restart=args.restart, verify_resume=args.verify_resume, push=PushTarget.of(job)
+    )
     if report.shards_skipped:
         print(f"shardmerge: resumed: {report.shards_skipped} of {report.shards} shards were already finished")
     count = len(plan.adapters)
@@ -156,6 +186,18 @@ def _merge(job: MergeJob, args: argparse.Namespace) -> int:
         f"{report.tensors_merged} tensors merged, {report.tensors_copied} copied, "
         f"{_size(report.bytes_written)} {plan.dtype}, in {report.seconds:.1f} s on {report.device}"
     )
+    if report.url:
+        print(f"  hub     {report.url} (commit {report.commit})")
+    return 0
+
+
+def _cmd_push(args: argparse.Namespace) -> int:
+    from .hub import publish
+
+    target = PushTarget.of(build_push("command line", _push_fields(args)))
+    assert target is not None
+    commit, url = publish(args.output, target, quiet=args.quiet)
+    print(f"shardmerge: published {args.output} to {url} (commit {commit})")
     return 0
 
 

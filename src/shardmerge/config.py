@@ -6,15 +6,18 @@ import difflib
 import os
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import JobConfigError
 
 OutputDtype = Literal["bfloat16", "float16", "float32"]
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+# A Hub repo id as the Hub accepts it: a namespace and a name, each of letters, digits, "-",
+# "_" and "." not starting with a separator, without "--" or "..", the name at most 96 long.
+_REPO_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 
 class AdapterSpec(BaseModel):
@@ -26,10 +29,36 @@ class AdapterSpec(BaseModel):
     weight: float = 1.0
 
 
-class MergeJob(BaseModel):
-    """A merge of one or more adapters into one base model."""
+class PushOptions(BaseModel):
+    """Where and how to publish a merge on the Hub."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    push_to_hub: str | None = None
+    private: bool = False
+    revision: str | None = None
+    commit_message: str | None = None
+    delete_after_upload: bool = False
+
+    @field_validator("push_to_hub")
+    @classmethod
+    def _repo_id(cls, value: str | None) -> str | None:
+        if value is not None and (not _REPO_ID.match(value) or value.endswith(".git")):
+            raise ValueError(f"{value!r} is not a Hub repo name: use ORG/NAME, e.g. my-org/llama-3-8b-merged")
+        return value
+
+    @model_validator(mode="after")
+    def _publishing(self) -> PushOptions:
+        if self.push_to_hub is None:
+            extra = [key for key in ("revision", "commit_message") if getattr(self, key) is not None]
+            extra += [key for key in ("private", "delete_after_upload") if getattr(self, key)]
+            if extra:
+                raise ValueError(f"{', '.join(extra)} only apply with push_to_hub")
+        return self
+
+
+class MergeJob(PushOptions):
+    """A merge of one or more adapters into one base model, and optionally its publication."""
 
     base: str
     adapters: list[AdapterSpec] = Field(min_length=1)
@@ -60,10 +89,21 @@ class MergeJob(BaseModel):
 
 def build_job(source: str, data: Any) -> MergeJob:
     """Validate ``data`` into a job; ``source`` names where it came from in error messages."""
+    return _validate(MergeJob, source, data)
+
+
+def build_push(source: str, data: Any) -> PushOptions:
+    return _validate(PushOptions, source, data)
+
+
+Model = TypeVar("Model", bound=BaseModel)
+
+
+def _validate(model: type[Model], source: str, data: Any) -> Model:
     if not isinstance(data, dict):
         raise JobConfigError("a job must be a mapping of keys to values", file=source)
     try:
-        return MergeJob.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         # A misspelled key also makes the real key "missing": name the misspelling first.
         first = min(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")

@@ -94,3 +94,7 @@ class OutputError(ShardmergeError):
 
 class DeviceError(ShardmergeError):
     """The requested compute device is not available."""
+
+
+class HubError(ShardmergeError):
+    """The Hub refused or failed a publishing step: the token, the repo name, or the network."""

@@ -27,9 +27,10 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from . import card, outdir
 from . import journal as journals
-from . import outdir
 from .errors import DeviceError, JobConfigError, OutputError
+from .hub import PushTarget
 from .kernels import TORCH_DTYPES, apply_op
 from .plan_data import MergeOp, Plan, ShardPlan, TensorPlan
 from .planner import COPY_CHUNK_BYTES
@@ -50,6 +51,8 @@ class MergeReport:
     bytes_written: int
     seconds: float
     device: str
+    commit: str | None = None  # the Hub commit, when published
+    url: str | None = None
 
 
 def resolve_device(name: str) -> torch.device:
@@ -267,9 +270,17 @@ def open_adapters(plan: Plan, stack: ExitStack) -> list[AdapterReader]:
     return readers
 
 
-def execute(plan: Plan, *, quiet: bool = False, restart: bool = False, verify_resume: bool = False) -> MergeReport:
+def execute(
+    plan: Plan,
+    *,
+    quiet: bool = False,
+    restart: bool = False,
+    verify_resume: bool = False,
+    push: PushTarget | None = None,
+) -> MergeReport:
     """Write the merged model described by ``plan`` into ``plan.output``, resuming an earlier
-    run of the same job there. ``verify_resume`` re-hashes the shards it would skip."""
+    run of the same job there. ``verify_resume`` re-hashes the shards it would skip. With
+    ``push``, each shard is uploaded as soon as it is in place, and committed at the end."""
     if not plan.output:
         raise JobConfigError("no output folder given", hint="pass -o OUT, or set output: in the job")
     started = time.monotonic()
@@ -277,11 +288,24 @@ def execute(plan: Plan, *, quiet: bool = False, restart: bool = False, verify_re
     folder = Path(plan.output)
     inputs = [Path(plan.base), *(Path(adapter.path) for adapter in plan.adapters)]
     todo: list[ShardPlan] = []
+    commit = None
     try:
         journal = journals.claim(folder, plan, inputs, restart=restart, device=str(device))
-        todo = [shard for shard in plan.shards if not journal.finished(shard, rehash=verify_resume)]
-        _check_free_space(folder, sum(shard.size for shard in todo))
         with ExitStack() as stack:
+            publisher = None
+            if push is None:
+                journal.set_target(None)
+            else:
+                from .hub import Publisher
+
+                publisher = Publisher(push, folder, _commit_message(plan), quiet=quiet)
+                stack.callback(publisher.close)
+                publisher.open(journal)
+            todo = [shard for shard in plan.shards if not journal.finished(shard, rehash=verify_resume)]
+            needed = [shard.size for shard in todo]
+            if push is not None and push.delete_after_upload:
+                needed = sorted(needed)[-2:]  # the disk holds one shard uploading, one being written
+            _check_free_space(folder, sum(needed))
             if device.type == "cpu":
                 # The writer and hasher threads need a core; the merge's products are small
                 # (rank r) and its conversions memory-bound, so one torch thread loses nothing.
@@ -303,13 +327,24 @@ def execute(plan: Plan, *, quiet: bool = False, restart: bool = False, verify_re
                 )
             )
             stop = stack.enter_context(_StopRequest())
+            if publisher is not None:
+                pending = {shard.name for shard in todo}
+                for shard in plan.shards:
+                    if shard.name not in pending:
+                        publisher.submit(shard.name)  # finished by an earlier run, maybe not uploaded
             for shard in todo:
+                if publisher is not None:
+                    publisher.wait_for_room(stop.check)
                 record = merger.write_shard(shard, folder, progress, stop)
                 outdir.commit(outdir.tmp_path(folder / shard.name), folder / shard.name)
                 journal.record(shard.name, record)
-        _finish(plan, folder)
-        journal.complete = True
-        journal.save()
+                if publisher is not None:
+                    publisher.submit(shard.name)
+            _finish(plan, folder)
+            journal.complete = True
+            journal.save()
+            if publisher is not None:
+                commit = publisher.finish(stop.check)
     except OSError as exc:
         raise _io_error(exc, folder, todo) from exc
     merged = sum(shard.merged for shard in plan.shards)
@@ -322,7 +357,14 @@ def execute(plan: Plan, *, quiet: bool = False, restart: bool = False, verify_re
         bytes_written=sum(shard.size for shard in todo),
         seconds=time.monotonic() - started,
         device=str(device),
+        commit=commit,
+        url=publisher.url if publisher is not None else None,
     )
+
+
+def _commit_message(plan: Plan) -> str:
+    count = len(plan.adapters)
+    return f"Merge {count} adapter{'s' if count != 1 else ''} into {Path(plan.base).name} with shardmerge"
 
 
 def _check_free_space(folder: Path, needed: int) -> None:
@@ -348,13 +390,18 @@ def _io_error(exc: OSError, folder: Path, todo: list[ShardPlan]) -> OutputError:
 
 
 def _finish(plan: Plan, folder: Path) -> None:
-    """Non-weight files of the base, then the index, last, so its presence means done."""
+    """Non-weight files of the base, the model card, then the index, last, so its presence
+    means done. The card replaces the base's README: it describes the merged model."""
+    base_card = None
     for name in plan.extra_files:
         source = Path(name)
         final = folder / source.name
-        if source.name == "config.json" and plan.config is not None:
+        if source.name == card.CARD_NAME:
+            base_card = source
+        elif source.name == "config.json" and plan.config is not None:
             outdir.write_bytes_atomic(final, (json.dumps(plan.config, indent=2, sort_keys=True) + "\n").encode())
         else:
             outdir.copy_atomic(source, final)
+    outdir.write_bytes_atomic(folder / card.CARD_NAME, card.render(plan, base_card))
     weight_map = {tensor.name: shard.name for shard in plan.shards for tensor in shard.tensors}
     outdir.write_bytes_atomic(folder / INDEX_NAME, render_index(plan.tensor_bytes, weight_map, plan.index_metadata))

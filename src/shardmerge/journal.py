@@ -5,6 +5,10 @@ content; every option that changes bytes; the format version) and, for each fini
 its size, its sha256 and its header's sha256, computed while the shard was written. A shard
 is absent, a temp file (deleted on the next run), or finished and recorded here. It is
 rewritten atomically after each shard, so a kill at any moment leaves it consistent.
+
+When the merge is published, ``push`` holds the target repo and branch, the shards the Hub
+already holds (by sha256), the shards deleted locally once uploaded, and the commit made.
+The uploader thread writes it too, so every change goes through one lock.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,6 +40,27 @@ class ShardRecord:
 
 
 @dataclass
+class PushState:
+    """What one publishing target holds: ``uploaded`` maps shard names to the sha256 the Hub
+    has for them, ``deleted`` lists shards removed locally after their upload."""
+
+    repo_id: str
+    revision: str
+    uploaded: dict[str, str] = field(default_factory=dict)
+    deleted: list[str] = field(default_factory=list)
+    commit: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "repo_id": self.repo_id,
+            "revision": self.revision,
+            "uploaded": self.uploaded,
+            "deleted": self.deleted,
+            "commit": self.commit,
+        }
+
+
+@dataclass
 class Journal:
     folder: Path
     fingerprint: str
@@ -43,12 +69,18 @@ class Journal:
     device: str = "cpu"
     shards: dict[str, ShardRecord] = field(default_factory=dict)
     complete: bool = False
+    push: PushState | None = None
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @property
     def path(self) -> Path:
         return self.folder / STATE_DIR / JOURNAL
 
     def save(self) -> None:
+        with self.lock:
+            self._save()
+
+    def _save(self) -> None:
         body = {
             "fingerprint": self.fingerprint,
             "inputs": self.inputs,
@@ -64,18 +96,58 @@ class Journal:
                 for name, r in self.shards.items()
             },
             "complete": self.complete,
+            "push": self.push.to_json() if self.push else None,
         }
         outdir.write_bytes_atomic(self.path, (json.dumps(body, indent=2) + "\n").encode())
 
     def record(self, shard: str, record: ShardRecord) -> None:
-        self.shards[shard] = record
-        self.save()
+        with self.lock:
+            self.shards[shard] = record
+            if self.push is not None and self.push.uploaded.get(shard, record.sha256) != record.sha256:
+                del self.push.uploaded[shard]  # the Hub holds other bytes under this name
+            self._save()
+
+    def set_target(self, repo_id: str | None, revision: str = "main") -> PushState | None:
+        """Publish to ``repo_id`` at ``revision`` (None: keep the output local). Upload state
+        belongs to one target: another one starts afresh, and shards deleted after an upload
+        to the old one are forgotten, to be merged again."""
+        with self.lock:
+            old = self.push
+            if old is not None and (old.repo_id, old.revision) != (repo_id, revision):
+                for name in old.deleted:
+                    self.shards.pop(name, None)
+                    self.complete = False
+                self.push = None
+            if repo_id is not None and self.push is None:
+                self.push = PushState(repo_id, revision)
+            self._save()
+            return self.push
+
+    def mark_uploaded(self, shard: str, sha256: str, *, deleted: bool) -> None:
+        with self.lock:
+            assert self.push is not None
+            self.push.uploaded[shard] = sha256
+            if deleted and shard not in self.push.deleted:
+                self.push.deleted.append(shard)
+            self._save()
+
+    def mark_committed(self, commit: str) -> None:
+        with self.lock:
+            assert self.push is not None
+            self.push.commit = commit
+            self._save()
+
+    def deleted(self, shard: str) -> bool:
+        """Whether ``shard`` was removed locally once the Hub held it."""
+        return self.push is not None and shard in self.push.deleted
 
     def finished(self, shard: ShardPlan, *, rehash: bool) -> bool:
         """Whether ``shard`` is on disk exactly as recorded: size and header always, the whole
         file's sha256 with ``rehash``. A shard that fails is forgotten, to be written again."""
         record = self.shards.get(shard.name)
         path = self.folder / shard.name
+        if record is not None and self.deleted(shard.name):
+            return True
         if record is None or not path.is_file():
             return False
         good = path.stat().st_size == record.size and header_sha256(path) == record.header_sha256
@@ -103,9 +175,18 @@ def load(folder: Path) -> Journal | None:
                 for name, r in body["shards"].items()
             },
             complete=bool(body.get("complete")),
+            push=_push_state(body.get("push")),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def _push_state(body: dict[str, Any] | None) -> PushState | None:
+    if not body:
+        return None
+    return PushState(
+        body["repo_id"], body["revision"], dict(body["uploaded"]), list(body["deleted"]), body.get("commit")
+    )
 
 
 def claim(folder: Path, plan: Plan, inputs: list[Path], *, restart: bool, device: str) -> Journal:

@@ -26,6 +26,7 @@ class VerifyReport:
     tensors: int
     merged_checked: int
     recomputed: int
+    uploaded_only: int = 0  # shards deleted after their upload: on the Hub, not here
 
 
 def verify(folder: Path, *, recompute: int = 0) -> VerifyReport:
@@ -42,10 +43,14 @@ def verify(folder: Path, *, recompute: int = 0) -> VerifyReport:
     problems: list[ShardmergeError] = []
     index, total = _read_index(folder, problems)
     headers: dict[str, SafetensorsHeader | None] = {}
+    uploaded_only = 0
     for name in sorted(set(index.values()) | set(journal.shards)):
         path = folder / name
         record = journal.shards.get(name)
         headers[name] = None
+        if record is not None and journal.deleted(name):
+            uploaded_only += 1
+            continue
         if record is None:
             problems.append(VerificationProblem("shard is in the index but not in the journal", file=path))
             continue
@@ -66,7 +71,7 @@ def verify(folder: Path, *, recompute: int = 0) -> VerifyReport:
     recomputed = _recompute(folder, journal, recompute, problems) if recompute else 0
     if problems:
         raise VerifyError(problems)
-    return VerifyReport(len(read), sum(len(h.tensors) for h in read.values()), merged, recomputed)
+    return VerifyReport(len(read), sum(len(h.tensors) for h in read.values()), merged, recomputed, uploaded_only)
 
 
 def _read_index(folder: Path, problems: list[ShardmergeError]) -> tuple[dict[str, str], int]:
@@ -160,7 +165,8 @@ def _recompute(folder: Path, journal: journals.Journal, count: int, problems: li
         changes = "; ".join(journals.describe_changes(journal.inputs, plan.inputs))
         problems.append(VerificationProblem(f"the inputs changed since the merge ({changes})", file=folder))
         return 0
-    merged = [(shard, tensor) for shard in plan.shards for tensor in shard.tensors if tensor.ops]
+    here = [shard for shard in plan.shards if not journal.deleted(shard.name)]
+    merged = [(shard, tensor) for shard in here for tensor in shard.tensors if tensor.ops]
     step = max(1, len(merged) // max(count, 1))
     sample = merged[::step][:count]
     exact = not journal.device.startswith("cuda")

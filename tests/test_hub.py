@@ -1,0 +1,276 @@
+"""Publishing to a Hub-protocol server on 127.0.0.1 with the real huggingface_hub client.
+
+The merge runs as the ``shardmerge`` command in a child process, with ``HF_ENDPOINT`` pointing
+at the server, a temporary ``HF_HOME`` and xet disabled (the LFS path). What the server
+received is then downloaded with ``snapshot_download`` and compared with a local merge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from huggingface_hub import snapshot_download
+
+from conftest import Base, llama_config, save_adapter, save_base
+from hub_server import Fault, HubServer
+
+TOKEN = "hf_loopbackTestToken0123456789"
+REPO = "shardmerge-tests/llama-merged"
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Base, Path, Path]:
+    """A base of about 13 shards of 3 MB, an adapter on every linear layer, and their local merge."""
+    root = tmp_path_factory.mktemp("hub-inputs")
+    config = llama_config(layers=8, hidden=512)
+    base = save_base(config, root / "base", torch.bfloat16, shard_kb=3072)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    adapter = save_adapter(base, root / "adapter", seed=5, r=8, target_modules=targets)
+    reference = root / "reference"
+    subprocess.run(_command("merge", base.path, adapter, "-o", reference, "--quiet"), check=True)
+    assert len(list(reference.glob("*.safetensors"))) >= 10
+    return base, adapter, reference
+
+
+@pytest.fixture
+def hub() -> Iterator[HubServer]:
+    with HubServer(TOKEN) as server:
+        yield server
+
+
+def _command(*args: object) -> list[str]:
+    return [sys.executable, "-m", "shardmerge.cli", *(str(arg) for arg in args)]
+
+
+def _env(hub: HubServer, home: Path, token: str = TOKEN) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("HF_")}
+    return {**env, "HF_ENDPOINT": hub.endpoint, "HF_TOKEN": token, "HF_HOME": str(home), "HF_HUB_DISABLE_XET": "1"}
+
+
+def _merge(hub: HubServer, inputs: tuple[Base, Path, Path], out: Path, *flags: str) -> list[str]:
+    base, adapter, _ = inputs
+    return _command("merge", base.path, adapter, "-o", out, "--quiet", "--push-to-hub", REPO, *flags)
+
+
+def _run(command: list[str], hub: HubServer, home: Path, token: str = TOKEN) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, env=_env(hub, home, token), capture_output=True, text=True, timeout=300)
+
+
+def _download(hub: HubServer, tmp: Path, revision: str = "main") -> Path:
+    return Path(
+        snapshot_download(REPO, revision=revision, endpoint=hub.endpoint, token=TOKEN, cache_dir=tmp / "download")
+    )
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    skip = {".gitattributes"}
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file() and p.name not in skip}
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_pushed_model_downloads_byte_identical_in_one_commit(
+    hub: HubServer, inputs: tuple[Base, Path, Path], tmp_path: Path
+) -> None:
+    _, _, reference = inputs
+    out = tmp_path / "out"
+    done = _run(_merge(hub, inputs, out), hub, tmp_path / "home")
+    assert done.returncode == 0, done.stderr
+    downloaded = _files(_download(hub, tmp_path))
+    assert downloaded == _files(out)
+    shards = sorted(reference.glob("*.safetensors"))
+    pushed = {name: data for name, data in downloaded.items() if name.endswith(".safetensors")}
+    assert pushed == {p.name: p.read_bytes() for p in shards}
+    assert hub.state.commits_made == 1
+    assert set(hub.state.uploads.values()) == {1} and len(hub.state.uploads) == len(shards)
+    # The commit's id is the one the command printed.
+    head = hub.state.head(REPO, "main")
+    assert head is not None and head.oid in done.stdout
+    # Upload overlaps merging: the first shard reached the server before the last was written.
+    first = next(t for t, method, path, status in hub.state.log if method == "PUT" and status == 200)
+    first_oid = next(path for _, method, path, _ in hub.state.log if method == "PUT").rsplit("/", 1)[1]
+    assert first_oid == _sha256(out / shards[0].name)
+    assert first < (out / shards[-1].name).stat().st_mtime
+    # The card: Hub metadata and how the model was made.
+    card = downloaded["README.md"].decode()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["library_name"] == "transformers" and "shardmerge" in front["tags"]
+    assert "| 0 | `adapter` | LORA | 8 | 1 |" in card and "bfloat16" in card
+    # The token is never printed or written.
+    produced = b"".join(p.read_bytes() for p in out.rglob("*") if p.is_file())
+    assert TOKEN.encode() not in produced and TOKEN not in done.stdout + done.stderr
+
+
+def test_a_kill_during_upload_sends_no_shard_twice_and_commits_once(
+    hub: HubServer, inputs: tuple[Base, Path, Path], tmp_path: Path
+) -> None:
+    _, _, reference = inputs
+    out, home = tmp_path / "out", tmp_path / "home"
+    first = sorted(reference.glob("*.safetensors"))[0]
+    # Kill 1: the first shard is stored on the server, its verify answer never comes.
+    hub.state.faults.append(Fault("POST", f"/lfs-verify/{REPO}/{_sha256(first)}", "hang"))
+    _kill_when_hung(hub, _merge(hub, inputs, out), home)
+    # Kill 2: the commit is made on the server, its answer never comes.
+    hub.state.faults.append(Fault("POST", f"/api/models/{REPO}/commit/", "hang"))
+    _kill_when_hung(hub, _merge(hub, inputs, out), home)
+    assert hub.state.commits_made == 1
+    done = _run(_merge(hub, inputs, out), hub, home)
+    assert done.returncode == 0, done.stderr
+    shards = list(reference.glob("*.safetensors"))
+    assert len(hub.state.uploads) == len(shards) and set(hub.state.uploads.values()) == {1}
+    assert hub.state.commits_made == 1
+    head = hub.state.head(REPO, "main")
+    assert head is not None and head.oid in done.stdout
+    assert _files(_download(hub, tmp_path)) == _files(out)
+
+
+def _kill_when_hung(hub: HubServer, command: list[str], home: Path) -> None:
+    child = subprocess.Popen(command, env=_env(hub, home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert hub.state.hung.wait(120), "the fault was never reached"
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    finally:
+        child.kill()
+    hub.state.release.set()
+    time.sleep(0.1)
+    hub.state.hung.clear()
+    hub.state.release.clear()
+
+
+def test_delete_after_upload_keeps_at_most_two_shards_on_disk(
+    hub: HubServer, inputs: tuple[Base, Path, Path], tmp_path: Path
+) -> None:
+    _, _, reference = inputs
+    out = tmp_path / "out"
+    # A slow Hub: unbounded, the merge would run ahead and hold every shard.
+    hub.state.faults.append(Fault("PUT", "/lfs-upload/", "delay", times=100, seconds=0.3))
+    peak = [0]
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            try:
+                used = sum(p.stat().st_size for p in out.iterdir() if p.is_file())
+            except (FileNotFoundError, OSError):
+                used = 0
+            peak[0] = max(peak[0], used)
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        done = _run(_merge(hub, inputs, out, "--delete-after-upload"), hub, tmp_path / "home")
+    finally:
+        stop.set()
+        watcher.join()
+    assert done.returncode == 0, done.stderr
+    largest = max(p.stat().st_size for p in reference.glob("*.safetensors"))
+    assert largest < peak[0] <= 2 * largest + 64 * 1024
+    assert not list(out.glob("*.safetensors"))
+    downloaded = _files(_download(hub, tmp_path))
+    assert {name: data for name, data in downloaded.items() if name.endswith(".safetensors")} == {
+        p.name: p.read_bytes() for p in reference.glob("*.safetensors")
+    }
+    assert hub.state.commits_made == 1
+    checked = subprocess.run(_command("verify", out), capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+    # Run again: nothing is merged, sent or committed again.
+    again = _run(_merge(hub, inputs, out, "--delete-after-upload"), hub, tmp_path / "home")
+    assert again.returncode == 0, again.stderr
+    assert set(hub.state.uploads.values()) == {1} and hub.state.commits_made == 1
+
+
+def test_injected_errors_and_dropped_connections_are_retried(
+    hub: HubServer, inputs: tuple[Base, Path, Path], tmp_path: Path
+) -> None:
+    hub.state.faults += [
+        Fault("POST", "/preupload/", "drop"),
+        Fault("POST", ".git/info/lfs/objects/batch", 500),
+        Fault("PUT", "/lfs-upload/", 503),
+        Fault("PUT", "/lfs-upload/", "drop"),
+        Fault("POST", "/commit/", 500),
+        Fault("POST", "/commit/", "drop"),
+    ]
+    out = tmp_path / "out"
+    done = _run(_merge(hub, inputs, out), hub, tmp_path / "home")
+    assert done.returncode == 0, done.stderr
+    assert all(fault.times == 0 for fault in hub.state.faults)
+    assert hub.state.commits_made == 1
+    assert _files(_download(hub, tmp_path)) == _files(out)
+
+
+def test_a_bad_token_is_one_clear_line_before_any_merging(
+    hub: HubServer, inputs: tuple[Base, Path, Path], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    done = _run(_merge(hub, inputs, out), hub, tmp_path / "home", token="hf_wrong")
+    assert done.returncode == 1
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert f"{REPO}: the Hub refused the token while creating the repo (401 Unauthorized)" in lines[0]
+    assert "hf auth login" in lines[0] and "hf_wrong" not in done.stderr
+    assert not list(out.glob("*.safetensors")) and not hub.state.repos
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [("not a repo", "is not a Hub repo name"), ("org/na--me", "is not a Hub repo name"), ("a/b/c", "ORG/NAME")],
+)
+def test_a_wrong_repo_name_is_refused_before_anything_runs(
+    hub: HubServer, inputs: tuple[Base, Path, Path], tmp_path: Path, name: str, message: str
+) -> None:
+    base, adapter, _ = inputs
+    command = _command("merge", base.path, adapter, "-o", tmp_path / "out", "--push-to-hub", name)
+    done = _run(command, hub, tmp_path / "home")
+    assert done.returncode == 2 and message in done.stderr
+    assert not (tmp_path / "out").exists() and not hub.state.log
+
+
+def test_push_publishes_a_finished_merge_to_a_branch(
+    hub: HubServer, inputs: tuple[Base, Path, Path], tmp_path: Path
+) -> None:
+    _, _, reference = inputs
+    home = tmp_path / "home"
+    push = _command("push", reference, REPO, "--revision", "dev", "--private", "--commit-message", "Merged v1")
+    done = _run(push, hub, home)
+    assert done.returncode == 0, done.stderr
+    assert hub.state.repos[REPO].private
+    commit = hub.state.head(REPO, "dev")
+    assert commit is not None and commit.message == "Merged v1"
+    assert _files(_download(hub, tmp_path, revision="dev")) == _files(reference)
+    main = hub.state.head(REPO, "main")
+    assert main is not None and set(main.files) == {".gitattributes"}
+    uploads = dict(hub.state.uploads)
+    again = _run(push, hub, home)
+    assert again.returncode == 0, again.stderr
+    assert hub.state.uploads == uploads and hub.state.commits_made == 1
+
+
+def test_yaml_job_keys_publish(hub: HubServer, inputs: tuple[Base, Path, Path], tmp_path: Path) -> None:
+    base, adapter, reference = inputs
+    job = tmp_path / "job.yaml"
+    fields = {"base": str(base.path), "adapters": [str(adapter)], "output": "out", "push_to_hub": REPO}
+    job.write_text(yaml.safe_dump({**fields, "private": True, "commit_message": "From YAML"}))
+    done = _run(_command("run", job, "--quiet"), hub, tmp_path / "home")
+    assert done.returncode == 0, done.stderr
+    head = hub.state.head(REPO, "main")
+    assert head is not None and head.message == "From YAML" and hub.state.repos[REPO].private
+    journal = json.loads((tmp_path / "out" / ".shardmerge" / "journal.json").read_text())
+    assert journal["push"]["commit"] == head.oid
+    assert _files(_download(hub, tmp_path)) == _files(tmp_path / "out")
+    assert _files(tmp_path / "out").keys() == _files(reference).keys()
