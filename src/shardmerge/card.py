@@ -58,7 +58,10 @@ def render(plan: Plan, base_card: Path | None) -> bytes:
 
 
 def hub_base_model(plan: Plan) -> str | None:
-    """The base's Hub id, as the adapters recorded it, when they agree and it is one."""
+    """The base's Hub id: the repo it came from, or else the one the adapters recorded, when
+    they agree and it is one."""
+    if plan.base_repo:
+        return plan.base_repo
     names = {adapter.base_model for adapter in plan.adapters}
     if len(names) != 1:
         return None
@@ -74,7 +77,9 @@ def _row(adapter: AdapterSummary) -> str:
 
 
 def _display(path: str) -> str:
-    return path if _REPO_ID.match(path) and not Path(path).exists() else Path(path).name
+    """A Hub id without its pinned commit, or a local folder's name."""
+    repo = path.partition("@")[0]
+    return repo if _REPO_ID.match(repo) and not Path(path).exists() else Path(path).name
 
 
 def _front_matter(card: Path) -> dict[str, Any]:

@@ -8,12 +8,15 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import __version__
 from .config import MergeJob, build_job, build_push, load_job_file
 from .errors import JobConfigError, ProblemsError, ShardmergeError
 from .hub import PushTarget
+
+if TYPE_CHECKING:
+    from .batch import JobResult
 from .plan_data import AdapterSummary, Plan
 from .planner import build_plan
 
@@ -86,8 +89,10 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--json", action="store_true", help="print the plan as JSON")
     plan.set_defaults(handler=_cmd_plan)
 
-    run = commands.add_parser("run", parents=[common], help="run a YAML job file")
-    run.add_argument("job", type=Path, help="YAML job: base, adapters, output, dtype, device")
+    run = commands.add_parser("run", parents=[common], help="run a YAML job or batch file")
+    run.add_argument("job", type=Path, help="YAML job (base, adapters, output, ...) or batch (defaults, jobs)")
+    run.add_argument("--only", nargs="+", metavar="NAME", default=[], help="run only these jobs of a batch")
+    run.add_argument("--dry-run", action="store_true", help="plan every job and print the plans; write nothing")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     _resume_flags(run)
     run.set_defaults(handler=_cmd_run)
@@ -163,7 +168,44 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    return _merge(load_job_file(args.job), args)
+    job_file = load_job_file(args.job)
+    if not job_file.batch:
+        if args.only:
+            raise JobConfigError("--only picks jobs of a batch file (one with jobs:)", file=args.job)
+        if args.dry_run:
+            _print_plan(build_plan(job_file.jobs[0]))
+            return 0
+        return _merge(job_file.jobs[0], args)
+    from .batch import run_jobs, select
+
+    results = run_jobs(
+        select(job_file, args.only),
+        dry_run=args.dry_run,
+        quiet=args.quiet,
+        restart=args.restart,
+        verify_resume=args.verify_resume,
+    )
+    _print_summary(results)
+    return 1 if any(result.status == "failed" for result in results) else 0
+
+
+def _print_summary(results: list[JobResult]) -> None:
+    counts: dict[str, int] = {}
+    for result in results:
+        counts[result.status] = counts.get(result.status, 0) + 1
+    told = ", ".join(f"{count} {status}" for status, count in counts.items())
+    print(f"shardmerge: {len(results)} job{'s' if len(results) != 1 else ''}: {told}")
+    rows = [("JOB", "STATUS", "TIME", "OUTPUT", "ERROR")]
+    for result in results:
+        where = result.output + (f" -> {result.url}" if result.url else "")
+        if result.plan is not None:
+            plan = result.plan
+            merged = sum(shard.merged for shard in plan.shards)
+            where += f" ({len(plan.shards)} shards, {merged} tensors merged, {_size(plan.total_bytes)})"
+        rows.append((result.name, result.status, f"{result.seconds:.1f} s", where, result.error or ""))
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    for row in rows:
+        print("  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[4])
 
 
 def _merge(job: MergeJob, args: argparse.Namespace) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -110,30 +111,115 @@ def _validate(model: type[Model], source: str, data: Any) -> Model:
         raise JobConfigError(_describe(first), file=source, hint=_fix_for(first)) from exc
 
 
-def load_job_file(path: Path) -> MergeJob:
-    """Load a YAML job. Relative paths in it are taken relative to the file's folder."""
+class NamedJob(MergeJob):
+    """One job of a batch file."""
+
+    name: str = Field(min_length=1, pattern=r"^[\w.-]+$")
+
+
+@dataclass(frozen=True)
+class JobFile:
+    """A YAML file's jobs: one for a single-job file (``batch`` false), else the batch's."""
+
+    path: Path
+    jobs: tuple[NamedJob, ...]
+    batch: bool
+
+
+# Values of ``defaults:`` that name each job's own place: "{name}" is replaced by its name.
+_PER_JOB_KEYS = ("output", "push_to_hub")
+
+
+def load_job_file(path: Path) -> JobFile:
+    """Load a YAML job or batch. Relative paths in it are taken relative to the file's folder;
+    a path that does not exist there and reads as ``org/name`` is a Hub repo id."""
     try:
         data = yaml.safe_load(path.read_text())
     except OSError as exc:
         raise JobConfigError(f"cannot read: {exc.strerror}", file=path) from exc
     except yaml.YAMLError as exc:
         raise JobConfigError(f"not valid YAML ({str(exc).splitlines()[0]})", file=path) from exc
+    if isinstance(data, dict) and "jobs" in data:
+        return JobFile(path, _load_batch(path, data), batch=True)
     job = build_job(str(path), data)
     if job.output is None:
         raise JobConfigError("missing key 'output'", file=path, hint="name the folder to write the merged model to")
-    folder = path.parent
+    named = NamedJob.model_validate({**job.model_dump(), "name": re.sub(r"[^\w.-]", "_", path.stem) or "job"})
+    return JobFile(path, (_anchored(named, path.parent),), batch=False)
 
-    def anchor(value: str) -> str:
+
+def _load_batch(path: Path, data: dict[str, Any]) -> tuple[NamedJob, ...]:
+    unknown = sorted(set(data) - {"defaults", "jobs"})
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], ["defaults", "jobs"], n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "a batch file has only 'defaults' and 'jobs'"
+        raise JobConfigError(f"unknown key {unknown[0]!r}", file=path, hint=hint)
+    defaults = data.get("defaults") or {}
+    entries = data.get("jobs")
+    if not isinstance(defaults, dict):
+        raise JobConfigError("'defaults' must be a mapping of job keys", file=path)
+    if not isinstance(entries, list) or not entries:
+        raise JobConfigError("'jobs' must be a non-empty list of jobs", file=path)
+    if "name" in defaults:
+        raise JobConfigError("'name' cannot be a default: each job names itself", file=path)
+    jobs: list[NamedJob] = []
+    for index, entry in enumerate(entries):
+        where = f"{path}: jobs[{index}]"
+        if not isinstance(entry, dict):
+            raise JobConfigError("a job must be a mapping of keys to values", file=where)
+        name = entry.get("name")
+        if isinstance(name, str):
+            where += f" ({name})"
+        merged = {**defaults, **entry}
+        for key in _PER_JOB_KEYS:
+            if key not in entry and isinstance(defaults.get(key), str) and isinstance(name, str):
+                merged[key] = defaults[key].replace("{name}", name)
+        job = _validate(NamedJob, where, merged)
+        if job.output is None:
+            raise JobConfigError("missing key 'output'", file=where, hint="set output here or in defaults")
+        jobs.append(_anchored(job, path.parent))
+    _check_unique(path, jobs)
+    return tuple(jobs)
+
+
+def _check_unique(path: Path, jobs: list[NamedJob]) -> None:
+    for key in ("name", "output"):
+        seen: dict[str, int] = {}
+        for index, job in enumerate(jobs):
+            value = str(getattr(job, key))
+            if value in seen:
+                raise JobConfigError(
+                    f"jobs[{seen[value]}] and jobs[{index}] have the same {key} {value!r}",
+                    file=path,
+                    hint=f"give each job its own {key}"
+                    + (" (defaults can use {name}, e.g. output: merged/{name})" if key == "output" else ""),
+                )
+            seen[value] = index
+
+
+def _anchored(job: NamedJob, folder: Path) -> NamedJob:
+    def anchor(value: str, source: bool) -> str:
         candidate = Path(value).expanduser()
-        return os.path.normpath(candidate if candidate.is_absolute() else folder / candidate)
+        if candidate.is_absolute():
+            return os.path.normpath(candidate)
+        local = folder / candidate
+        if source and not local.exists() and is_hub_id(value):
+            return value
+        return os.path.normpath(local)
 
     return job.model_copy(
         update={
-            "base": anchor(job.base),
-            "output": anchor(job.output),  # type: ignore[arg-type]
-            "adapters": [spec.model_copy(update={"path": anchor(spec.path)}) for spec in job.adapters],
+            "base": anchor(job.base, True),
+            "output": anchor(str(job.output), False),
+            "adapters": [spec.model_copy(update={"path": anchor(spec.path, True)}) for spec in job.adapters],
         }
     )
+
+
+def is_hub_id(value: str) -> bool:
+    """Whether ``value`` reads as a Hub repo id, ``org/name`` or ``org/name@revision``."""
+    repo, at, revision = value.partition("@")
+    return bool(_REPO_ID.match(repo)) and (not at or bool(revision))
 
 
 def _location(error: Any) -> str:

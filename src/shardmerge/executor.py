@@ -19,9 +19,9 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -29,11 +29,13 @@ from tqdm import tqdm
 
 from . import card, outdir
 from . import journal as journals
-from .errors import DeviceError, JobConfigError, OutputError
-from .hub import PushTarget
+from .errors import DeviceError, JobConfigError, OutputError, ShardmergeError
+from .fetch import Fetcher, fetcher_for
+from .hub import Publisher, PushTarget
 from .kernels import TORCH_DTYPES, apply_op
 from .plan_data import MergeOp, Plan, ShardPlan, TensorPlan
 from .planner import COPY_CHUNK_BYTES
+from .shared import Output, SegmentReader, write_together
 from .sink import ShardSink
 from .st_io import INDEX_NAME, ITEMSIZE, pread_into, read_checkpoint_header, render_index
 
@@ -69,6 +71,41 @@ def resolve_device(name: str) -> torch.device:
                 hint="use --device cuda:0 or auto",
             )
     return device
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows ``first`` to ``last`` of a tensor: ``span`` (None for the whole tensor), their
+    shape, and their bytes ``begin`` to ``end`` in the source file."""
+
+    first: int
+    last: int
+    span: tuple[int, int] | None
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def row_blocks(tensor: TensorPlan) -> list[Block]:
+    """The blocks of rows ``tensor`` is merged in, as the plan fixed them."""
+    rows = tensor.shape[0] if tensor.shape else 1
+    step = max(1, tensor.block_rows or rows)
+    row_bytes = (tensor.src_end - tensor.src_begin) // max(rows, 1)
+    blocks = []
+    for first in range(0, max(rows, 1), step):
+        last = min(rows, first + step)
+        begin = tensor.src_begin + first * row_bytes
+        blocks.append(
+            Block(
+                first,
+                last,
+                (first, last) if step < rows else None,
+                (last - first, *tensor.shape[1:]) if tensor.shape else (),
+                begin,
+                begin + (last - first) * row_bytes if tensor.shape else tensor.src_end,
+            )
+        )
+    return blocks
 
 
 class _Buffer:
@@ -174,23 +211,26 @@ class TensorMerger:
         """The output bytes of ``tensor``, read from the source file ``fd``, block by block:
         blocks of rows where every op allows it, else the whole tensor. Each block comes in a
         buffer of the sink's pool that goes back to it once written and hashed."""
-        rows = tensor.shape[0] if tensor.shape else 1
-        step = max(1, tensor.block_rows or rows)
-        # Replacement tensors are as large as the base tensor: read them block by block too.
-        whole = [None if op.kind == "replace" and step < rows else self.factors(op) for op in tensor.ops]
-        row_bytes = (tensor.src_end - tensor.src_begin) // max(rows, 1)
-        for first in range(0, max(rows, 1), step):
-            last = min(rows, first + step)
-            span = (first, last) if step < rows else None
-            shape = (last - first, *tensor.shape[1:]) if tensor.shape else ()
-            begin = tensor.src_begin + first * row_bytes
-            end = begin + (last - first) * row_bytes if tensor.shape else tensor.src_end
-            source = self.read(fd, tensor, begin, end)
-            value = self.work.tensor(torch.float32, shape)
-            value.copy_(source.reshape(shape), non_blocking=True)
-            for op, factors in zip(tensor.ops, whole, strict=True):
-                value = apply_op(value, op, factors if factors is not None else self.factors(op, span), span)
-            yield self.rounded_bytes(value, TORCH_DTYPES[tensor.dtype])
+        whole = self.whole_factors(tensor)
+        for block in row_blocks(tensor):
+            source = self.read(fd, tensor, block.begin, block.end)
+            yield self.merge_block(source, tensor, block, whole)
+
+    def whole_factors(self, tensor: TensorPlan) -> list[list[torch.Tensor | None] | None]:
+        """The factors of each op read once for the whole tensor; None where they are read per
+        block (replacement tensors, as large as the base tensor)."""
+        blocked = 0 < tensor.block_rows < (tensor.shape[0] if tensor.shape else 1)
+        return [None if op.kind == "replace" and blocked else self.factors(op) for op in tensor.ops]
+
+    def merge_block(
+        self, source: torch.Tensor, tensor: TensorPlan, block: Block, whole: list[list[torch.Tensor | None] | None]
+    ) -> tuple[memoryview, _Buffer]:
+        """Block ``block`` of ``tensor`` merged from ``source``, its base bytes."""
+        value = self.work.tensor(torch.float32, block.shape)
+        value.copy_(source.reshape(block.shape), non_blocking=True)
+        for op, factors in zip(tensor.ops, whole, strict=True):
+            value = apply_op(value, op, factors if factors is not None else self.factors(op, block.span), block.span)
+        return self.rounded_bytes(value, TORCH_DTYPES[tensor.dtype])
 
     def factors(self, op: MergeOp, rows: tuple[int, int] | None = None) -> list[torch.Tensor | None]:
         handle = self.adapters[op.adapter]
@@ -213,13 +253,15 @@ class TensorMerger:
         """Copy a tensor that only changes dtype, through one bounded buffer."""
         itemsize = ITEMSIZE[tensor.src_dtype]
         step = COPY_CHUNK_BYTES // itemsize * itemsize
-        target = TORCH_DTYPES[tensor.dtype]
         for begin in range(tensor.src_begin, tensor.src_end, step):
-            chunk = self.read(src, tensor, begin, min(begin + step, tensor.src_end))
-            output = self.sink.acquire()
-            converted = output.tensor(target, tuple(chunk.shape))
-            converted.copy_(chunk)
-            self.sink.write(memoryview(converted.view(torch.uint8).numpy()).cast("B"), output)
+            self.convert_chunk(self.read(src, tensor, begin, min(begin + step, tensor.src_end)), tensor)
+
+    def convert_chunk(self, chunk: torch.Tensor, tensor: TensorPlan) -> None:
+        """Write ``chunk``, values of ``tensor`` in their source dtype, in the output dtype."""
+        output = self.sink.acquire()
+        converted = output.tensor(TORCH_DTYPES[tensor.dtype], tuple(chunk.shape))
+        converted.copy_(chunk)
+        self.sink.write(memoryview(converted.view(torch.uint8).numpy()).cast("B"), output)
 
     def write_shard(self, shard: ShardPlan, folder: Path, progress: tqdm, stop: _StopRequest) -> journals.ShardRecord:
         """Write one shard as ``NAME.tmp`` and fsync it; a failure removes the temp file."""
@@ -270,6 +312,27 @@ def open_adapters(plan: Plan, stack: ExitStack) -> list[AdapterReader]:
     return readers
 
 
+@dataclass
+class Job:
+    """One job of a pass: its plan, where to publish it, and how it is going."""
+
+    plan: Plan
+    push: PushTarget | None = None
+    stack: ExitStack = field(default_factory=ExitStack)
+    journal: journals.Journal | None = None
+    publisher: Publisher | None = None
+    merger: TensorMerger | None = None
+    todo: set[str] = field(default_factory=set)
+    written: set[str] = field(default_factory=set)
+    started: float = field(default_factory=time.monotonic)
+    error: BaseException | None = None
+    commit: str | None = None
+
+    @property
+    def folder(self) -> Path:
+        return Path(self.plan.output or "")
+
+
 def execute(
     plan: Plan,
     *,
@@ -281,84 +344,166 @@ def execute(
     """Write the merged model described by ``plan`` into ``plan.output``, resuming an earlier
     run of the same job there. ``verify_resume`` re-hashes the shards it would skip. With
     ``push``, each shard is uploaded as soon as it is in place, and committed at the end."""
-    if not plan.output:
-        raise JobConfigError("no output folder given", hint="pass -o OUT, or set output: in the job")
-    started = time.monotonic()
-    device = resolve_device(plan.device)
-    folder = Path(plan.output)
-    inputs = [Path(plan.base), *(Path(adapter.path) for adapter in plan.adapters)]
-    todo: list[ShardPlan] = []
-    commit = None
-    try:
-        journal = journals.claim(folder, plan, inputs, restart=restart, device=str(device))
-        with ExitStack() as stack:
-            publisher = None
-            if push is None:
-                journal.set_target(None)
-            else:
-                from .hub import Publisher
+    (result,) = run_pass([Job(plan, push)], quiet=quiet, restart=restart, verify_resume=verify_resume)
+    if isinstance(result, BaseException):
+        raise result
+    return result
 
-                publisher = Publisher(push, folder, _commit_message(plan), quiet=quiet)
-                stack.callback(publisher.close)
-                publisher.open(journal)
-            todo = [shard for shard in plan.shards if not journal.finished(shard, rehash=verify_resume)]
-            needed = [shard.size for shard in todo]
-            if push is not None and push.delete_after_upload:
-                needed = sorted(needed)[-2:]  # the disk holds one shard uploading, one being written
-            _check_free_space(folder, sum(needed))
+
+def run_pass(
+    jobs: list[Job],
+    *,
+    quiet: bool = False,
+    restart: bool = False,
+    verify_resume: bool = False,
+) -> list[MergeReport | BaseException]:
+    """Merge several jobs on one base in one pass over it: each base shard is read once and
+    written to every job that still needs it. The jobs' plans must lay the shards out alike
+    (same base, dtype and device). A job that fails is dropped, with its error in the
+    result, and the others go on. A Hub base's shards are downloaded as the pass reaches them."""
+    device = resolve_device(jobs[0].plan.device)
+    try:
+        with ExitStack() as stack:
+            for job in jobs:
+                stack.callback(job.stack.close)
+                _attempt(job, lambda job=job: _open(job, device, restart, verify_resume, quiet))
+            live = [job for job in jobs if job.error is None]
             if device.type == "cpu":
                 # The writer and hasher threads need a core; the merge's products are small
                 # (rank r) and its conversions memory-bound, so one torch thread loses nothing.
                 stack.callback(torch.set_num_threads, torch.get_num_threads())
                 torch.set_num_threads(1)
-            merger = TensorMerger(device, open_adapters(plan, stack))
-            stack.callback(merger.close)
-            progress = stack.enter_context(
-                tqdm(
-                    total=plan.total_bytes,
-                    initial=plan.total_bytes - sum(shard.size for shard in todo),
-                    unit="B",
-                    unit_scale=True,
-                    unit_divisor=1024,
-                    desc="merging",
-                    disable=quiet,
-                    file=sys.stderr,
-                    dynamic_ncols=True,
-                )
-            )
+            progress = stack.enter_context(_progress(live, quiet or not live))
             stop = stack.enter_context(_StopRequest())
-            if publisher is not None:
-                pending = {shard.name for shard in todo}
-                for shard in plan.shards:
-                    if shard.name not in pending:
-                        publisher.submit(shard.name)  # finished by an earlier run, maybe not uploaded
-            for shard in todo:
-                if publisher is not None:
-                    publisher.wait_for_room(stop.check)
-                record = merger.write_shard(shard, folder, progress, stop)
-                outdir.commit(outdir.tmp_path(folder / shard.name), folder / shard.name)
-                journal.record(shard.name, record)
-                if publisher is not None:
-                    publisher.submit(shard.name)
-            _finish(plan, folder)
-            journal.complete = True
-            journal.save()
-            if publisher is not None:
-                commit = publisher.finish(stop.check)
+            reader = SegmentReader(pinned=device.type == "cuda")
+            fetcher = fetcher_for(live) if live else Fetcher()
+            stack.callback(fetcher.close)
+            shards = jobs[0].plan.shards
+            for index, base_shard in enumerate(shards):
+                wanting = [job for job in jobs if job.error is None and base_shard.name in job.todo]
+                if not wanting:
+                    continue
+                for job in wanting:
+                    if job.publisher is not None:
+                        _attempt(job, lambda job=job: job.publisher.wait_for_room(stop.check))  # type: ignore[union-attr]
+                fetcher.fetch(base_shard)
+                _write([job for job in wanting if job.error is None], index, reader, progress, stop)
+                fetcher.done(base_shard)
+            for job in jobs:
+                if job.error is None:
+                    _attempt(job, lambda job=job: _close(job, stop))
+    except (OSError, ShardmergeError) as exc:  # reading or fetching the base: every job stops
+        for job in jobs:
+            if job.error is None:
+                job.error = _io_error(exc, job) if isinstance(exc, OSError) else exc
+    return [job.error if job.error is not None else _report(job, device) for job in jobs]
+
+
+def _attempt(job: Job, action: Callable[[], object]) -> None:
+    """Run one step of ``job``; a failure ends the job (not the pass) and is kept for its report."""
+    try:
+        action()
     except OSError as exc:
-        raise _io_error(exc, folder, todo) from exc
+        job.error = _io_error(exc, job)
+    except Exception as exc:
+        job.error = exc
+
+
+def _open(job: Job, device: torch.device, restart: bool, verify_resume: bool, quiet: bool) -> None:
+    plan = job.plan
+    if not plan.output:
+        raise JobConfigError("no output folder given", hint="pass -o OUT, or set output: in the job")
+    inputs = [Path(plan.base), *(Path(adapter.path) for adapter in plan.adapters)]
+    journal = job.journal = journals.claim(job.folder, plan, inputs, restart=restart, device=str(device))
+    if job.push is None:
+        journal.set_target(None)
+    else:
+        job.publisher = Publisher(job.push, job.folder, _commit_message(plan), quiet=quiet)
+        job.stack.callback(job.publisher.close)
+        job.publisher.open(journal)
+    todo = [shard for shard in plan.shards if not journal.finished(shard, rehash=verify_resume)]
+    job.todo = {shard.name for shard in todo}
+    needed = [shard.size for shard in todo]
+    if job.push is not None and job.push.delete_after_upload:
+        needed = sorted(needed)[-2:]  # the disk holds one shard uploading, one being written
+    _check_free_space(job.folder, sum(needed))
+    job.merger = TensorMerger(device, open_adapters(plan, job.stack))
+    job.stack.callback(job.merger.close)
+    if job.publisher is not None:
+        for shard in plan.shards:
+            if shard.name not in job.todo:
+                job.publisher.submit(shard.name)  # finished by an earlier run, maybe not uploaded
+
+
+def _write(jobs: list[Job], index: int, reader: SegmentReader, progress: tqdm, stop: _StopRequest) -> None:
+    """Shard ``index`` of every job in ``jobs``: by itself for one job (untouched tensors copied
+    by the kernel), else from one read of the base."""
+    if len(jobs) == 1:
+        job = jobs[0]
+        shard = job.plan.shards[index]
+        assert job.merger is not None
+        _attempt(job, lambda: _record(job, shard, job.merger.write_shard(shard, job.folder, progress, stop)))  # type: ignore[union-attr]
+        return
+    outputs = [Output(job.merger, job.plan.shards[index], job.folder) for job in jobs]  # type: ignore[arg-type]
+    write_together(outputs, reader, progress, stop)
+    for job, output in zip(jobs, outputs, strict=True):
+        if output.error is not None:
+            job.error = _io_error(output.error, job) if isinstance(output.error, OSError) else output.error
+        elif output.record is not None:
+            _attempt(job, lambda job=job, output=output: _record(job, output.shard, output.record))  # type: ignore[arg-type]
+
+
+def _record(job: Job, shard: ShardPlan, record: journals.ShardRecord) -> None:
+    """A shard is written: rename it into place, record it, hand it to the uploader."""
+    assert job.journal is not None
+    outdir.commit(outdir.tmp_path(job.folder / shard.name), job.folder / shard.name)
+    job.journal.record(shard.name, record)
+    job.todo.discard(shard.name)
+    job.written.add(shard.name)
+    if job.publisher is not None:
+        job.publisher.submit(shard.name)
+
+
+def _close(job: Job, stop: _StopRequest) -> None:
+    assert job.journal is not None
+    _finish(job.plan, job.folder)
+    job.journal.complete = True
+    job.journal.save()
+    if job.publisher is not None:
+        job.commit = job.publisher.finish(stop.check)
+
+
+def _progress(jobs: list[Job], quiet: bool) -> tqdm:
+    total = sum(job.plan.total_bytes for job in jobs)
+    left = sum(shard.size for job in jobs for shard in job.plan.shards if shard.name in job.todo)
+    return tqdm(
+        total=total,
+        initial=total - left,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="merging",
+        disable=quiet,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
+
+
+def _report(job: Job, device: torch.device) -> MergeReport:
+    plan = job.plan
     merged = sum(shard.merged for shard in plan.shards)
+    written = [shard for shard in plan.shards if shard.name in job.written]
     return MergeReport(
-        output=str(folder),
+        output=str(job.folder),
         shards=len(plan.shards),
-        shards_skipped=len(plan.shards) - len(todo),
+        shards_skipped=len(plan.shards) - len(written),
         tensors_merged=merged,
         tensors_copied=sum(len(shard.tensors) for shard in plan.shards) - merged,
-        bytes_written=sum(shard.size for shard in todo),
-        seconds=time.monotonic() - started,
+        bytes_written=sum(shard.size for shard in written),
+        seconds=time.monotonic() - job.started,
         device=str(device),
-        commit=commit,
-        url=publisher.url if publisher is not None else None,
+        commit=job.commit,
+        url=job.publisher.url if job.publisher is not None else None,
     )
 
 
@@ -377,10 +522,10 @@ def _check_free_space(folder: Path, needed: int) -> None:
         )
 
 
-def _io_error(exc: OSError, folder: Path, todo: list[ShardPlan]) -> OutputError:
-    where = exc.filename or folder
+def _io_error(exc: OSError, job: Job) -> OutputError:
+    where = exc.filename or job.folder
     if exc.errno in _NO_SPACE:
-        left = sum(shard.size for shard in todo) / 2**30
+        left = sum(shard.size for shard in job.plan.shards if shard.name in job.todo) / 2**30
         return OutputError(
             f"out of space ({exc.strerror}) with up to {left:.2f} GiB still to write",
             file=where,

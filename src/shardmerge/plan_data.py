@@ -126,6 +126,7 @@ class Plan:
     fingerprint: str
     tensor_bytes: int
     peak_memory_bytes: int
+    base_repo: str | None = None  # a Hub base: its repo id (``base`` is ``repo@commit``)
 
     @property
     def total_bytes(self) -> int:

@@ -19,7 +19,7 @@ from .errors import AdapterError, InputError, PlanError, ShardmergeError
 from .module_ops import AdapterPlanner
 from .plan_data import AdapterSummary, MergeOp, Plan, ShardPlan, TensorPlan, encode_shard_header, row_separable
 from .resolve import BaseFiles, output_shard_name, resolve_adapter, resolve_base
-from .st_io import FLOAT_DTYPES, ITEMSIZE, SafetensorsHeader, TensorInfo, numel, read_checkpoint_header
+from .st_io import FLOAT_DTYPES, ITEMSIZE, SafetensorsHeader, TensorInfo, numel
 from .tied import find_tied, split_uses
 
 FORMAT_VERSION = 1
@@ -77,7 +77,8 @@ def build_plan(job: MergeJob) -> Plan:
     shards = tuple(_layout(header, extra.get(header.path), ops, out_dtype) for header in headers)
     return Plan(
         format_version=FORMAT_VERSION,
-        base=str(base.folder),
+        base=base.name,
+        base_repo=base.repo_id,
         output=job.output,
         dtype=job.dtype,
         device=job.device,
@@ -123,7 +124,7 @@ def _read_base_headers(base: BaseFiles, problems: list[ShardmergeError]) -> list
     seen: dict[str, Path] = {}
     for shard in base.shards:
         try:
-            header = read_checkpoint_header(shard)
+            header = base.header(shard)
         except ShardmergeError as exc:
             problems.append(exc)
             continue
@@ -238,7 +239,7 @@ def _summary(adapter: Adapter) -> AdapterSummary:
     r, alpha = (int(config["r"]), float(config.get("lora_alpha", config.get("alpha", 0)))) if ranked else (None, None)
     return AdapterSummary(
         index=adapter.index,
-        path=str(adapter.files.folder),
+        path=adapter.files.name or str(adapter.files.folder),
         weights_file=str(adapter.files.weights),
         peft_type=adapter.peft_type,
         weight=adapter.weight,

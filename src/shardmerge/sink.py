@@ -22,6 +22,24 @@ from .st_io import copy_range, pread_into, write_all
 _Item = tuple[Any, ...]
 
 
+class SharedBlock:
+    """A buffer whose bytes go to several sinks (one base read, several outputs): it returns
+    to its pool once each user has released it."""
+
+    def __init__(self, buffer: Any, pool: queue.Queue[Any], users: int) -> None:
+        self.buffer = buffer
+        self._pool = pool
+        self._users = users
+        self._lock = threading.Lock()
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            done = self._users == 0
+        if done:
+            self._pool.put(self.buffer)
+
+
 class ShardSink:
     def __init__(self, buffers: list[Any]) -> None:
         self._free: queue.Queue[Any] = queue.Queue()
@@ -52,7 +70,8 @@ class ShardSink:
         self._put(("start", fd))
 
     def write(self, view: memoryview, buffer: Any | None = None) -> None:
-        """Append ``view``; ``buffer`` (holding it) returns to the pool once written and hashed."""
+        """Append ``view``; ``buffer`` (holding it) returns to the pool once written and hashed,
+        or, a SharedBlock, is released."""
         self._put(("bytes", view, buffer))
 
     def copy(self, src: int, offset: int, count: int) -> None:
@@ -127,7 +146,9 @@ class ShardSink:
             except BaseException as exc:  # handed to the caller by digest()
                 self._hash_error = exc
             finally:
-                if kind == "bytes" and item[2] is not None:
+                if kind == "bytes" and isinstance(item[2], SharedBlock):
+                    item[2].release()
+                elif kind == "bytes" and item[2] is not None:
                     self._free.put(item[2])
 
     def _hash_range(self, sha: Any, fd: int, offset: int, count: int) -> None:

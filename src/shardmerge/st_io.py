@@ -11,6 +11,7 @@ import errno
 import json
 import os
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -74,27 +75,38 @@ def numel(shape: tuple[int, ...]) -> int:
     return count
 
 
-def read_header(path: Path) -> SafetensorsHeader:
-    """Parse and validate a safetensors header without reading any tensor data."""
-    hint = "the file is damaged or incomplete: download or save it again"
+def read_header(
+    path: Path, fetch: Callable[[int, int], bytes] | None = None, size: int | None = None
+) -> SafetensorsHeader:
+    """Parse and validate a safetensors header without reading any tensor data. ``fetch``
+    (offset, count -> bytes) and ``size`` read a file that is not here (a Hub file, by range
+    requests); ``path`` then names where it will be."""
     try:
+        if fetch is not None and size is not None:
+            return _parse_header(path, size, fetch)
         file_size = path.stat().st_size
         with path.open("rb") as handle:
-            prefix = handle.read(8)
-            if len(prefix) < 8:
-                raise SafetensorsFormatError(
-                    f"file is {file_size} bytes, too short to be safetensors", file=path, hint=hint
-                )
-            (length,) = struct.unpack("<Q", prefix)
-            if length > MAX_HEADER_BYTES or length > file_size - 8:
-                raise SafetensorsFormatError(
-                    f"header length {length} does not fit in a {file_size}-byte file",
-                    file=path,
-                    hint=hint,
-                )
-            raw = handle.read(length)
+
+            def read(offset: int, count: int) -> bytes:
+                handle.seek(offset)
+                return handle.read(count)
+
+            return _parse_header(path, file_size, read)
     except OSError as exc:
         raise SafetensorsFormatError(f"cannot read: {exc.strerror}", file=path) from exc
+
+
+def _parse_header(path: Path, file_size: int, fetch: Callable[[int, int], bytes]) -> SafetensorsHeader:
+    hint = "the file is damaged or incomplete: download or save it again"
+    prefix = fetch(0, 8) if file_size >= 8 else b""
+    if len(prefix) < 8:
+        raise SafetensorsFormatError(f"file is {file_size} bytes, too short to be safetensors", file=path, hint=hint)
+    (length,) = struct.unpack("<Q", prefix)
+    if length > MAX_HEADER_BYTES or length > file_size - 8:
+        raise SafetensorsFormatError(
+            f"header length {length} does not fit in a {file_size}-byte file", file=path, hint=hint
+        )
+    raw = fetch(8, length)
     try:
         parsed = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
