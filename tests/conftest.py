@@ -7,6 +7,12 @@ zero. The reference is PEFT's merge_and_unload() computed in float32.
 
 from __future__ import annotations
 
+import os
+
+# Tests never reach the real Hub; the loopback server speaks the LFS protocol, not Xet. Set
+# before huggingface_hub is imported (by peft and transformers below), which reads it once.
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+
 import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass

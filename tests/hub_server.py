@@ -42,6 +42,12 @@ class Entry:
     def oid(self) -> str:
         return git_blob_id(lfs_pointer(self.lfs, self.size) if self.lfs else self.content)
 
+    def sibling(self, path: str) -> dict[str, Any]:
+        item: dict[str, Any] = {"rfilename": path, "size": self.size, "blobId": self.oid}
+        if self.lfs:
+            item["lfs"] = {"sha256": self.lfs, "size": self.size, "pointerSize": len(lfs_pointer(self.lfs, self.size))}
+        return item
+
     def tree(self, path: str) -> dict[str, Any]:
         item: dict[str, Any] = {"type": "file", "path": path, "size": self.size, "oid": self.oid}
         if self.lfs:
@@ -290,7 +296,7 @@ class Handler(BaseHTTPRequestHandler):
                 )
             return _Reply(200, {"files": answer, "commitOid": head.oid})
         if action in ("", "revision"):
-            siblings = [{"rfilename": name} for name in sorted(head.files)]
+            siblings = [entry.sibling(name) for name, entry in sorted(head.files.items())]
             return _Reply(200, {"id": repo_id, "sha": head.oid, "private": repo.private, "siblings": siblings})
         if action == "tree":
             prefix = "/".join(rest[1:])
@@ -363,6 +369,14 @@ class Handler(BaseHTTPRequestHandler):
         headers = {"X-Repo-Commit": head.oid, "ETag": f'"{etag}"', "Content-Length": str(len(data))}
         if entry.lfs:
             headers.update({"X-Linked-Etag": f'"{etag}"', "X-Linked-Size": str(entry.size)})
+        wanted = self.headers.get("Range", "")
+        if wanted.startswith("bytes=") and self.command == "GET":
+            first, _, last = wanted[len("bytes=") :].partition("-")
+            begin, end = int(first), min(int(last) + 1 if last else len(data), len(data))
+            headers.update(
+                {"Content-Range": f"bytes {begin}-{end - 1}/{len(data)}", "Content-Length": str(end - begin)}
+            )
+            return _Reply(206, data[begin:end], {"Content-Type": "application/octet-stream", **headers})
         return _Reply(200, data, {"Content-Type": "application/octet-stream", **headers})
 
 

@@ -7,6 +7,7 @@ received is then downloaded with ``snapshot_download`` and compared with a local
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,7 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from huggingface_hub import snapshot_download
+from huggingface_hub import HfApi, snapshot_download
 
 from conftest import Base, llama_config, save_adapter, save_base
 from hub_server import Fault, HubServer
@@ -274,3 +275,119 @@ def test_yaml_job_keys_publish(hub: HubServer, inputs: tuple[Base, Path, Path], 
     assert journal["push"]["commit"] == head.oid
     assert _files(_download(hub, tmp_path)) == _files(tmp_path / "out")
     assert _files(tmp_path / "out").keys() == _files(reference).keys()
+
+
+BASE_REPO = "shardmerge-tests/base"
+ADAPTER_REPO = "shardmerge-tests/adapter"
+
+
+def _publish_inputs(hub: HubServer, inputs: tuple[Base, Path, Path]) -> None:
+    base, adapter, _ = inputs
+    api = HfApi(endpoint=hub.endpoint, token=TOKEN)
+    for repo, folder in ((BASE_REPO, base.path), (ADAPTER_REPO, adapter)):
+        api.create_repo(repo)
+        api.upload_folder(repo_id=repo, folder_path=folder)
+    hub.state.log.clear()
+
+
+def _base_gets(hub: HubServer, status: int) -> dict[str, float]:
+    prefix = f"/{BASE_REPO}/resolve/"
+    return {
+        path.rsplit("/", 1)[1]: when
+        for when, method, path, code in hub.state.log
+        if method == "GET" and path.startswith(prefix) and path.endswith(".safetensors") and code == status
+    }
+
+
+def test_hub_ids_as_inputs_with_shards_fetched_as_the_merge_reaches_them(
+    hub: HubServer, inputs: tuple[Base, Path, Path], tmp_path: Path
+) -> None:
+    _, _, reference = inputs
+    _publish_inputs(hub, inputs)
+    home, out = tmp_path / "home", tmp_path / "out"
+    command = _command("merge", BASE_REPO, f"{ADAPTER_REPO}@main", "-o", out, "--quiet")
+    done = _run(command, hub, home)
+    assert done.returncode == 0, done.stderr
+    assert _shards(out) == _shards(reference)
+    # Headers came by range requests, before any shard was downloaded whole.
+    names = sorted(p.name for p in reference.glob("*.safetensors"))
+    ranges, whole = _base_gets(hub, 206), _base_gets(hub, 200)
+    assert set(ranges) == set(whole) == set(names)
+    assert max(ranges.values()) < min(whole.values())
+    # Each shard was downloaded only once the merge had written the one two places before it.
+    for position in range(2, len(names)):
+        assert whole[names[position]] > (out / names[position - 2]).stat().st_mtime, names[position]
+    front = yaml.safe_load((out / "README.md").read_text().split("---")[1])
+    assert front["base_model"] == BASE_REPO and f"`{ADAPTER_REPO}`" in (out / "README.md").read_text()
+    # Offline, from the cache: the same bytes, and not one request.
+    hub.state.log.clear()
+    offline = {**_env(hub, home), "HF_HUB_OFFLINE": "1"}
+    again = subprocess.run(
+        _command("merge", BASE_REPO, ADAPTER_REPO, "-o", tmp_path / "offline", "--quiet"),
+        env=offline,
+        capture_output=True,
+        text=True,
+    )
+    assert again.returncode == 0, again.stderr
+    assert _shards(tmp_path / "offline") == _shards(reference) and not hub.state.log
+    missing = subprocess.run(
+        _command("plan", "shardmerge-tests/elsewhere", ADAPTER_REPO), env=offline, capture_output=True, text=True
+    )
+    assert missing.returncode == 1
+    assert "shardmerge-tests/elsewhere: not in the cache" in missing.stderr
+
+
+def test_a_batch_from_the_hub_to_the_hub_holds_a_few_shards_on_disk(
+    hub: HubServer, inputs: tuple[Base, Path, Path], tmp_path: Path
+) -> None:
+    _, adapter, reference = inputs
+    _publish_inputs(hub, inputs)
+    hub.state.faults.append(Fault("PUT", "/lfs-upload/", "delay", times=100, seconds=0.1))
+    batch = tmp_path / "batch.yaml"
+    defaults = {
+        "base": BASE_REPO,
+        "output": "runs/{name}",
+        "push_to_hub": "shardmerge-tests/{name}",
+        "delete_after_upload": True,
+    }
+    jobs = [
+        {"name": "full", "adapters": [ADAPTER_REPO]},
+        {"name": "half", "adapters": [{"path": ADAPTER_REPO, "weight": 0.5}]},
+    ]
+    batch.write_text(yaml.safe_dump({"defaults": defaults, "jobs": jobs}))
+    home = tmp_path / "home"
+    peak = [0]
+    stop = threading.Event()
+
+    def used() -> int:
+        files = [p for root in (home, tmp_path / "runs") if root.exists() for p in root.rglob("*")]
+        return sum(p.stat().st_size for p in files if p.is_file() and not p.is_symlink())
+
+    def watch() -> None:
+        while not stop.is_set():
+            with contextlib.suppress(OSError):
+                peak[0] = max(peak[0], used())
+            time.sleep(0.002)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        done = _run(_command("run", batch, "--quiet"), hub, home)
+    finally:
+        stop.set()
+        watcher.join()
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "2 jobs: 2 done" in done.stdout and f"{hub.endpoint}/shardmerge-tests/half" in done.stdout
+    largest = max(p.stat().st_size for p in reference.glob("*.safetensors"))
+    small = (adapter / "adapter_model.safetensors").stat().st_size + 512 * 1024
+    # Two base shards (the one read, the next downloading), two per job (uploading, writing).
+    assert peak[0] <= 6 * largest + small, (peak[0], largest)
+    assert not [p for p in home.rglob("*.safetensors") if "base" in str(p)]  # fetched by this run, dropped
+    pushed = _files(
+        Path(snapshot_download("shardmerge-tests/full", endpoint=hub.endpoint, token=TOKEN, cache_dir=tmp_path / "d"))
+    )
+    assert {name: data for name, data in pushed.items() if name.endswith(".safetensors")} == _shards(reference)
+
+
+def _shards(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -24,6 +25,8 @@ EXIT_INTERRUPTED = 130
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    # One progress display, ours: huggingface_hub's per-file bars would break up the merge's.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     parser = _parser()
     args = parser.parse_args(argv)
     # SIGTERM (a scheduler, a container stop) ends the run as Ctrl-C does: the tensor in hand

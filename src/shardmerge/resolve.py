@@ -88,7 +88,7 @@ def _is_extra(name: str) -> bool:
 
 def _hub_base(name: str) -> BaseFiles:
     """A Hub base: the small files downloaded, the shards' headers read, the shards not."""
-    repo, _ = hub_source.split_ref(name)
+    repo, revision = hub_source.split_ref(name)
     if hub_source.offline():
         folder = hub_source.snapshot(name, None)
         local = resolve_base(str(folder))
@@ -106,8 +106,13 @@ def _hub_base(name: str) -> BaseFiles:
         )
     small = sorted(file for file in top if _is_extra(file))
     wanted = [*small, entry] if entry.endswith(".json") else small
-    downloaded = [hub_source.download(repo, commit, file) for file in wanted]
-    folder = (downloaded[0] if downloaded else hub_source.download(repo, commit, entry)).parent
+    # The first file by the name the user gave, so the cache maps it to the commit, for offline runs.
+    first = hub_source.download(repo, revision or "main", wanted[0] if wanted else entry)
+    if first.parent.name != commit:
+        raise InputError("the repo changed while it was being read", file=name, hint="run the same command again")
+    for file in wanted[1:]:
+        hub_source.download(repo, commit, file)
+    folder = first.parent
     metadata: dict[str, object] | None = None
     if entry.endswith(".index.json"):
         shards, metadata = _read_index(folder / entry, present=False)
