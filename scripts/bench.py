@@ -6,10 +6,12 @@ then alternates ``cp`` of the shards, ``python -c "import shardmerge, torch"`` (
 ``shardmerge merge --device cpu`` ``--repeats`` times, with ``--peft`` also PEFT's
 ``merge_and_unload()`` + ``save_pretrained``.
 Peak RSS is the child process's own ``ru_maxrss``. ``--sweep 4,8`` repeats the whole run
-for each layer count, to show how memory grows with the model.
+for each layer count, to show how memory grows with the model. ``--batch N`` instead times N
+adapters merged by one batch file (one pass over the base) against N separate merges.
 
     python scripts/bench.py                     # default model, 3 alternating runs each
     python scripts/bench.py --sweep 4,8         # peak RSS against model size
+    python scripts/bench.py --batch 4           # 4 adapters: one batch against 4 merges
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ class Shape:
     vocab: int
     shards: int
     rank: int
+    adapters: int = 1
 
 
 def linear_shapes(shape: Shape) -> dict[str, tuple[int, int]]:
@@ -127,6 +130,11 @@ def generate(shape: Shape, folder: Path) -> None:
         "bias": "none",
     }
     (adapter / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+    for number in range(1, shape.adapters):  # more adapters of the same shape, other values
+        other = folder / f"adapter-{number}"
+        other.mkdir()
+        save_file({key: value * (1 + number) for key, value in lora.items()}, other / "adapter_model.safetensors")
+        (other / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
 
 
 def _numel(dims: tuple[int, ...]) -> int:
@@ -147,14 +155,21 @@ def timed(command: list[str]) -> tuple[float, int]:
     return seconds, usage.ru_maxrss * 1024
 
 
-def run(shape: Shape, work: Path, repeats: int, peft: bool) -> dict[str, object]:
-    data = work / f"layers-{shape.layers}"
-    if not (data / "adapter" / "adapter_config.json").exists():
+def prepare(shape: Shape, work: Path) -> Path:
+    """The generated base and adapters for ``shape``, made once and kept in ``work``."""
+    data = work / (f"layers-{shape.layers}" + (f"-x{shape.adapters}" if shape.adapters > 1 else ""))
+    if not (data / "ready").exists():
         shutil.rmtree(data, ignore_errors=True)
         # In a child process: a child's ru_maxrss starts from its parent's size at fork, so
         # this process must stay small for the figures to be the children's own.
         spec = json.dumps(shape.__dict__)
         subprocess.run([sys.executable, __file__, "--generate", spec, "--workdir", str(data)], check=True)
+        (data / "ready").touch()
+    return data
+
+
+def run(shape: Shape, work: Path, repeats: int, peft: bool) -> dict[str, object]:
+    data = prepare(shape, work)
     base = data / "base"
     shards = sorted(str(path) for path in base.glob("*.safetensors"))
     size = sum(Path(path).stat().st_size for path in shards)
@@ -185,6 +200,54 @@ def run(shape: Shape, work: Path, repeats: int, peft: bool) -> dict[str, object]
     )
     estimate = json.loads(plan.stdout)["peak_memory_bytes"]
     return {"layers": shape.layers, "bytes": size, "wall": wall, "rss": rss, "estimate": estimate}
+
+
+def run_batch(shape: Shape, work: Path, repeats: int) -> None:
+    """N adapters on one base: one batch file (one pass over the base) against N merges."""
+    data = prepare(shape, work)
+    base = data / "base"
+    adapters = [data / "adapter", *(data / f"adapter-{number}" for number in range(1, shape.adapters))]
+    shardmerge = str(Path(sys.executable).with_name("shardmerge"))
+    jobs = [{"name": f"job{number}", "adapters": [str(adapter)]} for number, adapter in enumerate(adapters)]
+    batch = data / "batch.yaml"
+    batch.write_text(
+        json.dumps({"defaults": {"base": str(base), "output": "outs/batch-{name}", "device": "cpu"}, "jobs": jobs})
+    )
+    separate = " && ".join(
+        f"{shardmerge} merge {base} {adapter} -o {data / 'outs' / f'separate-{number}'} --device cpu --quiet"
+        for number, adapter in enumerate(adapters)
+    )
+    commands = {
+        "cp": [
+            "sh",
+            "-c",
+            " && ".join(f"cp {base}/*.safetensors {data / 'outs' / f'cp-{n}'}" for n in range(len(adapters))),
+        ],
+        "batch": [shardmerge, "run", str(batch), "--quiet"],
+        "separate": ["sh", "-c", separate],
+    }
+    samples: dict[str, list[tuple[float, int]]] = {name: [] for name in commands}
+    for _ in range(repeats):
+        for name, command in commands.items():
+            shutil.rmtree(data / "outs", ignore_errors=True)
+            for number in range(len(adapters)):
+                (data / "outs" / f"cp-{number}").mkdir(parents=True)
+            samples[name].append(timed(command))
+    shutil.rmtree(data / "outs", ignore_errors=True)
+    size = sum(path.stat().st_size for path in base.glob("*.safetensors"))
+    wall = {name: statistics.median(s for s, _ in runs) for name, runs in samples.items()}
+    rss = {name: max(r for _, r in runs) for name, runs in samples.items()}
+    count = len(adapters)
+    print(f"\n{count} adapters on one base of {size / 2**30:.2f} GiB; medians of {repeats} alternating runs")
+    print(f"{'':24} {'wall s':>8} {'x cp':>6} {'peak RSS':>10}")
+    labels = {
+        "cp": f"cp of the shards x{count}",
+        "batch": "one batch (one pass)",
+        "separate": f"{count} separate merges",
+    }
+    for name in commands:
+        print(f"{labels[name]:24} {wall[name]:8.2f} {wall[name] / wall['cp']:6.2f} {rss[name] / 2**20:8.0f} MB")
+    print(f"separate / batch wall time: {wall['separate'] / wall['batch']:.2f}")
 
 
 def report(result: dict[str, object], repeats: int) -> None:
@@ -222,11 +285,16 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--peft", action="store_true", help="also time PEFT merge_and_unload + save_pretrained")
+    parser.add_argument("--batch", type=int, default=0, metavar="N", help="time N adapters: one batch vs N merges")
     parser.add_argument("--workdir", type=Path, default=Path("bench-data"))
     parser.add_argument("--generate", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generate:
         generate(Shape(**json.loads(args.generate)), args.workdir)
+        return
+    if args.batch:
+        shape = Shape(args.layers, args.hidden, args.intermediate, args.vocab, args.shards, args.rank, args.batch)
+        run_batch(shape, args.workdir, args.repeats)
         return
     counts = [int(item) for item in args.sweep.split(",")] if args.sweep else [args.layers]
     results = []

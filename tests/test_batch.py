@@ -190,3 +190,29 @@ def test_only_names_a_known_job(
     )
     assert main(["run", str(batch), "--only", "z"]) == 2
     assert "--only names no job called 'z' (jobs: a)" in capsys.readouterr().err
+
+
+def test_running_a_batch_again_skips_finished_jobs_and_finishes_the_others(
+    models: Callable[[str], Base], adapters: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = models("llama-bf16").path
+    names = ["attention", "mlp", "all"]
+    batch = _write_batch(
+        tmp_path / "batch.yaml",
+        {
+            "defaults": {"base": str(base), "output": "runs/{name}"},
+            "jobs": [{"name": name, "adapters": [str(adapters[name])]} for name in names],
+        },
+    )
+    assert main(["run", str(batch), "--quiet", "--only", "attention"]) == 0
+    assert main(["run", str(batch), "--quiet", "--only", "mlp"]) == 0
+    finished = _shards(tmp_path / "runs" / "mlp")
+    lost = sorted(finished)[1]
+    (tmp_path / "runs" / "mlp" / lost).unlink()  # as if the run had died before this shard
+    capsys.readouterr()
+    assert main(["run", str(batch), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    rows = {line.split()[0]: line.split()[1] for line in out.splitlines()[2:]}
+    assert rows == {"attention": "up", "mlp": "done", "all": "done"}
+    assert _shards(tmp_path / "runs" / "mlp") == finished
+    assert _shards(tmp_path / "runs" / "all") == _single(base, adapters["all"], tmp_path / "single")

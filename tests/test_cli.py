@@ -144,3 +144,11 @@ def test_importing_shardmerge_does_not_import_torch() -> None:
     code = "import sys, shardmerge; shardmerge.plan; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("example", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")))
+def test_the_example_job_files_are_valid(example: Path) -> None:
+    from shardmerge.config import load_job_file
+
+    jobs = load_job_file(example).jobs
+    assert jobs and all(job.output and job.adapters for job in jobs)

@@ -361,7 +361,10 @@ def run_pass(
     written to every job that still needs it. The jobs' plans must lay the shards out alike
     (same base, dtype and device). A job that fails is dropped, with its error in the
     result, and the others go on. A Hub base's shards are downloaded as the pass reaches them."""
-    device = resolve_device(jobs[0].plan.device)
+    try:
+        device = resolve_device(jobs[0].plan.device)
+    except DeviceError as exc:
+        return [exc for _ in jobs]
     try:
         with ExitStack() as stack:
             for job in jobs:

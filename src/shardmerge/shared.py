@@ -75,6 +75,7 @@ def write_together(outputs: list[Output], reader: SegmentReader, progress: tqdm,
         with ExitStack() as stack:
             src = os.open(outputs[0].shard.source, os.O_RDONLY)
             stack.callback(os.close, src)
+            progress.set_postfix_str(f"{outputs[0].shard.name} x{len(outputs)}", refresh=False)
             for output in outputs:
                 _begin(output)
             for index in range(len(outputs[0].shard.tensors)):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from . import hub_source
 from . import journal as journals
 from .config import MergeJob
 from .errors import OutputError, SafetensorsFormatError, ShardmergeError, VerificationProblem, VerifyError
@@ -174,6 +175,8 @@ def _recompute(folder: Path, journal: journals.Journal, count: int, problems: li
         merger = TensorMerger(torch.device("cpu"), open_adapters(plan, stack))
         stack.callback(merger.close)
         for shard, tensor in sample:
+            if plan.base_repo is not None and not Path(shard.source).exists():
+                hub_source.download(plan.base_repo, plan.base.rpartition("@")[2], shard.name)
             src = os.open(shard.source, os.O_RDONLY)
             stack.callback(os.close, src)
             fresh = bytearray()
