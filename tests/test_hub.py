@@ -391,3 +391,21 @@ def test_a_batch_from_the_hub_to_the_hub_holds_a_few_shards_on_disk(
 
 def _shards(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
+
+
+def test_a_missing_folder_that_reads_as_a_repo_id_is_one_clear_line(
+    hub: HubServer, inputs: tuple[Base, Path, Path], tmp_path: Path
+) -> None:
+    _, adapter, _ = inputs
+    command = _command("plan", "models/llama", adapter)
+    absent = _run(command, hub, tmp_path / "home")
+    assert absent.returncode == 1
+    assert absent.stderr.strip().splitlines() == [
+        "shardmerge: error: models/llama: no local folder by this name, and no Hub repo either "
+        "(check the path or the repo id; for a private or gated repo, log in with `hf auth login` or set HF_TOKEN)"
+    ]
+    unreachable = {**_env(hub, tmp_path / "home"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    down = subprocess.run(command, env=unreachable, capture_output=True, text=True)
+    assert down.returncode == 1
+    assert "models/llama: no local folder by this name, and the Hub cannot be reached" in down.stderr
+    assert "Traceback" not in down.stderr

@@ -86,6 +86,7 @@ class Publisher:
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="shardmerge-uploader", daemon=True)
         self.progress: tqdm | None = None
+        self._bars_were_disabled = False
 
     @property
     def url(self) -> str:
@@ -114,7 +115,7 @@ class Publisher:
         self._bars_were_disabled = are_progress_bars_disabled()
         disable_progress_bars()  # one bar of ours instead of one per file, between the merge's
         self.progress = tqdm(
-            total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="uploading", disable=self.quiet, position=1
+            total=0, unit="B", unit_scale=True, unit_divisor=1024, desc="uploading", disable=self.quiet
         )
         self.thread.start()
 
@@ -281,7 +282,7 @@ class Publisher:
                 status = _status(exc)
                 if status is not None and status not in _TRANSIENT_STATUS:
                     raise _refusal(status, what, self.target.repo_id, exc) from exc
-                if status is None and not _dropped(exc):
+                if status is None and not dropped(exc):
                     raise HubError(f"{what} failed: {_short(exc)}", file=self.target.repo_id, hint=_AGAIN) from exc
                 if attempt == RETRY_ATTEMPTS:
                     raise HubError(
@@ -351,7 +352,7 @@ def _status(exc: BaseException) -> int | None:
     return None
 
 
-def _dropped(exc: BaseException) -> bool:
+def dropped(exc: BaseException) -> bool:
     """A connection that failed, was refused, timed out or closed without an answer."""
     for cause in _causes(exc):
         if isinstance(cause, (ConnectionError, TimeoutError)):

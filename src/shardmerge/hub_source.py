@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import InputError
+from .hub import dropped
 from .st_io import read_header
 
 T = TypeVar("T")
@@ -99,7 +100,11 @@ def _hub(name: str, action: Callable[[], T]) -> T:
     try:
         return action()
     except RepositoryNotFoundError:
-        raise InputError("Hub repo not found", file=name, hint=f"check the repo id; {_LOGIN}") from None
+        raise InputError(
+            "no local folder by this name, and no Hub repo either",
+            file=name,
+            hint=f"check the path or the repo id; {_LOGIN}",
+        ) from None
     except RevisionNotFoundError:
         raise InputError("revision not found on the Hub", file=name, hint="check the branch, tag or commit") from None
     except LocalEntryNotFoundError:
@@ -114,3 +119,11 @@ def _hub(name: str, action: Callable[[], T]) -> T:
         status = exc.response.status_code if exc.response is not None else None
         hint = _LOGIN if status in (401, 403) else "check the repo id and your connection, then run again"
         raise InputError(f"the Hub answered HTTP {status}", file=name, hint=hint) from None
+    except Exception as exc:
+        if not dropped(exc):
+            raise
+        raise InputError(
+            "no local folder by this name, and the Hub cannot be reached",
+            file=name,
+            hint="check the path; for a Hub repo check the connection, or set HF_HUB_OFFLINE=1 to use the cache",
+        ) from None
