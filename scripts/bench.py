@@ -2,9 +2,9 @@
 
 Generates a Llama-shaped bf16 checkpoint (default: hidden 4096, intermediate 11008, 4 layers,
 vocab 32000, 5 shards, about 2 GiB) and a LoRA adapter of rank 16 on every linear layer,
-then alternates ``cp`` of the shards, ``python -c "import shardmerge, torch"`` (start-up) and
-``shardmerge merge --device cpu`` ``--repeats`` times, with ``--peft`` also PEFT's
-``merge_and_unload()`` + ``save_pretrained``.
+then alternates ``cp`` of the shards, ``cp`` then ``sync`` (as durable as shardmerge's fsyncs),
+``python -c "import shardmerge, torch"`` (start-up) and ``shardmerge merge --device cpu``
+``--repeats`` times, with ``--peft`` also PEFT's ``merge_and_unload()`` + ``save_pretrained``.
 Peak RSS is the child process's own ``ru_maxrss``. ``--sweep 4,8`` repeats the whole run
 for each layer count, to show how memory grows with the model. ``--batch N`` instead times N
 adapters merged by one batch file (one pass over the base) against N separate merges.
@@ -176,6 +176,8 @@ def run(shape: Shape, work: Path, repeats: int, peft: bool) -> dict[str, object]
     shardmerge = str(Path(sys.executable).with_name("shardmerge"))
     commands = {
         "cp": ["cp", *shards, str(data / "cp-out")],
+        # cp does not wait for the disk; shardmerge fsyncs every shard. The same durability:
+        "cp+sync": ["sh", "-c", 'cp "$@" && sync', "cp", *shards, str(data / "cp-out")],
         "startup": [sys.executable, "-c", "import shardmerge, torch"],
         "shardmerge": [
             *(shardmerge, "merge", str(base), str(data / "adapter")),
@@ -260,8 +262,11 @@ def report(result: dict[str, object], repeats: int) -> None:
     for name in wall:
         ratio = wall[name] / wall["cp"]
         print(f"{name:12} {wall[name]:8.2f} {ratio:6.2f} {size / wall[name] / 1e9:6.2f} {rss[name] / 2**20:8.0f} MB")
-    corrected = (wall["shardmerge"] - wall["startup"]) / wall["cp"]
-    print(f"shardmerge less start-up: {wall['shardmerge'] - wall['startup']:.2f} s, {corrected:.2f} x cp")
+    corrected = wall["shardmerge"] - wall["startup"]
+    print(
+        f"shardmerge less start-up: {corrected:.2f} s, {corrected / wall['cp']:.2f} x cp, "
+        f"{corrected / wall['cp+sync']:.2f} x cp+sync"
+    )
     if "peft" in wall:
         print(f"PEFT / shardmerge wall time: {wall['peft'] / wall['shardmerge']:.2f}")
     working = rss["shardmerge"] - rss["startup"]

@@ -37,7 +37,7 @@ from .plan_data import MergeOp, Plan, ShardPlan, TensorPlan
 from .planner import COPY_CHUNK_BYTES
 from .shared import Output, SegmentReader, write_together
 from .sink import ShardSink
-from .st_io import INDEX_NAME, ITEMSIZE, pread_into, read_checkpoint_header, render_index
+from .st_io import INDEX_NAME, ITEMSIZE, numel, pread_into, read_checkpoint_header, render_index
 
 # errno values that mean "no room": a full disk, a quota, or a file size limit.
 _NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
@@ -131,6 +131,42 @@ class _Buffer:
         return self.take(count * dtype.itemsize).view(dtype).reshape(shape)
 
 
+class _Arena:
+    """Tensors carved one after another from one reused buffer, all given back at once: the
+    float32 adapter factors of one tensor (or block), replaced by the next one's. Fresh
+    tensors instead would leave the allocator's heap fragmented, and resident memory would
+    grow with the number of tensors merged."""
+
+    _ALIGN = 64
+
+    def __init__(self, device: torch.device) -> None:
+        self.buffer = _Buffer(device)
+        self.used = 0
+
+    def reset(self, nbytes: int) -> None:
+        """Start over, with room for ``nbytes`` (padding included)."""
+        self.buffer.take(nbytes)
+        self.used = 0
+
+    def tensor(self, shape: tuple[int, ...]) -> torch.Tensor:
+        count = 1
+        for dim in shape:
+            count *= dim
+        begin = self.used
+        self.used = begin + -(-count * 4 // self._ALIGN) * self._ALIGN
+        return self.buffer.buffer[begin : begin + count * 4].view(torch.float32).reshape(shape)
+
+    @classmethod
+    def room(cls, shapes: list[tuple[int, ...]]) -> int:
+        total = 0
+        for shape in shapes:
+            count = 1
+            for dim in shape:
+                count *= dim
+            total += -(-count * 4 // cls._ALIGN) * cls._ALIGN
+        return total
+
+
 class AdapterReader:
     """Reads adapter tensors with pread, not mmap: pages of a mapped file stay resident and
     count against memory, so a large adapter would grow the footprint as the merge went on."""
@@ -139,18 +175,20 @@ class AdapterReader:
         self.tensors = read_checkpoint_header(Path(path)).tensors
         self.fd = os.open(path, os.O_RDONLY)
 
-    def get_tensor(self, key: str, rows: tuple[int, int] | None = None) -> torch.Tensor:
-        """Tensor ``key``, or only rows ``rows`` of it."""
+    def shape(self, key: str, rows: tuple[int, int] | None = None) -> tuple[int, ...]:
+        shape = self.tensors[key].shape
+        return shape if rows is None else (rows[1] - rows[0], *shape[1:])
+
+    def get_tensor(self, key: str, rows: tuple[int, int] | None, into: _Buffer) -> torch.Tensor:
+        """Tensor ``key``, or only rows ``rows`` of it, read into the reused buffer ``into``."""
         info = self.tensors[key]
-        shape = info.shape
         begin, end = info.begin, info.end
         if rows is not None:
-            row_bytes = (end - begin) // shape[0]
+            row_bytes = (end - begin) // info.shape[0]
             begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
-            shape = (rows[1] - rows[0], *shape[1:])
-        raw = torch.empty(end - begin, dtype=torch.uint8)
+        raw = into.take(end - begin)
         pread_into(self.fd, memoryview(raw.numpy()), begin)
-        return raw.view(TORCH_DTYPES[info.dtype]).reshape(shape)
+        return raw.view(TORCH_DTYPES[info.dtype]).reshape(self.shape(key, rows))
 
     def close(self) -> None:
         os.close(self.fd)
@@ -196,11 +234,58 @@ class TensorMerger:
         self.read_buffer = _Buffer(host, pinned=cuda)
         self.work = _Buffer(device)  # the float32 value being merged
         self.rounded = _Buffer(device) if cuda else None
+        self.staging = _Buffer(host)  # adapter tensors as stored, on their way to float32
+        self.whole = _Arena(device)  # the factors read once per tensor
+        self.block = _Arena(device)  # the factors read per block (replacement tensors)
         # Three output buffers: one is written, one hashed, while the next block fills the third.
         self.sink = ShardSink([_Buffer(host, pinned=cuda) for _ in range(3)])
 
     def close(self) -> None:
         self.sink.close()
+
+    def reserve(self, shards: tuple[ShardPlan, ...]) -> None:
+        """Size every reused buffer for the largest block of ``shards`` at once. Grown as the
+        merge went, each would be freed and allocated again larger; the freed blocks stay in
+        the allocator's heap, and resident memory would depend on the order of tensor sizes."""
+        needs = [self._needs(tensor) for shard in shards for tensor in shard.tensors]
+        source, work, output, staging, whole, block = (max((need[i] for need in needs), default=0) for i in range(6))
+        self.read_buffer.take(source)
+        self.work.take(work)
+        self.staging.take(staging)
+        self.whole.reset(whole)
+        self.block.reset(block)
+        self.sink.reserve(output)
+
+    def _needs(self, tensor: TensorPlan) -> tuple[int, int, int, int, int, int]:
+        """Bytes ``tensor`` needs in each buffer: source, work, output, staging, and the two
+        factor arenas (whole tensor, per block)."""
+        if not tensor.ops:
+            if tensor.dtype == tensor.src_dtype:
+                return (0, 0, 0, 0, 0, 0)
+            chunk = min(COPY_CHUNK_BYTES, tensor.src_end - tensor.src_begin)
+            return (chunk, 0, chunk // ITEMSIZE[tensor.src_dtype] * ITEMSIZE[tensor.dtype], 0, 0, 0)
+        blocks = row_blocks(tensor)
+        count = max(numel(block.shape) for block in blocks)
+        blocked = 0 < tensor.block_rows < (tensor.shape[0] if tensor.shape else 1)
+        staging, rooms = 0, []
+        for per_block in (False, True):
+            span = (0, max(block.last - block.first for block in blocks)) if per_block else None
+            keys = [
+                (self.adapters[op.adapter], key)
+                for op in tensor.ops
+                if (op.kind == "replace" and blocked) == per_block
+                for key in op.keys
+                if key
+            ]
+            shapes = [reader.shape(key, span) for reader, key in keys]
+            sizes = [
+                numel(shape) * ITEMSIZE[reader.tensors[key].dtype]
+                for shape, (reader, key) in zip(shapes, keys, strict=True)
+            ]
+            staging = max([staging, *sizes])
+            rooms.append(_Arena.room(shapes))
+        source = max(block.end - block.begin for block in blocks)
+        return (source, 4 * count, count * ITEMSIZE[tensor.dtype], staging, rooms[0], rooms[1])
 
     def read(self, fd: int, tensor: TensorPlan, begin: int, end: int) -> torch.Tensor:
         raw = self.read_buffer.take(end - begin)
@@ -220,7 +305,8 @@ class TensorMerger:
         """The factors of each op read once for the whole tensor; None where they are read per
         block (replacement tensors, as large as the base tensor)."""
         blocked = 0 < tensor.block_rows < (tensor.shape[0] if tensor.shape else 1)
-        return [None if op.kind == "replace" and blocked else self.factors(op) for op in tensor.ops]
+        ops = [None if op.kind == "replace" and blocked else op for op in tensor.ops]
+        return self._factors(self.whole, ops, None)
 
     def merge_block(
         self, source: torch.Tensor, tensor: TensorPlan, block: Block, whole: list[list[torch.Tensor | None] | None]
@@ -228,13 +314,35 @@ class TensorMerger:
         """Block ``block`` of ``tensor`` merged from ``source``, its base bytes."""
         value = self.work.tensor(torch.float32, block.shape)
         value.copy_(source.reshape(block.shape), non_blocking=True)
-        for op, factors in zip(tensor.ops, whole, strict=True):
-            value = apply_op(value, op, factors if factors is not None else self.factors(op, block.span), block.span)
+        per_block = self._factors(
+            self.block, [op if w is None else None for op, w in zip(tensor.ops, whole, strict=True)], block.span
+        )
+        for op, factors, own in zip(tensor.ops, whole, per_block, strict=True):
+            value = apply_op(value, op, factors if factors is not None else own, block.span)  # type: ignore[arg-type]
         return self.rounded_bytes(value, TORCH_DTYPES[tensor.dtype])
 
-    def factors(self, op: MergeOp, rows: tuple[int, int] | None = None) -> list[torch.Tensor | None]:
-        handle = self.adapters[op.adapter]
-        return [handle.get_tensor(key, rows).to(self.device, torch.float32) if key else None for key in op.keys]
+    def _factors(
+        self, arena: _Arena, ops: list[MergeOp | None], rows: tuple[int, int] | None
+    ) -> list[list[torch.Tensor | None] | None]:
+        """In float32 on the device, in ``arena``: the factors of each op (None for None)."""
+        keys = [(self.adapters[op.adapter], key) for op in ops if op is not None for key in op.keys if key]
+        arena.reset(_Arena.room([reader.shape(key, rows) for reader, key in keys]))
+        result: list[list[torch.Tensor | None] | None] = []
+        for op in ops:
+            if op is None:
+                result.append(None)
+                continue
+            reader = self.adapters[op.adapter]
+            factors: list[torch.Tensor | None] = []
+            for key in op.keys:
+                if not key:
+                    factors.append(None)
+                    continue
+                factor = arena.tensor(reader.shape(key, rows))
+                factor.copy_(reader.get_tensor(key, rows, self.staging))
+                factors.append(factor)
+            result.append(factors)
+        return result
 
     def rounded_bytes(self, value: torch.Tensor, dtype: torch.dtype) -> tuple[memoryview, _Buffer]:
         """``value`` rounded once to ``dtype``, in host memory from the sink's pool."""
@@ -432,6 +540,7 @@ def _open(job: Job, device: torch.device, restart: bool, verify_resume: bool, qu
     _check_free_space(job.folder, sum(needed))
     job.merger = TensorMerger(device, open_adapters(plan, job.stack))
     job.stack.callback(job.merger.close)
+    job.merger.reserve(tuple(shard for shard in plan.shards if shard.name in job.todo))
     if job.publisher is not None:
         for shard in plan.shards:
             if shard.name not in job.todo:

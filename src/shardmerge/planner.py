@@ -292,8 +292,10 @@ def _peak_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> int:
     """Working memory the executor needs beyond the interpreter: the largest merged block in
     float32 (twice for DoRA, LoKr and replacements, which hold a second float32 operand), its
     source bytes, two output buffers (one written and hashed while the next fills), the
-    largest adapter tensor it reads whole, and the conversion and hashing buffers."""
-    worst = 0
+    adapter factors of the tensor with the most (in float32, and one as stored), and the
+    conversion and hashing buffers."""
+    by_index = {adapter.index: adapter for adapter in adapters}
+    worst = factors = 0
     for shard in shards:
         for tensor in shard.tensors:
             if tensor.ops:
@@ -302,11 +304,15 @@ def _peak_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> int:
                 copies = 1 if all(op.kind in ("lora", "bias", "ia3", "tokens", "loha") for op in tensor.ops) else 2
                 source = count * ITEMSIZE[tensor.src_dtype]
                 worst = max(worst, copies * 4 * count + source + 2 * count * ITEMSIZE[tensor.dtype])
-    whole = [
-        4 * numel(info.shape)
-        for adapter in adapters
-        for info in adapter.header.tensors.values()
-        if not any(full.key == info.name for full in adapter.full_tensors)
-    ]
+                blocked = 0 < tensor.block_rows < rows
+                read = [
+                    by_index[op.adapter].header.tensors[key]
+                    for op in tensor.ops
+                    if not (op.kind == "replace" and blocked)
+                    for key in op.keys
+                    if key
+                ]
+                stored = max((info.nbytes for info in read), default=0)
+                factors = max(factors, sum(4 * numel(info.shape) for info in read) + stored)
     conversion = COPY_CHUNK_BYTES + 2 * 2 * COPY_CHUNK_BYTES  # a float16 chunk may widen to float32
-    return max(worst, conversion) + max(whole, default=0) + HASH_CHUNK_BYTES
+    return max(worst, conversion) + factors + HASH_CHUNK_BYTES

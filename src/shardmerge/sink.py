@@ -43,6 +43,7 @@ class SharedBlock:
 class ShardSink:
     def __init__(self, buffers: list[Any]) -> None:
         self._free: queue.Queue[Any] = queue.Queue()
+        self._size = len(buffers)
         for buffer in buffers:
             self._free.put(buffer)
         self._to_writer: queue.Queue[_Item | None] = queue.Queue()
@@ -56,6 +57,13 @@ class ShardSink:
         ]
         for thread in self._threads:
             thread.start()
+
+    def reserve(self, nbytes: int) -> None:
+        """Size every buffer of the pool for ``nbytes`` now (the pool must be idle)."""
+        buffers = [self._free.get() for _ in range(self._size)]
+        for buffer in buffers:
+            buffer.take(nbytes)
+            self._free.put(buffer)
 
     def acquire(self) -> Any:
         """A free buffer of the pool; waits while the others are still being written or hashed."""
