@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import shardmerge.executor
+import shardmerge.merger
 import shardmerge.shared
 from conftest import Base, save_adapter
 from shardmerge.batch import run_jobs
@@ -115,7 +115,7 @@ def test_a_shared_base_pass_reads_each_base_shard_once(
 
         return pread_into
 
-    for module in (shardmerge.shared, shardmerge.executor):
+    for module in (shardmerge.shared, shardmerge.merger):
         monkeypatch.setattr(module, "pread_into", counting(module))
     results = run_jobs(list(load_job_file(batch).jobs), quiet=True)
     assert [result.status for result in results] == ["done", "done", "done"]

@@ -24,13 +24,14 @@ from tqdm import tqdm
 from . import outdir
 from .journal import ShardRecord
 from .kernels import TORCH_DTYPES
+from .merger import Buffer, TensorMerger, row_blocks
 from .plan_data import ShardPlan, TensorPlan
 from .planner import COPY_CHUNK_BYTES
 from .sink import SharedBlock
 from .st_io import ITEMSIZE, pread_into
 
 if TYPE_CHECKING:
-    from .executor import TensorMerger, _StopRequest
+    from .executor import _StopRequest
 
 _POOL = 3  # segment buffers: one being read and merged, two still being written
 
@@ -55,11 +56,9 @@ class SegmentReader:
     """Reads segments of base tensors into a small pool of reused host buffers."""
 
     def __init__(self, pinned: bool) -> None:
-        from .executor import _Buffer
-
-        self.pool: queue.Queue[_Buffer] = queue.Queue()
+        self.pool: queue.Queue[Buffer] = queue.Queue()
         for _ in range(_POOL):
-            self.pool.put(_Buffer(torch.device("cpu"), pinned=pinned))
+            self.pool.put(Buffer(torch.device("cpu"), pinned=pinned))
 
     def read(self, fd: int, begin: int, end: int) -> tuple[torch.Tensor, object]:
         buffer = self.pool.get()
@@ -130,8 +129,6 @@ def _fail(output: Output, exc: BaseException | None) -> None:
 
 
 def _tensor(src: int, jobs: list[tuple[Output, TensorPlan]], reader: SegmentReader) -> None:
-    from .executor import row_blocks
-
     wholes = {}
     for output, tensor in jobs:
         if tensor.ops:
@@ -180,8 +177,6 @@ def _typed(raw: torch.Tensor, begin: int, end: int, tensor: TensorPlan) -> torch
 def _segments(tensors: list[TensorPlan]) -> list[tuple[int, int]]:
     """Byte ranges to read the tensor in: the merge blocks when every merging job has the same
     ones, the whole tensor when they differ, copy chunks when no job merges it."""
-    from .executor import row_blocks
-
     first = tensors[0]
     merging = [tensor for tensor in tensors if tensor.ops]
     if merging:

@@ -15,8 +15,8 @@ from . import hub_source
 from . import journal as journals
 from .config import MergeJob
 from .errors import OutputError, SafetensorsFormatError, ShardmergeError, VerificationProblem, VerifyError
-from .executor import TensorMerger, open_adapters
 from .kernels import TORCH_DTYPES
+from .merger import TensorMerger, open_adapters
 from .planner import build_plan
 from .st_io import INDEX_NAME, SafetensorsHeader, TensorInfo, pread_into, read_header
 
