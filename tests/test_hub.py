@@ -206,6 +206,7 @@ def test_injected_errors_and_dropped_connections_are_retried(
         Fault("PUT", "/lfs-upload/", "drop"),
         Fault("POST", "/commit/", 500),
         Fault("POST", "/commit/", "drop"),
+        Fault("POST", "/paths-info/", 429),
     ]
     out = tmp_path / "out"
     done = _run(_merge(hub, inputs, out), hub, tmp_path / "home")
@@ -409,3 +410,15 @@ def test_a_missing_folder_that_reads_as_a_repo_id_is_one_clear_line(
     assert down.returncode == 1
     assert "models/llama: no local folder by this name, and the Hub cannot be reached" in down.stderr
     assert "Traceback" not in down.stderr
+
+
+def test_push_refuses_a_folder_that_is_not_a_finished_merge(
+    hub: HubServer, inputs: tuple[Base, Path, Path], tmp_path: Path
+) -> None:
+    base, adapter, _ = inputs
+    (tmp_path / "empty").mkdir()
+    foreign = _run(_command("push", tmp_path / "empty", REPO), hub, tmp_path / "home")
+    assert foreign.returncode == 1 and "no shardmerge journal in .shardmerge" in foreign.stderr
+    flags = _run(_command("merge", base.path, adapter, "-o", tmp_path / "out", "--private"), hub, tmp_path / "home")
+    assert flags.returncode == 2 and "private only apply with push_to_hub" in flags.stderr
+    assert not hub.state.repos
