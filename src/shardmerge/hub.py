@@ -311,7 +311,7 @@ def _addition(name: str, path: Path, size: int, sha256: str) -> CommitOperationA
     operation = CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
     with path.open("rb") as handle:
         sample = handle.read(512)
-    operation.upload_info = UploadInfo(size=size, sample=sample, sha256=bytes.fromhex(sha256), source_path=str(path))
+    operation.upload_info = UploadInfo(size=size, sample=sample, sha256=bytes.fromhex(sha256))
     return operation
 
 
