@@ -44,6 +44,14 @@ def _write_batch(path: Path, body: dict[str, object]) -> Path:
     return path
 
 
+def _one_adapter_each(tmp_path: Path, base: Path, adapters: dict[str, Path], names: list[str]) -> Path:
+    """A batch of one job per adapter named, each called after its adapter, on ``base``."""
+    jobs = [{"name": name, "adapters": [str(adapters[name])]} for name in names]
+    return _write_batch(
+        tmp_path / "batch.yaml", {"defaults": {"base": str(base), "output": "runs/{name}"}, "jobs": jobs}
+    )
+
+
 def test_a_batch_isolates_failures_and_matches_single_merges(
     models: Callable[[str], Base], adapters: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -94,15 +102,8 @@ def test_a_shared_base_pass_reads_each_base_shard_once(
 ) -> None:
     base = models("llama-bf16").path
     names = ["attention", "mlp", "all"]
-    batch = _write_batch(
-        tmp_path / "batch.yaml",
-        {
-            "defaults": {"base": str(base), "output": "runs/{name}"},
-            "jobs": [{"name": name, "adapters": [str(adapters[name])]} for name in names],
-        },
-    )
+    batch = _one_adapter_each(tmp_path, base, adapters, names)
     read: Counter[str] = Counter()
-    calls: Counter[str] = Counter()
 
     def counting(module: object) -> Callable[[int, memoryview, int], None]:
         real = module.pread_into  # type: ignore[attr-defined]
@@ -110,7 +111,6 @@ def test_a_shared_base_pass_reads_each_base_shard_once(
         def pread_into(fd: int, buffer: memoryview, offset: int) -> None:
             path = os.readlink(f"/proc/self/fd/{fd}")
             read[path] += buffer.nbytes
-            calls[path] += 1
             real(fd, buffer, offset)
 
         return pread_into
@@ -182,9 +182,7 @@ def test_batch_errors_name_the_job_and_key(
     assert message in capsys.readouterr().err
 
 
-def test_only_names_a_known_job(
-    models: Callable[[str], Base], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_only_names_a_known_job(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     batch = _write_batch(
         tmp_path / "batch.yaml", {"jobs": [{"name": "a", "base": "b", "adapters": ["x"], "output": "o"}]}
     )
@@ -197,13 +195,7 @@ def test_running_a_batch_again_skips_finished_jobs_and_finishes_the_others(
 ) -> None:
     base = models("llama-bf16").path
     names = ["attention", "mlp", "all"]
-    batch = _write_batch(
-        tmp_path / "batch.yaml",
-        {
-            "defaults": {"base": str(base), "output": "runs/{name}"},
-            "jobs": [{"name": name, "adapters": [str(adapters[name])]} for name in names],
-        },
-    )
+    batch = _one_adapter_each(tmp_path, base, adapters, names)
     assert main(["run", str(batch), "--quiet", "--only", "attention"]) == 0
     assert main(["run", str(batch), "--quiet", "--only", "mlp"]) == 0
     finished = _shards(tmp_path / "runs" / "mlp")

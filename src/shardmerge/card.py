@@ -15,12 +15,12 @@ from typing import Any
 import yaml
 
 from . import __version__
+from .config import is_hub_id
 from .plan_data import AdapterSummary, Plan
 
 CARD_NAME = "README.md"
 # Metadata of the base's card that still holds for the merged model: its license binds it.
 _INHERITED = ("license", "license_name", "license_link", "language")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$")
 
 
 def render(plan: Plan, base_card: Path | None) -> bytes:
@@ -41,7 +41,7 @@ def render(plan: Plan, base_card: Path | None) -> bytes:
         "",
         "# Merged model",
         "",
-        f"This model is `{base_model or _display(plan.base)}` with {count} PEFT adapter{'s' if count != 1 else ''} "
+        f"This model is `{base_model or display(plan.base)}` with {count} PEFT adapter{'s' if count != 1 else ''} "
         f"merged into its weights by shardmerge {__version__}. It loads as a plain model with `transformers` "
         "or vLLM; PEFT is not needed.",
         "",
@@ -66,20 +66,19 @@ def hub_base_model(plan: Plan) -> str | None:
     if len(names) != 1:
         return None
     name = names.pop()
-    return name if name and _REPO_ID.match(name) and not Path(name).exists() else None
+    return name if name and is_hub_id(name) and not Path(name).exists() else None
 
 
 def _row(adapter: AdapterSummary) -> str:
     rank = str(adapter.r) if adapter.r is not None else "-"
     flags = "".join(f" ({flag})" for flag, on in (("DoRA", adapter.use_dora), ("rsLoRA", adapter.use_rslora)) if on)
-    name = _display(adapter.path)
+    name = display(adapter.path)
     return f"| {adapter.index} | `{name}` | {adapter.peft_type}{flags} | {rank} | {adapter.weight:g} |"
 
 
-def _display(path: str) -> str:
+def display(path: str) -> str:
     """A Hub id without its pinned commit, or a local folder's name."""
-    repo = path.partition("@")[0]
-    return repo if _REPO_ID.match(repo) and not Path(path).exists() else Path(path).name
+    return path.partition("@")[0] if is_hub_id(path) and not Path(path).exists() else Path(path).name
 
 
 def _front_matter(card: Path) -> dict[str, Any]:

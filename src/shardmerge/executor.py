@@ -29,7 +29,7 @@ from . import card, outdir
 from . import journal as journals
 from .errors import DeviceError, JobConfigError, OutputError, ShardmergeError
 from .fetch import Fetcher, fetcher_for
-from .hub import Publisher, PushTarget
+from .hub import Publisher, PushTarget, commit_message
 from .merger import TensorMerger, open_adapters, resolve_device
 from .plan_data import Plan, ShardPlan
 from .shared import Output, SegmentReader, write_together
@@ -191,7 +191,7 @@ def _open(job: Job, device: torch.device, restart: bool, verify_resume: bool, qu
     if job.push is None:
         journal.set_target(None)
     else:
-        job.publisher = Publisher(job.push, job.folder, _commit_message(plan), quiet=quiet)
+        job.publisher = Publisher(job.push, job.folder, commit_message(plan.base, len(plan.adapters)), quiet=quiet)
         job.stack.callback(job.publisher.close)
         job.publisher.open(journal)
     todo = [shard for shard in plan.shards if not journal.finished(shard, rehash=verify_resume)]
@@ -279,11 +279,6 @@ def _report(job: Job, device: torch.device) -> MergeReport:
         commit=job.commit,
         url=job.publisher.url if job.publisher is not None else None,
     )
-
-
-def _commit_message(plan: Plan) -> str:
-    count = len(plan.adapters)
-    return f"Merge {count} adapter{'s' if count != 1 else ''} into {Path(plan.base).name} with shardmerge"
 
 
 def _check_free_space(folder: Path, needed: int) -> None:

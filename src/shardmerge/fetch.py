@@ -37,7 +37,7 @@ class Fetcher:
 class HubFetcher(Fetcher):
     def __init__(self, plan: Plan, repo_id: str, drop: bool) -> None:
         self.repo_id = repo_id
-        self.commit = plan.base.rpartition("@")[2]
+        self.commit = str(plan.base_commit)
         self.order = [shard.name for shard in plan.shards]
         self.drop = drop
         self.before = {name for name in self.order if hub_source.cached(repo_id, self.commit, name) is not None}

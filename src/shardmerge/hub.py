@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from tqdm import tqdm
 
 from . import outdir
+from .card import display
 from .errors import HubError, OutputError
 from .journal import STATE_DIR, Journal
 
@@ -303,6 +304,11 @@ class Publisher:
         return self.journal
 
 
+def commit_message(base: str, adapters: int) -> str:
+    """The default commit title: what was merged into what."""
+    return f"Merge {adapters} adapter{'s' if adapters != 1 else ''} into {display(base)} with shardmerge"
+
+
 def _addition(name: str, path: Path, size: int, sha256: str) -> CommitOperationAdd:
     """A shard to upload, with the size and sha256 known from writing it: never re-read to hash."""
     from huggingface_hub import CommitOperationAdd
@@ -392,9 +398,7 @@ def publish(folder: Path, target: PushTarget, *, quiet: bool = True) -> tuple[st
         raise OutputError(f"no shardmerge journal in {STATE_DIR}", file=folder, hint="push publishes a merge's output")
     if not journal.complete:
         raise OutputError("the merge in this folder did not finish", file=folder, hint="run the merge again first")
-    job = journal.job
-    count = len(job.get("adapters", []))
-    message = f"Merge {count} adapter{'s' if count != 1 else ''} into {Path(job['base']).name} with shardmerge"
+    message = commit_message(journal.job["base"], len(journal.job.get("adapters", [])))
     publisher = Publisher(target, folder, message, quiet=quiet)
     try:
         publisher.open(journal)

@@ -18,7 +18,7 @@ import json
 import os
 import shutil
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,15 +49,6 @@ class PushState:
     uploaded: dict[str, str] = field(default_factory=dict)
     deleted: list[str] = field(default_factory=list)
     commit: str | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "repo_id": self.repo_id,
-            "revision": self.revision,
-            "uploaded": self.uploaded,
-            "deleted": self.deleted,
-            "commit": self.commit,
-        }
 
 
 @dataclass
@@ -96,7 +87,7 @@ class Journal:
                 for name, r in self.shards.items()
             },
             "complete": self.complete,
-            "push": self.push.to_json() if self.push else None,
+            "push": asdict(self.push) if self.push else None,
         }
         outdir.write_bytes_atomic(self.path, (json.dumps(body, indent=2) + "\n").encode())
 
@@ -175,18 +166,10 @@ def load(folder: Path) -> Journal | None:
                 for name, r in body["shards"].items()
             },
             complete=bool(body.get("complete")),
-            push=_push_state(body.get("push")),
+            push=PushState(**body["push"]) if body.get("push") else None,
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-
-
-def _push_state(body: dict[str, Any] | None) -> PushState | None:
-    if not body:
-        return None
-    return PushState(
-        body["repo_id"], body["revision"], dict(body["uploaded"]), list(body["deleted"]), body.get("commit")
-    )
 
 
 def claim(folder: Path, plan: Plan, inputs: list[Path], *, restart: bool, device: str) -> Journal:

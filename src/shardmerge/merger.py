@@ -100,10 +100,7 @@ class Buffer:
         return self.buffer[:nbytes]
 
     def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        count = 1
-        for dim in shape:
-            count *= dim
-        return self.take(count * dtype.itemsize).view(dtype).reshape(shape)
+        return self.take(numel(shape) * dtype.itemsize).view(dtype).reshape(shape)
 
 
 class _Arena:
@@ -124,22 +121,18 @@ class _Arena:
         self.used = 0
 
     def tensor(self, shape: tuple[int, ...]) -> torch.Tensor:
-        count = 1
-        for dim in shape:
-            count *= dim
         begin = self.used
-        self.used = begin + -(-count * 4 // self._ALIGN) * self._ALIGN
-        return self.buffer.buffer[begin : begin + count * 4].view(torch.float32).reshape(shape)
+        self.used = begin + self._slot(shape)
+        return self.buffer.buffer[begin : begin + numel(shape) * 4].view(torch.float32).reshape(shape)
 
     @classmethod
     def room(cls, shapes: list[tuple[int, ...]]) -> int:
-        total = 0
-        for shape in shapes:
-            count = 1
-            for dim in shape:
-                count *= dim
-            total += -(-count * 4 // cls._ALIGN) * cls._ALIGN
-        return total
+        return sum(cls._slot(shape) for shape in shapes)
+
+    @classmethod
+    def _slot(cls, shape: tuple[int, ...]) -> int:
+        """Bytes a float32 tensor of ``shape`` takes in the arena, padded to the alignment."""
+        return -(-numel(shape) * 4 // cls._ALIGN) * cls._ALIGN
 
 
 class AdapterReader:
@@ -260,11 +253,13 @@ class TensorMerger:
         """Block ``block`` of ``tensor`` merged from ``source``, its base bytes."""
         value = self.work.tensor(torch.float32, block.shape)
         value.copy_(source.reshape(block.shape), non_blocking=True)
-        per_block = self._factors(
-            self.block, [op if w is None else None for op, w in zip(tensor.ops, whole, strict=True)], block.span
-        )
-        for op, factors, own in zip(tensor.ops, whole, per_block, strict=True):
-            value = apply_op(value, op, factors if factors is not None else own, block.span)  # type: ignore[arg-type]
+        if any(factors is None for factors in whole):  # replacement tensors, read block by block
+            missing = [op if factors is None else None for op, factors in zip(tensor.ops, whole, strict=True)]
+            own = self._factors(self.block, missing, block.span)
+            whole = [factors if factors is not None else mine for factors, mine in zip(whole, own, strict=True)]
+        for op, factors in zip(tensor.ops, whole, strict=True):
+            assert factors is not None
+            value = apply_op(value, op, factors, block.span)
         return self.rounded_bytes(value, TORCH_DTYPES[tensor.dtype])
 
     def _factors(

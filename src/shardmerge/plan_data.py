@@ -129,6 +129,11 @@ class Plan:
     base_repo: str | None = None  # a Hub base: its repo id (``base`` is ``repo@commit``)
 
     @property
+    def base_commit(self) -> str | None:
+        """The commit a Hub base is pinned to (``base`` is ``repo@commit``)."""
+        return self.base.rpartition("@")[2] if self.base_repo else None
+
+    @property
     def total_bytes(self) -> int:
         return sum(shard.size for shard in self.shards)
 

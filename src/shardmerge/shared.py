@@ -44,6 +44,7 @@ class Output:
     shard: ShardPlan
     folder: Path
     dst: int = -1
+    header: bytes = b""
     record: ShardRecord | None = None
     error: BaseException | None = None
 
@@ -98,7 +99,8 @@ def _begin(output: Output) -> None:
     try:
         output.dst = os.open(output.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         output.merger.sink.start(output.dst)
-        output.merger.sink.write(memoryview(output.shard.header_bytes()))
+        output.header = output.shard.header_bytes()
+        output.merger.sink.write(memoryview(output.header))
     except Exception as exc:
         _fail(output, exc)
 
@@ -111,8 +113,7 @@ def _end(output: Output) -> None:
         os.close(output.dst)
         output.dst = -1
         merged = tuple(tensor.name for tensor in output.shard.tensors if tensor.ops)
-        header = hashlib.sha256(output.shard.header_bytes()).hexdigest()
-        output.record = ShardRecord(size, digest, header, merged)
+        output.record = ShardRecord(size, digest, hashlib.sha256(output.header).hexdigest(), merged)
     except Exception as exc:
         _fail(output, exc)
 
@@ -129,9 +130,10 @@ def _fail(output: Output, exc: BaseException | None) -> None:
 
 
 def _tensor(src: int, jobs: list[tuple[Output, TensorPlan]], reader: SegmentReader) -> None:
-    wholes = {}
+    wholes, blocks = {}, {}
     for output, tensor in jobs:
         if tensor.ops:
+            blocks[id(output)] = row_blocks(tensor)
             try:
                 wholes[id(output)] = output.merger.whole_factors(tensor)
             except Exception as exc:
@@ -145,7 +147,7 @@ def _tensor(src: int, jobs: list[tuple[Output, TensorPlan]], reader: SegmentRead
                 continue
             try:
                 if tensor.ops:
-                    for block in row_blocks(tensor):
+                    for block in blocks[id(output)]:
                         if begin <= block.begin and block.end <= end:
                             source = _typed(raw, block.begin - begin, block.end - begin, tensor)
                             merged = output.merger.merge_block(source, tensor, block, wholes[id(output)])

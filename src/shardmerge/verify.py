@@ -176,7 +176,7 @@ def _recompute(folder: Path, journal: journals.Journal, count: int, problems: li
         stack.callback(merger.close)
         for shard, tensor in sample:
             if plan.base_repo is not None and not Path(shard.source).exists():
-                hub_source.download(plan.base_repo, plan.base.rpartition("@")[2], shard.name)
+                hub_source.download(plan.base_repo, str(plan.base_commit), shard.name)
             src = os.open(shard.source, os.O_RDONLY)
             stack.callback(os.close, src)
             fresh = bytearray()
