@@ -66,6 +66,9 @@ class MergeJob(PushOptions):
     output: str | None = None
     dtype: OutputDtype = "bfloat16"
     device: str = "auto"
+    # Modules stored as GPT-2's Conv1D ([in, out]); every other one is nn.Linear. None: decided
+    # by the base's architecture. Only needed where that is unknown (e.g. custom modelling code).
+    conv1d_modules: list[str] | None = None
 
     @field_validator("adapters", mode="before")
     @classmethod

@@ -14,6 +14,7 @@ from typing import Any
 from .adapters import Adapter, AdapterModule, FullTensor
 from .errors import AdapterError, ShardmergeError
 from .keymap import Mapping, closest_names, map_name
+from .layouts import CONV1D_HINT, Layouts
 from .plan_data import MergeOp
 from .st_io import TensorInfo
 
@@ -32,6 +33,7 @@ _EXPERT_LAYOUTS: dict[str, tuple[tuple[str, ...], ...]] = {
 class AdapterPlanner:
     adapter: Adapter
     base: dict[str, TensorInfo]
+    layouts: Layouts
     problems: list[ShardmergeError]
     suggestions: int = 0
 
@@ -168,14 +170,8 @@ class AdapterPlanner:
         if mapping is None:
             return
         base = self.tensor(mapping)
-        layout = self.layout(module, base, (b_shape[0], a_shape[1]))
+        layout = self.layout(module, base, (b_shape[0], a_shape[1]), a_key)
         if layout is None:
-            self.error(
-                f"shape mismatch: A {list(a_shape)} and B {list(b_shape)} give a delta that fits neither "
-                f"{list(base.shape)} nor its transpose (base tensor {base.name!r})",
-                a_key,
-                "the adapter belongs to another model, or to another size of it",
-            )
             return
         keys: tuple[str, ...] = (a_key, b_key)
         kind = "lora"
@@ -196,19 +192,52 @@ class AdapterPlanner:
         if "lora_B_bias" in module.keys:
             self.bias_update(module, "bias", module.keys["lora_B_bias"], module.shapes["lora_B_bias"])
 
-    def layout(self, module: AdapterModule, base: TensorInfo, out_in: tuple[int, int]) -> str | None:
-        """How an (out, in) update lies against ``base``: decided by the shapes, and by the
-        config's fan_in_fan_out only where a square weight fits both ways."""
+    def layout(self, module: AdapterModule, base: TensorInfo, out_in: tuple[int, int], key: str) -> str | None:
+        """How an (out, in) update lies against ``base``: ``linear`` (nn.Linear, [out, in]) or
+        ``conv1d`` (GPT-2's Conv1D, [in, out]), from the module's type where the architecture
+        says and from the shapes where they differ; None, with the problem recorded, where the
+        shapes do not fit or nothing decides."""
         if module.is_embedding:
             # lora_embedding_A is (r, num_embeddings), lora_embedding_B is (dim, r).
-            return "embedding" if base.shape == (out_in[1], out_in[0]) else None
-        as_linear = base.shape == out_in
-        as_conv1d = base.shape == (out_in[1], out_in[0])
-        if as_linear and as_conv1d:
-            return "conv1d" if self.adapter.config.get("fan_in_fan_out") else "linear"
-        if as_linear:
-            return "linear"
-        return "conv1d" if as_conv1d else None
+            fits = ["embedding"] if base.shape == out_in[::-1] else []
+            return fits[0] if fits else self.choose_layout(module, base, fits, f"a delta of {list(out_in)}", key)
+        fits = [layout for layout, shape in (("linear", out_in), ("conv1d", out_in[::-1])) if base.shape == shape]
+        return self.choose_layout(module, base, fits, f"a delta of {list(out_in)}", key)
+
+    def choose_layout(
+        self, module: AdapterModule, base: TensorInfo, fits: list[str], what: str, key: str
+    ) -> str | None:
+        """The one layout of ``fits`` (those the shapes allow) that the module's type allows."""
+        conv1d = self.layouts.is_conv1d(module.path)
+        if conv1d is not None and not module.is_embedding:
+            declared = "conv1d" if conv1d else "linear"
+            if declared in fits:
+                return declared
+            if fits:
+                stored = "GPT-2's Conv1D [in, out]" if conv1d else "nn.Linear [out, in]"
+                self.error(
+                    f"{what} does not fit base tensor {base.name!r} {list(base.shape)} stored as {stored} "
+                    f"({self.layouts.source})",
+                    key,
+                    "the adapter belongs to another model; " + CONV1D_HINT,
+                )
+                return None
+        elif len(fits) > 1:
+            self.error(
+                f"square weight {base.name!r} {list(base.shape)}: whether it is stored as nn.Linear [out, in] or as "
+                f"GPT-2's Conv1D [in, out] cannot be told ({self.layouts.unknown})",
+                key,
+                CONV1D_HINT,
+            )
+            return None
+        if fits:
+            return fits[0]
+        self.error(
+            f"shape mismatch: {what} fits neither base tensor {base.name!r} {list(base.shape)} nor its transpose",
+            key,
+            "the adapter belongs to another model, or to another size of it",
+        )
+        return None
 
     def bias_update(self, module: AdapterModule, kind: str, key: str, shape: tuple[int, ...]) -> None:
         mapping = self.target(f"{module.path}.bias", key)
@@ -352,6 +381,14 @@ class AdapterPlanner:
                 "the adapter belongs to another model, or to another size of it",
             )
             return
+        if self.layouts.is_conv1d(module.path):
+            # PEFT makes LoHa and LoKr layers only for nn.Linear (and convolutions).
+            self.error(
+                f"{kind} update on {base.name!r}, a Conv1D layer ({self.layouts.source}): PEFT has no such layer",
+                module.first_key,
+                "the adapter belongs to another model; " + CONV1D_HINT,
+            )
+            return
         self.add(mapping, kind, keys, "linear", module.path)
 
     def ia3(self, module: AdapterModule) -> None:
@@ -364,15 +401,14 @@ class AdapterPlanner:
             self.error(f"IA3 on a {len(base.shape)}-D tensor is not supported", key)
             return
         feedforward = _is_feedforward(self.adapter.config.get("feedforward_modules"), module.path)
-        conv1d = bool(self.adapter.config.get("fan_in_fan_out"))
-        out_features, in_features = base.shape[::-1] if conv1d else base.shape
-        expected = (1, in_features) if feedforward else (out_features, 1)
-        if shape != expected:
-            self.error(
-                f"shape mismatch: ia3_l is {list(shape)}, expected {list(expected)} for base {list(base.shape)}", key
-            )
+        fits = []
+        for layout, (out_features, in_features) in (("linear", base.shape), ("conv1d", base.shape[::-1])):
+            if shape == ((1, in_features) if feedforward else (out_features, 1)):
+                fits.append(layout)
+        layout = self.choose_layout(module, base, fits, f"ia3_l {list(shape)}", key)
+        if layout is None:
             return
-        self.add(mapping, "ia3", (key,), "conv1d" if conv1d else "linear", module.path)
+        self.add(mapping, "ia3", (key,), layout, module.path)
         if not feedforward and map_name(f"{module.path}.bias", self.base).target is not None:
             self.bias_update(module, "ia3", key, shape)
 

@@ -16,6 +16,7 @@ from typing import Any
 from .adapters import Adapter, load_adapter
 from .config import MergeJob
 from .errors import AdapterError, InputError, PlanError, ShardmergeError
+from .layouts import find_layouts
 from .module_ops import AdapterPlanner
 from .plan_data import AdapterSummary, MergeOp, Plan, ShardPlan, TensorPlan, encode_shard_header, row_separable
 from .resolve import BaseFiles, output_shard_name, resolve_adapter, resolve_base
@@ -55,18 +56,19 @@ def build_plan(job: MergeJob) -> Plan:
     tied = find_tied(config, tensors)
     virtual_head = tied.virtual_head(tensors) if tied else None
     targets = {**tensors, virtual_head.name: virtual_head} if virtual_head else tensors
+    layouts = find_layouts(config, job.conv1d_modules)
     ops: dict[str, list[MergeOp]] = defaultdict(list)
     for adapter in adapters:
-        for name, tensor_ops in AdapterPlanner(adapter, targets, problems).plan().items():
+        for name, tensor_ops in AdapterPlanner(adapter, targets, layouts, problems).plan().items():
             ops[name].extend(tensor_ops)
     untie = tied is not None and split_uses(tied, ops)
     _check_targets(headers, targets, ops, problems)
     if problems:
         raise PlanError(problems)
     extra: dict[Path, TensorInfo] = {}
-    notes: tuple[str, ...] = ()
+    notes = _notes(ops, layouts.source)
     if tied is not None and untie:
-        notes = (f"tied embeddings untied: the adapters change {tied.embedding} and {tied.head} differently",)
+        notes += (f"tied embeddings untied: the adapters change {tied.embedding} and {tied.head} differently",)
         if virtual_head is not None:
             extra[_shard_of(headers, tied.embedding)] = virtual_head
     elif virtual_head is not None:
@@ -93,6 +95,31 @@ def build_plan(job: MergeJob) -> Plan:
         tensor_bytes=sum(t.end - t.begin for shard in shards for t in shard.tensors),
         peak_memory_bytes=_peak_memory(shards, adapters),
     )
+
+
+def _notes(ops: dict[str, list[MergeOp]], layout_source: str) -> tuple[str, ...]:
+    """What a reader of the plan should know: where Conv1D layouts came from, and trainable
+    token rows that several adapters replace (applied in order: the last one's rows win)."""
+    notes = []
+    conv1d = sorted(
+        {op.module.rpartition(".")[2] for tensor_ops in ops.values() for op in tensor_ops if op.layout == "conv1d"}
+    )
+    if conv1d:
+        notes.append(f"Conv1D layout ([in, out]) for {', '.join(conv1d)}: from {layout_source}")
+    for name, tensor_ops in ops.items():
+        owners: dict[int, int] = {}
+        overlap: set[int] = set()
+        for op in tensor_ops:
+            for row in op.indices:
+                if row in owners and owners[row] != op.adapter:
+                    overlap.add(row)
+                owners[row] = op.adapter
+        if overlap:
+            notes.append(
+                f"{name}: adapters replace the same trainable token rows ({len(overlap)} rows, e.g. {min(overlap)}); "
+                "they apply in order, so the last adapter's rows win"
+            )
+    return tuple(notes)
 
 
 def _read_config(base: BaseFiles, problems: list[ShardmergeError]) -> dict[str, Any] | None:
@@ -264,9 +291,11 @@ def _inputs(
     def header_id(header: SafetensorsHeader) -> dict[str, Any]:
         return {"name": header.path.name, "size": header.file_size, "header": hashlib.sha256(header.raw).hexdigest()}
 
+    declared = {} if job.conv1d_modules is None else {"conv1d_modules": job.conv1d_modules}
     return {
         "format_version": FORMAT_VERSION,
         "dtype": job.dtype,
+        **declared,
         "base": [header_id(header) for header in headers],
         "base_files": {path.name: _file_sha256(path) for path in base.extra_files},
         "adapters": [

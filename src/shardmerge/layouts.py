@@ -1,0 +1,92 @@
+"""Which base modules store their weight as transformers' GPT-2 ``Conv1D`` ([in, out]) and
+which as ``nn.Linear`` ([out, in]).
+
+A square weight fits an update both ways, so its layout must come from evidence about that
+module: the module types of the architecture named by ``config.json`` (``model_type``, and
+those of its sub-configs), or the job's ``conv1d_modules``. Never from the adapter's
+``fan_in_fan_out``: PEFT rewrites that one flag for every module it wraps, so the saved value
+describes only the module wrapped last.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from typing import Any
+
+# Module names that are transformers' ``Conv1D``, per model type. Every other module of a
+# model type that transformers implements is ``nn.Linear``: the tests check both against
+# transformers' own modelling code.
+_GPT2_STYLE = ("c_attn", "q_attn", "c_proj", "c_fc")
+CONV1D_MODULES: dict[str, tuple[str, ...]] = {
+    "gpt2": _GPT2_STYLE,
+    "openai-gpt": _GPT2_STYLE,
+    "imagegpt": _GPT2_STYLE,
+    "decision_transformer": _GPT2_STYLE,
+    "clvp": ("c_fc", "c_proj"),
+    "clvp_decoder": ("c_fc", "c_proj"),
+}
+# Model types transformers implements (a snapshot of its CONFIG_MAPPING_NAMES, checked against
+# the installed transformers by the tests): for these the table above is complete.
+_MODEL_TYPES_FILE = "transformers_model_types.txt"
+
+CONV1D_HINT = (
+    "if the model's layers are nn.Linear, as in every transformers model outside GPT-2's family, pass "
+    "--conv1d-modules none (YAML: conv1d_modules: []); otherwise name its Conv1D layers, e.g. "
+    "--conv1d-modules c_attn,c_proj"
+)
+
+
+@cache
+def transformers_model_types() -> frozenset[str]:
+    text = resources.files(__package__).joinpath(_MODEL_TYPES_FILE).read_text()
+    return frozenset(line.strip() for line in text.splitlines() if line.strip())
+
+
+@dataclass(frozen=True)
+class Layouts:
+    """``conv1d`` lists the module names (a module path or its last parts) stored as Conv1D,
+    every other module being nn.Linear; None when the architecture is unknown, for the reason
+    in ``unknown``. ``source`` says where the answer came from, for the plan."""
+
+    conv1d: tuple[str, ...] | None
+    source: str
+    unknown: str = ""
+
+    def is_conv1d(self, path: str) -> bool | None:
+        """Whether module ``path`` is a Conv1D; None when nothing says."""
+        if self.conv1d is None:
+            return None
+        return any(path == name or path.endswith(f".{name}") for name in self.conv1d)
+
+
+def find_layouts(config: dict[str, Any] | None, conv1d_modules: list[str] | None) -> Layouts:
+    """The layouts of the base described by ``config`` (None without a config.json), or those
+    the job declares."""
+    if conv1d_modules is not None:
+        named = ", ".join(conv1d_modules) or "none"
+        return Layouts(tuple(conv1d_modules), f"conv1d_modules of the job ({named})")
+    if config is None:
+        return Layouts(None, "", "the base has no config.json")
+    if config.get("auto_map"):
+        return Layouts(None, "", "config.json names custom modelling code (auto_map)")
+    model_types = _model_types(config)
+    if not model_types:
+        return Layouts(None, "", "config.json names no model_type")
+    unknown = sorted(model_types - transformers_model_types())
+    if unknown:
+        return Layouts(None, "", f"model type {unknown[0]!r} is not one that transformers implements")
+    names = tuple(dict.fromkeys(name for kind in sorted(model_types) for name in CONV1D_MODULES.get(kind, ())))
+    return Layouts(names, f"config.json model_type {', '.join(sorted(model_types))}")
+
+
+def _model_types(config: dict[str, Any]) -> set[str]:
+    """The model types of a config and of its sub-configs (text_config, decoder, ...)."""
+    found = set()
+    if isinstance(config.get("model_type"), str):
+        found.add(config["model_type"])
+    for value in config.values():
+        if isinstance(value, dict) and "model_type" in value:
+            found |= _model_types(value)
+    return found
