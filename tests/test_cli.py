@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -152,3 +153,30 @@ def test_the_example_job_files_are_valid(example: Path) -> None:
 
     jobs = load_job_file(example).jobs
     assert jobs and all(job.output and job.adapters for job in jobs)
+
+
+def test_output_to_a_closed_pipe_ends_quietly(setup: tuple[Path, Path, Path]) -> None:
+    base, first, _ = setup
+    script = Path(sys.executable).with_name("shardmerge")
+    for args in (["plan", str(base), str(first)], ["plan", str(base), str(first), "--json"], ["--help"]):
+        process = subprocess.Popen([str(script), *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.close()  # the reader is gone before the first line: every write fails
+        stderr = process.stderr.read().decode()
+        process.wait()
+        assert stderr == "", stderr
+        assert process.returncode == 128 + signal.SIGPIPE if args[0] == "plan" else process.returncode in (0, 141)
+
+
+def test_python_dash_m_runs_the_command(setup: tuple[Path, Path, Path]) -> None:
+    base, first, _ = setup
+    module = subprocess.run(
+        [sys.executable, "-m", "shardmerge", "plan", str(base), str(first)], capture_output=True, text=True
+    )
+    console = run_console("plan", str(base), str(first))
+    assert module.returncode == console.returncode == 0
+    assert module.stdout == console.stdout and "total   " in module.stdout
+    missing = subprocess.run(
+        [sys.executable, "-m", "shardmerge", "verify", "/nonexistent"], capture_output=True, text=True
+    )
+    assert missing.returncode == 1 and missing.stderr.startswith("shardmerge: error: /nonexistent")

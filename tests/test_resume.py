@@ -289,3 +289,55 @@ def test_verify_cli_exit_codes(job: Job, tmp_path: Path) -> None:
     assert bad.returncode == 1
     assert "verification failed: 1 problem found" in bad.stderr and "shard is missing" in bad.stderr
     assert os.path.exists(job.clean)
+
+
+# --- one run per output folder ------------------------------------------------------------
+
+
+def start_and_pause(args: list[str], marker: Path) -> subprocess.Popen[bytes]:
+    """A merge stopped (SIGSTOP) once ``marker`` exists, holding its lock until SIGCONT."""
+    process = subprocess.Popen(args, stderr=subprocess.DEVNULL)
+    wait_for(marker, process)
+    process.send_signal(signal.SIGSTOP)
+    return process
+
+
+@pytest.mark.parametrize("second", ["merge", "push", "restart"])
+def test_a_second_run_on_a_folder_in_use_fails_fast(job: Job, tmp_path: Path, second: str) -> None:
+    from shardmerge.verify import verify
+
+    output = tmp_path / "out"
+    marker = output / ".shardmerge" / "journal.json"
+    if second == "restart":  # --restart empties the folder, and must keep the lock it holds
+        shardmerge.merge(base=str(job.base.path), adapters=[str(job.adapter)], output=str(output), dtype="float16")
+        marker = output / "model-00001-of-{:05d}.safetensors.tmp".format(len(list(job.clean.glob("*.safetensors"))))
+    first = start_and_pause([*command(job, output), *(["--restart"] if second == "restart" else [])], marker)
+    other = command(job, output) if second != "push" else [SHARDMERGE, "push", str(output), "org/model"]
+    # Nothing may reach a Hub: the lock is taken before any request.
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_unused"}
+    started = time.monotonic()
+    refused = subprocess.run(other, capture_output=True, text=True, env=env)
+    seconds = time.monotonic() - started
+    verifying = subprocess.run([SHARDMERGE, "verify", str(output)], capture_output=True, text=True)
+    first.send_signal(signal.SIGCONT)
+
+    assert refused.returncode == 1
+    assert refused.stderr.startswith(f"shardmerge: error: {output}: another shardmerge run (pid {first.pid} on ")
+    assert len(refused.stderr.strip().splitlines()) == 1 and seconds < 15
+    assert verifying.returncode == 1 and f"(pid {first.pid} on" in verifying.stderr
+    assert first.wait() == 0
+    assert outputs(output) == outputs(job.clean)
+    assert verify(output).running is None
+
+
+def test_a_killed_run_leaves_no_lock_behind(job: Job, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    first = start_and_pause(command(job, output), output / ".shardmerge" / "journal.json")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert (output / ".shardmerge" / "lock").exists()
+
+    resumed = subprocess.run(command(job, output), capture_output=True, text=True)
+
+    assert resumed.returncode == 0, resumed.stderr
+    assert outputs(output) == outputs(job.clean)

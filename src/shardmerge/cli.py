@@ -22,6 +22,7 @@ from .plan_data import AdapterSummary, Plan
 from .planner import build_plan
 
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -33,7 +34,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # is discarded with its temp file, and the journal keeps every finished shard.
     previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        return int(args.handler(args))
+        code = int(args.handler(args))
+        sys.stdout.flush()
+        return code
+    except BrokenPipeError:
+        # The reader went away (``shardmerge plan ... | head``): end quietly, as a Unix tool
+        # killed by SIGPIPE does, and keep the interpreter from flushing into the closed pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
     except ShardmergeError as exc:
         if args.debug:
             raise
@@ -79,6 +87,12 @@ def _parser() -> argparse.ArgumentParser:
     inputs.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT adapter folder(s), applied in order")
     inputs.add_argument("--weights", help="comma-separated weight per adapter, e.g. 1.0,0.5 (default 1 each)")
     inputs.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    inputs.add_argument(
+        "--conv1d-modules",
+        metavar="NAMES",
+        help="comma-separated modules stored as GPT-2's Conv1D ([in, out]), every other one nn.Linear; 'none' for "
+        "none. Only needed where the base's architecture does not say (e.g. custom modelling code)",
+    )
 
     merge = commands.add_parser("merge", parents=[common, inputs], help="merge adapters and write the model")
     merge.add_argument("-o", "--output", required=True, help="output folder (new or empty)")
@@ -163,6 +177,9 @@ def _job_from_args(args: argparse.Namespace) -> MergeJob:
         "device": getattr(args, "device", "auto"),
         **_push_fields(args),
     }
+    if args.conv1d_modules is not None:
+        names = [name.strip() for name in args.conv1d_modules.split(",") if name.strip()]
+        data["conv1d_modules"] = [] if names == ["none"] else names
     return build_job("command line", data)
 
 
@@ -254,6 +271,8 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         f"shardmerge: {args.output} verified: {report.shards} shards, {report.tensors} tensors, "
         f"{report.merged_checked} merged tensors finite, {report.recomputed} recomputed"
     )
+    if report.running:
+        print(f"  note    read while another run held the folder's lock ({report.running})")
     return 0
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from . import card, outdir
+from . import card, lock, outdir
 from . import journal as journals
 from .errors import DeviceError, JobConfigError, OutputError, ShardmergeError
 from .fetch import Fetcher, fetcher_for
@@ -187,7 +187,9 @@ def _open(job: Job, device: torch.device, restart: bool, verify_resume: bool, qu
     if not plan.output:
         raise JobConfigError("no output folder given", hint="pass -o OUT, or set output: in the job")
     inputs = [Path(plan.base), *(Path(adapter.path) for adapter in plan.adapters)]
-    journal = job.journal = journals.claim(job.folder, plan, inputs, restart=restart, device=str(device))
+    journals.check_output(job.folder, inputs)
+    job.stack.enter_context(lock.hold(job.folder))
+    journal = job.journal = journals.claim(job.folder, plan, restart=restart, device=str(device))
     if job.push is None:
         journal.set_target(None)
     else:

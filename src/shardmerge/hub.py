@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from tqdm import tqdm
 
-from . import outdir
+from . import lock, outdir
 from .card import display
 from .errors import HubError, OutputError
 from .journal import STATE_DIR, Journal
@@ -389,8 +389,15 @@ def _short(exc: BaseException) -> str:
 
 
 def publish(folder: Path, target: PushTarget, *, quiet: bool = True) -> tuple[str, str]:
-    """``shardmerge push``: publish a finished merge in ``folder`` without merging again.
-    Returns the commit id and the repo URL."""
+    """``shardmerge push``: publish a finished merge in ``folder`` without merging again,
+    holding the folder's lock. Returns the commit id and the repo URL."""
+    if not (folder / STATE_DIR).is_dir():
+        raise OutputError(f"no shardmerge journal in {STATE_DIR}", file=folder, hint="push publishes a merge's output")
+    with lock.hold(folder):
+        return _publish(folder, target, quiet)
+
+
+def _publish(folder: Path, target: PushTarget, quiet: bool) -> tuple[str, str]:
     from .journal import load
 
     journal = load(folder)

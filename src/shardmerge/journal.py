@@ -24,9 +24,9 @@ from typing import Any
 
 from . import outdir
 from .errors import OutputError
+from .lock import LOCK_FILE, STATE_DIR
 from .plan_data import Plan, ShardPlan
 
-STATE_DIR = ".shardmerge"
 JOURNAL = "journal.json"
 _HASH_CHUNK = 16 * 1024 * 1024
 
@@ -172,24 +172,35 @@ def load(folder: Path) -> Journal | None:
         return None
 
 
-def claim(folder: Path, plan: Plan, inputs: list[Path], *, restart: bool, device: str) -> Journal:
-    """The journal of this job in ``folder``: a new one for an empty or missing folder (or with
-    ``restart``), the earlier one when the same job ran here before. Refuses a folder that
-    is not ours, or ours for a job with other inputs, saying what changed."""
+def check_output(folder: Path, inputs: list[Path]) -> None:
+    """Refuse an output path that is a file or one of the inputs, before anything is created."""
     if folder.exists() and not folder.is_dir():
         raise OutputError("output path exists and is not a folder", file=folder, hint="choose another output path")
     resolved = folder.resolve()
     if any(resolved == source.resolve() for source in inputs):
         raise OutputError("output folder is one of the inputs", file=folder, hint="choose another output path")
+    if folder.is_dir() and not (folder / STATE_DIR).is_dir() and any(folder.iterdir()):
+        raise _foreign(folder)  # before the lock is taken: nothing is added to such a folder
+
+
+def _foreign(folder: Path) -> OutputError:
+    return OutputError(
+        "output folder is not empty and was not written by shardmerge",
+        file=folder,
+        hint="choose an empty or new folder, or remove this one",
+    )
+
+
+def claim(folder: Path, plan: Plan, *, restart: bool, device: str) -> Journal:
+    """The journal of this job in ``folder`` (checked by ``check_output`` and locked): a new one
+    for an empty folder (or with ``restart``), the earlier one when the same job ran here
+    before. Refuses a folder that is not ours, or ours for a job with other inputs, saying
+    what changed."""
     journal = None
-    if folder.is_dir() and any(folder.iterdir()):
+    if folder.is_dir() and _contents(folder):
         journal = load(folder)
         if journal is None:
-            raise OutputError(
-                "output folder is not empty and was not written by shardmerge",
-                file=folder,
-                hint="choose an empty or new folder, or remove this one",
-            )
+            raise _foreign(folder)
         if journal.fingerprint != plan.fingerprint and not restart:
             changes = "; ".join(describe_changes(journal.inputs, plan.inputs)) or "the job differs"
             raise OutputError(
@@ -220,9 +231,18 @@ def _job_of(plan: Plan) -> dict[str, Any]:
     }
 
 
+def _contents(folder: Path) -> list[Path]:
+    """What ``folder`` holds besides the lock this run holds on it."""
+    state = folder / STATE_DIR
+    entries = [entry for entry in folder.iterdir() if entry != state]
+    if state.is_dir():
+        entries += [entry for entry in state.iterdir() if entry.name != LOCK_FILE]
+    return entries
+
+
 def _clear(folder: Path) -> None:
-    """Empty a folder our journal says we own (``--restart``)."""
-    for entry in folder.iterdir():
+    """Empty a folder our journal says we own (``--restart``), but for the lock we hold on it."""
+    for entry in _contents(folder):
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import hub_source
+from . import hub_source, lock
 from . import journal as journals
 from .config import MergeJob
 from .errors import OutputError, SafetensorsFormatError, ShardmergeError, VerificationProblem, VerifyError
@@ -28,16 +28,21 @@ class VerifyReport:
     merged_checked: int
     recomputed: int
     uploaded_only: int = 0  # shards deleted after their upload: on the Hub, not here
+    running: str | None = None  # the run that holds the folder's lock while it was checked
 
 
 def verify(folder: Path, *, recompute: int = 0) -> VerifyReport:
     """Check the index against the files, every header, size and sha256 against the journal,
     and merged tensors for NaN and Inf; with ``recompute`` also recompute that many merged
-    tensors from the inputs. Raises VerifyError listing every problem."""
+    tensors from the inputs. Raises VerifyError listing every problem. Reads without the
+    folder's lock, and says which run held it."""
+    running = lock.held_by(folder)
     journal = journals.load(folder)
     if journal is None:
         raise OutputError("no shardmerge journal here", file=folder, hint="verify checks the output folder of a merge")
     if not journal.complete:
+        if running:
+            raise OutputError(f"a shardmerge run ({running}) is still writing this folder", file=folder)
         raise OutputError(
             "the merge in this folder did not finish", file=folder, hint="run the same merge again to resume it"
         )
@@ -72,7 +77,9 @@ def verify(folder: Path, *, recompute: int = 0) -> VerifyReport:
     recomputed = _recompute(folder, journal, recompute, problems) if recompute else 0
     if problems:
         raise VerifyError(problems)
-    return VerifyReport(len(read), sum(len(h.tensors) for h in read.values()), merged, recomputed, uploaded_only)
+    return VerifyReport(
+        len(read), sum(len(h.tensors) for h in read.values()), merged, recomputed, uploaded_only, running
+    )
 
 
 def _read_index(folder: Path, problems: list[ShardmergeError]) -> tuple[dict[str, str], int]:
