@@ -98,6 +98,9 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("-o", "--output", required=True, help="output folder (new or empty)")
     merge.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     merge.add_argument("--quiet", action="store_true", help="no progress bar")
+    merge.add_argument(
+        "--strict", action="store_true", help="fail, and publish nothing, when the adapters change no tensor at all"
+    )
     _resume_flags(merge)
     _push_flags(merge, "--push-to-hub", "upload each shard as it is finished, then commit once to this repo")
     merge.set_defaults(handler=_cmd_merge)
@@ -125,6 +128,11 @@ def _parser() -> argparse.ArgumentParser:
     verify.add_argument("output", type=Path, help="the output folder of a merge")
     verify.add_argument(
         "--recompute", type=int, default=0, metavar="N", help="also recompute N merged tensors from the inputs"
+    )
+    verify.add_argument(
+        "--against-base",
+        action="store_true",
+        help="also check that every merged tensor differs from the base and every other one equals it",
     )
     verify.set_defaults(handler=_cmd_verify)
     return parser
@@ -175,6 +183,7 @@ def _job_from_args(args: argparse.Namespace) -> MergeJob:
         "output": getattr(args, "output", None),
         "dtype": args.dtype,
         "device": getattr(args, "device", "auto"),
+        "strict": getattr(args, "strict", False),
         **_push_fields(args),
     }
     if args.conv1d_modules is not None:
@@ -240,9 +249,23 @@ def _merge(job: MergeJob, args: argparse.Namespace) -> int:
     count = len(plan.adapters)
     print(f"shardmerge: merged {count} adapter{'s' if count != 1 else ''} into {plan.base}")
     for adapter in plan.adapters:
-        print(f"  adapter {adapter.path}  {_describe(adapter)}")
+        print(f"  adapter {adapter.path}  {_describe(adapter)}  changes {adapter.tensors} tensors")
     for note in plan.notes:
         print(f"  note    {note}")
+    merged = sum(shard.merged for shard in plan.shards)
+    if merged and report.unchanged == merged:
+        print(
+            f"shardmerge: warning: the adapters changed none of the {merged} tensors they target: the output "
+            "equals the base (an untrained adapter?); --strict makes this an error",
+            file=sys.stderr,
+        )
+    elif report.unchanged:
+        print(f"  note    {report.unchanged} merged tensors came out equal to the base (an update of zero)")
+    if report.non_finite_kept:
+        print(
+            f"  note    NaN or Inf kept from the base in {len(report.non_finite_kept)} tensors: "
+            f"{', '.join(report.non_finite_kept[:5])}"
+        )
     print(
         f"  output  {report.output}: {report.shards} shard{'s' if report.shards != 1 else ''}, "
         f"{report.tensors_merged} tensors merged, {report.tensors_copied} copied, "
@@ -266,11 +289,19 @@ def _cmd_push(args: argparse.Namespace) -> int:
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .verify import verify
 
-    report = verify(args.output, recompute=args.recompute)
+    report = verify(args.output, recompute=args.recompute, against_base=args.against_base)
     print(
         f"shardmerge: {args.output} verified: {report.shards} shards, {report.tensors} tensors, "
         f"{report.merged_checked} merged tensors finite, {report.recomputed} recomputed"
     )
+    for path, tensors in report.changes:
+        print(f"  adapter {path}  changes {tensors} base tensors")
+    if report.against_base:
+        print(f"  base    {report.against_base} tensors compared: merged ones differ, the others are the base's")
+    if report.unchanged:
+        print(f"  note    {report.unchanged} merged tensors are equal to the base (an update of zero)")
+    if report.non_finite_kept:
+        print(f"  note    {report.non_finite_kept} tensors hold NaN or Inf kept from the base")
     if report.running:
         print(f"  note    read while another run held the folder's lock ({report.running})")
     return 0

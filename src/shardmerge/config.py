@@ -69,6 +69,9 @@ class MergeJob(PushOptions):
     # Modules stored as GPT-2's Conv1D ([in, out]); every other one is nn.Linear. None: decided
     # by the base's architecture. Only needed where that is unknown (e.g. custom modelling code).
     conv1d_modules: list[str] | None = None
+    # A merge whose adapters change no tensor at all (e.g. every lora_B zero) fails instead of
+    # finishing with a warning.
+    strict: bool = False
 
     @field_validator("adapters", mode="before")
     @classmethod

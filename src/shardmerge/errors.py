@@ -88,6 +88,14 @@ class VerifyError(ProblemsError):
         super().__init__(problems, "verification failed", "see each problem below")
 
 
+class NonFiniteError(ShardmergeError):
+    """A merged or converted tensor would hold NaN or Inf that the base did not."""
+
+
+class NoChangeError(ShardmergeError):
+    """With ``strict``: the adapters changed no tensor, and the output is the base."""
+
+
 class OutputError(ShardmergeError):
     """The output location cannot be used or written."""
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from . import card, lock, outdir
 from . import journal as journals
-from .errors import DeviceError, JobConfigError, OutputError, ShardmergeError
+from .errors import DeviceError, JobConfigError, NoChangeError, OutputError, ShardmergeError
 from .fetch import Fetcher, fetcher_for
 from .hub import Publisher, PushTarget, commit_message
 from .merger import TensorMerger, open_adapters, resolve_device
@@ -51,6 +51,8 @@ class MergeReport:
     device: str
     commit: str | None = None  # the Hub commit, when published
     url: str | None = None
+    unchanged: int = 0  # merged tensors that came out equal to the base (an update of zero)
+    non_finite_kept: tuple[str, ...] = ()  # tensors whose NaN or Inf came from the base
 
 
 class _StopRequest:
@@ -242,6 +244,15 @@ def _record(job: Job, shard: ShardPlan, record: journals.ShardRecord) -> None:
 
 def _close(job: Job, stop: _StopRequest) -> None:
     assert job.journal is not None
+    records = job.journal.shards.values()
+    merged = sum(len(record.merged) for record in records)
+    if merged and job.plan.strict and sum(len(record.unchanged) for record in records) == merged:
+        raise NoChangeError(
+            f"the adapters changed none of the {merged} tensors they target: the output equals the base",
+            file=job.folder,
+            hint="check that the adapter was trained (every lora_B zero means an untrained adapter); "
+            "nothing was published",
+        )
     _finish(job.plan, job.folder)
     job.journal.complete = True
     job.journal.save()
@@ -269,6 +280,8 @@ def _report(job: Job, device: torch.device) -> MergeReport:
     plan = job.plan
     merged = sum(shard.merged for shard in plan.shards)
     written = [shard for shard in plan.shards if shard.name in job.written]
+    assert job.journal is not None
+    records = job.journal.shards.values()
     return MergeReport(
         output=str(job.folder),
         shards=len(plan.shards),
@@ -280,6 +293,8 @@ def _report(job: Job, device: torch.device) -> MergeReport:
         device=str(device),
         commit=job.commit,
         url=job.publisher.url if job.publisher is not None else None,
+        unchanged=sum(len(record.unchanged) for record in records),
+        non_finite_kept=tuple(name for record in records for name in record.non_finite_kept),
     )
 
 

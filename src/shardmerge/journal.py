@@ -33,10 +33,17 @@ _HASH_CHUNK = 16 * 1024 * 1024
 
 @dataclass(frozen=True)
 class ShardRecord:
+    """A finished shard: its size and hashes, its merged tensors, those converted to another
+    dtype only, the merged ones that came out equal to the base (an update of zero), and the
+    tensors whose NaN or Inf came from the base and were kept."""
+
     size: int
     sha256: str
     header_sha256: str
     merged: tuple[str, ...]
+    converted: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+    non_finite_kept: tuple[str, ...] = ()
 
 
 @dataclass
@@ -61,6 +68,7 @@ class Journal:
     shards: dict[str, ShardRecord] = field(default_factory=dict)
     complete: bool = False
     push: PushState | None = None
+    changes: list[int] = field(default_factory=list)  # per adapter, the base tensors it changes
     lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
 
     @property
@@ -77,17 +85,10 @@ class Journal:
             "inputs": self.inputs,
             "job": self.job,
             "device": self.device,
-            "shards": {
-                name: {
-                    "size": r.size,
-                    "sha256": r.sha256,
-                    "header_sha256": r.header_sha256,
-                    "merged": list(r.merged),
-                }
-                for name, r in self.shards.items()
-            },
+            "shards": {name: asdict(record) for name, record in self.shards.items()},
             "complete": self.complete,
             "push": asdict(self.push) if self.push else None,
+            "changes": self.changes,
         }
         outdir.write_bytes_atomic(self.path, (json.dumps(body, indent=2) + "\n").encode())
 
@@ -162,11 +163,17 @@ def load(folder: Path) -> Journal | None:
             job=body["job"],
             device=body.get("device", "cpu"),
             shards={
-                name: ShardRecord(r["size"], r["sha256"], r["header_sha256"], tuple(r.get("merged", ())))
+                name: ShardRecord(
+                    r["size"],
+                    r["sha256"],
+                    r["header_sha256"],
+                    *(tuple(r.get(key, ())) for key in ("merged", "converted", "unchanged", "non_finite_kept")),
+                )
                 for name, r in body["shards"].items()
             },
             complete=bool(body.get("complete")),
             push=PushState(**body["push"]) if body.get("push") else None,
+            changes=list(body.get("changes", [])),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
@@ -216,6 +223,7 @@ def claim(folder: Path, plan: Plan, *, restart: bool, device: str) -> Journal:
     if journal is None:
         job = json.loads(json.dumps(_job_of(plan)))
         journal = Journal(folder, plan.fingerprint, plan.inputs, job, device)
+        journal.changes = [adapter.tensors for adapter in plan.adapters]
         (folder / STATE_DIR).mkdir(parents=True, exist_ok=True)
         journal.save()
     return journal

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from . import journal as journals
 from . import outdir
-from .errors import DeviceError
+from .errors import DeviceError, NonFiniteError
 from .kernels import TORCH_DTYPES, apply_op
 from .plan_data import MergeOp, Plan, ShardPlan, TensorPlan
 from .planner import COPY_CHUNK_BYTES
@@ -178,6 +178,10 @@ class TensorMerger:
         self.block = _Arena(device)  # the factors read per block (replacement tensors)
         # Three output buffers: one is written, one hashed, while the next block fills the third.
         self.sink = ShardSink([Buffer(host, pinned=cuda) for _ in range(3)])
+        # NaN and Inf the base already held, kept as they were: tensor -> count.
+        self.kept_non_finite: dict[str, int] = {}
+        # Merged tensors whose output is the base's own values (an update of zero).
+        self.unchanged: set[str] = set()
 
     def close(self) -> None:
         self.sink.close()
@@ -260,7 +264,15 @@ class TensorMerger:
         for op, factors in zip(tensor.ops, whole, strict=True):
             assert factors is not None
             value = apply_op(value, op, factors, block.span)
-        return self.rounded_bytes(value, TORCH_DTYPES[tensor.dtype])
+        data, output, rounded = self.rounded_bytes(value, TORCH_DTYPES[tensor.dtype])
+        base = source.reshape(block.shape)
+        if not bool(torch.isfinite(rounded).all()):
+            self.non_finite(tensor, base, rounded, lambda: self._merge_cause(tensor, value, whole))
+        if block.first == 0:
+            self.unchanged.add(tensor.name)
+        if tensor.name in self.unchanged and not torch.equal(rounded, base.to(self.device, rounded.dtype)):
+            self.unchanged.discard(tensor.name)
+        return data, output
 
     def _factors(
         self, arena: _Arena, ops: list[MergeOp | None], rows: tuple[int, int] | None
@@ -285,8 +297,9 @@ class TensorMerger:
             result.append(factors)
         return result
 
-    def rounded_bytes(self, value: torch.Tensor, dtype: torch.dtype) -> tuple[memoryview, Buffer]:
-        """``value`` rounded once to ``dtype``, in host memory from the sink's pool."""
+    def rounded_bytes(self, value: torch.Tensor, dtype: torch.dtype) -> tuple[memoryview, Buffer, torch.Tensor]:
+        """``value`` rounded once to ``dtype``, in host memory from the sink's pool, and the
+        rounded values where they were computed."""
         output = self.sink.acquire()
         host = output.tensor(dtype, tuple(value.shape))
         if self.rounded is None:
@@ -296,7 +309,38 @@ class TensorMerger:
             rounded.copy_(value)
             host.copy_(rounded, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
-        return memoryview(host.view(torch.uint8).numpy()).cast("B"), output
+        return memoryview(host.view(torch.uint8).numpy()).cast("B"), output, host if self.rounded is None else rounded
+
+    def non_finite(
+        self, tensor: TensorPlan, base: torch.Tensor, output: torch.Tensor, cause: Callable[[], str]
+    ) -> None:
+        """``output`` holds NaN or Inf: kept where the base held them too (counted), else a
+        NonFiniteError naming the tensor, the count and ``cause()``."""
+        bad = ~torch.isfinite(output)
+        new = int((bad & torch.isfinite(base.to(output.device))).sum())
+        if new:
+            raise NonFiniteError(
+                f"{new} values would be NaN or Inf in the output ({cause()})",
+                tensor=tensor.name,
+                hint="nothing of this shard was kept",
+            )
+        self.kept_non_finite[tensor.name] = self.kept_non_finite.get(tensor.name, 0) + int(bad.sum())
+
+    def _merge_cause(
+        self, tensor: TensorPlan, value: torch.Tensor, whole: list[list[torch.Tensor | None] | None]
+    ) -> str:
+        if bool(torch.isfinite(value).all()):
+            return f"out of range for {tensor.dtype}: choose --dtype bfloat16 or float32"
+        culprits = sorted(
+            {
+                op.adapter
+                for op, factors in zip(tensor.ops, whole, strict=True)
+                if any(factor is not None and not bool(torch.isfinite(factor).all()) for factor in factors or ())
+            }
+        )
+        if culprits:
+            return f"non-finite values in adapter {', '.join(map(str, culprits))}: a diverged training run?"
+        return "the merge overflowed float32: the adapter's update is far larger than the weights"
 
     def convert(self, src: int, tensor: TensorPlan) -> None:
         """Copy a tensor that only changes dtype, through one bounded buffer."""
@@ -310,6 +354,10 @@ class TensorMerger:
         output = self.sink.acquire()
         converted = output.tensor(TORCH_DTYPES[tensor.dtype], tuple(chunk.shape))
         converted.copy_(chunk)
+        if not bool(torch.isfinite(converted).all()):
+            self.non_finite(
+                tensor, chunk, converted, lambda: f"out of range for {tensor.dtype}: choose --dtype bfloat16 or float32"
+            )
         self.sink.write(memoryview(converted.view(torch.uint8).numpy()).cast("B"), output)
 
     def write_shard(self, shard: ShardPlan, folder: Path, progress: tqdm, stop: _StopRequest) -> journals.ShardRecord:
@@ -347,9 +395,23 @@ class TensorMerger:
             tmp.unlink(missing_ok=True)
             if isinstance(exc, OSError) and exc.filename is None:
                 exc.filename = str(final)  # writes through a descriptor name no file
+            if isinstance(exc, NonFiniteError) and exc.file is None:
+                exc.file = str(final)
             raise
-        merged = tuple(tensor.name for tensor in shard.tensors if tensor.ops)
-        return journals.ShardRecord(size, digest, hashlib.sha256(header).hexdigest(), merged)
+        return self.record(shard, size, digest, header)
+
+    def record(self, shard: ShardPlan, size: int, digest: str, header: bytes) -> journals.ShardRecord:
+        """The journal's record of ``shard``, written in ``size`` bytes that hash to ``digest``."""
+        names = [tensor.name for tensor in shard.tensors]
+        return journals.ShardRecord(
+            size,
+            digest,
+            hashlib.sha256(header).hexdigest(),
+            merged=tuple(tensor.name for tensor in shard.tensors if tensor.ops),
+            converted=tuple(t.name for t in shard.tensors if not t.ops and t.dtype != t.src_dtype),
+            unchanged=tuple(name for name in names if name in self.unchanged),
+            non_finite_kept=tuple(name for name in names if name in self.kept_non_finite),
+        )
 
 
 def open_adapters(plan: Plan, stack: ExitStack) -> list[AdapterReader]:

@@ -102,6 +102,7 @@ class AdapterSummary:
     modules: int
     full_tensors: int
     base_model: str | None = None  # the base named in the adapter's config
+    tensors: int = 0  # base tensors this adapter changes
 
 
 @dataclass(frozen=True)
@@ -127,6 +128,7 @@ class Plan:
     tensor_bytes: int
     peak_memory_bytes: int
     base_repo: str | None = None  # a Hub base: its repo id (``base`` is ``repo@commit``)
+    strict: bool = False  # a merge that changes no tensor is an error, not a warning
 
     @property
     def base_commit(self) -> str | None:

@@ -84,7 +84,7 @@ def build_plan(job: MergeJob) -> Plan:
         output=job.output,
         dtype=job.dtype,
         device=job.device,
-        adapters=tuple(_summary(adapter) for adapter in adapters),
+        adapters=tuple(_summary(adapter, ops) for adapter in adapters),
         shards=shards,
         extra_files=tuple(str(path) for path in base.extra_files),
         config=_output_config(config, job.dtype, untie),
@@ -94,6 +94,7 @@ def build_plan(job: MergeJob) -> Plan:
         fingerprint=hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest(),
         tensor_bytes=sum(t.end - t.begin for shard in shards for t in shard.tensors),
         peak_memory_bytes=_peak_memory(shards, adapters),
+        strict=job.strict,
     )
 
 
@@ -260,7 +261,7 @@ def _output_config(config: dict[str, Any] | None, dtype: str, untie: bool) -> di
     return None if updated == config else updated
 
 
-def _summary(adapter: Adapter) -> AdapterSummary:
+def _summary(adapter: Adapter, ops: dict[str, list[MergeOp]]) -> AdapterSummary:
     config = adapter.config
     ranked = adapter.peft_type in ("LORA", "LOHA", "LOKR")
     r, alpha = (int(config["r"]), float(config.get("lora_alpha", config.get("alpha", 0)))) if ranked else (None, None)
@@ -277,6 +278,7 @@ def _summary(adapter: Adapter) -> AdapterSummary:
         modules=len(adapter.modules),
         full_tensors=len(adapter.full_tensors),
         base_model=config.get("base_model_name_or_path") or None,
+        tensors=sum(1 for tensor_ops in ops.values() if any(op.adapter == adapter.index for op in tensor_ops)),
     )
 
 

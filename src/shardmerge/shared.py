@@ -10,7 +10,6 @@ temp file; the others go on.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
 from contextlib import ExitStack
@@ -22,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from . import outdir
+from .errors import ShardmergeError
 from .journal import ShardRecord
 from .kernels import TORCH_DTYPES
 from .merger import Buffer, TensorMerger, row_blocks
@@ -112,8 +112,7 @@ def _end(output: Output) -> None:
         os.posix_fadvise(output.dst, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(output.dst)
         output.dst = -1
-        merged = tuple(tensor.name for tensor in output.shard.tensors if tensor.ops)
-        output.record = ShardRecord(size, digest, hashlib.sha256(output.header).hexdigest(), merged)
+        output.record = output.merger.record(output.shard, size, digest, output.header)
     except Exception as exc:
         _fail(output, exc)
 
@@ -127,6 +126,8 @@ def _fail(output: Output, exc: BaseException | None) -> None:
     output.tmp.unlink(missing_ok=True)
     if isinstance(exc, OSError) and exc.filename is None:
         exc.filename = str(output.folder / output.shard.name)
+    if isinstance(exc, ShardmergeError) and exc.file is None:
+        exc.file = str(output.folder / output.shard.name)
 
 
 def _tensor(src: int, jobs: list[tuple[Output, TensorPlan]], reader: SegmentReader) -> None:

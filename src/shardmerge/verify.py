@@ -17,8 +17,9 @@ from .config import MergeJob
 from .errors import OutputError, SafetensorsFormatError, ShardmergeError, VerificationProblem, VerifyError
 from .kernels import TORCH_DTYPES
 from .merger import TensorMerger, open_adapters
-from .planner import build_plan
-from .st_io import INDEX_NAME, SafetensorsHeader, TensorInfo, pread_into, read_header
+from .plan_data import Plan, ShardPlan, TensorPlan
+from .planner import COPY_CHUNK_BYTES, build_plan
+from .st_io import INDEX_NAME, ITEMSIZE, SafetensorsHeader, TensorInfo, pread_into, read_header
 
 
 @dataclass(frozen=True)
@@ -29,13 +30,18 @@ class VerifyReport:
     recomputed: int
     uploaded_only: int = 0  # shards deleted after their upload: on the Hub, not here
     running: str | None = None  # the run that holds the folder's lock while it was checked
+    changes: tuple[tuple[str, int], ...] = ()  # each adapter and the base tensors it changes
+    unchanged: int = 0  # merged tensors that came out equal to the base
+    non_finite_kept: int = 0  # tensors whose NaN or Inf came from the base
+    against_base: int = 0  # tensors compared with the base
 
 
-def verify(folder: Path, *, recompute: int = 0) -> VerifyReport:
+def verify(folder: Path, *, recompute: int = 0, against_base: bool = False) -> VerifyReport:
     """Check the index against the files, every header, size and sha256 against the journal,
-    and merged tensors for NaN and Inf; with ``recompute`` also recompute that many merged
-    tensors from the inputs. Raises VerifyError listing every problem. Reads without the
-    folder's lock, and says which run held it."""
+    and merged and converted tensors for NaN and Inf; with ``recompute`` also recompute that
+    many merged tensors from the inputs, and with ``against_base`` check that every merged
+    tensor differs from the base and every other one equals it. Raises VerifyError listing
+    every problem. Reads without the folder's lock, and says which run held it."""
     running = lock.held_by(folder)
     journal = journals.load(folder)
     if journal is None:
@@ -69,16 +75,29 @@ def verify(folder: Path, *, recompute: int = 0) -> VerifyReport:
             problems.append(exc)
             continue
         _check_shard(path, record, header.file_size, set(index.values()), problems)
-        _check_finite(path, header.tensors, record.merged, problems)
+        computed = {name: "merged" for name in record.merged} | {name: "converted" for name in record.converted}
+        kept = set(record.non_finite_kept)
+        _check_finite(path, header.tensors, {k: v for k, v in computed.items() if k not in kept}, problems)
     if index:
         _check_index(folder, index, total, headers, problems)
     read = {name: header for name, header in headers.items() if header is not None}
     merged = sum(len(journal.shards[name].merged) for name in read)
     recomputed = _recompute(folder, journal, recompute, problems) if recompute else 0
+    compared = _against_base(folder, journal, problems) if against_base else 0
     if problems:
         raise VerifyError(problems)
+    records = journal.shards.values()
     return VerifyReport(
-        len(read), sum(len(h.tensors) for h in read.values()), merged, recomputed, uploaded_only, running
+        len(read),
+        sum(len(h.tensors) for h in read.values()),
+        merged,
+        recomputed,
+        uploaded_only,
+        running,
+        changes=tuple(zip((a["path"] for a in journal.job["adapters"]), journal.changes, strict=False)),
+        unchanged=sum(len(record.unchanged) for record in records),
+        non_finite_kept=sum(len(record.non_finite_kept) for record in records),
+        against_base=compared,
     )
 
 
@@ -144,34 +163,102 @@ _REDO = "the file changed after the merge: run the merge again to redo this shar
 
 
 def _check_finite(
-    path: Path, tensors: dict[str, TensorInfo], merged: tuple[str, ...], problems: list[ShardmergeError]
+    path: Path, tensors: dict[str, TensorInfo], computed: dict[str, str], problems: list[ShardmergeError]
 ) -> None:
+    """Merged and converted tensors hold no NaN or Inf (but those the merge kept from the base)."""
     fd = os.open(path, os.O_RDONLY)
     try:
-        for name in merged:
+        for name, kind in computed.items():
             info = tensors.get(name)
             if info is None:
-                problems.append(VerificationProblem("merged tensor is missing from the shard", file=path, tensor=name))
+                problems.append(VerificationProblem(f"{kind} tensor is missing from the shard", file=path, tensor=name))
                 continue
             raw = torch.empty(info.nbytes, dtype=torch.uint8)
             pread_into(fd, memoryview(raw.numpy()), info.begin)
             if not torch.isfinite(raw.view(TORCH_DTYPES[info.dtype])).all():
                 problems.append(
                     VerificationProblem(
-                        "merged tensor holds NaN or Inf", file=path, tensor=name, hint="check the adapter's values"
+                        f"{kind} tensor holds NaN or Inf",
+                        file=path,
+                        tensor=name,
+                        hint="check the adapter's values and the output dtype's range",
                     )
                 )
     finally:
         os.close(fd)
 
 
-def _recompute(folder: Path, journal: journals.Journal, count: int, problems: list[ShardmergeError]) -> int:
-    """Merge ``count`` sampled tensors again, on the CPU, and compare them with the files:
-    exactly for a CPU merge, within one unit in the last place for a GPU merge."""
+def _same_plan(folder: Path, journal: journals.Journal, problems: list[ShardmergeError]) -> Plan | None:
+    """The merge's plan rebuilt from its inputs, or None (a problem noted) if they changed."""
     plan = build_plan(MergeJob.model_validate(journal.job))
     if plan.fingerprint != journal.fingerprint:
         changes = "; ".join(journals.describe_changes(journal.inputs, plan.inputs))
         problems.append(VerificationProblem(f"the inputs changed since the merge ({changes})", file=folder))
+        return None
+    return plan
+
+
+def _base_shard(plan: Plan, shard: ShardPlan) -> Path:
+    if plan.base_repo is not None and not Path(shard.source).exists():
+        hub_source.download(plan.base_repo, str(plan.base_commit), shard.name)
+    return Path(shard.source)
+
+
+def _against_base(folder: Path, journal: journals.Journal, problems: list[ShardmergeError]) -> int:
+    """Every merged tensor differs from the base, every other one equals it (in the output
+    dtype), compared chunk by chunk; returns the number of tensors compared."""
+    plan = _same_plan(folder, journal, problems)
+    if plan is None:
+        return 0
+    compared = 0
+    with ExitStack() as stack:
+        for shard in plan.shards:
+            if journal.deleted(shard.name):
+                continue
+            src = os.open(_base_shard(plan, shard), os.O_RDONLY)
+            stack.callback(os.close, src)
+            out = os.open(folder / shard.name, os.O_RDONLY)
+            stack.callback(os.close, out)
+            # An untied head's source bytes are the embedding's: it is compared with those.
+            for tensor in shard.tensors:
+                if _equals_base(src, out, shard.header_size, tensor) == bool(tensor.ops):
+                    problems.append(
+                        VerificationProblem(
+                            "merged tensor is identical to the base: the adapters did not change it"
+                            if tensor.ops
+                            else "copied tensor differs from the base",
+                            file=folder / shard.name,
+                            tensor=tensor.name,
+                        )
+                    )
+                compared += 1
+    return compared
+
+
+def _equals_base(src: int, out: int, header_size: int, tensor: TensorPlan) -> bool:
+    """Whether output ``tensor`` holds the base's values, rounded to its dtype where it changed."""
+    count = (tensor.src_end - tensor.src_begin) // ITEMSIZE[tensor.src_dtype]
+    step = COPY_CHUNK_BYTES // 4
+    for first in range(0, count, step):
+        last = min(count, first + step)
+        base = _read(src, tensor.src_begin + first * ITEMSIZE[tensor.src_dtype], last - first, tensor.src_dtype)
+        ours = _read(out, header_size + tensor.begin + first * ITEMSIZE[tensor.dtype], last - first, tensor.dtype)
+        if not torch.equal(base.to(ours.dtype).view(torch.uint8), ours.view(torch.uint8)):
+            return False
+    return True
+
+
+def _read(fd: int, begin: int, count: int, dtype: str) -> torch.Tensor:
+    raw = torch.empty(count * ITEMSIZE[dtype], dtype=torch.uint8)
+    pread_into(fd, memoryview(raw.numpy()), begin)
+    return raw.view(TORCH_DTYPES[dtype])
+
+
+def _recompute(folder: Path, journal: journals.Journal, count: int, problems: list[ShardmergeError]) -> int:
+    """Merge ``count`` sampled tensors again, on the CPU, and compare them with the files:
+    exactly for a CPU merge, within one unit in the last place for a GPU merge."""
+    plan = _same_plan(folder, journal, problems)
+    if plan is None:
         return 0
     here = [shard for shard in plan.shards if not journal.deleted(shard.name)]
     merged = [(shard, tensor) for shard in here for tensor in shard.tensors if tensor.ops]
@@ -182,9 +269,7 @@ def _recompute(folder: Path, journal: journals.Journal, count: int, problems: li
         merger = TensorMerger(torch.device("cpu"), open_adapters(plan, stack))
         stack.callback(merger.close)
         for shard, tensor in sample:
-            if plan.base_repo is not None and not Path(shard.source).exists():
-                hub_source.download(plan.base_repo, str(plan.base_commit), shard.name)
-            src = os.open(shard.source, os.O_RDONLY)
+            src = os.open(_base_shard(plan, shard), os.O_RDONLY)
             stack.callback(os.close, src)
             fresh = bytearray()
             for view, buffer in merger.merge(src, tensor):
