@@ -178,8 +178,8 @@ class TensorMerger:
         self.block = _Arena(device)  # the factors read per block (replacement tensors)
         # Three output buffers: one is written, one hashed, while the next block fills the third.
         self.sink = ShardSink([Buffer(host, pinned=cuda) for _ in range(3)])
-        # NaN and Inf the base already held, kept as they were: tensor -> count.
-        self.kept_non_finite: dict[str, int] = {}
+        # Tensors holding NaN or Inf that the base already held, kept as they were.
+        self.kept_non_finite: set[str] = set()
         # Merged tensors whose output is the base's own values (an update of zero).
         self.unchanged: set[str] = set()
 
@@ -268,10 +268,11 @@ class TensorMerger:
         base = source.reshape(block.shape)
         if not bool(torch.isfinite(rounded).all()):
             self.non_finite(tensor, base, rounded, lambda: self._merge_cause(tensor, value, whole))
-        if block.first == 0:
-            self.unchanged.add(tensor.name)
-        if tensor.name in self.unchanged and not torch.equal(rounded, base.to(self.device, rounded.dtype)):
-            self.unchanged.discard(tensor.name)
+        if block.first == 0 or tensor.name in self.unchanged:  # once a block differs, no more compares
+            if torch.equal(rounded, base.to(self.device, rounded.dtype)):
+                self.unchanged.add(tensor.name)
+            else:
+                self.unchanged.discard(tensor.name)
         return data, output
 
     def _factors(
@@ -314,7 +315,7 @@ class TensorMerger:
     def non_finite(
         self, tensor: TensorPlan, base: torch.Tensor, output: torch.Tensor, cause: Callable[[], str]
     ) -> None:
-        """``output`` holds NaN or Inf: kept where the base held them too (counted), else a
+        """``output`` holds NaN or Inf: kept where the base held them too, else a
         NonFiniteError naming the tensor, the count and ``cause()``."""
         bad = ~torch.isfinite(output)
         new = int((bad & torch.isfinite(base.to(output.device))).sum())
@@ -324,13 +325,13 @@ class TensorMerger:
                 tensor=tensor.name,
                 hint="nothing of this shard was kept",
             )
-        self.kept_non_finite[tensor.name] = self.kept_non_finite.get(tensor.name, 0) + int(bad.sum())
+        self.kept_non_finite.add(tensor.name)
 
     def _merge_cause(
         self, tensor: TensorPlan, value: torch.Tensor, whole: list[list[torch.Tensor | None] | None]
     ) -> str:
         if bool(torch.isfinite(value).all()):
-            return f"out of range for {tensor.dtype}: choose --dtype bfloat16 or float32"
+            return _out_of_range(tensor)
         culprits = sorted(
             {
                 op.adapter
@@ -355,9 +356,7 @@ class TensorMerger:
         converted = output.tensor(TORCH_DTYPES[tensor.dtype], tuple(chunk.shape))
         converted.copy_(chunk)
         if not bool(torch.isfinite(converted).all()):
-            self.non_finite(
-                tensor, chunk, converted, lambda: f"out of range for {tensor.dtype}: choose --dtype bfloat16 or float32"
-            )
+            self.non_finite(tensor, chunk, converted, lambda: _out_of_range(tensor))
         self.sink.write(memoryview(converted.view(torch.uint8).numpy()).cast("B"), output)
 
     def write_shard(self, shard: ShardPlan, folder: Path, progress: tqdm, stop: _StopRequest) -> journals.ShardRecord:
@@ -412,6 +411,10 @@ class TensorMerger:
             unchanged=tuple(name for name in names if name in self.unchanged),
             non_finite_kept=tuple(name for name in names if name in self.kept_non_finite),
         )
+
+
+def _out_of_range(tensor: TensorPlan) -> str:
+    return f"out of range for {tensor.dtype}: choose --dtype bfloat16 or float32"
 
 
 def open_adapters(plan: Plan, stack: ExitStack) -> list[AdapterReader]:
