@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._version import __version__
 from .config import AdapterSpec, MergeJob
 from .errors import (
     AdapterError,
@@ -23,10 +24,9 @@ from .errors import (
 )
 
 if TYPE_CHECKING:
-    from .executor import MergeReport
-    from .plan_data import Plan
+    from .planning.model import Plan
+    from .run.executor import MergeReport
 
-__version__ = "0.1.0"
 
 __all__ = [
     "AdapterError",
@@ -59,7 +59,7 @@ def _job(job: MergeJob | None, fields: dict[str, Any]) -> MergeJob:
 def plan(job: MergeJob | None = None, **fields: Any) -> Plan:
     """Check the inputs and return the Plan, reading headers only. Raises PlanError listing
     every problem. Takes a MergeJob, or its fields: ``plan(base=..., adapters=[...])``."""
-    from .planner import build_plan
+    from .planning.planner import build_plan
 
     return build_plan(_job(job, fields))
 
@@ -68,9 +68,9 @@ def merge(job: MergeJob | None = None, *, quiet: bool = True, **fields: Any) -> 
     """Merge and write the model: ``merge(base=..., adapters=[{"path": ..., "weight": 0.5}],
     output=...)``, and publish it with ``push_to_hub="org/name"``. ``quiet=False`` shows the
     progress bar on stderr."""
-    from .executor import execute
-    from .hub import PushTarget
-    from .planner import build_plan
+    from .output.publish import PushTarget
+    from .planning.planner import build_plan
+    from .run.executor import execute
 
     merge_job = _job(job, fields)
     return execute(build_plan(merge_job), quiet=quiet, push=PushTarget.of(merge_job))

@@ -17,9 +17,9 @@ from tqdm import tqdm
 
 from .config import JobFile, NamedJob
 from .errors import JobConfigError, ShardmergeError
-from .hub import PushTarget
-from .plan_data import Plan
-from .planner import build_plan
+from .output.publish import PushTarget
+from .planning.model import Plan
+from .planning.planner import build_plan
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def run_jobs(
 def _run_group(
     group: list[NamedJob], plans: dict[str, Plan], quiet: bool, restart: bool, verify_resume: bool
 ) -> list[JobResult]:
-    from .executor import Job, MergeReport, run_pass
+    from .run.executor import Job, MergeReport, run_pass
 
     started = time.monotonic()
     jobs = [Job(plans[job.name], PushTarget.of(job)) for job in group]

@@ -11,15 +11,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from . import __version__
+from ._version import __version__
 from .config import MergeJob, build_job, build_push, load_job_file
 from .errors import JobConfigError, ProblemsError, ShardmergeError
-from .hub import PushTarget
+from .output.publish import PushTarget
 
 if TYPE_CHECKING:
     from .batch import JobResult
-from .plan_data import AdapterSummary, Plan
-from .planner import build_plan
+from .planning.model import AdapterSummary, Plan
+from .planning.planner import build_plan
 
 EXIT_INTERRUPTED = 130
 EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
@@ -238,7 +238,7 @@ def _print_summary(results: list[JobResult]) -> None:
 
 
 def _merge(job: MergeJob, args: argparse.Namespace) -> int:
-    from .executor import execute  # imports torch: only when a merge really runs
+    from .run.executor import execute  # imports torch: only when a merge really runs
 
     plan = build_plan(job)
     report = execute(
@@ -277,7 +277,7 @@ def _merge(job: MergeJob, args: argparse.Namespace) -> int:
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
-    from .hub import publish
+    from .output.publish import publish
 
     target = PushTarget.of(build_push("command line", _push_fields(args)))
     assert target is not None

@@ -1,6 +1,8 @@
 """One exception tree. Every error carries the file and tensor at fault and a next step.
 
 The CLI turns these into a one-line message and an exit code; nothing else prints them.
+At the end, how a failed call to the Hub reads (a status, a dropped connection), which Hub
+inputs and publishing both need.
 """
 
 from __future__ import annotations
@@ -106,3 +108,35 @@ class DeviceError(ShardmergeError):
 
 class HubError(ShardmergeError):
     """The Hub refused or failed a publishing step: the token, the repo name, or the network."""
+
+
+_CONNECTION_LIBRARIES = ("httpx", "httpx2", "requests", "urllib3", "h11", "httpcore")
+
+
+def _causes(exc: BaseException) -> list[BaseException]:
+    chain: list[BaseException] = []
+    current: BaseException | None = exc
+    while current is not None and current not in chain:
+        chain.append(current)
+        current = current.__cause__ or current.__context__
+    return chain
+
+
+def http_status(exc: BaseException) -> int | None:
+    """The HTTP status of the Hub's answer somewhere in ``exc``'s chain, if there was one."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    for cause in _causes(exc):
+        if isinstance(cause, HfHubHTTPError) and cause.response is not None:
+            return int(cause.response.status_code)
+    return None
+
+
+def dropped(exc: BaseException) -> bool:
+    """A connection that failed, was refused, timed out or closed without an answer."""
+    for cause in _causes(exc):
+        if isinstance(cause, (ConnectionError, TimeoutError)):
+            return True
+        if type(cause).__module__.split(".")[0] in _CONNECTION_LIBRARIES:
+            return True
+    return False

@@ -11,15 +11,17 @@ from pathlib import Path
 
 import torch
 
-from . import hub_source, lock
-from . import journal as journals
 from .config import MergeJob
 from .errors import OutputError, SafetensorsFormatError, ShardmergeError, VerificationProblem, VerifyError
-from .kernels import TORCH_DTYPES
-from .merger import TensorMerger, open_adapters
-from .plan_data import Plan, ShardPlan, TensorPlan
-from .planner import COPY_CHUNK_BYTES, build_plan
-from .st_io import INDEX_NAME, ITEMSIZE, SafetensorsHeader, TensorInfo, pread_into, read_header
+from .formats.dtypes import TORCH_DTYPES
+from .formats.fileio import pread_into
+from .formats.safetensors import INDEX_NAME, ITEMSIZE, SafetensorsHeader, TensorInfo, read_header
+from .inputs import hub
+from .output import journal as journals
+from .output import lock
+from .planning.model import Plan, ShardPlan, TensorPlan
+from .planning.planner import COPY_CHUNK_BYTES, build_plan
+from .run.merger import TensorMerger, open_adapters
 
 
 @dataclass(frozen=True)
@@ -200,7 +202,7 @@ def _same_plan(folder: Path, journal: journals.Journal, problems: list[Shardmerg
 
 def _base_shard(plan: Plan, shard: ShardPlan) -> Path:
     if plan.base_repo is not None and not Path(shard.source).exists():
-        hub_source.download(plan.base_repo, str(plan.base_commit), shard.name)
+        hub.download(plan.base_repo, str(plan.base_commit), shard.name)
     return Path(shard.source)
 
 

@@ -1,0 +1,1 @@
+"""Bytes on disk: checkpoint formats, read and written without loading tensors whole."""

@@ -1,0 +1,307 @@
+"""Resume state, in ``OUT/.shardmerge/journal.json``: whose output this is, and what is done.
+
+The journal holds the job's inputs (base shards by name, size and header hash, adapters by
+content; every option that changes bytes; the format version) and, for each finished shard,
+its size, its sha256 and its header's sha256, computed while the shard was written. A shard
+is absent, a temp file (deleted on the next run), or finished and recorded here. It is
+rewritten atomically after each shard, so a kill at any moment leaves it consistent.
+
+When the merge is published, ``push`` holds the target repo and branch, the shards the Hub
+already holds (by sha256), the shards deleted locally once uploaded, and the commit made.
+The uploader thread writes it too, so every change goes through one lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..errors import OutputError
+from ..planning.model import Plan, ShardPlan
+from . import outdir
+from .lock import LOCK_FILE, STATE_DIR
+
+JOURNAL = "journal.json"
+_HASH_CHUNK = 16 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ShardRecord:
+    """A finished shard: its size and hashes, its merged tensors, those converted to another
+    dtype only, the merged ones that came out equal to the base (an update of zero), and the
+    tensors whose NaN or Inf came from the base and were kept."""
+
+    size: int
+    sha256: str
+    header_sha256: str
+    merged: tuple[str, ...]
+    converted: tuple[str, ...] = ()
+    unchanged: tuple[str, ...] = ()
+    non_finite_kept: tuple[str, ...] = ()
+
+
+@dataclass
+class PushState:
+    """What one publishing target holds: ``uploaded`` maps shard names to the sha256 the Hub
+    has for them, ``deleted`` lists shards removed locally after their upload."""
+
+    repo_id: str
+    revision: str
+    uploaded: dict[str, str] = field(default_factory=dict)
+    deleted: list[str] = field(default_factory=list)
+    commit: str | None = None
+
+
+@dataclass
+class Journal:
+    folder: Path
+    fingerprint: str
+    inputs: dict[str, Any]
+    job: dict[str, Any]
+    device: str = "cpu"
+    shards: dict[str, ShardRecord] = field(default_factory=dict)
+    complete: bool = False
+    push: PushState | None = None
+    changes: list[int] = field(default_factory=list)  # per adapter, the base tensors it changes
+    lock: threading.RLock = field(default_factory=threading.RLock, repr=False, compare=False)
+
+    @property
+    def path(self) -> Path:
+        return self.folder / STATE_DIR / JOURNAL
+
+    def save(self) -> None:
+        with self.lock:
+            self._save()
+
+    def _save(self) -> None:
+        body = {
+            "fingerprint": self.fingerprint,
+            "inputs": self.inputs,
+            "job": self.job,
+            "device": self.device,
+            "shards": {name: asdict(record) for name, record in self.shards.items()},
+            "complete": self.complete,
+            "push": asdict(self.push) if self.push else None,
+            "changes": self.changes,
+        }
+        outdir.write_bytes_atomic(self.path, (json.dumps(body, indent=2) + "\n").encode())
+
+    def record(self, shard: str, record: ShardRecord) -> None:
+        with self.lock:
+            self.shards[shard] = record
+            if self.push is not None and self.push.uploaded.get(shard, record.sha256) != record.sha256:
+                del self.push.uploaded[shard]  # the Hub holds other bytes under this name
+            self._save()
+
+    def set_target(self, repo_id: str | None, revision: str = "main") -> PushState | None:
+        """Publish to ``repo_id`` at ``revision`` (None: keep the output local). Upload state
+        belongs to one target: another one starts afresh, and shards deleted after an upload
+        to the old one are forgotten, to be merged again."""
+        with self.lock:
+            old = self.push
+            if old is not None and (old.repo_id, old.revision) != (repo_id, revision):
+                for name in old.deleted:
+                    self.shards.pop(name, None)
+                    self.complete = False
+                self.push = None
+            if repo_id is not None and self.push is None:
+                self.push = PushState(repo_id, revision)
+            self._save()
+            return self.push
+
+    def mark_uploaded(self, shard: str, sha256: str, *, deleted: bool) -> None:
+        with self.lock:
+            assert self.push is not None
+            self.push.uploaded[shard] = sha256
+            if deleted and shard not in self.push.deleted:
+                self.push.deleted.append(shard)
+            self._save()
+
+    def mark_committed(self, commit: str) -> None:
+        with self.lock:
+            assert self.push is not None
+            self.push.commit = commit
+            self._save()
+
+    def deleted(self, shard: str) -> bool:
+        """Whether ``shard`` was removed locally once the Hub held it."""
+        return self.push is not None and shard in self.push.deleted
+
+    def finished(self, shard: ShardPlan, *, rehash: bool) -> bool:
+        """Whether ``shard`` is on disk exactly as recorded: size and header always, the whole
+        file's sha256 with ``rehash``. A shard that fails is forgotten, to be written again."""
+        record = self.shards.get(shard.name)
+        path = self.folder / shard.name
+        if record is not None and self.deleted(shard.name):
+            return True
+        if record is None or not path.is_file():
+            return False
+        good = path.stat().st_size == record.size and header_sha256(path) == record.header_sha256
+        if good and rehash:
+            good = file_sha256(path) == record.sha256
+        if not good:
+            del self.shards[shard.name]
+            self.complete = False
+            self.save()
+        return good
+
+
+def load(folder: Path) -> Journal | None:
+    path = folder / STATE_DIR / JOURNAL
+    try:
+        body = json.loads(path.read_text())
+        return Journal(
+            folder=folder,
+            fingerprint=body["fingerprint"],
+            inputs=body["inputs"],
+            job=body["job"],
+            device=body.get("device", "cpu"),
+            shards={
+                name: ShardRecord(
+                    r["size"],
+                    r["sha256"],
+                    r["header_sha256"],
+                    *(tuple(r.get(key, ())) for key in ("merged", "converted", "unchanged", "non_finite_kept")),
+                )
+                for name, r in body["shards"].items()
+            },
+            complete=bool(body.get("complete")),
+            push=PushState(**body["push"]) if body.get("push") else None,
+            changes=list(body.get("changes", [])),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def check_output(folder: Path, inputs: list[Path]) -> None:
+    """Refuse an output path that is a file or one of the inputs, before anything is created."""
+    if folder.exists() and not folder.is_dir():
+        raise OutputError("output path exists and is not a folder", file=folder, hint="choose another output path")
+    resolved = folder.resolve()
+    if any(resolved == source.resolve() for source in inputs):
+        raise OutputError("output folder is one of the inputs", file=folder, hint="choose another output path")
+    if folder.is_dir() and not (folder / STATE_DIR).is_dir() and any(folder.iterdir()):
+        raise _foreign(folder)  # before the lock is taken: nothing is added to such a folder
+
+
+def _foreign(folder: Path) -> OutputError:
+    return OutputError(
+        "output folder is not empty and was not written by shardmerge",
+        file=folder,
+        hint="choose an empty or new folder, or remove this one",
+    )
+
+
+def claim(folder: Path, plan: Plan, *, restart: bool, device: str) -> Journal:
+    """The journal of this job in ``folder`` (checked by ``check_output`` and locked): a new one
+    for an empty folder (or with ``restart``), the earlier one when the same job ran here
+    before. Refuses a folder that is not ours, or ours for a job with other inputs, saying
+    what changed."""
+    journal = None
+    if folder.is_dir() and _contents(folder):
+        journal = load(folder)
+        if journal is None:
+            raise _foreign(folder)
+        if journal.fingerprint != plan.fingerprint and not restart:
+            changes = "; ".join(describe_changes(journal.inputs, plan.inputs)) or "the job differs"
+            raise OutputError(
+                f"output folder holds an earlier merge with other inputs: {changes}",
+                file=folder,
+                hint="run it with --restart to discard that output and start over, or choose another folder",
+            )
+        if restart:
+            _clear(folder)
+            journal = None
+    for leftover in folder.glob(f"*{outdir.TMP_SUFFIX}"):
+        leftover.unlink()
+    if journal is None:
+        job = json.loads(json.dumps(_job_of(plan)))
+        journal = Journal(folder, plan.fingerprint, plan.inputs, job, device)
+        journal.changes = [adapter.tensors for adapter in plan.adapters]
+        (folder / STATE_DIR).mkdir(parents=True, exist_ok=True)
+        journal.save()
+    return journal
+
+
+def _job_of(plan: Plan) -> dict[str, Any]:
+    return {
+        "base": plan.base,
+        "adapters": [{"path": a.path, "weight": a.weight} for a in plan.adapters],
+        "output": plan.output,
+        "dtype": plan.dtype,
+        "device": plan.device,
+    }
+
+
+def _contents(folder: Path) -> list[Path]:
+    """What ``folder`` holds besides the lock this run holds on it."""
+    state = folder / STATE_DIR
+    entries = [entry for entry in folder.iterdir() if entry != state]
+    if state.is_dir():
+        entries += [entry for entry in state.iterdir() if entry.name != LOCK_FILE]
+    return entries
+
+
+def _clear(folder: Path) -> None:
+    """Empty a folder our journal says we own (``--restart``), but for the lock we hold on it."""
+    for entry in _contents(folder):
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+
+
+def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """What differs between two jobs' inputs, in words."""
+    changes = []
+    if old.get("format_version") != new.get("format_version"):
+        changes.append(f"output format version {old.get('format_version')} -> {new.get('format_version')}")
+    if old.get("dtype") != new.get("dtype"):
+        changes.append(f"dtype changed from {old.get('dtype')} to {new.get('dtype')}")
+    if old.get("base") != new.get("base"):
+        changed = _changed_names(old.get("base", []), new.get("base", []))
+        changes.append(f"base weights changed ({changed})")
+    if old.get("base_files") != new.get("base_files"):
+        names = sorted(set(old.get("base_files", {}).items()) ^ set(new.get("base_files", {}).items()))
+        changes.append(f"base files changed ({', '.join(sorted({name for name, _ in names}))})")
+    old_adapters, new_adapters = old.get("adapters", []), new.get("adapters", [])
+    if len(old_adapters) != len(new_adapters):
+        changes.append(f"{len(old_adapters)} adapters before, {len(new_adapters)} now")
+    for index, (before, after) in enumerate(zip(old_adapters, new_adapters, strict=False)):
+        what = [key for key in ("weights", "config") if before.get(key) != after.get(key)]
+        if before.get("weight") != after.get("weight"):
+            what.append(f"weight {before.get('weight')} -> {after.get('weight')}")
+        if what:
+            changes.append(f"adapter {index} changed: {', '.join(what)}")
+    return changes
+
+
+def _changed_names(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str:
+    before = {item["name"]: item for item in old}
+    after = {item["name"]: item for item in new}
+    names = sorted(name for name in before.keys() | after.keys() if before.get(name) != after.get(name))
+    return ", ".join(names)
+
+
+def header_sha256(path: Path) -> str:
+    with path.open("rb") as handle:
+        prefix = handle.read(8)
+        length = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
+        return hashlib.sha256(prefix + handle.read(min(length, 100_000_000))).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while chunk := os.read(fd, _HASH_CHUNK):
+            digest.update(chunk)
+    finally:
+        os.close(fd)
+    return digest.hexdigest()

@@ -1,0 +1,230 @@
+"""PEFT adapters: ``adapter_config.json`` and the weights' header, read into per-module specs.
+
+Only headers are read here. Problems are collected, not raised one at a time, so that the
+planner can report every one of them together.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..errors import AdapterError, ShardmergeError
+from ..formats.checkpoint import read_checkpoint_header
+from ..formats.safetensors import SafetensorsHeader
+from ..inputs.resolve import AdapterFiles
+
+PEFT_PREFIX = "base_model.model."
+SUPPORTED_TYPES = ("LORA", "LOHA", "LOKR", "IA3", "TRAINABLE_TOKENS")
+# Config keys holding r and alpha, per adapter type.
+_RANK_KEYS = {"LORA": ("r", "lora_alpha"), "LOHA": ("r", "alpha"), "LOKR": ("r", "alpha")}
+
+# init_lora_weights values that change the base weights during training: the saved adapter
+# alone does not reproduce the fine-tuned model.
+_BASE_MODIFYING_INITS = ("pissa", "olora", "corda", "loftq", "lora_ga")
+# Config keys that switch on variants whose effect is not a fixed weight change.
+_UNMERGEABLE_OPTIONS = {
+    "layer_replication": "it shares layers between positions of the model, which a weight merge cannot express",
+    "alora_invocation_tokens": "activated LoRA applies only after its invocation tokens",
+    "arrow_config": "Arrow routes between adapters per token",
+    "use_qalora": "QA-LoRA targets a quantized base",
+    "use_bdlora": "block-diagonal LoRA is not supported yet",
+    "megatron_config": "Megatron-parallel LoRA layers are not supported",
+    "use_effective_conv2d": "the CP-decomposed convolution form is not supported",
+}
+
+_NAME = r"(?:\.[^.]+)?"  # an adapter name left in keys by old PEFT versions (".default")
+_KEY_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
+    ("lora_A", re.compile(rf"^(?P<path>.+)\.lora_A{_NAME}\.weight$")),
+    ("lora_B", re.compile(rf"^(?P<path>.+)\.lora_B{_NAME}\.weight$")),
+    ("lora_B_bias", re.compile(rf"^(?P<path>.+)\.lora_B{_NAME}\.bias$")),
+    ("embedding_A", re.compile(rf"^(?P<path>.+)\.lora_embedding_A{_NAME}$")),
+    ("embedding_B", re.compile(rf"^(?P<path>.+)\.lora_embedding_B{_NAME}$")),
+    ("magnitude", re.compile(rf"^(?P<path>.+)\.lora_magnitude_vector{_NAME}(?:\.weight)?$")),
+    *(
+        (role, re.compile(rf"^(?P<path>.+)\.{role}{_NAME}$"))
+        for role in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "lokr_w1", "lokr_w1_a", "lokr_w1_b")
+    ),
+    *((role, re.compile(rf"^(?P<path>.+)\.{role}{_NAME}$")) for role in ("lokr_w2", "lokr_w2_a", "lokr_w2_b", "ia3_l")),
+    ("tokens", re.compile(rf"^(?P<path>.+?)(?:\.token_adapter)?\.trainable_tokens_delta{_NAME}$")),
+    ("base_layer", re.compile(r"^(?P<path>.+)\.base_layer\.(?P<param>weight|bias)$")),
+    ("modules_to_save", re.compile(r"^(?P<path>.+)\.modules_to_save\.[^.]+\.(?P<param>.+)$")),
+]
+# Substrings of adapter tensors that no pattern above may leave unexplained.
+_ADAPTER_MARKERS = ("lora_", "hada_", "lokr_", "ia3_", "token_adapter", "trainable_tokens", "vera_", "oft_", "boft_")
+
+
+@dataclass
+class AdapterModule:
+    """The tensors of one adapted module, by role (``lora_A``, ``hada_w1_a`` ...) -> key.
+
+    ``path`` is the module path in the model the adapter was trained on. PEFT nests wrappers
+    when it targets several parameters of one module (``experts.base_layer.lora_A``), so
+    ``key_path`` (unique) keeps the ``.base_layer`` parts that ``path`` drops.
+    """
+
+    path: str
+    key_path: str
+    keys: dict[str, str] = field(default_factory=dict)
+    shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    @property
+    def is_embedding(self) -> bool:
+        return "embedding_A" in self.keys or "embedding_B" in self.keys
+
+    @property
+    def first_key(self) -> str:
+        return next(iter(self.keys.values()))
+
+
+@dataclass(frozen=True)
+class FullTensor:
+    """A whole tensor saved in the adapter that replaces the base tensor ``target``.
+
+    ``shared`` marks ``.base_layer`` tensors: PEFT loads those into the base parameter itself,
+    which tied weights share; ``modules_to_save`` tensors belong to the module's own copy."""
+
+    target: str
+    key: str
+    shape: tuple[int, ...]
+    shared: bool
+
+
+@dataclass(frozen=True)
+class Adapter:
+    index: int
+    files: AdapterFiles
+    header: SafetensorsHeader
+    weight: float
+    config: dict[str, Any]
+    modules: tuple[AdapterModule, ...]
+    full_tensors: tuple[FullTensor, ...]
+
+    @property
+    def peft_type(self) -> str:
+        return str(self.config["peft_type"])
+
+    def rank_and_alpha(self, path: str) -> tuple[int, float]:
+        """r and alpha for module ``path``: the first matching pattern key wins, as in PEFT."""
+        rank_key, alpha_key = _RANK_KEYS[self.peft_type]
+        return (
+            int(_pattern_value(self.config.get("rank_pattern") or {}, path, self.config[rank_key])),
+            float(_pattern_value(self.config.get("alpha_pattern") or {}, path, self.config[alpha_key])),
+        )
+
+    def scale(self, path: str) -> float:
+        r, alpha = self.rank_and_alpha(path)
+        return alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+
+    def token_indices(self, path: str) -> list[int] | None:
+        """Rows that trainable tokens replace in module ``path``."""
+        if self.peft_type == "TRAINABLE_TOKENS":
+            return list(self.config.get("token_indices") or [])
+        spec = self.config.get("trainable_token_indices")
+        if isinstance(spec, list):
+            return list(spec)
+        if isinstance(spec, dict):
+            for name, indices in spec.items():
+                if path == name or path.endswith(f".{name}"):
+                    return list(indices)
+        return None
+
+
+def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
+
+
+def load_adapter(index: int, files: AdapterFiles, weight: float, problems: list[ShardmergeError]) -> Adapter | None:
+    """Read an adapter's config and header. Appends problems; returns None if unusable."""
+    try:
+        config = json.loads(files.config.read_text())
+    except (OSError, ValueError) as exc:
+        problems.append(AdapterError(f"unreadable adapter config ({exc})", file=files.config))
+        return None
+    if not isinstance(config, dict):
+        problems.append(AdapterError("adapter config is not a JSON object", file=files.config))
+        return None
+    before = len(problems)
+    _check_config(files, config, problems)
+    try:
+        header = read_checkpoint_header(files.weights)
+    except ShardmergeError as exc:
+        problems.append(exc)
+        return None
+    if len(problems) > before:
+        return None
+    modules: dict[str, AdapterModule] = {}
+    full: list[FullTensor] = []
+    for key, info in header.tensors.items():
+        local = key.removeprefix(PEFT_PREFIX)
+        role, match = _classify(local)
+        if match is None:
+            if any(marker in local for marker in _ADAPTER_MARKERS):
+                problems.append(
+                    AdapterError(
+                        "tensor of an adapter variant shardmerge cannot merge",
+                        file=files.weights,
+                        tensor=key,
+                        hint="see the README for the supported adapter types; merge this one with PEFT",
+                    )
+                )
+                continue
+            full.append(FullTensor(local, key, info.shape, shared=False))
+        elif role in ("base_layer", "modules_to_save"):
+            target = f"{match['path']}.{match['param']}"
+            full.append(FullTensor(target, key, info.shape, shared=role == "base_layer"))
+        else:
+            key_path = match["path"]
+            path = re.sub(r"(\.base_layer)+$", "", key_path)
+            module = modules.setdefault(key_path, AdapterModule(path, key_path))
+            module.keys[role] = key
+            module.shapes[role] = info.shape
+    return Adapter(index, files, header, weight, config, tuple(modules.values()), tuple(full))
+
+
+def _classify(local_key: str) -> tuple[str, re.Match[str] | None]:
+    for role, pattern in _KEY_PATTERNS:
+        match = pattern.match(local_key)
+        if match:
+            return role, match
+    return "", None
+
+
+def _check_config(files: AdapterFiles, config: dict[str, Any], problems: list[ShardmergeError]) -> None:
+    peft_type = config.get("peft_type")
+    if peft_type not in SUPPORTED_TYPES:
+        problems.append(
+            AdapterError(
+                f"unsupported peft_type {peft_type!r}",
+                file=files.config,
+                hint=f"shardmerge merges {', '.join(SUPPORTED_TYPES)} adapters; merge this one with PEFT",
+            )
+        )
+        return
+    for key in _RANK_KEYS.get(peft_type, ()):
+        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
+            problems.append(
+                AdapterError(f"{key} must be a positive number, found {config.get(key)!r}", file=files.config)
+            )
+    init = config.get("init_lora_weights")
+    if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
+        problems.append(
+            AdapterError(
+                f"init_lora_weights={init!r} changed the base weights during training, so this adapter "
+                "cannot be merged into the original base",
+                file=files.config,
+                hint="convert it to a plain LoRA adapter first with PEFT "
+                "(save_pretrained(path_initial_model_for_weight_conversion=...))",
+            )
+        )
+    for key, why in _UNMERGEABLE_OPTIONS.items():
+        if config.get(key):
+            problems.append(
+                AdapterError(f"{key} is set: {why}", file=files.config, hint="merge this adapter with PEFT instead")
+            )

@@ -1,0 +1,143 @@
+"""The Plan: plain, frozen data that decides every output byte. The planner builds it from
+headers and configs; the executor carries it out without re-deciding anything."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ..formats.safetensors import encode_header
+
+
+@dataclass(frozen=True)
+class MergeOp:
+    """One adapter's change to one base tensor.
+
+    kind: ``replace`` (a whole tensor from the adapter), ``lora``, ``dora``, ``bias``
+    (lora_B.bias), ``loha``, ``lokr``, ``ia3`` or ``tokens`` (trainable token rows).
+    keys: the adapter tensors the op reads, in the order the kernel takes them ("" where an
+    optional factor is absent). layout: how the update lies against the base tensor:
+    ``linear`` (out, in), ``conv1d`` (in, out), ``embedding`` (num_embeddings, dim),
+    ``experts-out-in`` / ``experts-in-out`` (a fused 3-D expert tensor), ``full``, ``bias``.
+    expert / experts / rows: for an adapter on fused MoE experts merged into one expert's
+    tensor, the expert, the number of experts, and the rows of that expert's update that
+    belong to this tensor (gate or up half). indices: rows replaced by trainable tokens.
+    """
+
+    adapter: int
+    kind: str
+    keys: tuple[str, ...]
+    scale: float
+    weight: float
+    layout: str
+    module: str
+    rule: str
+    expert: int | None = None
+    experts: int = 0
+    rows: tuple[int, int] | None = None
+    indices: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """One output tensor. ``src_begin``/``src_end`` are absolute offsets in the source shard,
+    ``begin``/``end`` offsets in the output data buffer, ``block_rows`` how many rows of a
+    merged tensor are worked on at once."""
+
+    name: str
+    shape: tuple[int, ...]
+    src_dtype: str
+    dtype: str
+    src_begin: int
+    src_end: int
+    begin: int
+    end: int
+    ops: tuple[MergeOp, ...]
+    block_rows: int = 0  # rows merged at a time; the whole tensor where the ops need it
+
+
+def row_separable(op: MergeOp) -> bool:
+    """Whether ``op`` can be applied to a block of the base tensor's rows on its own: true for
+    every update whose rows depend only on the same rows of the base. DoRA on Conv1D and
+    Embedding normalises columns over all rows, LoKr's Kronecker rows interleave, and fused
+    3-D expert tensors are split by expert instead."""
+    if op.layout.startswith("experts-") or op.kind in ("lokr", "bias"):
+        return False
+    return op.kind != "dora" or op.layout == "linear"
+
+
+@dataclass(frozen=True)
+class ShardPlan:
+    name: str
+    source: str
+    metadata: dict[str, str] | None
+    tensors: tuple[TensorPlan, ...]
+    header_size: int
+    size: int
+
+    def header_bytes(self) -> bytes:
+        return encode_shard_header(self.tensors, self.metadata)
+
+    @property
+    def merged(self) -> int:
+        return sum(1 for t in self.tensors if t.ops)
+
+
+def encode_shard_header(tensors: Sequence[TensorPlan], metadata: dict[str, str] | None) -> bytes:
+    return encode_header([(t.name, t.dtype, t.shape, t.begin, t.end) for t in tensors], metadata)
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    index: int
+    path: str
+    weights_file: str
+    peft_type: str
+    weight: float
+    r: int | None
+    alpha: float | None
+    use_rslora: bool
+    use_dora: bool
+    modules: int
+    full_tensors: int
+    base_model: str | None = None  # the base named in the adapter's config
+    tensors: int = 0  # base tensors this adapter changes
+
+
+@dataclass(frozen=True)
+class Plan:
+    """``config`` is the output config.json when it differs from the base's (dtype, untied
+    embeddings); None copies the base's file byte for byte. ``inputs`` is everything that
+    decides the output bytes (files by name, size and header hash; options; format version),
+    and ``fingerprint`` its hash."""
+
+    format_version: int
+    base: str
+    output: str | None
+    dtype: str
+    device: str
+    adapters: tuple[AdapterSummary, ...]
+    shards: tuple[ShardPlan, ...]
+    extra_files: tuple[str, ...]
+    config: dict[str, Any] | None
+    index_metadata: dict[str, Any] | None
+    notes: tuple[str, ...]
+    inputs: dict[str, Any]
+    fingerprint: str
+    tensor_bytes: int
+    peak_memory_bytes: int
+    base_repo: str | None = None  # a Hub base: its repo id (``base`` is ``repo@commit``)
+    strict: bool = False  # a merge that changes no tensor is an error, not a warning
+
+    @property
+    def base_commit(self) -> str | None:
+        """The commit a Hub base is pinned to (``base`` is ``repo@commit``)."""
+        return self.base.rpartition("@")[2] if self.base_repo else None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(shard.size for shard in self.shards)
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)

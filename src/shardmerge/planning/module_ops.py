@@ -1,0 +1,441 @@
+"""One adapter's modules -> MergeOps on base tensors, with every shape and rank checked.
+
+Each adapter module maps to exactly one base tensor (or, for LoRA on fused MoE experts, to
+one tensor per expert); anything else becomes a problem in the list, never a skipped module.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import AdapterError, ShardmergeError
+from ..formats.safetensors import TensorInfo
+from .adapters import Adapter, AdapterModule, FullTensor
+from .keymap import Mapping, closest_names, map_name
+from .layouts import CONV1D_HINT, Layouts
+from .model import MergeOp
+
+# Unmatched names get "closest base names" suggestions up to this count: each search costs a
+# pass over every base name, and a wholly wrong adapter can have thousands of modules.
+_SUGGESTIONS = 20
+# Per-expert tensor names of the fused v5 MoE parameters, per family (Mixtral; Qwen-MoE,
+# OLMoE, DeepSeek and most others), and which rows of the fused update each one takes.
+_EXPERT_LAYOUTS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "gate_up_proj": (("w1", "w3"), ("gate_proj", "up_proj")),
+    "down_proj": (("w2",), ("down_proj",)),
+}
+
+
+@dataclass
+class AdapterPlanner:
+    adapter: Adapter
+    base: dict[str, TensorInfo]
+    layouts: Layouts
+    problems: list[ShardmergeError]
+    suggestions: int = 0
+
+    def __post_init__(self) -> None:
+        self.ops: dict[str, list[MergeOp]] = defaultdict(list)
+        self.file = self.adapter.files.weights
+
+    def error(self, message: str, tensor: str, hint: str | None = None) -> None:
+        self.problems.append(AdapterError(message, file=self.file, tensor=tensor, hint=hint))
+
+    def target(self, name: str, key: str) -> Mapping | None:
+        """The base tensor for adapter name ``name``, or None with the problem recorded."""
+        mapping = map_name(name, self.base)
+        if mapping.target is not None:
+            return mapping
+        if mapping.candidates:
+            self.error(
+                f"maps to more than one base tensor: {', '.join(mapping.candidates)}",
+                key,
+                "the adapter is ambiguous for this checkpoint; report it with both names",
+            )
+            return None
+        near = ""
+        if self.suggestions < _SUGGESTIONS:
+            self.suggestions += 1
+            closest = closest_names(name, self.base)
+            near = f"; closest base names: {', '.join(closest)}" if closest else ""
+        self.error(f"no base tensor {name!r}{near}", key, "check that this adapter was trained on this base model")
+        return None
+
+    def tensor(self, mapping: Mapping) -> TensorInfo:
+        assert mapping.target is not None
+        return self.base[mapping.target]
+
+    def add(self, mapping: Mapping, kind: str, keys: tuple[str, ...], layout: str, module: str, **extra: Any) -> None:
+        """Record that this adapter changes the mapped tensor (the op's scale is the module's)."""
+        assert mapping.target is not None
+        scale = self.adapter.scale(module) if kind in ("lora", "dora", "bias", "loha", "lokr") else 1.0
+        op = MergeOp(
+            self.adapter.index, kind, keys, scale, self.adapter.weight, layout, module, mapping.rule or "", **extra
+        )
+        self.ops[mapping.target].append(op)
+
+    def plan(self) -> dict[str, list[MergeOp]]:
+        for full in self.adapter.full_tensors:
+            self.full_tensor(full)
+        for module in self.adapter.modules:
+            roles = set(module.keys)
+            if roles & {"lora_A", "lora_B", "embedding_A", "embedding_B", "magnitude", "lora_B_bias"}:
+                self.lora(module)
+            elif roles & {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"}:
+                self.loha(module)
+            elif any(role.startswith("lokr_") for role in roles):
+                self.lokr(module)
+            elif "ia3_l" in roles:
+                self.ia3(module)
+            elif "tokens" in roles:
+                self.tokens(module)
+        self.check_duplicates()
+        return self.ops
+
+    def check_duplicates(self) -> None:
+        for name, tensor_ops in self.ops.items():
+            # Within one adapter a whole replacement comes first, then the updates.
+            tensor_ops.sort(key=lambda op: op.kind != "replace")
+            signatures = [(op.kind, op.expert, op.rows) for op in tensor_ops]
+            if len(set(signatures)) != len(signatures):
+                modules = ", ".join(dict.fromkeys(op.module for op in tensor_ops))
+                self.error(
+                    f"several adapter entries ({modules}) change the same base tensor",
+                    name,
+                    "the adapter is ambiguous for this checkpoint",
+                )
+
+    def full_tensor(self, full: FullTensor) -> None:
+        mapping = self.target(full.target, full.key)
+        if mapping is None:
+            return
+        base = self.tensor(mapping)
+        if full.shape != base.shape:
+            self.error(
+                f"shape mismatch: adapter has {list(full.shape)}, base tensor {base.name!r} has {list(base.shape)}",
+                full.key,
+                "the adapter resized this layer (e.g. a larger vocabulary) or belongs to another model",
+            )
+            return
+        layout = "shared" if full.shared else "full"
+        self.add(mapping, "replace", (full.key,), layout, full.target)
+
+    def check_rank(self, module: AdapterModule, found: dict[str, int], *, experts: int = 1) -> bool:
+        r, _ = self.adapter.rank_and_alpha(module.path)
+        wrong = {role: rank for role, rank in found.items() if rank != r * experts}
+        if wrong:
+            ranks = ", ".join(f"{rank} ({role})" for role, rank in wrong.items())
+            per = f" x {experts} experts" if experts > 1 else ""
+            self.error(
+                f"r mismatch: the config gives r={r}{per} for {module.path!r} but the tensors have rank {ranks}",
+                module.first_key,
+                "the adapter_config.json (r / rank_pattern) does not belong to these weights",
+            )
+        return not wrong
+
+    def require(self, module: AdapterModule, roles: tuple[str, ...], dims: int = 2) -> bool:
+        missing = [role for role in roles if role not in module.keys]
+        if missing:
+            self.error(f"module {module.path!r} has no {' or '.join(missing)}", module.first_key)
+            return False
+        wrong = [role for role in roles if len(module.shapes[role]) != dims]
+        if wrong:
+            self.error(
+                f"{len(module.shapes[wrong[0]])}-D {wrong[0]}: LoRA on convolutions is not supported",
+                module.keys[wrong[0]],
+                "only Linear, Conv1D, Embedding and MoE expert layers can be merged",
+            )
+            return False
+        return True
+
+    def lora(self, module: AdapterModule) -> None:
+        a_role, b_role = ("embedding_A", "embedding_B") if module.is_embedding else ("lora_A", "lora_B")
+        if not self.require(module, (a_role, b_role)):
+            return
+        a_key, b_key = module.keys[a_role], module.keys[b_role]
+        a_shape, b_shape = module.shapes[a_role], module.shapes[b_role]
+        parameter = self.target_parameter(module)
+        if parameter is not None:
+            if "magnitude" in module.keys or "lora_B_bias" in module.keys:
+                self.error("DoRA and lora_bias on target_parameters cannot be merged", module.first_key)
+                return
+            self.expert_lora(module, parameter, a_shape, b_shape)
+            return
+        if not self.check_rank(module, {"A": a_shape[0], "B": b_shape[1]}):
+            return
+        mapping = self.target(f"{module.path}.weight", a_key)
+        if mapping is None:
+            return
+        base = self.tensor(mapping)
+        layout = self.layout(module, base, (b_shape[0], a_shape[1]), a_key)
+        if layout is None:
+            return
+        keys: tuple[str, ...] = (a_key, b_key)
+        kind = "lora"
+        magnitude = module.keys.get("magnitude")
+        if magnitude is not None:
+            # DoRA's magnitude has one entry per output feature: B's rows in every layout.
+            if module.shapes["magnitude"] != (b_shape[0],):
+                self.error(
+                    f"shape mismatch: DoRA magnitude has {list(module.shapes['magnitude'])}, expected [{b_shape[0]}]",
+                    magnitude,
+                )
+                return
+            kind, keys = "dora", (a_key, b_key, magnitude)
+        elif self.adapter.config.get("use_dora"):
+            self.error("use_dora is set but the module has no lora_magnitude_vector", a_key)
+            return
+        self.add(mapping, kind, keys, layout, module.path)
+        if "lora_B_bias" in module.keys:
+            self.bias_update(module, "bias", module.keys["lora_B_bias"], module.shapes["lora_B_bias"])
+
+    def layout(self, module: AdapterModule, base: TensorInfo, out_in: tuple[int, int], key: str) -> str | None:
+        """How an (out, in) update lies against ``base``: ``linear`` (nn.Linear, [out, in]) or
+        ``conv1d`` (GPT-2's Conv1D, [in, out]), from the module's type where the architecture
+        says and from the shapes where they differ; None, with the problem recorded, where the
+        shapes do not fit or nothing decides."""
+        if module.is_embedding:
+            # lora_embedding_A is (r, num_embeddings), lora_embedding_B is (dim, r).
+            fits = ["embedding"] if base.shape == out_in[::-1] else []
+            return fits[0] if fits else self.choose_layout(module, base, fits, f"a delta of {list(out_in)}", key)
+        fits = [layout for layout, shape in (("linear", out_in), ("conv1d", out_in[::-1])) if base.shape == shape]
+        return self.choose_layout(module, base, fits, f"a delta of {list(out_in)}", key)
+
+    def choose_layout(
+        self, module: AdapterModule, base: TensorInfo, fits: list[str], what: str, key: str
+    ) -> str | None:
+        """The one layout of ``fits`` (those the shapes allow) that the module's type allows."""
+        conv1d = self.layouts.is_conv1d(module.path)
+        if conv1d is not None and not module.is_embedding:
+            declared = "conv1d" if conv1d else "linear"
+            if declared in fits:
+                return declared
+            if fits:
+                stored = "GPT-2's Conv1D [in, out]" if conv1d else "nn.Linear [out, in]"
+                self.error(
+                    f"{what} does not fit base tensor {base.name!r} {list(base.shape)} stored as {stored} "
+                    f"({self.layouts.source})",
+                    key,
+                    "the adapter belongs to another model; " + CONV1D_HINT,
+                )
+                return None
+        elif len(fits) > 1:
+            self.error(
+                f"square weight {base.name!r} {list(base.shape)}: whether it is stored as nn.Linear [out, in] or as "
+                f"GPT-2's Conv1D [in, out] cannot be told ({self.layouts.unknown})",
+                key,
+                CONV1D_HINT,
+            )
+            return None
+        if fits:
+            return fits[0]
+        self.error(
+            f"shape mismatch: {what} fits neither base tensor {base.name!r} {list(base.shape)} nor its transpose",
+            key,
+            "the adapter belongs to another model, or to another size of it",
+        )
+        return None
+
+    def bias_update(self, module: AdapterModule, kind: str, key: str, shape: tuple[int, ...]) -> None:
+        mapping = self.target(f"{module.path}.bias", key)
+        if mapping is None:
+            return
+        base_shape = self.tensor(mapping).shape
+        if (shape[0] if kind == "bias" else max(shape)) != base_shape[0]:
+            self.error(f"shape mismatch: {list(shape)} against the base bias {list(base_shape)}", key)
+            return
+        self.add(mapping, kind, (key,), "bias", module.path)
+
+    def target_parameter(self, module: AdapterModule) -> list[str] | None:
+        """Names of the parameters ``target_parameters`` may have put on this module, if any."""
+        wanted = self.adapter.config.get("target_parameters") or []
+        names = []
+        for entry in wanted:
+            owner, _, parameter = entry.rpartition(".")
+            if owner and (module.path == owner or module.path.endswith(f".{owner}")):
+                names.append(parameter)
+        return names or None
+
+    def expert_lora(
+        self, module: AdapterModule, parameters: list[str], a_shape: tuple[int, ...], b_shape: tuple[int, ...]
+    ) -> None:
+        """LoRA on a fused expert parameter (transformers v5 ``target_parameters``): A is
+        (r * E, in), B is (out, r * E); expert e takes rows e*r..e*r+r-1 of A and columns
+        k*E + e of B. The checkpoint holds either the fused 3-D tensor or one per expert."""
+        fits = []
+        for parameter in parameters:
+            fits += [
+                target for target in self.expert_targets(module, parameter) if target[2] == (b_shape[0], a_shape[1])
+            ]
+        if len(fits) != 1:
+            found = "no" if not fits else "more than one"
+            self.error(
+                f"{found} expert parameter of {module.path!r} ({', '.join(parameters)}) fits A {list(a_shape)} and "
+                f"B {list(b_shape)}",
+                module.keys["lora_A"],
+                "check that this adapter was trained on this base model",
+            )
+            return
+        experts, parts, _, layout = fits[0]
+        if not self.check_rank(module, {"A": a_shape[0], "B": b_shape[1]}, experts=experts):
+            return
+        keys = (module.keys["lora_A"], module.keys["lora_B"])
+        if layout is not None:
+            mapping = parts[0][0]
+            self.add(mapping, "lora", keys, layout, module.path, experts=experts)
+            return
+        per_expert = len(parts) // experts
+        for expert in range(experts):
+            start = 0
+            for mapping, rows in parts[expert * per_expert : (expert + 1) * per_expert]:
+                span = (start, start + rows)
+                self.add(mapping, "lora", keys, "linear", module.path, expert=expert, experts=experts, rows=span)
+                start += rows
+
+    def expert_targets(
+        self, module: AdapterModule, parameter: str
+    ) -> list[tuple[int, list[tuple[Mapping, int]], tuple[int, int], str | None]]:
+        """Where ``module.parameter`` lives in the checkpoint: (experts, [(tensor, rows)...],
+        fused (out, in), layout of a fused 3-D tensor or None for per-expert tensors)."""
+        found = []
+        fused = map_name(f"{module.path}.{parameter}", self.base)
+        shape = self.base[fused.target].shape if fused.target is not None else ()
+        if len(shape) == 2:  # a plain 2-D parameter: PEFT treats it as one Linear weight
+            found.append((1, [(fused, shape[0])], (shape[0], shape[1]), "linear"))
+        elif len(shape) == 3:
+            experts, first, second = shape
+            found.append((experts, [(fused, first)], (first, second), "experts-out-in"))
+            found.append((experts, [(fused, second)], (second, first), "experts-in-out"))
+        for names in _EXPERT_LAYOUTS.get(parameter, ()):
+            parts: list[tuple[Mapping, int]] = []
+            expert = 0
+            while True:
+                mappings = [map_name(f"{module.path}.{expert}.{name}.weight", self.base) for name in names]
+                if any(mapping.target is None for mapping in mappings):
+                    break
+                shapes = [self.tensor(mapping).shape for mapping in mappings]
+                if any(len(shape) != 2 or shape[1] != shapes[0][1] for shape in shapes):
+                    break
+                parts += [(mapping, shape[0]) for mapping, shape in zip(mappings, shapes, strict=True)]
+                expert += 1
+            if expert:
+                rows = sum(rows for _, rows in parts[: len(names)])
+                inputs = self.tensor(parts[0][0]).shape[1]
+                found.append((expert, parts, (rows, inputs), None))
+        return found
+
+    def loha(self, module: AdapterModule) -> None:
+        roles = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b")
+        if not self.require(module, roles):
+            return
+        shapes = [module.shapes[role] for role in roles]
+        if not self.check_rank(
+            module, {"w1_a": shapes[0][1], "w1_b": shapes[1][0], "w2_a": shapes[2][1], "w2_b": shapes[3][0]}
+        ):
+            return
+        out_in = (shapes[0][0], shapes[1][1])
+        self.dense_update(
+            module, "loha", tuple(module.keys[role] for role in roles), out_in, (shapes[2][0], shapes[3][1])
+        )
+
+    def lokr(self, module: AdapterModule) -> None:
+        keys: list[str] = []
+        factors = []
+        ranks = {}
+        for factor in ("w1", "w2"):
+            whole, left, right = f"lokr_{factor}", f"lokr_{factor}_a", f"lokr_{factor}_b"
+            if whole in module.keys:
+                keys += [module.keys[whole], "", ""]
+                factors.append(module.shapes[whole])
+            elif self.require(module, (left, right)):
+                keys += ["", module.keys[left], module.keys[right]]
+                factors.append((module.shapes[left][0], module.shapes[right][1]))
+                ranks[f"{factor}_a"] = module.shapes[left][1]
+            else:
+                return
+        if any(len(shape) != 2 for shape in factors):
+            self.error("LoKr on convolutions is not supported", module.first_key)
+            return
+        if ranks and not self.check_rank(module, ranks):
+            return
+        out_in = (factors[0][0] * factors[1][0], factors[0][1] * factors[1][1])
+        self.dense_update(module, "lokr", tuple(keys), out_in, out_in)
+
+    def dense_update(
+        self, module: AdapterModule, kind: str, keys: tuple[str, ...], out_in: tuple[int, int], other: tuple[int, int]
+    ) -> None:
+        if other != out_in:
+            self.error(f"shape mismatch between the factors of {module.path!r}", module.first_key)
+            return
+        mapping = self.target(f"{module.path}.weight", module.first_key)
+        if mapping is None:
+            return
+        base = self.tensor(mapping)
+        if base.shape != out_in:
+            self.error(
+                f"shape mismatch: the update is {list(out_in)}, base tensor {base.name!r} is {list(base.shape)}",
+                module.first_key,
+                "the adapter belongs to another model, or to another size of it",
+            )
+            return
+        if self.layouts.is_conv1d(module.path):
+            # PEFT makes LoHa and LoKr layers only for nn.Linear (and convolutions).
+            self.error(
+                f"{kind} update on {base.name!r}, a Conv1D layer ({self.layouts.source}): PEFT has no such layer",
+                module.first_key,
+                "the adapter belongs to another model; " + CONV1D_HINT,
+            )
+            return
+        self.add(mapping, kind, keys, "linear", module.path)
+
+    def ia3(self, module: AdapterModule) -> None:
+        key, shape = module.keys["ia3_l"], module.shapes["ia3_l"]
+        mapping = self.target(f"{module.path}.weight", key)
+        if mapping is None:
+            return
+        base = self.tensor(mapping)
+        if len(base.shape) != 2:
+            self.error(f"IA3 on a {len(base.shape)}-D tensor is not supported", key)
+            return
+        feedforward = _is_feedforward(self.adapter.config.get("feedforward_modules"), module.path)
+        fits = []
+        for layout, (out_features, in_features) in (("linear", base.shape), ("conv1d", base.shape[::-1])):
+            if shape == ((1, in_features) if feedforward else (out_features, 1)):
+                fits.append(layout)
+        layout = self.choose_layout(module, base, fits, f"ia3_l {list(shape)}", key)
+        if layout is None:
+            return
+        self.add(mapping, "ia3", (key,), layout, module.path)
+        if not feedforward and map_name(f"{module.path}.bias", self.base).target is not None:
+            self.bias_update(module, "ia3", key, shape)
+
+    def tokens(self, module: AdapterModule) -> None:
+        key, shape = module.keys["tokens"], module.shapes["tokens"]
+        indices = self.adapter.token_indices(module.path)
+        if indices is None:
+            self.error(f"no trainable_token_indices entry for {module.path!r} in the config", key)
+            return
+        mapping = self.target(f"{module.path}.weight", key)
+        if mapping is None:
+            return
+        base = self.tensor(mapping)
+        if shape != (len(indices), base.shape[-1]) or len(base.shape) != 2:
+            self.error(
+                f"shape mismatch: {list(shape)} for {len(indices)} token indices into base {list(base.shape)}", key
+            )
+            return
+        if indices and not 0 <= min(indices) <= max(indices) < base.shape[0]:
+            self.error(f"token index out of range for a vocabulary of {base.shape[0]}", key)
+            return
+        self.add(mapping, "tokens", (key,), "shared", module.path, indices=tuple(indices))
+
+
+def _is_feedforward(spec: object, path: str) -> bool:
+    if isinstance(spec, str):
+        return re.fullmatch(spec, path) is not None
+    if isinstance(spec, list):
+        return any(path == name or path.endswith(f".{name}") for name in spec)
+    return False

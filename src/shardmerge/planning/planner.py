@@ -1,0 +1,349 @@
+"""Headers + adapter configs -> a Plan: every output byte decided before one is written.
+
+The planner reads no tensor data. It maps every adapter tensor to exactly one base tensor,
+checks every shape and rank, and lays out each output shard. Every problem it finds is
+collected and raised together as one PlanError.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from ..config import MergeJob
+from ..errors import AdapterError, InputError, PlanError, ShardmergeError
+from ..formats.safetensors import FLOAT_DTYPES, ITEMSIZE, SafetensorsHeader, TensorInfo, numel
+from ..inputs.resolve import BaseFiles, output_shard_name, resolve_adapter, resolve_base
+from .adapters import Adapter, load_adapter
+from .layouts import find_layouts
+from .model import AdapterSummary, MergeOp, Plan, ShardPlan, TensorPlan, encode_shard_header, row_separable
+from .module_ops import AdapterPlanner
+from .tied import find_tied, split_uses
+
+FORMAT_VERSION = 1
+OUTPUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
+# Bytes the executor's untouched-tensor conversion works through at a time.
+COPY_CHUNK_BYTES = 16 * 1024 * 1024
+# Elements of a merged tensor worked on at once (16 MB in float32): what bounds memory, and
+# enough that each block's matrix product still runs at full speed. Fixed, because a BLAS
+# may round a product of another shape differently in the last bit, and a resumed merge
+# must give the same bytes as an uninterrupted one.
+MERGE_BLOCK_ELEMENTS = 4 * 1024 * 1024
+# Bytes the hasher reads at a time when it hashes a kernel-side copy.
+HASH_CHUNK_BYTES = 16 * 1024 * 1024
+
+
+def build_plan(job: MergeJob) -> Plan:
+    """Plan ``job``; raises PlanError with every problem found."""
+    base = resolve_base(job.base)
+    problems: list[ShardmergeError] = []
+    config = _read_config(base, problems)
+    headers = _read_base_headers(base, problems)
+    adapters = []
+    for index, spec in enumerate(job.adapters):
+        try:
+            files = resolve_adapter(spec.path)
+        except ShardmergeError as exc:
+            problems.append(exc)
+            continue
+        adapter = load_adapter(index, files, spec.weight, problems)
+        if adapter is not None:
+            adapters.append(adapter)
+    tensors = {name: info for header in headers for name, info in header.tensors.items()}
+    tied = find_tied(config, tensors)
+    virtual_head = tied.virtual_head(tensors) if tied else None
+    targets = {**tensors, virtual_head.name: virtual_head} if virtual_head else tensors
+    layouts = find_layouts(config, job.conv1d_modules)
+    ops: dict[str, list[MergeOp]] = defaultdict(list)
+    for adapter in adapters:
+        for name, tensor_ops in AdapterPlanner(adapter, targets, layouts, problems).plan().items():
+            ops[name].extend(tensor_ops)
+    untie = tied is not None and split_uses(tied, ops)
+    _check_targets(headers, targets, ops, problems)
+    if problems:
+        raise PlanError(problems)
+    extra: dict[Path, TensorInfo] = {}
+    notes = _notes(ops, layouts.source)
+    if tied is not None and untie:
+        notes += (f"tied embeddings untied: the adapters change {tied.embedding} and {tied.head} differently",)
+        if virtual_head is not None:
+            extra[_shard_of(headers, tied.embedding)] = virtual_head
+    elif virtual_head is not None:
+        # Still tied: the embedding's changes reach the head through the tie.
+        ops.pop(virtual_head.name, None)
+    out_dtype = OUTPUT_DTYPES[job.dtype]
+    inputs = _inputs(job, base, headers, adapters)
+    shards = tuple(_layout(header, extra.get(header.path), ops, out_dtype) for header in headers)
+    return Plan(
+        format_version=FORMAT_VERSION,
+        base=base.name,
+        base_repo=base.repo_id,
+        output=job.output,
+        dtype=job.dtype,
+        device=job.device,
+        adapters=tuple(_summary(adapter, ops) for adapter in adapters),
+        shards=shards,
+        extra_files=tuple(str(path) for path in base.extra_files),
+        config=_output_config(config, job.dtype, untie),
+        index_metadata={k: v for k, v in (base.index_metadata or {}).items() if k != "total_size"} or None,
+        notes=notes,
+        inputs=inputs,
+        fingerprint=hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest(),
+        tensor_bytes=sum(t.end - t.begin for shard in shards for t in shard.tensors),
+        peak_memory_bytes=_peak_memory(shards, adapters),
+        strict=job.strict,
+    )
+
+
+def _notes(ops: dict[str, list[MergeOp]], layout_source: str) -> tuple[str, ...]:
+    """What a reader of the plan should know: where Conv1D layouts came from, and trainable
+    token rows that several adapters replace (applied in order: the last one's rows win)."""
+    notes = []
+    conv1d = sorted(
+        {op.module.rpartition(".")[2] for tensor_ops in ops.values() for op in tensor_ops if op.layout == "conv1d"}
+    )
+    if conv1d:
+        notes.append(f"Conv1D layout ([in, out]) for {', '.join(conv1d)}: from {layout_source}")
+    for name, tensor_ops in ops.items():
+        owners: dict[int, int] = {}
+        overlap: set[int] = set()
+        for op in tensor_ops:
+            for row in op.indices:
+                if row in owners and owners[row] != op.adapter:
+                    overlap.add(row)
+                owners[row] = op.adapter
+        if overlap:
+            notes.append(
+                f"{name}: adapters replace the same trainable token rows ({len(overlap)} rows, e.g. {min(overlap)}); "
+                "they apply in order, so the last adapter's rows win"
+            )
+    return tuple(notes)
+
+
+def _read_config(base: BaseFiles, problems: list[ShardmergeError]) -> dict[str, Any] | None:
+    path = base.folder / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        problems.append(InputError(f"unreadable config ({exc})", file=path))
+        return None
+    if not isinstance(config, dict):
+        return None
+    quantization = config.get("quantization_config")
+    if quantization:
+        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
+        problems.append(
+            InputError(
+                f"the base model is quantized ({method}); a merge into quantized weights is not exact",
+                file=path,
+                hint="merge into the unquantized base model, then quantize the merged model",
+            )
+        )
+    return config
+
+
+def _read_base_headers(base: BaseFiles, problems: list[ShardmergeError]) -> list[SafetensorsHeader]:
+    headers: list[SafetensorsHeader] = []
+    seen: dict[str, Path] = {}
+    for shard in base.shards:
+        try:
+            header = base.header(shard)
+        except ShardmergeError as exc:
+            problems.append(exc)
+            continue
+        for name in header.tensors:
+            if name in seen:
+                problems.append(
+                    InputError(f"tensor is stored in two shards (also in {seen[name].name})", file=shard, tensor=name)
+                )
+            seen[name] = shard
+        headers.append(header)
+    return headers
+
+
+def _shard_of(headers: list[SafetensorsHeader], name: str) -> Path:
+    return next(header.path for header in headers if name in header.tensors)
+
+
+def _check_targets(
+    headers: list[SafetensorsHeader],
+    targets: dict[str, TensorInfo],
+    ops: dict[str, list[MergeOp]],
+    problems: list[ShardmergeError],
+) -> None:
+    shards = {name: header.path for header in headers for name in header.tensors}
+    for name in ops:
+        if targets[name].dtype not in FLOAT_DTYPES:
+            problems.append(
+                AdapterError(
+                    f"adapter targets a {targets[name].dtype} tensor; only floating-point tensors can be merged",
+                    file=shards.get(name),
+                    tensor=name,
+                    hint="a quantized base cannot be merged exactly: merge into the unquantized model",
+                )
+            )
+
+
+def _layout(
+    header: SafetensorsHeader, extra: TensorInfo | None, ops: dict[str, list[MergeOp]], out_dtype: str
+) -> ShardPlan:
+    """Lay out one output shard: the base's tensor order, new dtypes, contiguous offsets.
+
+    Tensors are grouped by descending item size (stable, so the base order holds within a
+    group), as safetensors does, which keeps every tensor aligned to its item size. An extra
+    tensor (an untied output head) follows the tensor it is read from.
+    """
+    infos = sorted(header.tensors.values(), key=lambda info: info.begin)
+    if extra is not None:
+        infos.insert(next(i for i, info in enumerate(infos) if info.begin == extra.begin) + 1, extra)
+    dtypes = {info.name: out_dtype if info.dtype in FLOAT_DTYPES else info.dtype for info in infos}
+    infos.sort(key=lambda info: -ITEMSIZE[dtypes[info.name]])
+    tensors = []
+    offset = 0
+    for info in infos:
+        size = numel(info.shape) * ITEMSIZE[dtypes[info.name]]
+        tensor_ops = tuple(ops.get(info.name, ()))
+        tensors.append(
+            TensorPlan(
+                info.name,
+                info.shape,
+                info.dtype,
+                dtypes[info.name],
+                info.begin,
+                info.end,
+                offset,
+                offset + size,
+                tensor_ops,
+                _block_rows(info.shape, tensor_ops),
+            )
+        )
+        offset += size
+    header_size = len(encode_shard_header(tensors, header.metadata))
+    return ShardPlan(
+        output_shard_name(header.path),
+        str(header.path),
+        header.metadata,
+        tuple(tensors),
+        header_size,
+        header_size + offset,
+    )
+
+
+def _block_rows(shape: tuple[int, ...], ops: tuple[MergeOp, ...]) -> int:
+    """Rows merged at a time: blocks of about MERGE_BLOCK_ELEMENTS where every op allows it,
+    else the whole tensor (0 for an untouched one)."""
+    if not ops:
+        return 0
+    rows = shape[0] if shape else 1
+    if len(shape) == 2 and all(row_separable(op) for op in ops):
+        return min(rows, max(1, MERGE_BLOCK_ELEMENTS // max(1, shape[1])))
+    return rows
+
+
+def _output_config(config: dict[str, Any] | None, dtype: str, untie: bool) -> dict[str, Any] | None:
+    """The base config with its dtype entry (``torch_dtype`` in v4, ``dtype`` in v5) made true
+    and, where the merge untied the embeddings, ``tie_word_embeddings`` false; None if unchanged."""
+    if config is None:
+        return None
+    updated = json.loads(json.dumps(config))
+    sections = [updated] + [value for key, value in updated.items() if key == "text_config" and isinstance(value, dict)]
+    for section in sections:
+        for key in ("torch_dtype", "dtype"):
+            if key in section:
+                section[key] = dtype
+        if untie and (section is updated or "tie_word_embeddings" in section):
+            section["tie_word_embeddings"] = False
+    return None if updated == config else updated
+
+
+def _summary(adapter: Adapter, ops: dict[str, list[MergeOp]]) -> AdapterSummary:
+    config = adapter.config
+    ranked = adapter.peft_type in ("LORA", "LOHA", "LOKR")
+    r, alpha = (int(config["r"]), float(config.get("lora_alpha", config.get("alpha", 0)))) if ranked else (None, None)
+    return AdapterSummary(
+        index=adapter.index,
+        path=adapter.files.name or str(adapter.files.folder),
+        weights_file=str(adapter.files.weights),
+        peft_type=adapter.peft_type,
+        weight=adapter.weight,
+        r=r,
+        alpha=alpha,
+        use_rslora=bool(config.get("use_rslora")),
+        use_dora=bool(config.get("use_dora")),
+        modules=len(adapter.modules),
+        full_tensors=len(adapter.full_tensors),
+        base_model=config.get("base_model_name_or_path") or None,
+        tensors=sum(1 for tensor_ops in ops.values() if any(op.adapter == adapter.index for op in tensor_ops)),
+    )
+
+
+def _inputs(
+    job: MergeJob, base: BaseFiles, headers: list[SafetensorsHeader], adapters: list[Adapter]
+) -> dict[str, Any]:
+    """Everything that decides the output bytes: options, the format version, and the input
+    files. Base shards count by name, size and header hash (reading a 140 GB base at every
+    start would cost more than the merge); adapters, small beside the base, by their whole
+    content, since a retrained adapter keeps its header."""
+
+    def header_id(header: SafetensorsHeader) -> dict[str, Any]:
+        return {"name": header.path.name, "size": header.file_size, "header": hashlib.sha256(header.raw).hexdigest()}
+
+    declared = {} if job.conv1d_modules is None else {"conv1d_modules": job.conv1d_modules}
+    return {
+        "format_version": FORMAT_VERSION,
+        "dtype": job.dtype,
+        **declared,
+        "base": [header_id(header) for header in headers],
+        "base_files": {path.name: _file_sha256(path) for path in base.extra_files},
+        "adapters": [
+            {
+                "weight": adapter.weight,
+                "config": adapter.config,
+                "weights": {"name": adapter.files.weights.name, "sha256": _file_sha256(adapter.files.weights)},
+            }
+            for adapter in adapters
+        ],
+    }
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _peak_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> int:
+    """Working memory the executor needs beyond the interpreter: the largest merged block in
+    float32 (twice for DoRA, LoKr and replacements, which hold a second float32 operand), its
+    source bytes, two output buffers (one written and hashed while the next fills), the
+    adapter factors of the tensor with the most (in float32, and one as stored), and the
+    conversion and hashing buffers."""
+    by_index = {adapter.index: adapter for adapter in adapters}
+    worst = factors = 0
+    for shard in shards:
+        for tensor in shard.tensors:
+            if tensor.ops:
+                rows = tensor.shape[0] if tensor.shape else 1
+                count = numel(tensor.shape) * tensor.block_rows // max(rows, 1)
+                copies = 1 if all(op.kind in ("lora", "bias", "ia3", "tokens", "loha") for op in tensor.ops) else 2
+                source = count * ITEMSIZE[tensor.src_dtype]
+                worst = max(worst, copies * 4 * count + source + 2 * count * ITEMSIZE[tensor.dtype])
+                blocked = 0 < tensor.block_rows < rows
+                read = [
+                    by_index[op.adapter].header.tensors[key]
+                    for op in tensor.ops
+                    if not (op.kind == "replace" and blocked)
+                    for key in op.keys
+                    if key
+                ]
+                stored = max((info.nbytes for info in read), default=0)
+                factors = max(factors, sum(4 * numel(info.shape) for info in read) + stored)
+    conversion = COPY_CHUNK_BYTES + 2 * 2 * COPY_CHUNK_BYTES  # a float16 chunk may widen to float32
+    return max(worst, conversion) + factors + HASH_CHUNK_BYTES

@@ -1,0 +1,75 @@
+"""Base shards from the Hub, downloaded as the merge reaches them.
+
+A pass asks for each base shard before it reads it. The shard is downloaded into the Hub
+cache then (or found there), and the next one is downloaded in the background meanwhile, so
+the download overlaps the merge and at most two base shards wait on disk. In disk-bounded
+mode (every job of the pass deletes its output after uploading it) each shard this run
+downloaded is deleted from the cache once every job has written it; shards that were in the
+cache before the run stay.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+from ..inputs import hub
+from ..planning.model import Plan, ShardPlan
+
+
+class Fetcher:
+    """Nothing to fetch: a local base."""
+
+    def fetch(self, shard: ShardPlan) -> None:
+        return None
+
+    def done(self, shard: ShardPlan) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class HubFetcher(Fetcher):
+    def __init__(self, plan: Plan, repo_id: str, drop: bool) -> None:
+        self.repo_id = repo_id
+        self.commit = str(plan.base_commit)
+        self.order = [shard.name for shard in plan.shards]
+        self.drop = drop
+        self.before = {name for name in self.order if hub.cached(repo_id, self.commit, name) is not None}
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardmerge-fetch")
+        self.pending: dict[str, Future[Path]] = {}
+
+    def fetch(self, shard: ShardPlan) -> None:
+        """Have ``shard`` on disk before it is read; start downloading the next one."""
+        self._start(shard.name).result()
+        position = self.order.index(shard.name)
+        if position + 1 < len(self.order):
+            self._start(self.order[position + 1])
+
+    def done(self, shard: ShardPlan) -> None:
+        """Every job has written ``shard``: drop it from the cache when this run fetched it."""
+        self.pending.pop(shard.name, None)
+        if not self.drop or shard.name in self.before:
+            return
+        link = Path(shard.source)
+        blob = link.resolve()
+        link.unlink(missing_ok=True)
+        if blob != link:
+            blob.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def _start(self, name: str) -> Future[Path]:
+        if name not in self.pending:
+            self.pending[name] = self.pool.submit(hub.download, self.repo_id, self.commit, name)
+        return self.pending[name]
+
+
+def fetcher_for(plan: Plan, drop: bool) -> Fetcher:
+    """The fetcher for a pass over ``plan``'s base; ``drop``: every job of the pass deletes its
+    output after uploading it, so the shards this run downloads are deleted once written."""
+    if plan.base_repo is None or hub.offline():
+        return Fetcher()
+    return HubFetcher(plan, plan.base_repo, drop)

@@ -1,0 +1,426 @@
+"""Merging one tensor: read the base block, apply every op in float32, round once.
+
+``TensorMerger`` holds the reused buffers (the source block, the float32 value, the rounded
+output in the sink's pool) and the adapter-factor arenas, all sized from the plan before the
+first tensor; ``write_shard`` streams one shard into ``NAME.tmp`` behind a header computed
+from the plan, with the sink's threads writing and hashing while the next block is merged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..errors import DeviceError, NonFiniteError
+from ..formats.checkpoint import read_checkpoint_header
+from ..formats.dtypes import TORCH_DTYPES
+from ..formats.fileio import pread_into
+from ..formats.safetensors import ITEMSIZE, numel
+from ..output import journal as journals
+from ..output import outdir
+from ..planning.model import MergeOp, Plan, ShardPlan, TensorPlan
+from ..planning.planner import COPY_CHUNK_BYTES
+from .kernels import apply_op
+from .sink import ShardSink
+from .stop import StopRequest
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {name!r} requested but CUDA is not available", hint="use --device cpu or auto")
+        index = device.index or 0
+        if index >= torch.cuda.device_count():
+            raise DeviceError(
+                f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist",
+                hint="use --device cuda:0 or auto",
+            )
+    return device
+
+
+@dataclass(frozen=True)
+class Block:
+    """Rows ``first`` to ``last`` of a tensor: ``span`` (None for the whole tensor), their
+    shape, and their bytes ``begin`` to ``end`` in the source file."""
+
+    first: int
+    last: int
+    span: tuple[int, int] | None
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def row_blocks(tensor: TensorPlan) -> list[Block]:
+    """The blocks of rows ``tensor`` is merged in, as the plan fixed them."""
+    rows = tensor.shape[0] if tensor.shape else 1
+    step = max(1, tensor.block_rows or rows)
+    row_bytes = (tensor.src_end - tensor.src_begin) // max(rows, 1)
+    blocks = []
+    for first in range(0, max(rows, 1), step):
+        last = min(rows, first + step)
+        begin = tensor.src_begin + first * row_bytes
+        blocks.append(
+            Block(
+                first,
+                last,
+                (first, last) if step < rows else None,
+                (last - first, *tensor.shape[1:]) if tensor.shape else (),
+                begin,
+                begin + (last - first) * row_bytes if tensor.shape else tensor.src_end,
+            )
+        )
+    return blocks
+
+
+class Buffer:
+    """A reusable buffer, grown to the largest request and never shrunk. Fresh tensors per
+    weight would cost more than the merge: the allocator returns large blocks to the kernel,
+    and faulting them in again runs at a fraction of memory speed."""
+
+    def __init__(self, device: torch.device, pinned: bool = False) -> None:
+        self.device = device
+        self.pinned = pinned
+        self.buffer = torch.empty(0, dtype=torch.uint8, device=device)
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        if nbytes > self.buffer.numel():
+            self.buffer = torch.empty(0, dtype=torch.uint8, device=self.device)  # free the old one first
+            self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device, pin_memory=self.pinned)
+        return self.buffer[:nbytes]
+
+    def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
+        return self.take(numel(shape) * dtype.itemsize).view(dtype).reshape(shape)
+
+
+class _Arena:
+    """Tensors carved one after another from one reused buffer, all given back at once: the
+    float32 adapter factors of one tensor (or block), replaced by the next one's. Fresh
+    tensors instead would leave the allocator's heap fragmented, and resident memory would
+    grow with the number of tensors merged."""
+
+    _ALIGN = 64
+
+    def __init__(self, device: torch.device) -> None:
+        self.buffer = Buffer(device)
+        self.used = 0
+
+    def reset(self, nbytes: int) -> None:
+        """Start over, with room for ``nbytes`` (padding included)."""
+        self.buffer.take(nbytes)
+        self.used = 0
+
+    def tensor(self, shape: tuple[int, ...]) -> torch.Tensor:
+        begin = self.used
+        self.used = begin + self._slot(shape)
+        return self.buffer.buffer[begin : begin + numel(shape) * 4].view(torch.float32).reshape(shape)
+
+    @classmethod
+    def room(cls, shapes: list[tuple[int, ...]]) -> int:
+        return sum(cls._slot(shape) for shape in shapes)
+
+    @classmethod
+    def _slot(cls, shape: tuple[int, ...]) -> int:
+        """Bytes a float32 tensor of ``shape`` takes in the arena, padded to the alignment."""
+        return -(-numel(shape) * 4 // cls._ALIGN) * cls._ALIGN
+
+
+class AdapterReader:
+    """Reads adapter tensors with pread, not mmap: pages of a mapped file stay resident and
+    count against memory, so a large adapter would grow the footprint as the merge went on."""
+
+    def __init__(self, path: str) -> None:
+        self.tensors = read_checkpoint_header(Path(path)).tensors
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def shape(self, key: str, rows: tuple[int, int] | None = None) -> tuple[int, ...]:
+        shape = self.tensors[key].shape
+        return shape if rows is None else (rows[1] - rows[0], *shape[1:])
+
+    def get_tensor(self, key: str, rows: tuple[int, int] | None, into: Buffer) -> torch.Tensor:
+        """Tensor ``key``, or only rows ``rows`` of it, read into the reused buffer ``into``."""
+        info = self.tensors[key]
+        begin, end = info.begin, info.end
+        if rows is not None:
+            row_bytes = (end - begin) // info.shape[0]
+            begin, end = begin + rows[0] * row_bytes, begin + rows[1] * row_bytes
+        raw = into.take(end - begin)
+        pread_into(self.fd, memoryview(raw.numpy()), begin)
+        return raw.view(TORCH_DTYPES[info.dtype]).reshape(self.shape(key, rows))
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class TensorMerger:
+    """Computes merged tensors: read the base tensor, apply every op in float32, round once."""
+
+    def __init__(self, device: torch.device, adapters: list[AdapterReader]) -> None:
+        self.device = device
+        self.adapters = adapters
+        cuda = device.type == "cuda"
+        host = torch.device("cpu")
+        self.read_buffer = Buffer(host, pinned=cuda)
+        self.work = Buffer(device)  # the float32 value being merged
+        self.rounded = Buffer(device) if cuda else None
+        self.staging = Buffer(host)  # adapter tensors as stored, on their way to float32
+        self.whole = _Arena(device)  # the factors read once per tensor
+        self.block = _Arena(device)  # the factors read per block (replacement tensors)
+        # Three output buffers: one is written, one hashed, while the next block fills the third.
+        self.sink = ShardSink([Buffer(host, pinned=cuda) for _ in range(3)])
+        # Tensors holding NaN or Inf that the base already held, kept as they were.
+        self.kept_non_finite: set[str] = set()
+        # Merged tensors whose output is the base's own values (an update of zero).
+        self.unchanged: set[str] = set()
+
+    def close(self) -> None:
+        self.sink.close()
+
+    def reserve(self, shards: tuple[ShardPlan, ...]) -> None:
+        """Size every reused buffer for the largest block of ``shards`` at once. Grown as the
+        merge went, each would be freed and allocated again larger; the freed blocks stay in
+        the allocator's heap, and resident memory would depend on the order of tensor sizes."""
+        needs = [self._needs(tensor) for shard in shards for tensor in shard.tensors]
+        source, work, output, staging, whole, block = (max((need[i] for need in needs), default=0) for i in range(6))
+        self.read_buffer.take(source)
+        self.work.take(work)
+        self.staging.take(staging)
+        self.whole.reset(whole)
+        self.block.reset(block)
+        self.sink.reserve(output)
+
+    def _needs(self, tensor: TensorPlan) -> tuple[int, int, int, int, int, int]:
+        """Bytes ``tensor`` needs in each buffer: source, work, output, staging, and the two
+        factor arenas (whole tensor, per block)."""
+        if not tensor.ops:
+            if tensor.dtype == tensor.src_dtype:
+                return (0, 0, 0, 0, 0, 0)
+            chunk = min(COPY_CHUNK_BYTES, tensor.src_end - tensor.src_begin)
+            return (chunk, 0, chunk // ITEMSIZE[tensor.src_dtype] * ITEMSIZE[tensor.dtype], 0, 0, 0)
+        blocks = row_blocks(tensor)
+        count = max(numel(block.shape) for block in blocks)
+        blocked = 0 < tensor.block_rows < (tensor.shape[0] if tensor.shape else 1)
+        staging, rooms = 0, []
+        for per_block in (False, True):
+            span = (0, max(block.last - block.first for block in blocks)) if per_block else None
+            keys = [
+                (self.adapters[op.adapter], key)
+                for op in tensor.ops
+                if (op.kind == "replace" and blocked) == per_block
+                for key in op.keys
+                if key
+            ]
+            shapes = [reader.shape(key, span) for reader, key in keys]
+            sizes = [
+                numel(shape) * ITEMSIZE[reader.tensors[key].dtype]
+                for shape, (reader, key) in zip(shapes, keys, strict=True)
+            ]
+            staging = max([staging, *sizes])
+            rooms.append(_Arena.room(shapes))
+        source = max(block.end - block.begin for block in blocks)
+        return (source, 4 * count, count * ITEMSIZE[tensor.dtype], staging, rooms[0], rooms[1])
+
+    def read(self, fd: int, tensor: TensorPlan, begin: int, end: int) -> torch.Tensor:
+        raw = self.read_buffer.take(end - begin)
+        pread_into(fd, memoryview(raw.numpy()), begin)
+        return raw.view(TORCH_DTYPES[tensor.src_dtype])
+
+    def merge(self, fd: int, tensor: TensorPlan) -> Iterator[tuple[memoryview, Buffer]]:
+        """The output bytes of ``tensor``, read from the source file ``fd``, block by block:
+        blocks of rows where every op allows it, else the whole tensor. Each block comes in a
+        buffer of the sink's pool that goes back to it once written and hashed."""
+        whole = self.whole_factors(tensor)
+        for block in row_blocks(tensor):
+            source = self.read(fd, tensor, block.begin, block.end)
+            yield self.merge_block(source, tensor, block, whole)
+
+    def whole_factors(self, tensor: TensorPlan) -> list[list[torch.Tensor | None] | None]:
+        """The factors of each op read once for the whole tensor; None where they are read per
+        block (replacement tensors, as large as the base tensor)."""
+        blocked = 0 < tensor.block_rows < (tensor.shape[0] if tensor.shape else 1)
+        ops = [None if op.kind == "replace" and blocked else op for op in tensor.ops]
+        return self._factors(self.whole, ops, None)
+
+    def merge_block(
+        self, source: torch.Tensor, tensor: TensorPlan, block: Block, whole: list[list[torch.Tensor | None] | None]
+    ) -> tuple[memoryview, Buffer]:
+        """Block ``block`` of ``tensor`` merged from ``source``, its base bytes."""
+        value = self.work.tensor(torch.float32, block.shape)
+        value.copy_(source.reshape(block.shape), non_blocking=True)
+        if any(factors is None for factors in whole):  # replacement tensors, read block by block
+            missing = [op if factors is None else None for op, factors in zip(tensor.ops, whole, strict=True)]
+            own = self._factors(self.block, missing, block.span)
+            whole = [factors if factors is not None else mine for factors, mine in zip(whole, own, strict=True)]
+        for op, factors in zip(tensor.ops, whole, strict=True):
+            assert factors is not None
+            value = apply_op(value, op, factors, block.span)
+        data, output, rounded = self.rounded_bytes(value, TORCH_DTYPES[tensor.dtype])
+        base = source.reshape(block.shape)
+        if not bool(torch.isfinite(rounded).all()):
+            self.non_finite(tensor, base, rounded, lambda: self._merge_cause(tensor, value, whole))
+        if block.first == 0 or tensor.name in self.unchanged:  # once a block differs, no more compares
+            if torch.equal(rounded, base.to(self.device, rounded.dtype)):
+                self.unchanged.add(tensor.name)
+            else:
+                self.unchanged.discard(tensor.name)
+        return data, output
+
+    def _factors(
+        self, arena: _Arena, ops: list[MergeOp | None], rows: tuple[int, int] | None
+    ) -> list[list[torch.Tensor | None] | None]:
+        """In float32 on the device, in ``arena``: the factors of each op (None for None)."""
+        keys = [(self.adapters[op.adapter], key) for op in ops if op is not None for key in op.keys if key]
+        arena.reset(_Arena.room([reader.shape(key, rows) for reader, key in keys]))
+        result: list[list[torch.Tensor | None] | None] = []
+        for op in ops:
+            if op is None:
+                result.append(None)
+                continue
+            reader = self.adapters[op.adapter]
+            factors: list[torch.Tensor | None] = []
+            for key in op.keys:
+                if not key:
+                    factors.append(None)
+                    continue
+                factor = arena.tensor(reader.shape(key, rows))
+                factor.copy_(reader.get_tensor(key, rows, self.staging))
+                factors.append(factor)
+            result.append(factors)
+        return result
+
+    def rounded_bytes(self, value: torch.Tensor, dtype: torch.dtype) -> tuple[memoryview, Buffer, torch.Tensor]:
+        """``value`` rounded once to ``dtype``, in host memory from the sink's pool, and the
+        rounded values where they were computed."""
+        output = self.sink.acquire()
+        host = output.tensor(dtype, tuple(value.shape))
+        if self.rounded is None:
+            host.copy_(value)
+        else:
+            rounded = self.rounded.tensor(dtype, tuple(value.shape))
+            rounded.copy_(value)
+            host.copy_(rounded, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+        return memoryview(host.view(torch.uint8).numpy()).cast("B"), output, host if self.rounded is None else rounded
+
+    def non_finite(
+        self, tensor: TensorPlan, base: torch.Tensor, output: torch.Tensor, cause: Callable[[], str]
+    ) -> None:
+        """``output`` holds NaN or Inf: kept where the base held them too, else a
+        NonFiniteError naming the tensor, the count and ``cause()``."""
+        bad = ~torch.isfinite(output)
+        new = int((bad & torch.isfinite(base.to(output.device))).sum())
+        if new:
+            raise NonFiniteError(
+                f"{new} values would be NaN or Inf in the output ({cause()})",
+                tensor=tensor.name,
+                hint="nothing of this shard was kept",
+            )
+        self.kept_non_finite.add(tensor.name)
+
+    def _merge_cause(
+        self, tensor: TensorPlan, value: torch.Tensor, whole: list[list[torch.Tensor | None] | None]
+    ) -> str:
+        if bool(torch.isfinite(value).all()):
+            return _out_of_range(tensor)
+        culprits = sorted(
+            {
+                op.adapter
+                for op, factors in zip(tensor.ops, whole, strict=True)
+                if any(factor is not None and not bool(torch.isfinite(factor).all()) for factor in factors or ())
+            }
+        )
+        if culprits:
+            return f"non-finite values in adapter {', '.join(map(str, culprits))}: a diverged training run?"
+        return "the merge overflowed float32: the adapter's update is far larger than the weights"
+
+    def convert(self, src: int, tensor: TensorPlan) -> None:
+        """Copy a tensor that only changes dtype, through one bounded buffer."""
+        itemsize = ITEMSIZE[tensor.src_dtype]
+        step = COPY_CHUNK_BYTES // itemsize * itemsize
+        for begin in range(tensor.src_begin, tensor.src_end, step):
+            self.convert_chunk(self.read(src, tensor, begin, min(begin + step, tensor.src_end)), tensor)
+
+    def convert_chunk(self, chunk: torch.Tensor, tensor: TensorPlan) -> None:
+        """Write ``chunk``, values of ``tensor`` in their source dtype, in the output dtype."""
+        output = self.sink.acquire()
+        converted = output.tensor(TORCH_DTYPES[tensor.dtype], tuple(chunk.shape))
+        converted.copy_(chunk)
+        if not bool(torch.isfinite(converted).all()):
+            self.non_finite(tensor, chunk, converted, lambda: _out_of_range(tensor))
+        self.sink.write(memoryview(converted.view(torch.uint8).numpy()).cast("B"), output)
+
+    def write_shard(self, shard: ShardPlan, folder: Path, progress: tqdm, stop: StopRequest) -> journals.ShardRecord:
+        """Write one shard as ``NAME.tmp`` and fsync it; a failure removes the temp file."""
+        final = folder / shard.name
+        tmp = outdir.tmp_path(final)
+        header = shard.header_bytes()
+        try:
+            with ExitStack() as stack:
+                src = os.open(shard.source, os.O_RDONLY)
+                stack.callback(os.close, src)
+                dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                stack.callback(os.close, dst)
+                stack.callback(self.sink.discard)  # first: the sink may still use both files
+                progress.set_postfix_str(shard.name, refresh=False)
+                self.sink.start(dst)
+                self.sink.write(memoryview(header))
+                progress.update(len(header))
+                for tensor in shard.tensors:
+                    stop.check()
+                    if tensor.ops:
+                        for block in self.merge(src, tensor):
+                            self.sink.write(*block)
+                    elif tensor.dtype == tensor.src_dtype:
+                        self.sink.copy(src, tensor.src_begin, tensor.src_end - tensor.src_begin)
+                    else:
+                        self.convert(src, tensor)
+                    progress.update(tensor.end - tensor.begin)
+                digest, size = self.sink.digest()
+                os.fsync(dst)
+                # The bytes are on disk: hand their cache pages back now, so later shards
+                # reuse them instead of growing the page cache by the size of the model.
+                os.posix_fadvise(dst, 0, 0, os.POSIX_FADV_DONTNEED)
+        except BaseException as exc:
+            tmp.unlink(missing_ok=True)
+            if isinstance(exc, OSError) and exc.filename is None:
+                exc.filename = str(final)  # writes through a descriptor name no file
+            if isinstance(exc, NonFiniteError) and exc.file is None:
+                exc.file = str(final)
+            raise
+        return self.record(shard, size, digest, header)
+
+    def record(self, shard: ShardPlan, size: int, digest: str, header: bytes) -> journals.ShardRecord:
+        """The journal's record of ``shard``, written in ``size`` bytes that hash to ``digest``."""
+        names = [tensor.name for tensor in shard.tensors]
+        return journals.ShardRecord(
+            size,
+            digest,
+            hashlib.sha256(header).hexdigest(),
+            merged=tuple(tensor.name for tensor in shard.tensors if tensor.ops),
+            converted=tuple(t.name for t in shard.tensors if not t.ops and t.dtype != t.src_dtype),
+            unchanged=tuple(name for name in names if name in self.unchanged),
+            non_finite_kept=tuple(name for name in names if name in self.kept_non_finite),
+        )
+
+
+def _out_of_range(tensor: TensorPlan) -> str:
+    return f"out of range for {tensor.dtype}: choose --dtype bfloat16 or float32"
+
+
+def open_adapters(plan: Plan, stack: ExitStack) -> list[AdapterReader]:
+    readers = []
+    for adapter in plan.adapters:
+        reader = AdapterReader(adapter.weights_file)
+        stack.callback(reader.close)
+        readers.append(reader)
+    return readers

@@ -1,0 +1,189 @@
+"""One read of the base, several outputs: a shard written for every job of a shared-base pass.
+
+Jobs that merge into the same base with the same dtype and device lay out their shards alike:
+the same files, the same tensors at the same source offsets. Each tensor is read once, in
+segments (the merge blocks the plans fixed, or copy chunks), and every job takes what it
+needs from the segment: its merge, its dtype conversion, or the bytes as they are, written
+from the one buffer by every job's sink. A job that fails is dropped from the pass with its
+temp file; the others go on.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..errors import ShardmergeError
+from ..formats.dtypes import TORCH_DTYPES
+from ..formats.fileio import pread_into
+from ..formats.safetensors import ITEMSIZE
+from ..output import outdir
+from ..output.journal import ShardRecord
+from ..planning.model import ShardPlan, TensorPlan
+from ..planning.planner import COPY_CHUNK_BYTES
+from .merger import Buffer, TensorMerger, row_blocks
+from .sink import SharedBlock
+from .stop import StopRequest
+
+_POOL = 3  # segment buffers: one being read and merged, two still being written
+
+
+@dataclass
+class Output:
+    """One job's copy of the shard: where it goes, and how it ended."""
+
+    merger: TensorMerger
+    shard: ShardPlan
+    folder: Path
+    dst: int = -1
+    header: bytes = b""
+    record: ShardRecord | None = None
+    error: BaseException | None = None
+
+    @property
+    def tmp(self) -> Path:
+        return outdir.tmp_path(self.folder / self.shard.name)
+
+
+class SegmentReader:
+    """Reads segments of base tensors into a small pool of reused host buffers."""
+
+    def __init__(self, pinned: bool) -> None:
+        self.pool: queue.Queue[Buffer] = queue.Queue()
+        for _ in range(_POOL):
+            self.pool.put(Buffer(torch.device("cpu"), pinned=pinned))
+
+    def read(self, fd: int, begin: int, end: int) -> tuple[torch.Tensor, object]:
+        buffer = self.pool.get()
+        raw = buffer.take(end - begin)
+        pread_into(fd, memoryview(raw.numpy()), begin)
+        return raw, buffer
+
+
+def write_together(outputs: list[Output], reader: SegmentReader, progress: tqdm, stop: StopRequest) -> None:
+    """Write every output's copy of one base shard, reading the base once. Sets each output's
+    ``record``, or its ``error`` (its temp file then removed)."""
+    try:
+        with ExitStack() as stack:
+            src = os.open(outputs[0].shard.source, os.O_RDONLY)
+            stack.callback(os.close, src)
+            progress.set_postfix_str(f"{outputs[0].shard.name} x{len(outputs)}", refresh=False)
+            for output in outputs:
+                _begin(output)
+            for index in range(len(outputs[0].shard.tensors)):
+                stop.check()
+                live = [output for output in outputs if output.error is None]
+                if not live:
+                    break
+                _tensor(src, [(output, output.shard.tensors[index]) for output in live], reader)
+                progress.update(sum(out.shard.tensors[index].end - out.shard.tensors[index].begin for out in live))
+            for output in outputs:
+                if output.error is None:
+                    _end(output)
+    except BaseException:
+        for output in outputs:
+            if output.error is None and output.dst >= 0:
+                _fail(output, None)
+        raise
+
+
+def _begin(output: Output) -> None:
+    try:
+        output.dst = os.open(output.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        output.merger.sink.start(output.dst)
+        output.header = output.shard.header_bytes()
+        output.merger.sink.write(memoryview(output.header))
+    except Exception as exc:
+        _fail(output, exc)
+
+
+def _end(output: Output) -> None:
+    try:
+        digest, size = output.merger.sink.digest()
+        os.fsync(output.dst)
+        os.posix_fadvise(output.dst, 0, 0, os.POSIX_FADV_DONTNEED)
+        os.close(output.dst)
+        output.dst = -1
+        output.record = output.merger.record(output.shard, size, digest, output.header)
+    except Exception as exc:
+        _fail(output, exc)
+
+
+def _fail(output: Output, exc: BaseException | None) -> None:
+    output.error = exc
+    output.merger.sink.discard()
+    if output.dst >= 0:
+        os.close(output.dst)
+        output.dst = -1
+    output.tmp.unlink(missing_ok=True)
+    if isinstance(exc, OSError) and exc.filename is None:
+        exc.filename = str(output.folder / output.shard.name)
+    if isinstance(exc, ShardmergeError) and exc.file is None:
+        exc.file = str(output.folder / output.shard.name)
+
+
+def _tensor(src: int, jobs: list[tuple[Output, TensorPlan]], reader: SegmentReader) -> None:
+    wholes, blocks = {}, {}
+    for output, tensor in jobs:
+        if tensor.ops:
+            blocks[id(output)] = row_blocks(tensor)
+            try:
+                wholes[id(output)] = output.merger.whole_factors(tensor)
+            except Exception as exc:
+                _fail(output, exc)
+    for begin, end in _segments([tensor for _, tensor in jobs]):
+        raw, buffer = reader.read(src, begin, end)
+        verbatim = [(o, t) for o, t in jobs if o.error is None and not t.ops and t.dtype == t.src_dtype]
+        shared = SharedBlock(buffer, reader.pool, len(verbatim) + 1)
+        for output, tensor in jobs:
+            if output.error is not None:
+                continue
+            try:
+                if tensor.ops:
+                    for block in blocks[id(output)]:
+                        if begin <= block.begin and block.end <= end:
+                            source = _typed(raw, block.begin - begin, block.end - begin, tensor)
+                            merged = output.merger.merge_block(source, tensor, block, wholes[id(output)])
+                            output.merger.sink.write(*merged)
+                elif tensor.dtype == tensor.src_dtype:
+                    try:
+                        output.merger.sink.write(memoryview(raw.numpy()).cast("B"), shared)
+                    except BaseException:
+                        shared.release()
+                        raise
+                else:
+                    _convert(output, tensor, raw)
+            except Exception as exc:
+                _fail(output, exc)
+        shared.release()
+
+
+def _convert(output: Output, tensor: TensorPlan, raw: torch.Tensor) -> None:
+    itemsize = ITEMSIZE[tensor.src_dtype]
+    step = COPY_CHUNK_BYTES // itemsize * itemsize
+    for begin in range(0, raw.numel(), step):
+        output.merger.convert_chunk(_typed(raw, begin, min(begin + step, raw.numel()), tensor), tensor)
+
+
+def _typed(raw: torch.Tensor, begin: int, end: int, tensor: TensorPlan) -> torch.Tensor:
+    return raw[begin:end].view(TORCH_DTYPES[tensor.src_dtype])
+
+
+def _segments(tensors: list[TensorPlan]) -> list[tuple[int, int]]:
+    """Byte ranges to read the tensor in: the merge blocks when every merging job has the same
+    ones, the whole tensor when they differ, copy chunks when no job merges it."""
+    first = tensors[0]
+    merging = [tensor for tensor in tensors if tensor.ops]
+    if merging:
+        if all(tensor.block_rows == merging[0].block_rows for tensor in merging):
+            return [(block.begin, block.end) for block in row_blocks(merging[0])]
+        return [(first.src_begin, first.src_end)]
+    itemsize = ITEMSIZE[first.src_dtype]
+    step = COPY_CHUNK_BYTES // itemsize * itemsize
+    return [(begin, min(begin + step, first.src_end)) for begin in range(first.src_begin, first.src_end, step)]
