@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 import json
 import os
+import pkgutil
 import signal
 import subprocess
 import sys
@@ -145,6 +148,16 @@ def test_importing_shardmerge_does_not_import_torch() -> None:
     code = "import sys, shardmerge; shardmerge.plan; print('torch' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=os.environ)
     assert result.stdout.strip() == "False"
+
+
+def test_the_public_functions_survive_importing_every_module() -> None:
+    """A subpackage named like a public function (a folder ``plan/``) would replace
+    ``shardmerge.plan`` as soon as anything imported it."""
+    for module in pkgutil.walk_packages(shardmerge.__path__, "shardmerge."):
+        if module.name != "shardmerge.__main__":
+            importlib.import_module(module.name)
+    assert inspect.isfunction(shardmerge.plan)
+    assert inspect.isfunction(shardmerge.merge)
 
 
 @pytest.mark.parametrize("example", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")))
