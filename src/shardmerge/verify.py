@@ -21,6 +21,7 @@ from .output import journal as journals
 from .output import lock
 from .planning.model import Plan, ShardPlan, TensorPlan
 from .planning.planner import COPY_CHUNK_BYTES, build_plan
+from .run.kernels import all_finite
 from .run.merger import TensorMerger, open_adapters
 
 
@@ -39,7 +40,7 @@ class VerifyReport:
 
 
 def verify(folder: Path, *, recompute: int = 0, against_base: bool = False) -> VerifyReport:
-    """Check the index against the files, every header, size and sha256 against the journal,
+    """Check the index against the files, every header, size and hash against the journal,
     and merged and converted tensors for NaN and Inf; with ``recompute`` also recompute that
     many merged tensors from the inputs, and with ``against_base`` check that every merged
     tensor differs from the base and every other one equals it. Raises VerifyError listing
@@ -157,8 +158,8 @@ def _check_shard(
         )
     elif journals.header_sha256(path) != record.header_sha256:
         problems.append(VerificationProblem("header differs from the one written", file=path, hint=_REDO))
-    elif journals.file_sha256(path) != record.sha256:
-        problems.append(VerificationProblem("sha256 differs from the one written", file=path, hint=_REDO))
+    elif wrong := journals.mismatched_hashes(path, record):
+        problems.append(VerificationProblem(f"{' and '.join(wrong)} differ from the journal's", file=path, hint=_REDO))
 
 
 _REDO = "the file changed after the merge: run the merge again to redo this shard"
@@ -177,7 +178,7 @@ def _check_finite(
                 continue
             raw = torch.empty(info.nbytes, dtype=torch.uint8)
             pread_into(fd, memoryview(raw.numpy()), info.begin)
-            if not torch.isfinite(raw.view(TORCH_DTYPES[info.dtype])).all():
+            if not all_finite(raw.view(TORCH_DTYPES[info.dtype])):
                 problems.append(
                     VerificationProblem(
                         f"{kind} tensor holds NaN or Inf",

@@ -26,6 +26,7 @@ from huggingface_hub import HfApi, snapshot_download
 
 from conftest import Base, llama_config, save_adapter, save_base
 from hub_server import Fault, HubServer
+from shardmerge.output import journal as journals
 
 TOKEN = "hf_loopbackTestToken0123456789"
 REPO = "shardmerge-tests/llama-merged"
@@ -261,6 +262,55 @@ def test_push_publishes_a_finished_merge_to_a_branch(
     again = _run(push, hub, home)
     assert again.returncode == 0, again.stderr
     assert hub.state.uploads == uploads and hub.state.commits_made == 1
+
+
+# The command with hashlib.sha256 counted: how many times each digest was taken.
+_COUNTING = """
+import atexit, collections, hashlib, json, sys
+counts, real, taken = sys.argv.pop(1), hashlib.sha256, collections.Counter()
+class Counted:
+    def __init__(self, data=b"", **options):
+        self.inner = real(data, **options)
+    def update(self, data):
+        self.inner.update(data)
+    def hexdigest(self):
+        taken[self.inner.hexdigest()] += 1
+        return self.inner.hexdigest()
+    def digest(self):
+        return bytes.fromhex(self.hexdigest())
+hashlib.sha256 = Counted
+atexit.register(lambda: open(counts, "w").write(json.dumps(taken)))
+from shardmerge.cli import main
+sys.exit(main())
+"""
+
+
+def test_sha256_is_computed_only_to_publish_and_once_per_shard(
+    hub: HubServer, inputs: tuple[Base, Path, Path], tmp_path: Path
+) -> None:
+    base, adapter, _ = inputs
+    home, counts = tmp_path / "home", tmp_path / "counts.json"
+
+    def hashed(folder: Path, *args: object) -> set[int]:
+        """Runs ``args``; how many times each shard of ``folder`` had its sha256 taken."""
+        done = _run([sys.executable, "-c", _COUNTING, str(counts), *(str(arg) for arg in args)], hub, home)
+        assert done.returncode == 0, done.stderr
+        taken = json.loads(counts.read_text())
+        return {taken.get(_sha256(path), 0) for path in folder.glob("*.safetensors")}
+
+    local = tmp_path / "local"
+    assert hashed(local, "merge", base.path, adapter, "-o", local, "--quiet") == {0}
+    journal = journals.load(local)
+    assert journal is not None and all(r.sha256 is None and r.xxh3_128 for r in journal.shards.values())
+    assert hashed(local, "push", local, REPO) == {1}  # when uploaded, and kept in the journal
+    journal = journals.load(local)
+    assert journal is not None and all(r.sha256 == _sha256(local / n) for n, r in journal.shards.items())
+    assert _files(_download(hub, tmp_path)) == _files(local)
+    assert hashed(local, "push", local, REPO) == {0}
+
+    published = tmp_path / "published"
+    merge = ("merge", base.path, adapter, "-o", published, "--quiet", "--push-to-hub", f"{REPO}-2")
+    assert hashed(published, *merge) == {1}  # while written: no shard is read back to hash it
 
 
 def test_yaml_job_keys_publish(hub: HubServer, inputs: tuple[Base, Path, Path], tmp_path: Path) -> None:

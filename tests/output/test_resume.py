@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
@@ -254,9 +255,8 @@ def test_verify_recomputes_sampled_tensors(job: Job, tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[info.begin : info.begin + 2] = bytes([data[info.begin] ^ 1, data[info.begin + 1]])
     path.write_bytes(bytes(data))
-    journal.shards[name] = journals.ShardRecord(
-        record.size, journals.file_sha256(path), record.header_sha256, record.merged
-    )
+    xxh3, _ = journals.file_hashes(path, xxh3=True, sha256=False)
+    journal.shards[name] = journals.ShardRecord(record.size, xxh3, record.header_sha256, record.merged)
     journal.save()
 
     _verify(output)  # the journal agrees, so only recomputing can tell
@@ -346,4 +346,66 @@ def test_a_killed_run_leaves_no_lock_behind(job: Job, tmp_path: Path) -> None:
     resumed = subprocess.run(command(job, output), capture_output=True, text=True)
 
     assert resumed.returncode == 0, resumed.stderr
+    assert outputs(output) == outputs(job.clean)
+
+
+def _as_format_1(output: Path) -> None:
+    """Rewrite the journal in ``output`` as shardmerge 0.1 wrote it: no version, and every
+    shard recorded by its sha256 (computed by hashlib here), no xxh3."""
+    path = output / ".shardmerge" / "journal.json"
+    body = json.loads(path.read_text())
+    del body["version"]
+    for name, record in body["shards"].items():
+        del record["xxh3_128"]
+        record["sha256"] = hashlib.sha256((output / name).read_bytes()).hexdigest()
+    path.write_text(json.dumps(body, indent=2))
+
+
+def test_a_format_1_journal_resumes_and_its_sha256_is_checked(job: Job, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    shutil.copytree(job.clean, output)
+    _as_format_1(output)
+    _verify(output)
+    victim = sorted(output.glob("*.safetensors"))[3]
+    data = bytearray(victim.read_bytes())
+    data[-10] ^= 0xFF
+    victim.write_bytes(bytes(data))
+    with pytest.raises(shardmerge.VerifyError) as caught:
+        _verify(output)
+    assert [p.one_line() for p in caught.value.problems] == [
+        f"{victim}: sha256 differ from the journal's (the file changed after the merge: run the merge again "
+        "to redo this shard)"
+    ]
+
+    resumed = subprocess.run([*command(job, output), "--verify-resume"], capture_output=True, text=True, check=False)
+    assert resumed.returncode == 0, resumed.stderr
+    assert outputs(output) == outputs(job.clean)
+    journal = journals.load(output)
+    assert journal is not None
+    assert journal.shards[victim.name].xxh3_128 is not None and journal.shards[victim.name].sha256 is None
+    kept = [r for name, r in journal.shards.items() if name != victim.name]
+    assert all(r.xxh3_128 is None and r.sha256 is not None for r in kept), "earlier records are kept as they were"
+    assert json.loads((output / ".shardmerge" / "journal.json").read_text())["version"] == journals.VERSION
+    _verify(output)
+
+
+def test_a_journal_of_a_newer_format_is_refused_in_one_line(job: Job, tmp_path: Path) -> None:
+    output = tmp_path / "out"
+    shutil.copytree(job.clean, output)
+    path = output / ".shardmerge" / "journal.json"
+    body = json.loads(path.read_text())
+    body["version"] = journals.VERSION + 1
+    body["shards"] = {name: {"future": True} for name in body["shards"]}
+    path.write_text(json.dumps(body))
+
+    for run in (command(job, output), [SHARDMERGE, "verify", str(output)]):
+        refused = subprocess.run(run, capture_output=True, text=True, check=False)
+        assert refused.returncode != 0
+        assert refused.stderr.strip().splitlines() == [
+            f"shardmerge: error: {path}: the journal is format {journals.VERSION + 1}, newer than this "
+            f"shardmerge reads ({journals.VERSION}) (use the shardmerge release that wrote it, or a newer one; "
+            "or --restart to merge again)"
+        ]
+    restarted = subprocess.run([*command(job, output), "--restart"], capture_output=True, text=True, check=False)
+    assert restarted.returncode == 0, restarted.stderr
     assert outputs(output) == outputs(job.clean)

@@ -2,9 +2,16 @@
 
 The journal holds the job's inputs (base shards by name, size and header hash, adapters by
 content; every option that changes bytes; the format version) and, for each finished shard,
-its size, its sha256 and its header's sha256, computed while the shard was written. A shard
-is absent, a temp file (deleted on the next run), or finished and recorded here. It is
+its size, its header's sha256 and its xxh3-128, computed while the shard was written. xxh3
+guards against truncation and bit rot, not against an adversary, and costs next to nothing;
+a shard's sha256 (the Hub's LFS object id) is computed only when it is published, while it
+is written or, for a merge published later by ``push``, when it is uploaded. A shard is
+absent, a temp file (deleted on the next run), or finished and recorded here. The journal is
 rewritten atomically after each shard, so a kill at any moment leaves it consistent.
+
+Format 1 (shardmerge 0.1) recorded every shard's sha256 and no xxh3; such a journal is read
+as it was, and its shards are checked by sha256 wherever a shard is hashed again. A journal
+of a newer format than this release writes is refused, never guessed at.
 
 When the merge is published, ``push`` holds the target repo and branch, the shards the Hub
 already holds (by sha256), the shards deleted locally once uploaded, and the commit made.
@@ -18,9 +25,11 @@ import json
 import os
 import shutil
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import xxhash
 
 from ..errors import OutputError
 from ..planning.model import Plan, ShardPlan
@@ -28,6 +37,7 @@ from . import outdir
 from .lock import LOCK_FILE, STATE_DIR
 
 JOURNAL = "journal.json"
+VERSION = 2  # the journal's own format; the output's bytes are versioned in the plan's inputs
 _HASH_CHUNK = 16 * 1024 * 1024
 
 
@@ -35,15 +45,17 @@ _HASH_CHUNK = 16 * 1024 * 1024
 class ShardRecord:
     """A finished shard: its size and hashes, its merged tensors, those converted to another
     dtype only, the merged ones that came out equal to the base (an update of zero), and the
-    tensors whose NaN or Inf came from the base and were kept."""
+    tensors whose NaN or Inf came from the base and were kept. ``xxh3_128`` is None only in a
+    format-1 journal, which has ``sha256`` instead; ``sha256`` is there once published."""
 
     size: int
-    sha256: str
+    xxh3_128: str | None
     header_sha256: str
     merged: tuple[str, ...]
     converted: tuple[str, ...] = ()
     unchanged: tuple[str, ...] = ()
     non_finite_kept: tuple[str, ...] = ()
+    sha256: str | None = None
 
 
 @dataclass
@@ -81,6 +93,7 @@ class Journal:
 
     def _save(self) -> None:
         body = {
+            "version": VERSION,
             "fingerprint": self.fingerprint,
             "inputs": self.inputs,
             "job": self.job,
@@ -97,6 +110,12 @@ class Journal:
             self.shards[shard] = record
             if self.push is not None and self.push.uploaded.get(shard, record.sha256) != record.sha256:
                 del self.push.uploaded[shard]  # the Hub holds other bytes under this name
+            self._save()
+
+    def add_sha256(self, shard: str, sha256: str) -> None:
+        """Record the sha256 of a finished shard, computed when it is first published."""
+        with self.lock:
+            self.shards[shard] = replace(self.shards[shard], sha256=sha256)
             self._save()
 
     def set_target(self, repo_id: str | None, revision: str = "main") -> PushState | None:
@@ -135,7 +154,7 @@ class Journal:
 
     def finished(self, shard: ShardPlan, *, rehash: bool) -> bool:
         """Whether ``shard`` is on disk exactly as recorded: size and header always, the whole
-        file's sha256 with ``rehash``. A shard that fails is forgotten, to be written again."""
+        file's hash with ``rehash``. A shard that fails is forgotten, to be written again."""
         record = self.shards.get(shard.name)
         path = self.folder / shard.name
         if record is not None and self.deleted(shard.name):
@@ -144,7 +163,7 @@ class Journal:
             return False
         good = path.stat().st_size == record.size and header_sha256(path) == record.header_sha256
         if good and rehash:
-            good = file_sha256(path) == record.sha256
+            good = not mismatched_hashes(path, record)
         if not good:
             del self.shards[shard.name]
             self.complete = False
@@ -153,30 +172,47 @@ class Journal:
 
 
 def load(folder: Path) -> Journal | None:
+    """The journal in ``folder``; None where there is none or it cannot be read. Refuses one of
+    a newer format than this release writes."""
     path = folder / STATE_DIR / JOURNAL
     try:
         body = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    version = body.get("version", 1) if isinstance(body, dict) else None
+    if isinstance(version, int) and version > VERSION:
+        raise OutputError(
+            f"the journal is format {version}, newer than this shardmerge reads ({VERSION})",
+            file=path,
+            hint="use the shardmerge release that wrote it, or a newer one; or --restart to merge again",
+        )
+    try:
         return Journal(
             folder=folder,
             fingerprint=body["fingerprint"],
             inputs=body["inputs"],
             job=body["job"],
             device=body.get("device", "cpu"),
-            shards={
-                name: ShardRecord(
-                    r["size"],
-                    r["sha256"],
-                    r["header_sha256"],
-                    *(tuple(r.get(key, ())) for key in ("merged", "converted", "unchanged", "non_finite_kept")),
-                )
-                for name, r in body["shards"].items()
-            },
+            shards={name: _record(r) for name, r in body["shards"].items()},
             complete=bool(body.get("complete")),
             push=PushState(**body["push"]) if body.get("push") else None,
             changes=list(body.get("changes", [])),
         )
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
+
+
+def _record(entry: dict[str, Any]) -> ShardRecord:
+    record = ShardRecord(
+        entry["size"],
+        entry.get("xxh3_128"),
+        entry["header_sha256"],
+        *(tuple(entry.get(key, ())) for key in ("merged", "converted", "unchanged", "non_finite_kept")),
+        sha256=entry.get("sha256"),
+    )
+    if record.xxh3_128 is None and record.sha256 is None:
+        raise KeyError("xxh3_128")  # a record without a hash cannot be checked: not ours
+    return record
 
 
 def check_output(folder: Path, inputs: list[Path]) -> None:
@@ -203,21 +239,7 @@ def claim(folder: Path, plan: Plan, *, restart: bool, device: str) -> Journal:
     for an empty folder (or with ``restart``), the earlier one when the same job ran here
     before. Refuses a folder that is not ours, or ours for a job with other inputs, saying
     what changed."""
-    journal = None
-    if folder.is_dir() and _contents(folder):
-        journal = load(folder)
-        if journal is None:
-            raise _foreign(folder)
-        if journal.fingerprint != plan.fingerprint and not restart:
-            changes = "; ".join(describe_changes(journal.inputs, plan.inputs)) or "the job differs"
-            raise OutputError(
-                f"output folder holds an earlier merge with other inputs: {changes}",
-                file=folder,
-                hint="run it with --restart to discard that output and start over, or choose another folder",
-            )
-        if restart:
-            _clear(folder)
-            journal = None
+    journal = _earlier(folder, plan, restart) if folder.is_dir() and _contents(folder) else None
     for leftover in folder.glob(f"*{outdir.TMP_SUFFIX}"):
         leftover.unlink()
     if journal is None:
@@ -226,6 +248,30 @@ def claim(folder: Path, plan: Plan, *, restart: bool, device: str) -> Journal:
         journal.changes = [adapter.tensors for adapter in plan.adapters]
         (folder / STATE_DIR).mkdir(parents=True, exist_ok=True)
         journal.save()
+    return journal
+
+
+def _earlier(folder: Path, plan: Plan, restart: bool) -> Journal | None:
+    """The journal of this same job in ``folder``, to resume; None once ``restart`` cleared it."""
+    try:
+        journal = load(folder)
+    except OutputError:  # a newer format: ours, but not for this release to read
+        if not restart:
+            raise
+        _clear(folder)
+        return None
+    if journal is None:
+        raise _foreign(folder)
+    if journal.fingerprint != plan.fingerprint and not restart:
+        changes = "; ".join(describe_changes(journal.inputs, plan.inputs)) or "the job differs"
+        raise OutputError(
+            f"output folder holds an earlier merge with other inputs: {changes}",
+            file=folder,
+            hint="run it with --restart to discard that output and start over, or choose another folder",
+        )
+    if restart:
+        _clear(folder)
+        return None
     return journal
 
 
@@ -296,12 +342,29 @@ def header_sha256(path: Path) -> str:
         return hashlib.sha256(prefix + handle.read(min(length, 100_000_000))).hexdigest()
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
+def file_hashes(path: Path, *, xxh3: bool, sha256: bool) -> tuple[str | None, str | None]:
+    """The xxh3-128 and the sha256 of a file, those asked for, in one read."""
+    fast = xxhash.xxh3_128() if xxh3 else None
+    slow = hashlib.sha256() if sha256 else None
     fd = os.open(path, os.O_RDONLY)
     try:
         while chunk := os.read(fd, _HASH_CHUNK):
-            digest.update(chunk)
+            for digest in (fast, slow):
+                if digest is not None:
+                    digest.update(chunk)
     finally:
         os.close(fd)
-    return digest.hexdigest()
+    return (fast.hexdigest() if fast else None, slow.hexdigest() if slow else None)
+
+
+def file_sha256(path: Path) -> str:
+    _, sha256 = file_hashes(path, xxh3=False, sha256=True)
+    assert sha256 is not None
+    return sha256
+
+
+def mismatched_hashes(path: Path, record: ShardRecord) -> list[str]:
+    """The hashes of ``record`` (of those it has) that the file at ``path`` no longer matches."""
+    found = file_hashes(path, xxh3=record.xxh3_128 is not None, sha256=record.sha256 is not None)
+    expected = (record.xxh3_128, record.sha256)
+    return [name for name, want, got in zip(("xxh3-128", "sha256"), expected, found, strict=True) if want != got]

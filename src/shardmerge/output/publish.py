@@ -3,8 +3,9 @@ one commit at the end, and the journal to resume from.
 
 The uploader is one background thread fed by a queue. It hands each shard to
 ``HfApi.preupload_lfs_files`` with the sha256 the writer computed, so no shard is read only to
-be hashed, and the Hub's LFS batch answer skips any shard it already holds, so a resumed run
-sends nothing twice. Merging waits on the uploader only in disk-bounded mode
+be hashed (a shard merged without publishing is hashed once, by the uploader, and the sha256
+kept in the journal), and the Hub's LFS batch answer skips any shard it already holds, so a
+resumed run sends nothing twice. Merging waits on the uploader only in disk-bounded mode
 (``delete_after_upload``), where a shard is deleted once uploaded and at most two shards, one
 uploading and one being written, are on disk. The commit is checked against what the Hub
 holds before it is made, so a commit that went through before a crash is not made again.
@@ -26,7 +27,7 @@ from tqdm import tqdm
 from ..errors import HubError, OutputError, dropped, http_status
 from . import lock, outdir
 from .card import display
-from .journal import STATE_DIR, Journal
+from .journal import STATE_DIR, Journal, file_sha256
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitOperationAdd
@@ -121,14 +122,8 @@ class Publisher:
 
     def submit(self, shard: str) -> None:
         """Upload ``shard``, finished and recorded in the journal, in the background."""
-        journal = self._journal()
-        record = journal.shards[shard]
-        state = journal.push
-        assert state is not None
-        if state.uploaded.get(shard) == record.sha256:
-            if self.target.delete_after_upload and shard not in state.deleted:
-                journal.mark_uploaded(shard, record.sha256, deleted=True)
-                (self.folder / shard).unlink(missing_ok=True)
+        record = self._journal().shards[shard]
+        if record.sha256 is not None and self._held(shard, record.sha256):
             return
         if self.target.delete_after_upload:
             with self.room:
@@ -203,17 +198,22 @@ class Publisher:
         journal = self._journal()
         record = journal.shards[shard]
         path = self.folder / shard
-        addition = _addition(shard, path, record.size, record.sha256)
-        repo_id, branch = self.target.repo_id, self.target.branch
-        self._call(
-            f"uploading {shard}", lambda: self.api.preupload_lfs_files(repo_id, additions=[addition], revision=branch)
-        )
-        uploaded = getattr(addition, "_is_uploaded", False)
-        if uploaded:
-            delete = self.target.delete_after_upload
-            journal.mark_uploaded(shard, record.sha256, deleted=delete)
-            if delete:
-                path.unlink(missing_ok=True)
+        sha256 = record.sha256
+        if sha256 is None:  # merged without publishing: hashed now, once, and recorded
+            sha256 = file_sha256(path)
+            journal.add_sha256(shard, sha256)
+        if not self._held(shard, sha256):
+            addition = _addition(shard, path, record.size, sha256)
+            repo_id, branch = self.target.repo_id, self.target.branch
+            self._call(
+                f"uploading {shard}",
+                lambda: self.api.preupload_lfs_files(repo_id, additions=[addition], revision=branch),
+            )
+            if getattr(addition, "_is_uploaded", False):
+                delete = self.target.delete_after_upload
+                journal.mark_uploaded(shard, sha256, deleted=delete)
+                if delete:
+                    path.unlink(missing_ok=True)
         with self.room:
             self.on_disk.discard(shard)  # a shard the Hub takes as a regular file stays until the commit
         if self.progress is not None:
@@ -224,7 +224,10 @@ class Publisher:
     def _files(self) -> dict[str, tuple[int, str, bool]]:
         """Every file of the output: name -> (size, sha256, is a shard)."""
         journal = self._journal()
-        files = {name: (record.size, record.sha256, True) for name, record in journal.shards.items()}
+        files = {}
+        for name, record in journal.shards.items():
+            assert record.sha256 is not None, "every shard went through the uploader"
+            files[name] = (record.size, record.sha256, True)
         for path in sorted(self.folder.iterdir()):
             if path.is_file() and path.name not in files and not path.name.endswith(outdir.TMP_SUFFIX):
                 data = path.read_bytes()
@@ -297,6 +300,19 @@ class Publisher:
     def _raise_error(self) -> None:
         if self.error is not None:
             raise self.error
+
+    def _held(self, shard: str, sha256: str) -> bool:
+        """Whether the Hub holds ``shard`` with these bytes already (then, in disk-bounded
+        mode, the local copy goes)."""
+        journal = self._journal()
+        state = journal.push
+        assert state is not None
+        if state.uploaded.get(shard) != sha256:
+            return False
+        if self.target.delete_after_upload and shard not in state.deleted:
+            journal.mark_uploaded(shard, sha256, deleted=True)
+            (self.folder / shard).unlink(missing_ok=True)
+        return True
 
     def _journal(self) -> Journal:
         assert self.journal is not None, "open() first"

@@ -175,7 +175,7 @@ def _open(job: Job, device: torch.device, restart: bool, verify_resume: bool, qu
     if job.push is not None and job.push.delete_after_upload:
         needed = sorted(needed)[-2:]  # the disk holds one shard uploading, one being written
     _check_free_space(job.folder, sum(needed))
-    job.merger = TensorMerger(device, open_adapters(plan, job.stack))
+    job.merger = TensorMerger(device, open_adapters(plan, job.stack), sha256=job.push is not None)
     job.stack.callback(job.merger.close)
     job.merger.reserve(tuple(shard for shard in plan.shards if shard.name in job.todo))
     if job.publisher is not None:

@@ -110,3 +110,12 @@ def _dora(
     norm = torch.linalg.vector_norm(updated, dim=1 - feature_dim)
     updated.mul_((magnitude / norm).unsqueeze(1 - feature_dim))
     return value.lerp_(updated, op.weight)
+
+
+def all_finite(values: torch.Tensor) -> bool:
+    """Whether ``values`` holds no NaN or Inf. A sum is NaN or Inf whenever one of its terms
+    is, so one float32 reduction (no temporary) clears the common case; only a sum that is
+    not finite (an overflow, or a real NaN or Inf) is looked at element by element."""
+    if bool(torch.isfinite(values.sum(dtype=torch.float32))):
+        return True
+    return bool(torch.isfinite(values).all())

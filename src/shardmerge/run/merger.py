@@ -15,6 +15,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -27,8 +28,8 @@ from ..output import journal as journals
 from ..output import outdir
 from ..planning.model import MergeOp, Plan, ShardPlan, TensorPlan
 from ..planning.planner import COPY_CHUNK_BYTES
-from .kernels import apply_op
-from .sink import ShardSink
+from .kernels import all_finite, apply_op
+from .sink import ShardSink, Written
 from .stop import StopRequest
 
 
@@ -165,7 +166,7 @@ class AdapterReader:
 class TensorMerger:
     """Computes merged tensors: read the base tensor, apply every op in float32, round once."""
 
-    def __init__(self, device: torch.device, adapters: list[AdapterReader]) -> None:
+    def __init__(self, device: torch.device, adapters: list[AdapterReader], *, sha256: bool = False) -> None:
         self.device = device
         self.adapters = adapters
         cuda = device.type == "cuda"
@@ -177,7 +178,8 @@ class TensorMerger:
         self.whole = _Arena(device)  # the factors read once per tensor
         self.block = _Arena(device)  # the factors read per block (replacement tensors)
         # Three output buffers: one is written, one hashed, while the next block fills the third.
-        self.sink = ShardSink([Buffer(host, pinned=cuda) for _ in range(3)])
+        # ``sha256``: the shards are published, and the Hub names them by their sha256.
+        self.sink = ShardSink([Buffer(host, pinned=cuda) for _ in range(3)], sha256=sha256)
         # Tensors holding NaN or Inf that the base already held, kept as they were.
         self.kept_non_finite: set[str] = set()
         # Merged tensors whose output is the base's own values (an update of zero).
@@ -266,10 +268,10 @@ class TensorMerger:
             value = apply_op(value, op, factors, block.span)
         data, output, rounded = self.rounded_bytes(value, TORCH_DTYPES[tensor.dtype])
         base = source.reshape(block.shape)
-        if not bool(torch.isfinite(rounded).all()):
+        if not all_finite(rounded):
             self.non_finite(tensor, base, rounded, lambda: self._merge_cause(tensor, value, whole))
         if block.first == 0 or tensor.name in self.unchanged:  # once a block differs, no more compares
-            if torch.equal(rounded, base.to(self.device, rounded.dtype)):
+            if _same_bytes(data, base.to(rounded.dtype)):
                 self.unchanged.add(tensor.name)
             else:
                 self.unchanged.discard(tensor.name)
@@ -330,13 +332,13 @@ class TensorMerger:
     def _merge_cause(
         self, tensor: TensorPlan, value: torch.Tensor, whole: list[list[torch.Tensor | None] | None]
     ) -> str:
-        if bool(torch.isfinite(value).all()):
+        if all_finite(value):
             return _out_of_range(tensor)
         culprits = sorted(
             {
                 op.adapter
                 for op, factors in zip(tensor.ops, whole, strict=True)
-                if any(factor is not None and not bool(torch.isfinite(factor).all()) for factor in factors or ())
+                if any(factor is not None and not all_finite(factor) for factor in factors or ())
             }
         )
         if culprits:
@@ -355,7 +357,7 @@ class TensorMerger:
         output = self.sink.acquire()
         converted = output.tensor(TORCH_DTYPES[tensor.dtype], tuple(chunk.shape))
         converted.copy_(chunk)
-        if not bool(torch.isfinite(converted).all()):
+        if not all_finite(converted):
             self.non_finite(tensor, chunk, converted, lambda: _out_of_range(tensor))
         self.sink.write(memoryview(converted.view(torch.uint8).numpy()).cast("B"), output)
 
@@ -385,7 +387,7 @@ class TensorMerger:
                     else:
                         self.convert(src, tensor)
                     progress.update(tensor.end - tensor.begin)
-                digest, size = self.sink.digest()
+                written = self.sink.digest()
                 os.fsync(dst)
                 # The bytes are on disk: hand their cache pages back now, so later shards
                 # reuse them instead of growing the page cache by the size of the model.
@@ -397,20 +399,27 @@ class TensorMerger:
             if isinstance(exc, NonFiniteError) and exc.file is None:
                 exc.file = str(final)
             raise
-        return self.record(shard, size, digest, header)
+        return self.record(shard, written, header)
 
-    def record(self, shard: ShardPlan, size: int, digest: str, header: bytes) -> journals.ShardRecord:
-        """The journal's record of ``shard``, written in ``size`` bytes that hash to ``digest``."""
+    def record(self, shard: ShardPlan, written: Written, header: bytes) -> journals.ShardRecord:
+        """The journal's record of ``shard``, as ``written``."""
         names = [tensor.name for tensor in shard.tensors]
         return journals.ShardRecord(
-            size,
-            digest,
+            written.size,
+            written.xxh3_128,
             hashlib.sha256(header).hexdigest(),
             merged=tuple(tensor.name for tensor in shard.tensors if tensor.ops),
             converted=tuple(t.name for t in shard.tensors if not t.ops and t.dtype != t.src_dtype),
             unchanged=tuple(name for name in names if name in self.unchanged),
             non_finite_kept=tuple(name for name in names if name in self.kept_non_finite),
+            sha256=written.sha256,
         )
+
+
+def _same_bytes(output: memoryview, base: torch.Tensor) -> bool:
+    """Whether the output bytes are those of ``base`` (host memory, the output dtype)."""
+    expected = base.contiguous().view(torch.uint8).numpy().reshape(-1)
+    return bool(np.array_equal(np.frombuffer(output, np.uint8), expected))
 
 
 def _out_of_range(tensor: TensorPlan) -> str:

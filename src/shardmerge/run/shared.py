@@ -105,12 +105,12 @@ def _begin(output: Output) -> None:
 
 def _end(output: Output) -> None:
     try:
-        digest, size = output.merger.sink.digest()
+        written = output.merger.sink.digest()
         os.fsync(output.dst)
         os.posix_fadvise(output.dst, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(output.dst)
         output.dst = -1
-        output.record = output.merger.record(output.shard, size, digest, output.header)
+        output.record = output.merger.record(output.shard, written, output.header)
     except Exception as exc:
         _fail(output, exc)
 
