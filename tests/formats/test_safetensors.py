@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from shardmerge.formats.fileio import copy_range
 from shardmerge.formats.safetensors import encode_header, read_header
 
 
@@ -35,22 +33,3 @@ def test_encoded_header_is_readable_by_safetensors(tmp_path: Path) -> None:
     with safe_open(path, framework="pt") as handle:
         assert handle.metadata() == {"format": "pt"}
         assert torch.equal(handle.get_tensor("w"), values)
-
-
-def test_copy_range_kernel_path_and_fallback_agree(tmp_path: Path) -> None:
-    source = tmp_path / "src"
-    source.write_bytes(os.urandom(300_000))
-    results = []
-    # copy_file_range refuses a destination opened with O_APPEND, which forces the fallback.
-    for name, flags in (("kernel", 0), ("fallback", os.O_APPEND)):
-        target = tmp_path / name
-        src = os.open(source, os.O_RDONLY)
-        dst = os.open(target, os.O_WRONLY | os.O_CREAT | flags, 0o644)
-        try:
-            os.write(dst, b"head")
-            copy_range(src, dst, 1000, 250_000)
-        finally:
-            os.close(src)
-            os.close(dst)
-        results.append(target.read_bytes())
-    assert results[0] == results[1] == b"head" + source.read_bytes()[1000:251_000]

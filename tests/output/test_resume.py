@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 import shardmerge
 from conftest import Base, llama_config, save_adapter, save_base
+from shardmerge.formats.fileio import file_hashes
 from shardmerge.formats.safetensors import read_header
 from shardmerge.output import journal as journals
 
@@ -255,7 +256,7 @@ def test_verify_recomputes_sampled_tensors(job: Job, tmp_path: Path) -> None:
     data = bytearray(path.read_bytes())
     data[info.begin : info.begin + 2] = bytes([data[info.begin] ^ 1, data[info.begin + 1]])
     path.write_bytes(bytes(data))
-    xxh3, _ = journals.file_hashes(path, xxh3=True, sha256=False)
+    xxh3, _ = file_hashes(path, xxh3=True, sha256=False)
     journal.shards[name] = journals.ShardRecord(record.size, xxh3, record.header_sha256, record.merged)
     journal.save()
 

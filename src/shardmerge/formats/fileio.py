@@ -1,19 +1,20 @@
-"""Bytes between files and buffers: whole writes, exact reads at an offset, range copies in
-the kernel. Reads are ``pread`` into caller-owned buffers, never memory maps.
+"""Bytes between files and buffers: exact reads and writes at an offset, output files opened
+for direct I/O where the file system allows it, and a file's hashes. Reads are ``pread`` into
+caller-owned buffers, never memory maps.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
+from pathlib import Path
 
+import xxhash
 
-def write_all(fd: int, data: memoryview | bytes) -> None:
-    """``os.write`` until every byte is written (writes may be partial)."""
-    view = memoryview(data).cast("B")
-    while view:
-        written = os.write(fd, view)
-        view = view[written:]
+# Direct I/O writes whole blocks from aligned memory: 4096 bytes covers every common device.
+DIRECT_IO_ALIGNMENT = 4096
+_READ_CHUNK = 16 * 1024 * 1024
 
 
 def pread_into(fd: int, buffer: memoryview, offset: int) -> None:
@@ -27,32 +28,44 @@ def pread_into(fd: int, buffer: memoryview, offset: int) -> None:
         offset += got
 
 
-# copy_file_range is refused across file systems and by some file systems; fall back then.
-_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
-_COPY_CHUNK = 64 * 1024 * 1024
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset`` (writes may be partial)."""
+    view = data.cast("B")
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view = view[written:]
+        offset += written
 
 
-def copy_range(src_fd: int, dst_fd: int, offset: int, count: int) -> None:
-    """Append ``count`` bytes of ``src_fd`` from ``offset`` to ``dst_fd`` at its position.
-
-    Uses ``copy_file_range`` so the bytes never enter this process; falls back to reads and
-    writes through one bounded buffer where the kernel refuses.
-    """
-    end = offset + count
-    if hasattr(os, "copy_file_range"):
+def open_output(path: Path) -> tuple[int, bool]:
+    """``path`` created empty for writing: with O_DIRECT (True) where the file system takes it,
+    else buffered (False)."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    if hasattr(os, "O_DIRECT"):
         try:
-            while offset < end:
-                copied = os.copy_file_range(src_fd, dst_fd, min(end - offset, _COPY_CHUNK), offset)
-                if copied == 0:
-                    raise EOFError(f"unexpected end of file at byte {offset}")
-                offset += copied
-            return
+            return os.open(path, flags | os.O_DIRECT, 0o644), True
         except OSError as exc:
-            if exc.errno not in _NO_KERNEL_COPY:
+            if exc.errno != errno.EINVAL:
                 raise
-    buffer = bytearray(min(end - offset, _COPY_CHUNK))
-    while offset < end:
-        view = memoryview(buffer)[: min(end - offset, len(buffer))]
-        pread_into(src_fd, view, offset)
-        write_all(dst_fd, view)
-        offset += len(view)
+    return os.open(path, flags, 0o644), False
+
+
+def file_hashes(path: Path, *, xxh3: bool, sha256: bool) -> tuple[str | None, str | None]:
+    """The xxh3-128 and the sha256 of a file, those asked for, in one read."""
+    fast = xxhash.xxh3_128() if xxh3 else None
+    slow = hashlib.sha256() if sha256 else None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        while chunk := os.read(fd, _READ_CHUNK):
+            for digest in (fast, slow):
+                if digest is not None:
+                    digest.update(chunk)
+    finally:
+        os.close(fd)
+    return (fast.hexdigest() if fast else None, slow.hexdigest() if slow else None)
+
+
+def file_sha256(path: Path) -> str:
+    _, sha256 = file_hashes(path, xxh3=False, sha256=True)
+    assert sha256 is not None
+    return sha256

@@ -22,23 +22,20 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import xxhash
-
 from ..errors import OutputError
+from ..formats.fileio import file_hashes
 from ..planning.model import Plan, ShardPlan
 from . import outdir
 from .lock import LOCK_FILE, STATE_DIR
 
 JOURNAL = "journal.json"
 VERSION = 2  # the journal's own format; the output's bytes are versioned in the plan's inputs
-_HASH_CHUNK = 16 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -340,27 +337,6 @@ def header_sha256(path: Path) -> str:
         prefix = handle.read(8)
         length = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
         return hashlib.sha256(prefix + handle.read(min(length, 100_000_000))).hexdigest()
-
-
-def file_hashes(path: Path, *, xxh3: bool, sha256: bool) -> tuple[str | None, str | None]:
-    """The xxh3-128 and the sha256 of a file, those asked for, in one read."""
-    fast = xxhash.xxh3_128() if xxh3 else None
-    slow = hashlib.sha256() if sha256 else None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        while chunk := os.read(fd, _HASH_CHUNK):
-            for digest in (fast, slow):
-                if digest is not None:
-                    digest.update(chunk)
-    finally:
-        os.close(fd)
-    return (fast.hexdigest() if fast else None, slow.hexdigest() if slow else None)
-
-
-def file_sha256(path: Path) -> str:
-    _, sha256 = file_hashes(path, xxh3=False, sha256=True)
-    assert sha256 is not None
-    return sha256
 
 
 def mismatched_hashes(path: Path, record: ShardRecord) -> list[str]:

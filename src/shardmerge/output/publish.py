@@ -25,9 +25,10 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from tqdm import tqdm
 
 from ..errors import HubError, OutputError, dropped, http_status
+from ..formats.fileio import file_sha256
 from . import lock, outdir
 from .card import display
-from .journal import STATE_DIR, Journal, file_sha256
+from .journal import STATE_DIR, Journal
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitOperationAdd

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..config import MergeJob
 from ..errors import AdapterError, InputError, PlanError, ShardmergeError
+from ..formats.fileio import file_sha256
 from ..formats.safetensors import FLOAT_DTYPES, ITEMSIZE, SafetensorsHeader, TensorInfo, numel
 from ..inputs.resolve import BaseFiles, output_shard_name, resolve_adapter, resolve_base
 from .adapters import Adapter, load_adapter
@@ -32,8 +33,10 @@ COPY_CHUNK_BYTES = 16 * 1024 * 1024
 # may round a product of another shape differently in the last bit, and a resumed merge
 # must give the same bytes as an uninterrupted one.
 MERGE_BLOCK_ELEMENTS = 4 * 1024 * 1024
-# Bytes the hasher reads at a time when it hashes a kernel-side copy.
-HASH_CHUNK_BYTES = 16 * 1024 * 1024
+# The writer's staging buffers: every byte of a shard passes through one on its way to the
+# file (written with direct I/O where possible) and the hashes.
+STAGING_BYTES = 8 * 1024 * 1024
+STAGING_BUFFERS = 3
 
 
 def build_plan(job: MergeJob) -> Plan:
@@ -299,24 +302,16 @@ def _inputs(
         "dtype": job.dtype,
         **declared,
         "base": [header_id(header) for header in headers],
-        "base_files": {path.name: _file_sha256(path) for path in base.extra_files},
+        "base_files": {path.name: file_sha256(path) for path in base.extra_files},
         "adapters": [
             {
                 "weight": adapter.weight,
                 "config": adapter.config,
-                "weights": {"name": adapter.files.weights.name, "sha256": _file_sha256(adapter.files.weights)},
+                "weights": {"name": adapter.files.weights.name, "sha256": file_sha256(adapter.files.weights)},
             }
             for adapter in adapters
         ],
     }
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(HASH_CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _peak_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> int:
@@ -324,7 +319,7 @@ def _peak_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> int:
     float32 (twice for DoRA, LoKr and replacements, which hold a second float32 operand), its
     source bytes, two output buffers (one written and hashed while the next fills), the
     adapter factors of the tensor with the most (in float32, and one as stored), and the
-    conversion and hashing buffers."""
+    conversion and staging buffers."""
     by_index = {adapter.index: adapter for adapter in adapters}
     worst = factors = 0
     for shard in shards:
@@ -346,4 +341,4 @@ def _peak_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> int:
                 stored = max((info.nbytes for info in read), default=0)
                 factors = max(factors, sum(4 * numel(info.shape) for info in read) + stored)
     conversion = COPY_CHUNK_BYTES + 2 * 2 * COPY_CHUNK_BYTES  # a float16 chunk may widen to float32
-    return max(worst, conversion) + factors + HASH_CHUNK_BYTES
+    return max(worst, conversion) + factors + STAGING_BUFFERS * STAGING_BYTES

@@ -11,6 +11,7 @@ is dropped from the pass with its error; the others go on.
 from __future__ import annotations
 
 import errno
+import gc
 import json
 import shutil
 import sys
@@ -113,6 +114,11 @@ def run_pass(
                 stack.callback(job.stack.close)
                 _attempt(job, lambda job=job: _open(job, device, restart, verify_resume, quiet))
             live = [job for job in jobs if job.error is None]
+            # What the interpreter holds now (torch's modules above all) stays: the cyclic
+            # collector need not walk it again at each collection the merge's small objects
+            # trigger, which cost about a fifth of a second per GiB merged.
+            gc.freeze()
+            stack.callback(gc.unfreeze)
             if device.type == "cpu":
                 # The writer and hasher threads need a core; the merge's products are small
                 # (rank r) and its conversions memory-bound, so one torch thread loses nothing.

@@ -22,7 +22,7 @@ from tqdm import tqdm
 from ..errors import DeviceError, NonFiniteError
 from ..formats.checkpoint import read_checkpoint_header
 from ..formats.dtypes import TORCH_DTYPES
-from ..formats.fileio import pread_into
+from ..formats.fileio import open_output, pread_into
 from ..formats.safetensors import ITEMSIZE, numel
 from ..output import journal as journals
 from ..output import outdir
@@ -370,11 +370,11 @@ class TensorMerger:
             with ExitStack() as stack:
                 src = os.open(shard.source, os.O_RDONLY)
                 stack.callback(os.close, src)
-                dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+                dst, direct = open_output(tmp)
                 stack.callback(os.close, dst)
                 stack.callback(self.sink.discard)  # first: the sink may still use both files
                 progress.set_postfix_str(shard.name, refresh=False)
-                self.sink.start(dst)
+                self.sink.start(dst, direct)
                 self.sink.write(memoryview(header))
                 progress.update(len(header))
                 for tensor in shard.tensors:

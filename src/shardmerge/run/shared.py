@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from ..errors import ShardmergeError
 from ..formats.dtypes import TORCH_DTYPES
-from ..formats.fileio import pread_into
+from ..formats.fileio import open_output, pread_into
 from ..formats.safetensors import ITEMSIZE
 from ..output import outdir
 from ..output.journal import ShardRecord
@@ -95,8 +95,8 @@ def write_together(outputs: list[Output], reader: SegmentReader, progress: tqdm,
 
 def _begin(output: Output) -> None:
     try:
-        output.dst = os.open(output.tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        output.merger.sink.start(output.dst)
+        output.dst, direct = open_output(output.tmp)
+        output.merger.sink.start(output.dst, direct)
         output.header = output.shard.header_bytes()
         output.merger.sink.write(memoryview(output.header))
     except Exception as exc:

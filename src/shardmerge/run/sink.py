@@ -1,27 +1,34 @@
 """Where a shard's bytes go once computed: a writer thread and a hasher thread, in order.
 
-The caller (reading and merging tensors) hands over blocks of bytes and kernel-side copies;
-the writer appends them to the shard file and starts their writeback to disk, then passes
-them to the hasher, which computes the shard's xxh3-128 for the journal (about 25 GB/s on
-one core) and, when the shard will be published, its sha256 (the Hub's LFS object id, about
-1.7 GB/s). Both release the GIL. So reading, merging, writing and hashing overlap, and no
-shard is read back to hash it. Blocks travel in buffers of a small pool that return to it
-once hashed: that pool bounds the memory in flight.
+The caller (reading and merging tensors) hands over blocks of bytes and ranges of the source
+file to copy. The writer gathers them in a few page-aligned staging buffers (a copied range is
+read straight into one) and writes each full buffer with direct I/O where the file system
+allows it: the bytes go from the buffer to the disk, not through the page cache, which costs
+a copy per byte and, on a machine short of free memory, reclaim. The hasher then computes
+the shard's xxh3-128 for the journal over the same buffer (about 25 GB/s on one core) and,
+when the shard will be published, its sha256 (the Hub's LFS object id, about 1.7 GB/s). Both
+release the GIL. So reading, merging, writing and hashing overlap, and no shard is read back
+to hash it. The caller's buffers return to their pool once copied into staging; the staging
+buffers return once hashed: the two pools bound the memory in flight.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
+import mmap
 import os
 import queue
 import threading
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import xxhash
 
-from ..formats.fileio import copy_range, pread_into, write_all
-from ..planning.planner import HASH_CHUNK_BYTES
+from ..formats.fileio import DIRECT_IO_ALIGNMENT, pread_into, pwrite_all
+from ..planning.planner import STAGING_BUFFERS, STAGING_BYTES
 
 _Item = tuple[Any, ...]
 
@@ -49,6 +56,18 @@ class _Hashes:
         return Written(size, self.xxh3.hexdigest(), self.sha.hexdigest() if self.sha is not None else None)
 
 
+@dataclass
+class _File:
+    """The file being written: where its bytes stand in the writer's hands."""
+
+    fd: int
+    direct: bool
+    size: int = 0  # bytes handed over so far
+    written: int = 0  # bytes written to the file (with direct I/O, whole blocks)
+    stage: mmap.mmap | None = None  # the staging buffer being filled
+    fill: int = 0
+
+
 class SharedBlock:
     """A buffer whose bytes go to several sinks (one base read, several outputs): it returns
     to its pool once each user has released it."""
@@ -74,11 +93,13 @@ class ShardSink:
         self._size = len(buffers)
         for buffer in buffers:
             self._free.put(buffer)
+        self._stages: queue.Queue[mmap.mmap] = queue.Queue()
+        for _ in range(STAGING_BUFFERS):
+            self._stages.put(mmap.mmap(-1, STAGING_BYTES))  # page-aligned, as direct I/O needs
         self._to_writer: queue.Queue[_Item | None] = queue.Queue()
         self._to_hasher: queue.Queue[_Item | None] = queue.Queue()
         self._write_error: BaseException | None = None
         self._hash_error: BaseException | None = None
-        self._scratch = bytearray(HASH_CHUNK_BYTES)
         self._threads = [
             threading.Thread(target=self._write_loop, name="shardmerge-writer", daemon=True),
             threading.Thread(target=self._hash_loop, name="shardmerge-hasher", daemon=True),
@@ -94,25 +115,26 @@ class ShardSink:
             self._free.put(buffer)
 
     def acquire(self) -> Any:
-        """A free buffer of the pool; waits while the others are still being written or hashed."""
+        """A free buffer of the pool; waits while the others are still being copied to staging."""
         return self._free.get()
 
     def release(self, buffer: Any) -> None:
         """Give back a buffer from ``acquire()`` that was not handed over."""
         self._free.put(buffer)
 
-    def start(self, fd: int) -> None:
-        """Begin a new file: what follows is appended to ``fd`` from its start."""
-        self._put(("start", fd))
+    def start(self, fd: int, direct: bool) -> None:
+        """Begin a new file: what follows is appended to ``fd`` (empty, opened with O_DIRECT
+        when ``direct``) from its start."""
+        self._put(("start", fd, direct))
 
     def write(self, view: memoryview, buffer: Any | None = None) -> None:
-        """Append ``view``; ``buffer`` (holding it) returns to the pool once written and hashed,
-        or, a SharedBlock, is released."""
+        """Append ``view``; ``buffer`` (holding it) returns to the pool once copied, or, a
+        SharedBlock, is released."""
         self._put(("bytes", view, buffer))
 
     def copy(self, src: int, offset: int, count: int) -> None:
-        """Append ``count`` bytes of ``src`` from ``offset`` by a kernel-side copy; ``src`` must
-        stay open until ``digest()`` or ``discard()`` returns."""
+        """Append ``count`` bytes of ``src`` from ``offset``; ``src`` must stay open until
+        ``digest()`` or ``discard()`` returns."""
         self._put(("copy", src, offset, count))
 
     def digest(self) -> Written:
@@ -141,29 +163,113 @@ class ShardSink:
             raise self._write_error  # fail fast: the shard is lost already
         self._to_writer.put(item)
 
+    # The writer thread.
+
     def _write_loop(self) -> None:
-        fd, position = -1, 0
+        file = _File(-1, direct=False)
         while (item := self._to_writer.get()) is not None:
             kind = item[0]
+            if kind == "end":
+                self._end(file, item[1])
+                continue
             try:
                 if kind == "start":
-                    fd, position, self._write_error = item[1], 0, None
-                elif kind == "end":
-                    item = (*item, self._write_error, position)
+                    file, self._write_error = _File(item[1], item[2]), None
+                elif self._write_error is None and kind == "bytes":
+                    self._append(file, item[1])
                 elif self._write_error is None:
-                    count = item[1].nbytes if kind == "bytes" else item[3]
-                    if kind == "bytes":
-                        write_all(fd, item[1])
-                    else:
-                        copy_range(item[1], fd, item[2], count)
-                    # Start writing these bytes back to disk now, behind the next ones, so
-                    # the shard's fsync finds little left to do.
-                    os.posix_fadvise(fd, position, count, os.POSIX_FADV_DONTNEED)
-                    position += count
+                    self._append_range(file, item[1], item[2], item[3])
             except BaseException as exc:  # handed to the caller by digest()
                 self._write_error = exc
-            self._to_hasher.put(item)
+            finally:
+                if kind == "bytes" and isinstance(item[2], SharedBlock):
+                    item[2].release()
+                elif kind == "bytes" and item[2] is not None:
+                    self._free.put(item[2])
         self._to_hasher.put(None)
+
+    def _end(self, file: _File, reply: queue.Queue[Any]) -> None:
+        try:
+            if self._write_error is None:
+                self._flush(file, last=True)
+        except BaseException as exc:
+            self._write_error = exc
+        if file.stage is not None:  # not written: the file failed
+            self._stages.put(file.stage)
+            file.stage = None
+        self._to_hasher.put(("end", reply, self._write_error, file.size))
+
+    def _room(self, file: _File) -> memoryview:
+        """The free part of the staging buffer being filled (taking a fresh one if need be)."""
+        if file.stage is None:
+            file.stage, file.fill = self._stages.get(), 0
+        return memoryview(file.stage)[file.fill :]
+
+    def _append(self, file: _File, view: memoryview) -> None:
+        source = np.frombuffer(view, np.uint8)
+        while source.size:
+            room = self._room(file)
+            count = min(len(room), source.size)
+            np.frombuffer(room, np.uint8, count)[:] = source[:count]  # numpy copies without the GIL
+            source = source[count:]
+            self._filled(file, count)
+
+    def _append_range(self, file: _File, src: int, offset: int, count: int) -> None:
+        end = offset + count
+        while offset < end:
+            room = self._room(file)
+            step = min(len(room), end - offset)
+            pread_into(src, room[:step], offset)
+            offset += step
+            self._filled(file, step)
+
+    def _filled(self, file: _File, count: int) -> None:
+        file.fill += count
+        file.size += count
+        if file.fill == STAGING_BYTES:
+            self._flush(file, last=False)
+
+    def _flush(self, file: _File, *, last: bool) -> None:
+        """Write the staging buffer's bytes and hand it to the hasher. Direct I/O writes whole
+        blocks: the last, partial one is padded with zeros, then the file cut to its size."""
+        if file.stage is None:
+            return
+        stage, fill = file.stage, file.fill
+        length = fill
+        if file.direct and last:
+            length = -(-fill // DIRECT_IO_ALIGNMENT) * DIRECT_IO_ALIGNMENT
+            stage[fill:length] = bytes(length - fill)
+        file.stage, file.fill = None, 0
+        try:
+            self._write(file, memoryview(stage)[:length])
+            if length != fill:
+                os.ftruncate(file.fd, file.size)
+        except BaseException:
+            self._stages.put(stage)
+            raise
+        self._to_hasher.put(("hash", stage, fill))
+
+    def _write(self, file: _File, data: memoryview) -> None:
+        if file.direct:
+            try:
+                pwrite_all(file.fd, data, file.written)
+                file.written += len(data)
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+                # The file system took O_DIRECT at open but refuses the write: go buffered,
+                # writing the same bytes at the same offset again.
+                flags = fcntl.fcntl(file.fd, fcntl.F_GETFL)
+                fcntl.fcntl(file.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
+                file.direct = False
+        pwrite_all(file.fd, data, file.written)
+        # Start writing these bytes back to disk now, behind the next ones, so the shard's
+        # fsync finds little left to do.
+        os.posix_fadvise(file.fd, file.written, len(data), os.POSIX_FADV_DONTNEED)
+        file.written += len(data)
+
+    # The hasher thread.
 
     def _hash_loop(self) -> None:
         hashes = _Hashes(self._sha256)
@@ -175,22 +281,10 @@ class ShardSink:
                     error, self._hash_error = write_error or self._hash_error, None
                     reply.put(error if error is not None else hashes.written(size))
                     hashes = _Hashes(self._sha256)
-                elif kind == "bytes" and self._hash_error is None:
-                    hashes.update(item[1])
-                elif kind == "copy" and self._hash_error is None:
-                    self._hash_range(hashes, item[1], item[2], item[3])
+                elif self._hash_error is None:
+                    hashes.update(memoryview(item[1])[: item[2]])
             except BaseException as exc:  # handed to the caller by digest()
                 self._hash_error = exc
             finally:
-                if kind == "bytes" and isinstance(item[2], SharedBlock):
-                    item[2].release()
-                elif kind == "bytes" and item[2] is not None:
-                    self._free.put(item[2])
-
-    def _hash_range(self, hashes: _Hashes, fd: int, offset: int, count: int) -> None:
-        end = offset + count
-        while offset < end:
-            view = memoryview(self._scratch)[: min(len(self._scratch), end - offset)]
-            pread_into(fd, view, offset)
-            hashes.update(view)
-            offset += len(view)
+                if kind == "hash":
+                    self._stages.put(item[1])
