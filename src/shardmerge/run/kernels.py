@@ -114,8 +114,9 @@ def _dora(
 
 def all_finite(values: torch.Tensor) -> bool:
     """Whether ``values`` holds no NaN or Inf. A sum is NaN or Inf whenever one of its terms
-    is, so one float32 reduction (no temporary) clears the common case; only a sum that is
-    not finite (an overflow, or a real NaN or Inf) is looked at element by element."""
-    if bool(torch.isfinite(values.sum(dtype=torch.float32))):
+    is, so one reduction clears the common case; only a sum that is not finite (an overflow,
+    or a real NaN or Inf) is looked at element by element. The sum stays in the tensor's own
+    dtype: asking for float32 would first copy a 16-bit tensor whole."""
+    if bool(torch.isfinite(values.sum())):
         return True
     return bool(torch.isfinite(values).all())

@@ -15,7 +15,6 @@ from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -417,9 +416,16 @@ class TensorMerger:
 
 
 def _same_bytes(output: memoryview, base: torch.Tensor) -> bool:
-    """Whether the output bytes are those of ``base`` (host memory, the output dtype)."""
-    expected = base.contiguous().view(torch.uint8).numpy().reshape(-1)
-    return bool(np.array_equal(np.frombuffer(output, np.uint8), expected))
+    """Whether the output bytes are those of ``base`` (host memory, the output dtype), compared
+    as the widest integers that divide them: no temporary, about 10 GB/s."""
+    ours = torch.frombuffer(output, dtype=torch.uint8)
+    theirs = base.contiguous().view(-1).view(torch.uint8)
+    if ours.numel() != theirs.numel():
+        return False
+    wide = next(
+        dtype for dtype in (torch.int64, torch.int32, torch.int16, torch.uint8) if ours.numel() % dtype.itemsize == 0
+    )
+    return torch.equal(ours.view(wide), theirs.view(wide))
 
 
 def _out_of_range(tensor: TensorPlan) -> str:
