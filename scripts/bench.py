@@ -1,17 +1,28 @@
-"""Benchmark: shardmerge against copying the same shards, with wall time and peak memory.
+"""Benchmark: shardmerge against copying the same shards with ``cp`` and ``sync``.
 
-Generates a Llama-shaped bf16 checkpoint (default: hidden 4096, intermediate 11008, 4 layers,
-vocab 32000, 5 shards, about 2 GiB) and a LoRA adapter of rank 16 on every linear layer,
-then alternates ``cp`` of the shards, ``cp`` then ``sync`` (as durable as shardmerge's fsyncs),
-``python -c "import shardmerge, torch"`` (start-up) and ``shardmerge merge --device cpu``
-``--repeats`` times, with ``--peft`` also PEFT's ``merge_and_unload()`` + ``save_pretrained``.
-Peak RSS is the child process's own ``ru_maxrss``. ``--sweep 4,8`` repeats the whole run
-for each layer count, to show how memory grows with the model. ``--batch N`` instead times N
-adapters merged by one batch file (one pass over the base) against N separate merges.
+Generates a Llama-shaped bf16 checkpoint and a LoRA adapter of rank 16 on every linear layer
+(default: hidden 4096, intermediate 11008, 4 layers, vocab 32000, 5 shards, about 2 GiB;
+``--preset 70b-slice``: two layers of a 70B model with its 8 key-value heads and 128256-token
+vocabulary, 2 shards, about 7.6 GB), then times, ``--repeats`` times each:
 
-    python scripts/bench.py                     # default model, 3 alternating runs each
-    python scripts/bench.py --sweep 4,8         # peak RSS against model size
-    python scripts/bench.py --batch 4           # 4 adapters: one batch against 4 merges
+- ``cp`` of the shards then ``sync``: the yardstick, as durable as shardmerge's fsyncs;
+- ``cp`` alone, which only fills the page cache;
+- ``python -c "import shardmerge, torch"``: the start-up, subtracted from shardmerge's figures;
+- ``shardmerge merge --device DEVICE`` (and with ``--peft``, PEFT's ``merge_and_unload()``).
+
+The protocol: every run starts from the same state (the previous output deleted and ``sync``
+called, untimed), the order of the commands alternates (A B C, C B A, ...), and the report
+gives medians, the ratio to cp+sync, and CPU seconds (user + system) per GiB of shards, which
+are far steadier than wall times on a shared machine. Run as root, the bench also times every
+command with the page cache dropped first (a cold cache), in a second table; ``--no-cold``
+skips it. Peak RSS is each child's own ``ru_maxrss``. ``--sweep 4,8`` repeats the run for each
+layer count, to show how memory grows with the model; ``--batch N`` times N adapters merged by
+one batch file (one pass over the base) against N separate merges.
+
+    python scripts/bench.py                       # default model, 5 runs of each command
+    python scripts/bench.py --preset 70b-slice    # a 70B model's largest tensors
+    python scripts/bench.py --sweep 4,8           # peak RSS against model size
+    python scripts/bench.py --batch 4             # 4 adapters: one batch against 4 merges
 """
 
 from __future__ import annotations
@@ -24,10 +35,14 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+HEAD_DIM = 128
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+PROTOCOL = "medians of {repeats} runs in alternating order, each after deleting its output and sync"
 # What users run today: the whole model in memory, merged by PEFT, saved by transformers.
 PEFT_MERGE = """
 import sys, torch
@@ -47,15 +62,31 @@ class Shape:
     vocab: int
     shards: int
     rank: int
+    key_value_heads: int
     adapters: int = 1
+
+    @property
+    def name(self) -> str:
+        name = (
+            f"h{self.hidden}-i{self.intermediate}-kv{self.key_value_heads}-v{self.vocab}-l{self.layers}-s{self.shards}"
+        )
+        return name + (f"-x{self.adapters}" if self.adapters > 1 else "")
+
+
+DEFAULT = Shape(layers=4, hidden=4096, intermediate=11008, vocab=32000, shards=5, rank=16, key_value_heads=32)
+PRESETS = {
+    "default": DEFAULT,
+    "70b-slice": Shape(layers=2, hidden=8192, intermediate=28672, vocab=128256, shards=2, rank=16, key_value_heads=8),
+}
+LAYERS_OF_70B = 80
 
 
 def linear_shapes(shape: Shape) -> dict[str, tuple[int, int]]:
-    h, i = shape.hidden, shape.intermediate
+    h, i, kv = shape.hidden, shape.intermediate, shape.key_value_heads * HEAD_DIM
     return {
         "self_attn.q_proj": (h, h),
-        "self_attn.k_proj": (h, h),
-        "self_attn.v_proj": (h, h),
+        "self_attn.k_proj": (kv, h),
+        "self_attn.v_proj": (kv, h),
         "self_attn.o_proj": (h, h),
         "mlp.gate_proj": (i, h),
         "mlp.up_proj": (i, h),
@@ -105,8 +136,8 @@ def generate(shape: Shape, folder: Path) -> None:
         "hidden_size": shape.hidden,
         "intermediate_size": shape.intermediate,
         "num_hidden_layers": shape.layers,
-        "num_attention_heads": shape.hidden // 128,
-        "num_key_value_heads": shape.hidden // 128,
+        "num_attention_heads": shape.hidden // HEAD_DIM,
+        "num_key_value_heads": shape.key_value_heads,
         "vocab_size": shape.vocab,
         "torch_dtype": "bfloat16",
         "tie_word_embeddings": False,
@@ -144,20 +175,44 @@ def _numel(dims: tuple[int, ...]) -> int:
     return count
 
 
-def timed(command: list[str]) -> tuple[float, int]:
-    """Wall seconds and peak RSS in bytes of one child process (its own, not its parent's)."""
+@dataclass(frozen=True)
+class Sample:
+    wall: float  # seconds
+    cpu: float  # user + system seconds
+    rss: int  # peak resident bytes
+
+
+def timed(command: list[str]) -> Sample:
+    """One child process: its wall time, its CPU time and its peak RSS (its own, not its parent's)."""
     started = time.perf_counter()
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     _, status, usage = os.wait4(process.pid, 0)
     seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"command failed: {' '.join(command)}")
-    return seconds, usage.ru_maxrss * 1024
+    return Sample(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024)
+
+
+def alternate(
+    commands: dict[str, list[str]], repeats: int, fresh: Callable[[], None], *, cold: bool
+) -> dict[str, list[Sample]]:
+    """``repeats`` runs of each command, in alternating order; before each (untimed) ``fresh()``
+    clears the outputs, then ``sync``, then with ``cold`` the page cache is dropped."""
+    samples: dict[str, list[Sample]] = {name: [] for name in commands}
+    names = list(commands)
+    for repeat in range(repeats):
+        for name in names if repeat % 2 == 0 else reversed(names):
+            fresh()
+            os.sync()
+            if cold:
+                DROP_CACHES.write_text("3\n")
+            samples[name].append(timed(commands[name]))
+    return samples
 
 
 def prepare(shape: Shape, work: Path) -> Path:
     """The generated base and adapters for ``shape``, made once and kept in ``work``."""
-    data = work / (f"layers-{shape.layers}" + (f"-x{shape.adapters}" if shape.adapters > 1 else ""))
+    data = work / shape.name
     if not (data / "ready").exists():
         shutil.rmtree(data, ignore_errors=True)
         # In a child process: a child's ru_maxrss starts from its parent's size at fork, so
@@ -168,40 +223,44 @@ def prepare(shape: Shape, work: Path) -> Path:
     return data
 
 
-def run(shape: Shape, work: Path, repeats: int, peft: bool) -> dict[str, object]:
+@dataclass(frozen=True)
+class Result:
+    shape: Shape
+    size: int  # bytes of shards
+    estimate: int  # the plan's peak memory estimate
+    warm: dict[str, list[Sample]]
+    cold: dict[str, list[Sample]] | None
+
+
+def run(shape: Shape, work: Path, repeats: int, *, peft: bool, cold: bool, device: str) -> Result:
     data = prepare(shape, work)
     base = data / "base"
     shards = sorted(str(path) for path in base.glob("*.safetensors"))
     size = sum(Path(path).stat().st_size for path in shards)
     shardmerge = str(Path(sys.executable).with_name("shardmerge"))
+    out, copies = data / "out", data / "cp-out"
     commands = {
-        "cp": ["cp", *shards, str(data / "cp-out")],
-        # cp does not wait for the disk; shardmerge fsyncs every shard. The same durability:
-        "cp+sync": ["sh", "-c", 'cp "$@" && sync', "cp", *shards, str(data / "cp-out")],
-        "startup": [sys.executable, "-c", "import shardmerge, torch"],
-        "shardmerge": [
-            *(shardmerge, "merge", str(base), str(data / "adapter")),
-            *("-o", str(data / "out"), "--device", "cpu", "--quiet"),
-        ],
+        "cp+sync": ["sh", "-c", 'cp "$@" && sync', "cp", *shards, str(copies)],
+        "cp": ["cp", *shards, str(copies)],
+        "start-up": [sys.executable, "-c", "import shardmerge, torch"],
+        "shardmerge": [shardmerge, "merge", str(base), str(data / "adapter"), "-o", str(out), "--device", device],
     }
+    commands["shardmerge"].append("--quiet")
     if peft:
-        commands["peft"] = [sys.executable, "-c", PEFT_MERGE, str(base), str(data / "adapter"), str(data / "out")]
-    samples: dict[str, list[tuple[float, int]]] = {name: [] for name in commands}
-    for _ in range(repeats):
-        for name, command in commands.items():
-            shutil.rmtree(data / "out", ignore_errors=True)
-            shutil.rmtree(data / "cp-out", ignore_errors=True)
-            (data / "cp-out").mkdir()
-            samples[name].append(timed(command))
-    shutil.rmtree(data / "out", ignore_errors=True)
-    shutil.rmtree(data / "cp-out", ignore_errors=True)
-    wall = {name: statistics.median(s for s, _ in runs) for name, runs in samples.items()}
-    rss = {name: max(r for _, r in runs) for name, runs in samples.items()}
+        commands["peft"] = [sys.executable, "-c", PEFT_MERGE, str(base), str(data / "adapter"), str(out)]
+
+    def fresh() -> None:
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(copies, ignore_errors=True)
+        copies.mkdir()
+
+    warm = alternate(commands, repeats, fresh, cold=False)
+    dropped = alternate(commands, repeats, fresh, cold=True) if cold else None
+    fresh()
     plan = subprocess.run(
         [shardmerge, "plan", str(base), str(data / "adapter"), "--json"], capture_output=True, check=True, text=True
     )
-    estimate = json.loads(plan.stdout)["peak_memory_bytes"]
-    return {"layers": shape.layers, "bytes": size, "wall": wall, "rss": rss, "estimate": estimate}
+    return Result(shape, size, json.loads(plan.stdout)["peak_memory_bytes"], warm, dropped)
 
 
 def run_batch(shape: Shape, work: Path, repeats: int) -> None:
@@ -228,19 +287,19 @@ def run_batch(shape: Shape, work: Path, repeats: int) -> None:
         "batch": [shardmerge, "run", str(batch), "--quiet"],
         "separate": ["sh", "-c", separate],
     }
-    samples: dict[str, list[tuple[float, int]]] = {name: [] for name in commands}
-    for _ in range(repeats):
-        for name, command in commands.items():
-            shutil.rmtree(data / "outs", ignore_errors=True)
-            for number in range(len(adapters)):
-                (data / "outs" / f"cp-{number}").mkdir(parents=True)
-            samples[name].append(timed(command))
+
+    def fresh() -> None:
+        shutil.rmtree(data / "outs", ignore_errors=True)
+        for number in range(len(adapters)):
+            (data / "outs" / f"cp-{number}").mkdir(parents=True)
+
+    samples = alternate(commands, repeats, fresh, cold=False)
     shutil.rmtree(data / "outs", ignore_errors=True)
     size = sum(path.stat().st_size for path in base.glob("*.safetensors"))
-    wall = {name: statistics.median(s for s, _ in runs) for name, runs in samples.items()}
-    rss = {name: max(r for _, r in runs) for name, runs in samples.items()}
+    wall = {name: statistics.median(run.wall for run in runs) for name, runs in samples.items()}
+    rss = {name: max(run.rss for run in runs) for name, runs in samples.items()}
     count = len(adapters)
-    print(f"\n{count} adapters on one base of {size / 2**30:.2f} GiB; medians of {repeats} alternating runs")
+    print(f"\n{count} adapters on one base of {size / 2**30:.2f} GiB; {PROTOCOL.format(repeats=repeats)}")
     print(f"{'':24} {'wall s':>8} {'x cp':>6} {'peak RSS':>10}")
     labels = {
         "cp": f"cp of the shards x{count}",
@@ -252,43 +311,68 @@ def run_batch(shape: Shape, work: Path, repeats: int) -> None:
     print(f"separate / batch wall time: {wall['separate'] / wall['batch']:.2f}")
 
 
-def report(result: dict[str, object], repeats: int) -> None:
-    wall, rss, size = result["wall"], result["rss"], result["bytes"]
-    assert isinstance(wall, dict) and isinstance(rss, dict) and isinstance(size, int)
+def table(samples: dict[str, list[Sample]], size: int) -> dict[str, float]:
+    """Print the medians of each command; returns the median wall times."""
+    wall = {name: statistics.median(s.wall for s in runs) for name, runs in samples.items()}
+    cpu = {name: statistics.median(s.cpu for s in runs) for name, runs in samples.items()}
+    rss = {name: max(s.rss for s in runs) for name, runs in samples.items()}
+    print(f"{'':12} {'wall s':>8} {'x cp+sync':>10} {'x cp':>6} {'CPU s':>7} {'peak RSS':>10}")
+    for name in samples:
+        memory = f"{rss[name] / 2**20:7.0f} MB" if name not in ("cp", "cp+sync") else ""
+        ratios = f"{wall[name] / wall['cp+sync']:10.2f} {wall[name] / wall['cp']:6.2f}"
+        print(f"{name:12} {wall[name]:8.2f} {ratios} {cpu[name]:7.2f} {memory:>10}")
+    less = wall["shardmerge"] - wall["start-up"]
+    per_gib = (cpu["shardmerge"] - cpu["start-up"]) / (size / 2**30)
     print(
-        f"\nmodel: {result['layers']} layers, {size / 2**30:.2f} GiB of shards; medians of {repeats} alternating runs"
+        f"shardmerge less start-up: {less:.2f} s = {less / wall['cp+sync']:.2f} x cp+sync "
+        f"({less / wall['cp']:.2f} x cp alone); CPU {per_gib:.2f} s per GiB of shards"
     )
-    print(f"{'':12} {'wall s':>8} {'x cp':>6} {'GB/s':>6} {'peak RSS':>10}")
-    for name in wall:
-        ratio = wall[name] / wall["cp"]
-        print(f"{name:12} {wall[name]:8.2f} {ratio:6.2f} {size / wall[name] / 1e9:6.2f} {rss[name] / 2**20:8.0f} MB")
-    corrected = wall["shardmerge"] - wall["startup"]
+    return wall
+
+
+def report(result: Result, repeats: int) -> None:
+    shape, size = result.shape, result.size
     print(
-        f"shardmerge less start-up: {corrected:.2f} s, {corrected / wall['cp']:.2f} x cp, "
-        f"{corrected / wall['cp+sync']:.2f} x cp+sync"
+        f"\nmodel: {shape.layers} layers, hidden {shape.hidden}, intermediate {shape.intermediate}, "
+        f"{shape.key_value_heads} key-value heads, vocab {shape.vocab}: {size / 2**30:.2f} GiB in {shape.shards} shards"
+    )
+    print(f"warm page cache; {PROTOCOL.format(repeats=repeats)}")
+    wall = table(result.warm, size)
+    rss = {name: max(s.rss for s in runs) for name, runs in result.warm.items()}
+    working = rss["shardmerge"] - rss["start-up"]
+    verdict = "within" if working <= result.estimate else "OVER"
+    print(
+        f"shardmerge peak RSS above start-up: {working / 2**20:.0f} MB, {verdict} the plan's estimate of "
+        f"{result.estimate / 2**20:.0f} MB"
     )
     if "peft" in wall:
         print(f"PEFT / shardmerge wall time: {wall['peft'] / wall['shardmerge']:.2f}")
-    working = rss["shardmerge"] - rss["startup"]
-    estimate = result["estimate"]
-    assert isinstance(estimate, int)
-    verdict = "within" if working <= estimate else "OVER"
-    print(
-        f"shardmerge peak RSS above start-up: {working / 2**20:.0f} MB, {verdict} the plan's estimate of "
-        f"{estimate / 2**20:.0f} MB"
-    )
+    if result.cold is not None:
+        print(f"\ncold page cache (dropped before each run); {PROTOCOL.format(repeats=repeats)}")
+        table(result.cold, size)
+    if shape.layers < LAYERS_OF_70B:
+        whole = replace(shape, layers=LAYERS_OF_70B)
+        scale = model_bytes(whole) / model_bytes(shape)
+        less = (wall["shardmerge"] - wall["start-up"]) * scale
+        print(
+            f"projected for {LAYERS_OF_70B} layers ({model_bytes(whole) / 2**30:.0f} GiB) at these rates per byte: "
+            f"shardmerge {less + wall['start-up']:.0f} s, cp+sync {wall['cp+sync'] * scale:.0f} s"
+        )
+
+
+def model_bytes(shape: Shape) -> int:
+    layer = shape.hidden * 2 + sum(out * inp for out, inp in linear_shapes(shape).values())
+    return 2 * (2 * shape.vocab * shape.hidden + shape.hidden + shape.layers * layer)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
+    parser.add_argument("--layers", type=int, help="layers of the preset's model (default: the preset's)")
     parser.add_argument("--sweep", help="comma-separated layer counts, e.g. 4,8")
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=11008)
-    parser.add_argument("--vocab", type=int, default=32000)
-    parser.add_argument("--shards", type=int, default=5)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu", help="shardmerge's --device (cpu, cuda)")
+    parser.add_argument("--no-cold", action="store_true", help="skip the cold-cache runs")
     parser.add_argument("--peft", action="store_true", help="also time PEFT merge_and_unload + save_pretrained")
     parser.add_argument("--batch", type=int, default=0, metavar="N", help="time N adapters: one batch vs N merges")
     parser.add_argument("--workdir", type=Path, default=Path("bench-data"))
@@ -297,24 +381,24 @@ def main() -> None:
     if args.generate:
         generate(Shape(**json.loads(args.generate)), args.workdir)
         return
+    preset = PRESETS[args.preset]
+    if args.layers:
+        preset = replace(preset, layers=args.layers)
     if args.batch:
-        shape = Shape(args.layers, args.hidden, args.intermediate, args.vocab, args.shards, args.rank, args.batch)
-        run_batch(shape, args.workdir, args.repeats)
+        run_batch(replace(preset, adapters=args.batch), args.workdir, args.repeats)
         return
-    counts = [int(item) for item in args.sweep.split(",")] if args.sweep else [args.layers]
+    cold = not args.no_cold and os.geteuid() == 0 and DROP_CACHES.exists()
+    counts = [int(item) for item in args.sweep.split(",")] if args.sweep else [preset.layers]
     results = []
     for layers in counts:
-        shape = Shape(layers, args.hidden, args.intermediate, args.vocab, args.shards, args.rank)
-        results.append(run(shape, args.workdir, args.repeats, args.peft))
+        shape = replace(preset, layers=layers)
+        results.append(run(shape, args.workdir, args.repeats, peft=args.peft, cold=cold, device=args.device))
         report(results[-1], args.repeats)
     if len(results) > 1:
         print("\npeak RSS of shardmerge against model size:")
         for result in results:
-            rss = result["rss"]
-            assert isinstance(rss, dict)
-            size = result["bytes"]
-            assert isinstance(size, int)
-            print(f"  {result['layers']:3} layers  {size / 2**30:6.2f} GiB  {rss['shardmerge'] / 2**20:8.0f} MB")
+            peak = max(s.rss for s in result.warm["shardmerge"])
+            print(f"  {result.shape.layers:3} layers  {result.size / 2**30:6.2f} GiB  {peak / 2**20:8.0f} MB")
 
 
 if __name__ == "__main__":
