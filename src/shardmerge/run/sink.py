@@ -1,15 +1,15 @@
-"""Where a shard's bytes go once computed: a writer thread and a hasher thread, in order.
+"""Where a shard's bytes go once computed: a gatherer thread and a writer thread, in order.
 
 The caller (reading and merging tensors) hands over blocks of bytes and ranges of the source
-file to copy. The writer gathers them in a few page-aligned staging buffers (a copied range is
-read straight into one) and writes each full buffer with direct I/O where the file system
-allows it: the bytes go from the buffer to the disk, not through the page cache, which costs
-a copy per byte and, on a machine short of free memory, reclaim. The hasher then computes
-the shard's xxh3-128 for the journal over the same buffer (about 25 GB/s on one core) and,
-when the shard will be published, its sha256 (the Hub's LFS object id, about 1.7 GB/s). Both
-release the GIL. So reading, merging, writing and hashing overlap, and no shard is read back
-to hash it. The caller's buffers return to their pool once copied into staging; the staging
-buffers return once hashed: the two pools bound the memory in flight.
+file to copy. The gatherer collects them in a few page-aligned staging buffers (a copied range
+is read straight into one); the writer writes each full buffer with direct I/O where the file
+system allows it (the bytes go from the buffer to the disk, not through the page cache, which
+costs a copy per byte and, on a machine short of free memory, reclaim), then hashes it: the
+shard's xxh3-128 for the journal (about 25 GB/s on one core) and, when the shard will be
+published, its sha256 (the Hub's LFS object id, about 1.7 GB/s). Hashing and writing release
+the GIL. So reading, merging, gathering, writing and hashing overlap, and no shard is read back
+to hash it. The caller's buffers return to their pool once gathered; the staging buffers once
+written and hashed: the two pools bound the memory in flight.
 """
 
 from __future__ import annotations
@@ -96,13 +96,12 @@ class ShardSink:
         self._stages: queue.Queue[mmap.mmap] = queue.Queue()
         for _ in range(STAGING_BUFFERS):
             self._stages.put(mmap.mmap(-1, STAGING_BYTES))  # page-aligned, as direct I/O needs
+        self._to_gatherer: queue.Queue[_Item | None] = queue.Queue()
         self._to_writer: queue.Queue[_Item | None] = queue.Queue()
-        self._to_hasher: queue.Queue[_Item | None] = queue.Queue()
-        self._write_error: BaseException | None = None
-        self._hash_error: BaseException | None = None
+        self._error: BaseException | None = None  # the file's first error, from either thread
         self._threads = [
+            threading.Thread(target=self._gather_loop, name="shardmerge-gatherer", daemon=True),
             threading.Thread(target=self._write_loop, name="shardmerge-writer", daemon=True),
-            threading.Thread(target=self._hash_loop, name="shardmerge-hasher", daemon=True),
         ]
         for thread in self._threads:
             thread.start()
@@ -115,7 +114,7 @@ class ShardSink:
             self._free.put(buffer)
 
     def acquire(self) -> Any:
-        """A free buffer of the pool; waits while the others are still being copied to staging."""
+        """A free buffer of the pool; waits while the others are still being gathered."""
         return self._free.get()
 
     def release(self, buffer: Any) -> None:
@@ -128,7 +127,7 @@ class ShardSink:
         self._put(("start", fd, direct))
 
     def write(self, view: memoryview, buffer: Any | None = None) -> None:
-        """Append ``view``; ``buffer`` (holding it) returns to the pool once copied, or, a
+        """Append ``view``; ``buffer`` (holding it) returns to the pool once gathered, or, a
         SharedBlock, is released."""
         self._put(("bytes", view, buffer))
 
@@ -139,9 +138,9 @@ class ShardSink:
 
     def digest(self) -> Written:
         """Wait until everything handed over is written and hashed; the file's size and hashes,
-        or the first error the writer or hasher met."""
+        or the first error met writing it."""
         reply: queue.Queue[Any] = queue.Queue()
-        self._to_writer.put(("end", reply))
+        self._to_gatherer.put(("end", reply))
         result = reply.get()
         if isinstance(result, BaseException):
             raise result
@@ -150,54 +149,49 @@ class ShardSink:
     def discard(self) -> None:
         """Wait until everything handed over is done with, whatever happened to it."""
         reply: queue.Queue[Any] = queue.Queue()
-        self._to_writer.put(("end", reply))
+        self._to_gatherer.put(("end", reply))
         reply.get()
 
     def close(self) -> None:
-        self._to_writer.put(None)
+        self._to_gatherer.put(None)
         for thread in self._threads:
             thread.join()
 
     def _put(self, item: _Item) -> None:
-        if self._write_error is not None:
-            raise self._write_error  # fail fast: the shard is lost already
-        self._to_writer.put(item)
+        if self._error is not None:
+            raise self._error  # fail fast: the shard is lost already
+        self._to_gatherer.put(item)
 
-    # The writer thread.
+    def _fail(self, exc: BaseException) -> None:
+        if self._error is None:
+            self._error = exc
 
-    def _write_loop(self) -> None:
+    # The gatherer thread.
+
+    def _gather_loop(self) -> None:
         file = _File(-1, direct=False)
-        while (item := self._to_writer.get()) is not None:
+        while (item := self._to_gatherer.get()) is not None:
             kind = item[0]
-            if kind == "end":
-                self._end(file, item[1])
-                continue
             try:
                 if kind == "start":
-                    file, self._write_error = _File(item[1], item[2]), None
-                elif self._write_error is None and kind == "bytes":
+                    file = _File(item[1], item[2])
+                elif kind == "end":
+                    if file.stage is not None:  # the last, partial buffer
+                        self._to_writer.put(("stage", file, file.stage, file.fill, True))
+                        file.stage = None
+                    self._to_writer.put(("end", item[1], file.size))
+                elif self._error is None and kind == "bytes":
                     self._append(file, item[1])
-                elif self._write_error is None:
+                elif self._error is None:
                     self._append_range(file, item[1], item[2], item[3])
             except BaseException as exc:  # handed to the caller by digest()
-                self._write_error = exc
+                self._fail(exc)
             finally:
                 if kind == "bytes" and isinstance(item[2], SharedBlock):
                     item[2].release()
                 elif kind == "bytes" and item[2] is not None:
                     self._free.put(item[2])
-        self._to_hasher.put(None)
-
-    def _end(self, file: _File, reply: queue.Queue[Any]) -> None:
-        try:
-            if self._write_error is None:
-                self._flush(file, last=True)
-        except BaseException as exc:
-            self._write_error = exc
-        if file.stage is not None:  # not written: the file failed
-            self._stages.put(file.stage)
-            file.stage = None
-        self._to_hasher.put(("end", reply, self._write_error, file.size))
+        self._to_writer.put(None)
 
     def _room(self, file: _File) -> memoryview:
         """The free part of the staging buffer being filled (taking a fresh one if need be)."""
@@ -227,34 +221,41 @@ class ShardSink:
         file.fill += count
         file.size += count
         if file.fill == STAGING_BYTES:
-            self._flush(file, last=False)
+            self._to_writer.put(("stage", file, file.stage, file.fill, False))
+            file.stage = None
 
-    def _flush(self, file: _File, *, last: bool) -> None:
-        """Write the staging buffer's bytes and hand it to the hasher. Direct I/O writes whole
-        blocks: the last, partial one is padded with zeros, then the file cut to its size."""
-        if file.stage is None:
-            return
-        stage, fill = file.stage, file.fill
+    # The writer thread.
+
+    def _write_loop(self) -> None:
+        hashes = _Hashes(self._sha256)
+        while (item := self._to_writer.get()) is not None:
+            if item[0] == "end":
+                _, reply, size = item
+                error, self._error = self._error, None  # clean before the caller goes on
+                reply.put(error if error is not None else hashes.written(size))
+                hashes = _Hashes(self._sha256)
+                continue
+            _, file, stage, fill, last = item
+            try:
+                if self._error is None:
+                    self._write(file, stage, fill, last)
+                    hashes.update(memoryview(stage)[:fill])
+            except BaseException as exc:  # handed to the caller by digest()
+                self._fail(exc)
+            finally:
+                self._stages.put(stage)
+
+    def _write(self, file: _File, stage: mmap.mmap, fill: int, last: bool) -> None:
+        """Write a staging buffer's ``fill`` bytes. Direct I/O writes whole blocks: the last,
+        partial one is padded with zeros, then the file cut to its size."""
         length = fill
         if file.direct and last:
             length = -(-fill // DIRECT_IO_ALIGNMENT) * DIRECT_IO_ALIGNMENT
             stage[fill:length] = bytes(length - fill)
-        file.stage, file.fill = None, 0
-        try:
-            self._write(file, memoryview(stage)[:length])
-            if length != fill:
-                os.ftruncate(file.fd, file.size)
-        except BaseException:
-            self._stages.put(stage)
-            raise
-        self._to_hasher.put(("hash", stage, fill))
-
-    def _write(self, file: _File, data: memoryview) -> None:
+        data = memoryview(stage)[:length]
         if file.direct:
             try:
                 pwrite_all(file.fd, data, file.written)
-                file.written += len(data)
-                return
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
@@ -263,28 +264,12 @@ class ShardSink:
                 flags = fcntl.fcntl(file.fd, fcntl.F_GETFL)
                 fcntl.fcntl(file.fd, fcntl.F_SETFL, flags & ~os.O_DIRECT)
                 file.direct = False
-        pwrite_all(file.fd, data, file.written)
-        # Start writing these bytes back to disk now, behind the next ones, so the shard's
-        # fsync finds little left to do.
-        os.posix_fadvise(file.fd, file.written, len(data), os.POSIX_FADV_DONTNEED)
+                data = data[:fill]
+        if not file.direct:
+            pwrite_all(file.fd, data, file.written)
+            # Start writing these bytes back to disk now, behind the next ones, so the
+            # shard's fsync finds little left to do.
+            os.posix_fadvise(file.fd, file.written, len(data), os.POSIX_FADV_DONTNEED)
         file.written += len(data)
-
-    # The hasher thread.
-
-    def _hash_loop(self) -> None:
-        hashes = _Hashes(self._sha256)
-        while (item := self._to_hasher.get()) is not None:
-            kind = item[0]
-            try:
-                if kind == "end":
-                    _, reply, write_error, size = item
-                    error, self._hash_error = write_error or self._hash_error, None
-                    reply.put(error if error is not None else hashes.written(size))
-                    hashes = _Hashes(self._sha256)
-                elif self._hash_error is None:
-                    hashes.update(memoryview(item[1])[: item[2]])
-            except BaseException as exc:  # handed to the caller by digest()
-                self._hash_error = exc
-            finally:
-                if kind == "hash":
-                    self._stages.put(item[1])
+        if file.written != file.size and last:
+            os.ftruncate(file.fd, file.size)
