@@ -384,8 +384,8 @@ def main() -> None:
     preset = PRESETS[args.preset]
     if args.layers:
         preset = replace(preset, layers=args.layers)
-    if args.batch:
-        run_batch(replace(preset, adapters=args.batch), args.workdir, args.repeats)
+    if args.batch:  # absolute: a batch file's paths are taken from the file's own folder
+        run_batch(replace(preset, adapters=args.batch), args.workdir.resolve(), args.repeats)
         return
     cold = not args.no_cold and os.geteuid() == 0 and DROP_CACHES.exists()
     counts = [int(item) for item in args.sweep.split(",")] if args.sweep else [preset.layers]
