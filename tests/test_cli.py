@@ -66,7 +66,7 @@ def test_yaml_job_equals_the_merge_command(
         ("base: b\nadapters:\n  - path: a\n    wieght: 2\noutput: o\n", "unknown key 'adapters.0.wieght'"),
         ("base: b\nadapters: [a]\n", "missing key 'output'"),
         ("adapters: [a]\noutput: o\n", "missing key 'base'"),
-        ("base: b\nadapters: [a]\noutput: o\ndtype: int8\n", "dtype: Input should be 'bfloat16'"),
+        ("base: b\nadapters: [a]\noutput: o\ndtype: int8\n", "dtype: Input should be 'auto', 'base', 'bfloat16'"),
         ("base: b\nadapters: [a]\noutput: o\ndevice: tpu\n", "device: Value error, must be auto, cpu, cuda or cuda:N"),
         ("base: b\nadapters: []\noutput: o\n", "adapters: List should have at least 1 item"),
         ("- just\n- a list\n", "a job must be a mapping"),

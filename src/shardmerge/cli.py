@@ -18,7 +18,8 @@ from .output.publish import PushTarget
 
 if TYPE_CHECKING:
     from .batch import JobResult
-from .planning.model import AdapterSummary, Plan
+    from .run.executor import MergeReport
+from .planning.model import AdapterSummary, Plan, TensorPlan
 from .planning.planner import build_plan
 
 EXIT_INTERRUPTED = 130
@@ -86,7 +87,13 @@ def _parser() -> argparse.ArgumentParser:
     inputs.add_argument("base", help="base model folder (config.json + safetensors shards)")
     inputs.add_argument("adapters", nargs="+", metavar="ADAPTER", help="PEFT adapter folder(s), applied in order")
     inputs.add_argument("--weights", help="comma-separated weight per adapter, e.g. 1.0,0.5 (default 1 each)")
-    inputs.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    inputs.add_argument(
+        "--dtype",
+        choices=["auto", "base", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="output dtype: auto (default) keeps a quantized base's format and writes any other base in "
+        "bfloat16; base keeps every tensor's dtype and format; the others dequantize and convert",
+    )
     inputs.add_argument(
         "--conv1d-modules",
         metavar="NAMES",
@@ -261,6 +268,8 @@ def _merge(job: MergeJob, args: argparse.Namespace) -> int:
         )
     elif report.unchanged:
         print(f"  note    {report.unchanged} merged tensors came out equal to the base (an update of zero)")
+    if report.requantized:
+        print(f"  requant {_requantized(report)}")
     if report.non_finite_kept:
         print(
             f"  note    NaN or Inf kept from the base in {len(report.non_finite_kept)} tensors: "
@@ -274,6 +283,19 @@ def _merge(job: MergeJob, args: argparse.Namespace) -> int:
     if report.url:
         print(f"  hub     {report.url} (commit {report.commit})")
     return 0
+
+
+def _requantized(report: MergeReport) -> str:
+    line = f"{report.requantized} merged weights requantized"
+    if report.update_kept is None or report.update_error is None:
+        return line + " (their updates are zero)"
+    line += (
+        f": the change written is {report.update_kept:.1%} of the update's norm, with an error of "
+        f"{report.update_error:.1%} of it (|Q(W+dW)-W| and |Q(W+dW)-(W+dW)| over |dW|)"
+    )
+    if report.least_kept is not None:
+        line += f"; least kept: {report.least_kept[0]} ({report.least_kept[1]:.1%})"
+    return line
 
 
 def _cmd_push(args: argparse.Namespace) -> int:
@@ -322,12 +344,16 @@ def _print_plan(plan: Plan) -> None:
     for adapter in plan.adapters:
         print(f"adapter [{adapter.index}] {adapter.path}  {_describe(adapter)}")
     print(f"dtype   {plan.dtype}")
+    if plan.quantization:
+        print(f"quant   base in {plan.quantization}")
     for shard in plan.shards:
         copied = len(shard.tensors) - shard.merged
         print(f"shard   {shard.name}: {shard.merged} merged, {copied} copied, {_size(shard.size)}")
         for tensor in shard.tensors:
             for op in tensor.ops:
                 print(f"  {tensor.name}  <- [{op.adapter}] {op.kind} {op.layout} {op.module} (rule {op.rule})")
+            if tensor.quant is not None or tensor.scale_of is not None:
+                print(f"  {tensor.name}  {_formats(tensor)}")
     merged = sum(shard.merged for shard in plan.shards)
     tensors = sum(len(shard.tensors) for shard in plan.shards)
     print(
@@ -337,6 +363,17 @@ def _print_plan(plan: Plan) -> None:
     for note in plan.notes:
         print(f"note    {note}")
     print(f"memory  about {_size(plan.peak_memory_bytes)} of working memory, plus the interpreter and torch")
+
+
+def _formats(tensor: TensorPlan) -> str:
+    """The format a quantized weight (or a rescaled scale) is read in and written in."""
+    if tensor.scale_of is not None:
+        return f"{tensor.src_dtype} scales -> recomputed for the requantized {tensor.scale_of}"
+    assert tensor.quant is not None
+    read = f"{tensor.src_dtype} x {tensor.quant.scale_dtype} {tensor.quant.scale.rpartition('.')[2]}"
+    if tensor.dtype == tensor.src_dtype:
+        return f"{read} -> dequantized, merged in float32, requantized to {tensor.dtype} with new scales"
+    return f"{read} -> dequantized in float32, written in {tensor.dtype}"
 
 
 def _describe(adapter: AdapterSummary) -> str:

@@ -14,7 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import JobConfigError
 
-OutputDtype = Literal["bfloat16", "float16", "float32"]
+# auto: a quantized base keeps its quantization, any other one gives bfloat16; base: every
+# tensor keeps the base's dtype (and quantized weights their format); the others: every
+# floating-point tensor in that dtype, quantized weights dequantized.
+OutputDtype = Literal["auto", "base", "bfloat16", "float16", "float32"]
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 # A Hub repo id as the Hub accepts it: a namespace and a name, each of letters, digits, "-",
 # "_" and "." not starting with a separator, without "--" or "..", the name at most 96 long.
@@ -64,7 +67,7 @@ class MergeJob(PushOptions):
     base: str
     adapters: list[AdapterSpec] = Field(min_length=1)
     output: str | None = None
-    dtype: OutputDtype = "bfloat16"
+    dtype: OutputDtype = "auto"
     device: str = "auto"
     # Modules stored as GPT-2's Conv1D ([in, out]); every other one is nn.Linear. None: decided
     # by the base's architecture. Only needed where that is unknown (e.g. custom modelling code).

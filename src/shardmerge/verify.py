@@ -224,6 +224,8 @@ def _against_base(folder: Path, journal: journals.Journal, problems: list[Shardm
             stack.callback(os.close, out)
             # An untied head's source bytes are the embedding's: it is compared with those.
             for tensor in shard.tensors:
+                if tensor.computed and not tensor.ops:
+                    continue  # new scales, or a dequantized weight: computed from the base, not copied
                 if _equals_base(src, out, shard.header_size, tensor) == bool(tensor.ops):
                     problems.append(
                         VerificationProblem(
@@ -269,7 +271,7 @@ def _recompute(folder: Path, journal: journals.Journal, count: int, problems: li
     sample = merged[::step][:count]
     exact = not journal.device.startswith("cuda")
     with ExitStack() as stack:
-        merger = TensorMerger(torch.device("cpu"), open_adapters(plan, stack))
+        merger = TensorMerger(torch.device("cpu"), plan, open_adapters(plan, stack))
         stack.callback(merger.close)
         for shard, tensor in sample:
             src = os.open(_base_shard(plan, shard), os.O_RDONLY)

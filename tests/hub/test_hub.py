@@ -25,6 +25,7 @@ import yaml
 from huggingface_hub import HfApi, snapshot_download
 
 from conftest import Base, llama_config, save_adapter, save_base
+from fp8_checkpoints import fine_grained, quantize_checkpoint
 from hub_server import Fault, HubServer
 from shardmerge.output import journal as journals
 
@@ -311,6 +312,21 @@ def test_sha256_is_computed_only_to_publish_and_once_per_shard(
     published = tmp_path / "published"
     merge = ("merge", base.path, adapter, "-o", published, "--quiet", "--push-to-hub", f"{REPO}-2")
     assert hashed(published, *merge) == {1}  # while written: no shard is read back to hash it
+
+
+def test_an_fp8_merge_publishes_its_requantized_shards_and_unchanged_config(hub: HubServer, tmp_path: Path) -> None:
+    source = save_base(llama_config(hidden=64), tmp_path / "bf16", torch.bfloat16, seed=8)
+    base = quantize_checkpoint(source.path, tmp_path / "fp8", fine_grained())
+    adapter = save_adapter(base.dequantized, tmp_path / "adapter", seed=9, r=4, target_modules=["q_proj", "down_proj"])
+    out = tmp_path / "out"
+    done = _run(
+        _command("merge", base.path, adapter, "-o", out, "--quiet", "--push-to-hub", REPO), hub, tmp_path / "home"
+    )
+    assert done.returncode == 0, done.stderr
+    assert "merged weights requantized" in done.stdout
+    downloaded = _files(_download(hub, tmp_path))
+    assert downloaded == _files(out) and hub.state.commits_made == 1
+    assert downloaded["config.json"] == (base.path / "config.json").read_bytes()
 
 
 def test_yaml_job_keys_publish(hub: HubServer, inputs: tuple[Base, Path, Path], tmp_path: Path) -> None:

@@ -355,23 +355,6 @@ def test_bin_base_and_adapter_merge_like_safetensors(models: object, tmp_path: P
 # --- refusals -----------------------------------------------------------------------------
 
 
-def test_quantized_base_is_refused(models: object, tmp_path: Path) -> None:
-    base = models("llama-bf16")  # type: ignore[operator]
-    adapter = save_adapter(base, tmp_path / "adapter", seed=15, r=4, target_modules=["q_proj"])
-    quantized = tmp_path / "quantized"
-    quantized.mkdir()
-    for path in base.path.iterdir():
-        (quantized / path.name).write_bytes(path.read_bytes())
-    config = json.loads((quantized / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "bitsandbytes", "load_in_4bit": True}
-    (quantized / "config.json").write_text(json.dumps(config))
-    with pytest.raises(shardmerge.PlanError) as caught:
-        shardmerge.plan(base=str(quantized), adapters=[str(adapter)])
-    message = caught.value.problems[0].one_line()
-    assert "the base model is quantized (bitsandbytes)" in message and str(quantized / "config.json") in message
-    assert "merge into the unquantized base model" in message
-
-
 @pytest.mark.parametrize(
     ("changes", "expected"),
     [

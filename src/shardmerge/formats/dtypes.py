@@ -15,5 +15,7 @@ TORCH_DTYPES: dict[str, torch.dtype] = {
     "I8": torch.int8,
     "U8": torch.uint8,
     "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 ST_DTYPES: dict[torch.dtype, str] = {value: key for key, value in TORCH_DTYPES.items()}

@@ -43,7 +43,10 @@ class ShardRecord:
     """A finished shard: its size and hashes, its merged tensors, those converted to another
     dtype only, the merged ones that came out equal to the base (an update of zero), and the
     tensors whose NaN or Inf came from the base and were kept. ``xxh3_128`` is None only in a
-    format-1 journal, which has ``sha256`` instead; ``sha256`` is there once published."""
+    format-1 journal, which has ``sha256`` instead; ``sha256`` is there once published.
+    ``requantized``: for each merged weight written back in its quantized format, the squared
+    norms of its update (dW), of the change that survived requantization (Q(W + dW) - W), and
+    of the rounding error (Q(W + dW) - (W + dW))."""
 
     size: int
     xxh3_128: str | None
@@ -53,6 +56,7 @@ class ShardRecord:
     unchanged: tuple[str, ...] = ()
     non_finite_kept: tuple[str, ...] = ()
     sha256: str | None = None
+    requantized: tuple[tuple[str, float, float, float], ...] = ()
 
 
 @dataclass
@@ -206,6 +210,7 @@ def _record(entry: dict[str, Any]) -> ShardRecord:
         entry["header_sha256"],
         *(tuple(entry.get(key, ())) for key in ("merged", "converted", "unchanged", "non_finite_kept")),
         sha256=entry.get("sha256"),
+        requantized=tuple((str(n), float(d), float(k), float(e)) for n, d, k, e in entry.get("requantized", ())),
     )
     if record.xxh3_128 is None and record.sha256 is None:
         raise KeyError("xxh3_128")  # a record without a hash cannot be checked: not ours

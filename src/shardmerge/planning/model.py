@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ..formats.quantization import QuantFormat
 from ..formats.safetensors import encode_header
 
 
@@ -40,6 +41,20 @@ class MergeOp:
 
 
 @dataclass(frozen=True)
+class QuantRead:
+    """How a quantized weight is read: its format, and its scale tensor in the base (name,
+    file, absolute offsets, dtype and shape)."""
+
+    format: QuantFormat
+    scale: str
+    scale_source: str
+    scale_begin: int
+    scale_end: int
+    scale_dtype: str
+    scale_shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class TensorPlan:
     """One output tensor. ``src_begin``/``src_end`` are absolute offsets in the source shard,
     ``begin``/``end`` offsets in the output data buffer, ``block_rows`` how many rows of a
@@ -55,6 +70,13 @@ class TensorPlan:
     end: int
     ops: tuple[MergeOp, ...]
     block_rows: int = 0  # rows merged at a time; the whole tensor where the ops need it
+    quant: QuantRead | None = None
+    scale_of: str | None = None
+
+    @property
+    def computed(self) -> bool:
+        """Whether the output values are computed (merged, dequantized or rescaled), not copied."""
+        return bool(self.ops) or self.quant is not None or self.scale_of is not None
 
 
 def row_separable(op: MergeOp) -> bool:
@@ -129,6 +151,11 @@ class Plan:
     peak_memory_bytes: int
     base_repo: str | None = None  # a Hub base: its repo id (``base`` is ``repo@commit``)
     strict: bool = False  # a merge that changes no tensor is an error, not a warning
+    quantization: str | None = None  # the base's weight quantization, described
+
+    def tensor(self, name: str) -> tuple[ShardPlan, TensorPlan]:
+        """The output tensor ``name`` and its shard."""
+        return next((shard, t) for shard in self.shards for t in shard.tensors if t.name == name)
 
     @property
     def base_commit(self) -> str | None:

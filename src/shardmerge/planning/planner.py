@@ -16,11 +16,12 @@ from typing import Any
 from ..config import MergeJob
 from ..errors import AdapterError, InputError, PlanError, ShardmergeError
 from ..formats.fileio import file_sha256
+from ..formats.quantization import QuantFormat, QuantizedWeight, find_quantized, read_quantization
 from ..formats.safetensors import FLOAT_DTYPES, ITEMSIZE, SafetensorsHeader, TensorInfo, numel
 from ..inputs.resolve import BaseFiles, output_shard_name, resolve_adapter, resolve_base
 from .adapters import Adapter, load_adapter
 from .layouts import find_layouts
-from .model import AdapterSummary, MergeOp, Plan, ShardPlan, TensorPlan, encode_shard_header, row_separable
+from .model import AdapterSummary, MergeOp, Plan, QuantRead, ShardPlan, TensorPlan, encode_shard_header, row_separable
 from .module_ops import AdapterPlanner
 from .tied import find_tied, split_uses
 
@@ -46,6 +47,8 @@ def build_plan(job: MergeJob) -> Plan:
     base = resolve_base(job.base)
     problems: list[ShardmergeError] = []
     config = _read_config(base, problems)
+    fmt = _read_format(config, base, problems)
+    dtype = ("base" if fmt else "bfloat16") if job.dtype == "auto" else job.dtype
     headers = _read_base_headers(base, problems)
     adapters = []
     for index, spec in enumerate(job.adapters):
@@ -58,6 +61,16 @@ def build_plan(job: MergeJob) -> Plan:
         if adapter is not None:
             adapters.append(adapter)
     tensors = {name: info for header in headers for name, info in header.tensors.items()}
+    located = {name: (info, header.path) for header in headers for name, info in header.tensors.items()}
+    quantized = find_quantized(fmt, located, problems) if fmt else {}
+    if fmt and fmt.kv_cache and dtype != "base":
+        problems.append(
+            InputError(
+                "the base quantizes its KV cache, which a dequantized output cannot keep",
+                file=base.folder / "config.json",
+                hint="keep the format with --dtype base",
+            )
+        )
     tied = find_tied(config, tensors)
     virtual_head = tied.virtual_head(tensors) if tied else None
     targets = {**tensors, virtual_head.name: virtual_head} if virtual_head else tensors
@@ -67,11 +80,11 @@ def build_plan(job: MergeJob) -> Plan:
         for name, tensor_ops in AdapterPlanner(adapter, targets, layouts, problems).plan().items():
             ops[name].extend(tensor_ops)
     untie = tied is not None and split_uses(tied, ops)
-    _check_targets(headers, targets, ops, problems)
+    _check_targets(headers, targets, ops, quantized, problems)
     if problems:
         raise PlanError(problems)
     extra: dict[Path, TensorInfo] = {}
-    notes = _notes(ops, layouts.source)
+    notes = _notes(ops, layouts.source) + _quantization_notes(fmt, quantized, ops, dtype)
     if tied is not None and untie:
         notes += (f"tied embeddings untied: the adapters change {tied.embedding} and {tied.head} differently",)
         if virtual_head is not None:
@@ -79,20 +92,21 @@ def build_plan(job: MergeJob) -> Plan:
     elif virtual_head is not None:
         # Still tied: the embedding's changes reach the head through the tie.
         ops.pop(virtual_head.name, None)
-    out_dtype = OUTPUT_DTYPES[job.dtype]
-    inputs = _inputs(job, base, headers, adapters)
-    shards = tuple(_layout(header, extra.get(header.path), ops, out_dtype) for header in headers)
+    out_dtype = OUTPUT_DTYPES.get(dtype)
+    inputs = _inputs(job, dtype, base, headers, adapters)
+    quant = _QuantLayout(fmt, quantized, ops, tensors, dequantize=out_dtype is not None)
+    shards = tuple(_layout(header, extra.get(header.path), ops, out_dtype, quant) for header in headers)
     return Plan(
         format_version=FORMAT_VERSION,
         base=base.name,
         base_repo=base.repo_id,
         output=job.output,
-        dtype=job.dtype,
+        dtype=dtype,
         device=job.device,
         adapters=tuple(_summary(adapter, ops) for adapter in adapters),
         shards=shards,
         extra_files=tuple(str(path) for path in base.extra_files),
-        config=_output_config(config, job.dtype, untie),
+        config=_output_config(config, dtype, untie, dequantized=fmt is not None and out_dtype is not None),
         index_metadata={k: v for k, v in (base.index_metadata or {}).items() if k != "total_size"} or None,
         notes=notes,
         inputs=inputs,
@@ -100,6 +114,7 @@ def build_plan(job: MergeJob) -> Plan:
         tensor_bytes=sum(t.end - t.begin for shard in shards for t in shard.tensors),
         peak_memory_bytes=_peak_memory(shards, adapters),
         strict=job.strict,
+        quantization=fmt.describe() if fmt else None,
     )
 
 
@@ -137,19 +152,70 @@ def _read_config(base: BaseFiles, problems: list[ShardmergeError]) -> dict[str, 
     except (OSError, ValueError) as exc:
         problems.append(InputError(f"unreadable config ({exc})", file=path))
         return None
-    if not isinstance(config, dict):
+    return config if isinstance(config, dict) else None
+
+
+def _read_format(config: dict[str, Any] | None, base: BaseFiles, problems: list[ShardmergeError]) -> QuantFormat | None:
+    try:
+        return read_quantization(config or {}, base.folder / "config.json")
+    except ShardmergeError as exc:
+        problems.append(exc)
         return None
-    quantization = config.get("quantization_config")
-    if quantization:
-        method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else quantization
-        problems.append(
-            InputError(
-                f"the base model is quantized ({method}); a merge into quantized weights is not exact",
-                file=path,
-                hint="merge into the unquantized base model, then quantize the merged model",
-            )
+
+
+def _quantization_notes(
+    fmt: QuantFormat | None, quantized: dict[str, QuantizedWeight], ops: dict[str, list[MergeOp]], dtype: str
+) -> tuple[str, ...]:
+    if fmt is None:
+        return ()
+    merged = sum(1 for name in quantized if ops.get(name))
+    if dtype != "base":
+        return (
+            f"base in {fmt.describe()}: its {len(quantized)} quantized weights are dequantized in float32 and "
+            f"written in {dtype}, without their scales; config.json loses its quantization_config",
         )
-    return config
+    notes = [
+        f"base in {fmt.describe()}, kept: {merged} merged weights are requantized once, as the format's own "
+        f"quantizer does, with new scales; the other {len(quantized) - merged} are copied with their scales"
+    ]
+    if merged:
+        notes.append(
+            "requantizing loses the part of an update smaller than about half an FP8 step; the summary reports "
+            "how much of each update survived (--dtype bfloat16 keeps all of it)"
+        )
+    return tuple(notes)
+
+
+class _QuantLayout:
+    """Where a quantized base changes the layout: the weights read through their scales
+    (``reads``), scale tensors recomputed from a merged weight (``scale_of``), and tensors
+    that a dequantized output leaves out (``drop``: scales and static activation scales)."""
+
+    def __init__(
+        self,
+        fmt: QuantFormat | None,
+        quantized: dict[str, QuantizedWeight],
+        ops: dict[str, list[MergeOp]],
+        tensors: dict[str, TensorInfo],
+        dequantize: bool,
+    ) -> None:
+        self.reads: dict[str, QuantRead] = {}
+        self.scale_of: dict[str, str] = {}
+        self.drop: set[str] = set()
+        if fmt is None:
+            return
+        for name, found in quantized.items():
+            if dequantize or ops.get(name):
+                scale = found.scale
+                self.reads[name] = QuantRead(
+                    fmt, scale.name, str(found.scale_file), scale.begin, scale.end, scale.dtype, scale.shape
+                )
+            module = name.rpartition(".")[0]
+            if dequantize:
+                self.drop.add(found.scale.name)
+                self.drop.update(key for key in (f"{module}.{suffix}" for suffix in fmt.activations) if key in tensors)
+            elif ops.get(name):
+                self.scale_of[found.scale.name] = name
 
 
 def _read_base_headers(base: BaseFiles, problems: list[ShardmergeError]) -> list[SafetensorsHeader]:
@@ -179,25 +245,31 @@ def _check_targets(
     headers: list[SafetensorsHeader],
     targets: dict[str, TensorInfo],
     ops: dict[str, list[MergeOp]],
+    quantized: dict[str, QuantizedWeight],
     problems: list[ShardmergeError],
 ) -> None:
     shards = {name: header.path for header in headers for name in header.tensors}
     for name in ops:
-        if targets[name].dtype not in FLOAT_DTYPES:
+        if targets[name].dtype not in FLOAT_DTYPES and name not in quantized:
             problems.append(
                 AdapterError(
                     f"adapter targets a {targets[name].dtype} tensor; only floating-point tensors can be merged",
                     file=shards.get(name),
                     tensor=name,
-                    hint="a quantized base cannot be merged exactly: merge into the unquantized model",
+                    hint="merge into the 16-bit release of the base model",
                 )
             )
 
 
 def _layout(
-    header: SafetensorsHeader, extra: TensorInfo | None, ops: dict[str, list[MergeOp]], out_dtype: str
+    header: SafetensorsHeader,
+    extra: TensorInfo | None,
+    ops: dict[str, list[MergeOp]],
+    out_dtype: str | None,
+    quant: _QuantLayout,
 ) -> ShardPlan:
-    """Lay out one output shard: the base's tensor order, new dtypes, contiguous offsets.
+    """Lay out one output shard: the base's tensor order, new dtypes (None: the base's),
+    contiguous offsets, without the tensors a dequantized output drops.
 
     Tensors are grouped by descending item size (stable, so the base order holds within a
     group), as safetensors does, which keeps every tensor aligned to its item size. An extra
@@ -206,13 +278,18 @@ def _layout(
     infos = sorted(header.tensors.values(), key=lambda info: info.begin)
     if extra is not None:
         infos.insert(next(i for i, info in enumerate(infos) if info.begin == extra.begin) + 1, extra)
-    dtypes = {info.name: out_dtype if info.dtype in FLOAT_DTYPES else info.dtype for info in infos}
+    infos = [info for info in infos if info.name not in quant.drop]
+    dtypes = {
+        info.name: out_dtype if out_dtype and (info.dtype in FLOAT_DTYPES or info.name in quant.reads) else info.dtype
+        for info in infos
+    }
     infos.sort(key=lambda info: -ITEMSIZE[dtypes[info.name]])
     tensors = []
     offset = 0
     for info in infos:
         size = numel(info.shape) * ITEMSIZE[dtypes[info.name]]
         tensor_ops = tuple(ops.get(info.name, ()))
+        read = quant.reads.get(info.name)
         tensors.append(
             TensorPlan(
                 info.name,
@@ -224,7 +301,9 @@ def _layout(
                 offset,
                 offset + size,
                 tensor_ops,
-                _block_rows(info.shape, tensor_ops),
+                _block_rows(info.shape, tensor_ops, read.format.row_step() if read else 0),
+                read,
+                quant.scale_of.get(info.name),
             )
         )
         offset += size
@@ -239,27 +318,35 @@ def _layout(
     )
 
 
-def _block_rows(shape: tuple[int, ...], ops: tuple[MergeOp, ...]) -> int:
+def _block_rows(shape: tuple[int, ...], ops: tuple[MergeOp, ...], quant_rows: int) -> int:
     """Rows merged at a time: blocks of about MERGE_BLOCK_ELEMENTS where every op allows it,
-    else the whole tensor (0 for an untouched one)."""
-    if not ops:
+    else the whole tensor (0 for an untouched one). A quantized weight's blocks start at
+    multiples of its scale blocks' height (``quant_rows``, 0 for an unquantized tensor)."""
+    if not ops and not quant_rows:
         return 0
     rows = shape[0] if shape else 1
     if len(shape) == 2 and all(row_separable(op) for op in ops):
-        return min(rows, max(1, MERGE_BLOCK_ELEMENTS // max(1, shape[1])))
+        step = max(1, quant_rows)
+        return min(rows, max(step, MERGE_BLOCK_ELEMENTS // max(1, shape[1]) // step * step))
     return rows
 
 
-def _output_config(config: dict[str, Any] | None, dtype: str, untie: bool) -> dict[str, Any] | None:
+def _output_config(
+    config: dict[str, Any] | None, dtype: str, untie: bool, *, dequantized: bool
+) -> dict[str, Any] | None:
     """The base config with its dtype entry (``torch_dtype`` in v4, ``dtype`` in v5) made true
-    and, where the merge untied the embeddings, ``tie_word_embeddings`` false; None if unchanged."""
+    (left alone for ``base``), without ``quantization_config`` where the weights were
+    dequantized, and, where the merge untied the embeddings, ``tie_word_embeddings`` false;
+    None if unchanged."""
     if config is None:
         return None
     updated = json.loads(json.dumps(config))
+    if dequantized:
+        updated.pop("quantization_config", None)
     sections = [updated] + [value for key, value in updated.items() if key == "text_config" and isinstance(value, dict)]
     for section in sections:
         for key in ("torch_dtype", "dtype"):
-            if key in section:
+            if key in section and dtype != "base":
                 section[key] = dtype
         if untie and (section is updated or "tie_word_embeddings" in section):
             section["tie_word_embeddings"] = False
@@ -288,7 +375,7 @@ def _summary(adapter: Adapter, ops: dict[str, list[MergeOp]]) -> AdapterSummary:
 
 
 def _inputs(
-    job: MergeJob, base: BaseFiles, headers: list[SafetensorsHeader], adapters: list[Adapter]
+    job: MergeJob, dtype: str, base: BaseFiles, headers: list[SafetensorsHeader], adapters: list[Adapter]
 ) -> dict[str, Any]:
     """Everything that decides the output bytes: options, the format version, and the input
     files. Base shards count by name, size and header hash (reading a 140 GB base at every
@@ -301,7 +388,7 @@ def _inputs(
     declared = {} if job.conv1d_modules is None else {"conv1d_modules": job.conv1d_modules}
     return {
         "format_version": FORMAT_VERSION,
-        "dtype": job.dtype,
+        "dtype": dtype,
         **declared,
         "base": [header_id(header) for header in headers],
         "base_files": {path.name: file_sha256(path) for path in base.extra_files},
@@ -326,10 +413,15 @@ def _peak_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> int:
     worst = factors = 0
     for shard in shards:
         for tensor in shard.tensors:
-            if tensor.ops:
+            if tensor.ops or tensor.quant:
                 rows = tensor.shape[0] if tensor.shape else 1
                 count = numel(tensor.shape) * tensor.block_rows // max(rows, 1)
                 copies = 1 if all(op.kind in ("lora", "bias", "ia3", "tokens", "loha") for op in tensor.ops) else 2
+                if tensor.quant is not None:
+                    # the scales as stored and in float32; a requantized weight keeps the base
+                    # value and the read-back one for its report, and a third for differences
+                    copies += 3 if tensor.ops and tensor.dtype == tensor.src_dtype else 0
+                    copies += 1 + (tensor.quant.scale_end - tensor.quant.scale_begin) // count
                 source = count * ITEMSIZE[tensor.src_dtype]
                 worst = max(worst, copies * 4 * count + source + 2 * count * ITEMSIZE[tensor.dtype])
                 blocked = 0 < tensor.block_rows < rows

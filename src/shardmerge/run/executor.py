@@ -20,6 +20,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -53,6 +54,14 @@ class MergeReport:
     url: str | None = None
     unchanged: int = 0  # merged tensors that came out equal to the base (an update of zero)
     non_finite_kept: tuple[str, ...] = ()  # tensors whose NaN or Inf came from the base
+    # Merged weights written back quantized: how many, and over all of them together, the
+    # norm of what survived requantization, Q(W + dW) - W, and of the error it added,
+    # Q(W + dW) - (W + dW), each relative to the norm of the update dW; the weight that kept
+    # the least of its update, and how much.
+    requantized: int = 0
+    update_kept: float | None = None
+    update_error: float | None = None
+    least_kept: tuple[str, float] | None = None
 
 
 @dataclass
@@ -182,7 +191,7 @@ def _open(job: Job, device: torch.device, restart: bool, verify_resume: bool, qu
     if job.push is not None and job.push.delete_after_upload:
         needed = sorted(needed)[-2:]  # the disk holds one shard uploading, one being written
     _check_free_space(job.folder, sum(needed))
-    job.merger = TensorMerger(device, open_adapters(plan, job.stack), sha256=job.push is not None)
+    job.merger = TensorMerger(device, plan, open_adapters(plan, job.stack), sha256=job.push is not None)
     job.stack.callback(job.merger.close)
     job.merger.reserve(tuple(shard for shard in plan.shards if shard.name in job.todo))
     if job.publisher is not None:
@@ -273,7 +282,22 @@ def _report(job: Job, device: torch.device) -> MergeReport:
         url=job.publisher.url if job.publisher is not None else None,
         unchanged=sum(len(record.unchanged) for record in records),
         non_finite_kept=tuple(name for record in records for name in record.non_finite_kept),
+        **_requantization([entry for record in records for entry in record.requantized]),
     )
+
+
+def _requantization(entries: list[tuple[str, float, float, float]]) -> dict[str, Any]:
+    """The requantization figures of a report from the journal's squared norms."""
+    if not entries:
+        return {}
+    update = sum(entry[1] for entry in entries)
+    kept = {name: (k / d) ** 0.5 for name, d, k, _ in entries if d > 0}
+    return {
+        "requantized": len(entries),
+        "update_kept": (sum(entry[2] for entry in entries) / update) ** 0.5 if update > 0 else None,
+        "update_error": (sum(entry[3] for entry in entries) / update) ** 0.5 if update > 0 else None,
+        "least_kept": min(kept.items(), key=lambda item: item[1]) if kept else None,
+    }
 
 
 def _check_free_space(folder: Path, needed: int) -> None:

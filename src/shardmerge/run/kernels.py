@@ -117,6 +117,8 @@ def all_finite(values: torch.Tensor) -> bool:
     is, so one reduction clears the common case; only a sum that is not finite (an overflow,
     or a real NaN or Inf) is looked at element by element. The sum stays in the tensor's own
     dtype: asking for float32 would first copy a 16-bit tensor whole."""
+    if values.is_floating_point() and values.element_size() == 1:  # FP8 cannot be summed
+        values = values.float()
     if bool(torch.isfinite(values.sum())):
         return True
     return bool(torch.isfinite(values).all())

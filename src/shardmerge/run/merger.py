@@ -25,9 +25,10 @@ from ..formats.fileio import open_output, pread_into
 from ..formats.safetensors import ITEMSIZE, numel
 from ..output import journal as journals
 from ..output import outdir
-from ..planning.model import MergeOp, Plan, ShardPlan, TensorPlan
+from ..planning.model import MergeOp, Plan, QuantRead, ShardPlan, TensorPlan
 from ..planning.planner import COPY_CHUNK_BYTES
 from .kernels import all_finite, apply_op
+from .quant import combine, dequantize_into, largest, quantize_into, scale_rows, scales_for
 from .sink import ShardSink, Written
 from .stop import StopRequest
 
@@ -162,11 +163,30 @@ class AdapterReader:
         os.close(self.fd)
 
 
-class TensorMerger:
-    """Computes merged tensors: read the base tensor, apply every op in float32, round once."""
+@dataclass
+class Scales:
+    """A quantized weight's scales: the base's (as stored, on the device), and where the
+    weight is requantized, the new ones as stored and the float32 factors it is scaled by."""
 
-    def __init__(self, device: torch.device, adapters: list[AdapterReader], *, sha256: bool = False) -> None:
+    read: QuantRead
+    base: torch.Tensor
+    stored: torch.Tensor | None = None
+    factor: torch.Tensor | None = None
+
+    def rows(self, scales: torch.Tensor, block: Block) -> torch.Tensor:
+        span = scale_rows(self.read.format, block.first, block.last) if block.span else None
+        return scales if span is None else scales[..., span[0] : span[1], :]
+
+
+class TensorMerger:
+    """Computes merged tensors: read the base tensor, apply every op in float32, round once
+    (or requantize once, for a quantized weight written back in its format)."""
+
+    def __init__(
+        self, device: torch.device, plan: Plan, adapters: list[AdapterReader], *, sha256: bool = False
+    ) -> None:
         self.device = device
+        self.plan = plan
         self.adapters = adapters
         cuda = device.type == "cuda"
         host = torch.device("cpu")
@@ -183,6 +203,15 @@ class TensorMerger:
         self.kept_non_finite: set[str] = set()
         # Merged tensors whose output is the base's own values (an update of zero).
         self.unchanged: set[str] = set()
+        # Quantized weights: their base scales as read, the base value and a difference while
+        # a requantized block is measured, and the largest magnitudes of merged weights (by
+        # name, for their new scales) until the shard is written.
+        self.scale_buffer = Buffer(host)
+        self.base_value = Buffer(device)
+        self.difference = Buffer(device)
+        self.largest: dict[str, torch.Tensor] = {}
+        # Requantized weights: squared norms of the update, what survived, the rounding error.
+        self.requantized: dict[str, list[float]] = {}
 
     def close(self) -> None:
         self.sink.close()
@@ -193,6 +222,11 @@ class TensorMerger:
         the allocator's heap, and resident memory would depend on the order of tensor sizes."""
         needs = [self._needs(tensor) for shard in shards for tensor in shard.tensors]
         source, work, output, staging, whole, block = (max((need[i] for need in needs), default=0) for i in range(6))
+        quantized = [tensor for shard in shards for tensor in shard.tensors if tensor.quant]
+        self.scale_buffer.take(max((t.quant.scale_end - t.quant.scale_begin for t in quantized if t.quant), default=0))
+        measured = max((self._needs(t)[1] for t in quantized if t.ops and t.dtype == t.src_dtype), default=0)
+        self.base_value.take(measured)
+        self.difference.take(measured)
         self.read_buffer.take(source)
         self.work.take(work)
         self.staging.take(staging)
@@ -203,8 +237,8 @@ class TensorMerger:
     def _needs(self, tensor: TensorPlan) -> tuple[int, int, int, int, int, int]:
         """Bytes ``tensor`` needs in each buffer: source, work, output, staging, and the two
         factor arenas (whole tensor, per block)."""
-        if not tensor.ops:
-            if tensor.dtype == tensor.src_dtype:
+        if not tensor.ops and tensor.quant is None:
+            if tensor.dtype == tensor.src_dtype or tensor.scale_of:
                 return (0, 0, 0, 0, 0, 0)
             chunk = min(COPY_CHUNK_BYTES, tensor.src_end - tensor.src_begin)
             return (chunk, 0, chunk // ITEMSIZE[tensor.src_dtype] * ITEMSIZE[tensor.dtype], 0, 0, 0)
@@ -240,10 +274,71 @@ class TensorMerger:
         """The output bytes of ``tensor``, read from the source file ``fd``, block by block:
         blocks of rows where every op allows it, else the whole tensor. Each block comes in a
         buffer of the sink's pool that goes back to it once written and hashed."""
+        scales = self.scales(tensor)  # first: finding new scales merges the weight once
         whole = self.whole_factors(tensor)
         for block in row_blocks(tensor):
             source = self.read(fd, tensor, block.begin, block.end)
-            yield self.merge_block(source, tensor, block, whole)
+            yield self.merge_block(source, tensor, block, whole, scales)
+
+    def scales(self, tensor: TensorPlan) -> Scales | None:
+        """The scales of a quantized weight: the base's, and the new ones if it is requantized."""
+        if tensor.quant is None:
+            return None
+        read = tensor.quant
+        raw = self.scale_buffer.take(read.scale_end - read.scale_begin)
+        fd = os.open(read.scale_source, os.O_RDONLY)
+        try:
+            pread_into(fd, memoryview(raw.numpy()), read.scale_begin)
+        finally:
+            os.close(fd)
+        base = raw.view(TORCH_DTYPES[read.scale_dtype]).reshape(read.scale_shape).to(self.device, copy=True)
+        scales = Scales(read, base)
+        if tensor.dtype == tensor.src_dtype:  # requantized
+            dtype = TORCH_DTYPES[read.scale_dtype]
+            scales.stored, scales.factor = scales_for(self.largest_of(tensor, scales), read.format, dtype)
+        return scales
+
+    def largest_of(self, tensor: TensorPlan, scales: Scales) -> torch.Tensor:
+        """The largest magnitudes of merged weight ``tensor`` per new scale, merging it once
+        without writing (its scales precede it in the file); kept until the shard is written."""
+        if tensor.name not in self.largest:
+            whole = self.whole_factors(tensor)
+            parts = []
+            fd = os.open(self.plan.tensor(tensor.name)[0].source, os.O_RDONLY)
+            try:
+                for block in row_blocks(tensor):
+                    parts.append(
+                        self._largest_block(self.read(fd, tensor, block.begin, block.end), tensor, block, whole, scales)
+                    )
+            finally:
+                os.close(fd)
+            self.largest[tensor.name] = combine(parts, scales.read.format)
+        return self.largest[tensor.name]
+
+    def _largest_block(
+        self,
+        source: torch.Tensor,
+        tensor: TensorPlan,
+        block: Block,
+        whole: list[list[torch.Tensor | None] | None],
+        scales: Scales,
+    ) -> torch.Tensor:
+        value = self._merged_value(source, tensor, block, whole, scales)
+        if not all_finite(value):
+            base = self._base_value(source, block, scales)
+            self.non_finite(tensor, base, value, lambda: self._merge_cause(tensor, value, whole))
+        return largest(value, scales.read.format)
+
+    def write_scale(self, tensor: TensorPlan) -> None:
+        """Write the new scales of the merged weight ``tensor.scale_of``."""
+        assert tensor.scale_of is not None
+        weight = self.plan.tensor(tensor.scale_of)[1]
+        scales = self.scales(weight)
+        assert scales is not None and scales.stored is not None
+        output = self.sink.acquire()
+        stored = output.tensor(TORCH_DTYPES[tensor.dtype], tensor.shape)
+        stored.copy_(scales.stored.reshape(tensor.shape))
+        self.sink.write(memoryview(stored.view(torch.uint8).numpy()).cast("B"), output)
 
     def whole_factors(self, tensor: TensorPlan) -> list[list[torch.Tensor | None] | None]:
         """The factors of each op read once for the whole tensor; None where they are read per
@@ -252,12 +347,52 @@ class TensorMerger:
         ops = [None if op.kind == "replace" and blocked else op for op in tensor.ops]
         return self._factors(self.whole, ops, None)
 
+    def write_tensor(self, src: int, tensor: TensorPlan) -> None:
+        """Write a tensor that needs its own reads: a quantized weight or its new scales."""
+        if tensor.scale_of:
+            self.write_scale(tensor)
+        else:
+            for block in self.merge(src, tensor):
+                self.sink.write(*block)
+
     def merge_block(
-        self, source: torch.Tensor, tensor: TensorPlan, block: Block, whole: list[list[torch.Tensor | None] | None]
+        self,
+        source: torch.Tensor,
+        tensor: TensorPlan,
+        block: Block,
+        whole: list[list[torch.Tensor | None] | None],
+        scales: Scales | None = None,
     ) -> tuple[memoryview, Buffer]:
         """Block ``block`` of ``tensor`` merged from ``source``, its base bytes."""
+        value = self._merged_value(source, tensor, block, whole, scales)
+        if scales is not None and scales.factor is not None:
+            return self._requantized(source, tensor, block, whole, scales, value)
+        data, output, rounded = self.rounded_bytes(value, TORCH_DTYPES[tensor.dtype])
+        if not all_finite(rounded):
+            base = self._base_value(source, block, scales)
+            self.non_finite(tensor, base, rounded, lambda: self._merge_cause(tensor, value, whole))
+        if tensor.ops and (block.first == 0 or tensor.name in self.unchanged):  # once a block differs, no more
+            if _same_bytes(data, source.reshape(block.shape).to(rounded.dtype)):
+                self.unchanged.add(tensor.name)
+            else:
+                self.unchanged.discard(tensor.name)
+        return data, output
+
+    def _merged_value(
+        self,
+        source: torch.Tensor,
+        tensor: TensorPlan,
+        block: Block,
+        whole: list[list[torch.Tensor | None] | None],
+        scales: Scales | None,
+    ) -> torch.Tensor:
+        """The float32 value of ``block``: the base's (dequantized where quantized), every op applied."""
         value = self.work.tensor(torch.float32, block.shape)
-        value.copy_(source.reshape(block.shape), non_blocking=True)
+        if scales is None:
+            value.copy_(source.reshape(block.shape), non_blocking=True)
+        else:
+            quantized = source.reshape(block.shape).to(self.device, non_blocking=True)
+            dequantize_into(value, quantized, scales.rows(scales.base, block), scales.read.format)
         if any(factors is None for factors in whole):  # replacement tensors, read block by block
             missing = [op if factors is None else None for op, factors in zip(tensor.ops, whole, strict=True)]
             own = self._factors(self.block, missing, block.span)
@@ -265,12 +400,52 @@ class TensorMerger:
         for op, factors in zip(tensor.ops, whole, strict=True):
             assert factors is not None
             value = apply_op(value, op, factors, block.span)
-        data, output, rounded = self.rounded_bytes(value, TORCH_DTYPES[tensor.dtype])
-        base = source.reshape(block.shape)
-        if not all_finite(rounded):
-            self.non_finite(tensor, base, rounded, lambda: self._merge_cause(tensor, value, whole))
-        if block.first == 0 or tensor.name in self.unchanged:  # once a block differs, no more compares
-            if _same_bytes(data, base.to(rounded.dtype)):
+        return value
+
+    def _base_value(self, source: torch.Tensor, block: Block, scales: Scales | None) -> torch.Tensor:
+        """The base's values of ``block`` as numbers (dequantized into the difference buffer)."""
+        if scales is None:
+            return source.reshape(block.shape)
+        base = self.difference.tensor(torch.float32, block.shape)
+        quantized = source.reshape(block.shape).to(self.device, non_blocking=True)
+        return dequantize_into(base, quantized, scales.rows(scales.base, block), scales.read.format)
+
+    def _requantized(
+        self,
+        source: torch.Tensor,
+        tensor: TensorPlan,
+        block: Block,
+        whole: list[list[torch.Tensor | None] | None],
+        scales: Scales,
+        value: torch.Tensor,
+    ) -> tuple[memoryview, Buffer]:
+        """``value``, the merged block, requantized with the new scales; the squared norms of
+        its update, of what survived and of the error added to ``self.requantized``."""
+        assert scales.stored is not None and scales.factor is not None
+        fmt = scales.read.format
+        if not all_finite(value):
+            base = self._base_value(source, block, scales)
+            self.non_finite(tensor, base, value, lambda: self._merge_cause(tensor, value, whole))
+        merged = self.base_value.tensor(torch.float32, block.shape)
+        merged.copy_(value)
+        output = self.sink.acquire()
+        host = output.tensor(TORCH_DTYPES[tensor.dtype], block.shape)
+        quantized = host if self.rounded is None else self.rounded.tensor(host.dtype, block.shape)
+        quantize_into(quantized, value, scales.rows(scales.factor, block), fmt)
+        if self.rounded is not None:
+            host.copy_(quantized, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+        data = memoryview(host.view(torch.uint8).numpy()).cast("B")
+        base = self._base_value(source, block, scales)
+        read_back = dequantize_into(value, quantized, scales.rows(scales.stored, block), fmt)
+        norms = self.requantized.setdefault(tensor.name, [0.0, 0.0, 0.0])
+        read_back.sub_(base)  # Q(W + dW) - W
+        norms[1] += float(torch.linalg.vector_norm(read_back)) ** 2
+        merged.sub_(base)  # dW
+        norms[0] += float(torch.linalg.vector_norm(merged)) ** 2
+        norms[2] += float(torch.linalg.vector_norm(read_back.sub_(merged))) ** 2  # Q(W + dW) - (W + dW)
+        if block.first == 0 or tensor.name in self.unchanged:
+            if _same_bytes(data, source.reshape(block.shape)):
                 self.unchanged.add(tensor.name)
             else:
                 self.unchanged.discard(tensor.name)
@@ -373,14 +548,14 @@ class TensorMerger:
                 stack.callback(os.close, dst)
                 stack.callback(self.sink.discard)  # first: the sink may still use both files
                 progress.set_postfix_str(shard.name, refresh=False)
+                self.largest.clear()
                 self.sink.start(dst, direct)
                 self.sink.write(memoryview(header))
                 progress.update(len(header))
                 for tensor in shard.tensors:
                     stop.check()
-                    if tensor.ops:
-                        for block in self.merge(src, tensor):
-                            self.sink.write(*block)
+                    if tensor.ops or tensor.quant or tensor.scale_of:
+                        self.write_tensor(src, tensor)
                     elif tensor.dtype == tensor.src_dtype:
                         self.sink.copy(src, tensor.src_begin, tensor.src_end - tensor.src_begin)
                     else:
@@ -412,6 +587,7 @@ class TensorMerger:
             unchanged=tuple(name for name in names if name in self.unchanged),
             non_finite_kept=tuple(name for name in names if name in self.kept_non_finite),
             sha256=written.sha256,
+            requantized=tuple((name, *self.requantized[name]) for name in names if name in self.requantized),
         )
 
 

@@ -96,6 +96,7 @@ def write_together(outputs: list[Output], reader: SegmentReader, progress: tqdm,
 def _begin(output: Output) -> None:
     try:
         output.dst, direct = open_output(output.tmp)
+        output.merger.largest.clear()
         output.merger.sink.start(output.dst, direct)
         output.header = output.shard.header_bytes()
         output.merger.sink.write(memoryview(output.header))
@@ -129,6 +130,17 @@ def _fail(output: Output, exc: BaseException | None) -> None:
 
 
 def _tensor(src: int, jobs: list[tuple[Output, TensorPlan]], reader: SegmentReader) -> None:
+    # Quantized weights and their new scales need reads of their own (the scales, a first
+    # pass over a requantized weight); every other tensor shares the segments read here.
+    for output, tensor in jobs:
+        if output.error is None and (tensor.quant or tensor.scale_of):
+            try:
+                output.merger.write_tensor(src, tensor)
+            except Exception as exc:
+                _fail(output, exc)
+    jobs = [(output, tensor) for output, tensor in jobs if not (tensor.quant or tensor.scale_of)]
+    if not jobs:
+        return
     wholes, blocks = {}, {}
     for output, tensor in jobs:
         if tensor.ops:

@@ -1,0 +1,494 @@
+"""FP8 bases, in both formats: dequantized outputs against PEFT's merge on the dequantized
+model, requantized outputs against the formats' own quantizers applied to that merge, the
+fixtures themselves against the formats' libraries, and the bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from compressed_tensors.quantization import QuantizationArgs
+from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
+from compressed_tensors.quantization.utils import calculate_qparams
+from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, Qwen3MoeConfig
+from transformers.integrations.finegrained_fp8 import Fp8Quantize
+
+import shardmerge
+from conftest import (
+    assert_matches_reference,
+    assert_matches_saved,
+    assert_same_logits,
+    llama_config,
+    peft_reference,
+    read_output,
+    read_output_like_base,
+    save_adapter,
+    save_base,
+    saved_reference,
+)
+from fp8_checkpoints import (
+    LEFT_16_BIT,
+    Fp8Base,
+    compressed_tensors,
+    fine_grained,
+    quantize_checkpoint,
+)
+from shardmerge.formats.quantization import QuantFormat
+from shardmerge.run.quant import dequantize_into
+from shardmerge.verify import verify
+
+SHARDMERGE = str(Path(sys.executable).with_name("shardmerge"))
+LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def qwen3_moe_config() -> Qwen3MoeConfig:
+    return Qwen3MoeConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64, mlp_only_layers=[1],
+    )  # fmt: skip
+
+
+def _edges_config() -> object:
+    config = llama_config(hidden=48)  # 48 and 24 rows, 96 columns: partial 32x32 blocks
+    config.intermediate_size = 80
+    return config
+
+
+# name -> (model config, quantization_config, scale dtype)
+BASES: dict[str, tuple[Callable[[], object], dict[str, Any], torch.dtype]] = {
+    "llama-fp8": (lambda: llama_config(hidden=64), fine_grained(), torch.float32),
+    "llama-fp8-edges": (_edges_config, fine_grained(), torch.float32),
+    "llama-fp8-ue8m0": (lambda: llama_config(hidden=64), fine_grained(scale_fmt="ue8m0"), torch.float32),
+    "llama-fp8-tensor": (lambda: llama_config(hidden=64), fine_grained(block=None), torch.float32),
+    "llama-ct-channel": (lambda: llama_config(hidden=64), compressed_tensors("channel", static=True), torch.bfloat16),
+    "llama-ct-tensor": (lambda: llama_config(hidden=64), compressed_tensors("tensor"), torch.bfloat16),
+    "llama-ct-block": (lambda: llama_config(hidden=64), compressed_tensors("block", (32, 32)), torch.bfloat16),
+    "qwen3moe-fp8": (qwen3_moe_config, fine_grained(), torch.float32),
+}
+
+
+@pytest.fixture(scope="session")
+def fp8(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Fp8Base]:
+    """FP8 bases by name, built once per session."""
+    root = tmp_path_factory.mktemp("fp8")
+    built: dict[str, Fp8Base] = {}
+
+    def get(name: str) -> Fp8Base:
+        if name not in built:
+            config, quantization, scale_dtype = BASES[name]
+            source = save_base(config(), root / f"{name}-bf16", torch.bfloat16, seed=3)
+            built[name] = quantize_checkpoint(source.path, root / name, quantization, scale_dtype)
+        return built[name]
+
+    return get
+
+
+def _quantization(base: Fp8Base) -> dict[str, Any]:
+    return json.loads((base.path / "config.json").read_text())["quantization_config"]
+
+
+def _weights_args(base: Fp8Base) -> QuantizationArgs:
+    return QuantizationArgs(**_quantization(base)["config_groups"]["group_0"]["weights"])
+
+
+def reference_requantize(base: Fp8Base, value: torch.Tensor, scale_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``value`` (float32) quantized by the format's own code: transformers' Fp8Quantize, or
+    compressed-tensors' calculate_qparams and quantize, the scale held in ``scale_dtype``
+    as its modules hold it. Keys: ``q`` and ``scale``."""
+    fmt = base.fmt
+    if fmt.method == "fp8":
+        holder = type("Quantizer", (), {"quantization_config": type("Config", (), _quantization(base))})
+        holder.quantization_config.scale_fmt = _quantization(base).get("scale_fmt")
+        holder.quantization_config.weight_block_size = _quantization(base).get("weight_block_size")
+        out = Fp8Quantize(holder)._quantize_one("w.weight", value)
+        return {"q": out["w.weight"], "scale": out["w.weight_scale_inv"].float()}
+    args = _weights_args(base)
+    low, high = _observed(value, fmt)
+    scale, _ = calculate_qparams(low, high, args)
+    held = scale.to(scale_dtype)
+    return {"q": ct_quantize(value, held, None, args, dtype=torch.float8_e4m3fn), "scale": held}
+
+
+def _observed(value: torch.Tensor, fmt: QuantFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    """The min and max a minmax observer sees per scale (whole blocks only)."""
+    if fmt.strategy == "tensor":
+        return value.amin().reshape(1), value.amax().reshape(1)
+    if fmt.strategy == "channel":
+        return value.amin(1, keepdim=True), value.amax(1, keepdim=True)
+    assert fmt.block is not None
+    rows, cols = value.shape
+    blocks = value.reshape(rows // fmt.block[0], fmt.block[0], cols // fmt.block[1], fmt.block[1])
+    return blocks.amin((1, 3)), blocks.amax((1, 3))
+
+
+def _scale_of(base: Fp8Base, name: str) -> str:
+    return f"{name.removesuffix('.weight')}.{base.fmt.scale_suffix}"
+
+
+# --- the fixtures, against the formats' own libraries -------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["llama-fp8", "llama-fp8-ue8m0", "llama-ct-channel", "llama-ct-tensor", "llama-ct-block"]
+)
+def test_fixtures_are_what_the_formats_own_quantizers_write(name: str, fp8: Callable[[str], Fp8Base]) -> None:
+    """Our quantizer writes the bytes transformers' Fp8Quantize or compressed-tensors write for
+    the same bfloat16 weights, and our dequantization reads what their dequantization reads."""
+    base = fp8(name)
+    stored = read_output(base.path)
+    source = read_output_like_base(base.path.with_name(f"{name}-bf16"))
+    dequantized = read_output_like_base(base.dequantized.path)
+    assert LEFT_16_BIT + ".weight" not in base.quantized and stored[LEFT_16_BIT + ".weight"].dtype == torch.bfloat16
+    for weight in base.quantized:
+        scale = stored[_scale_of(base, weight)]
+        expected = reference_requantize(base, source[weight].float(), scale.dtype)
+        assert torch.equal(stored[weight].view(torch.uint8), expected["q"].view(torch.uint8)), weight
+        assert torch.equal(scale.float().reshape(expected["scale"].shape), expected["scale"].float()), weight
+        ours = dequantize_into(torch.empty(stored[weight].shape), stored[weight], scale, base.fmt)
+        assert torch.equal(ours, dequantized[weight]), weight
+
+
+def test_fixture_loads_through_transformers_as_its_dequantized_values(fp8: Callable[[str], Fp8Base]) -> None:
+    base = fp8("llama-fp8")
+    loaded = AutoModelForCausalLM.from_pretrained(base.path).eval()  # dequantized to bfloat16 on a CPU
+    expected = read_output_like_base(base.dequantized.path)
+    state = loaded.state_dict()
+    for weight in base.quantized:
+        assert torch.equal(state[weight], expected[weight].to(state[weight].dtype)), weight
+
+
+# --- dequantized output: PEFT on the dequantized model is the reference ------------------
+
+FEATURES: dict[str, Any] = {
+    "lora-all-linear": LoraConfig(r=8, lora_alpha=16, target_modules=LINEAR),
+    "rslora-patterns": LoraConfig(
+        r=8,
+        lora_alpha=12,
+        use_rslora=True,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"v_proj": 4},
+        alpha_pattern={"down_proj": 3},
+    ),
+    "dora": LoraConfig(r=4, lora_alpha=8, use_dora=True, target_modules=["q_proj", "up_proj", "o_proj"]),
+    "loha": LoHaConfig(r=4, alpha=6, target_modules=["q_proj", "down_proj"]),
+    "lokr": LoKrConfig(r=2, alpha=3, target_modules=["v_proj", "gate_proj"], decompose_both=True),
+    "ia3": IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "tokens-and-head": LoraConfig(
+        r=4, target_modules=["v_proj"], trainable_token_indices=[1, 40, 77], modules_to_save=["lm_head"]
+    ),
+}
+
+
+@pytest.mark.parametrize("feature", sorted(FEATURES))
+def test_every_feature_on_an_fp8_base_matches_peft_on_the_dequantized_model(
+    feature: str, fp8: Callable[[str], Fp8Base], tmp_path: Path
+) -> None:
+    base = fp8("llama-fp8")
+    adapter = save_adapter(base.dequantized, tmp_path / "adapter", seed=41, config=FEATURES[feature])
+    output = tmp_path / "out"
+    shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output), dtype="float32")
+    reference = peft_reference(base.dequantized, [(adapter, 1.0)])
+    assert_matches_reference(output, base.dequantized, reference, torch.float32)
+    assert "quantization_config" not in json.loads((output / "config.json").read_text())
+    assert_same_logits(output, reference, torch.float32)
+
+
+@pytest.mark.parametrize(
+    "name", ["llama-fp8-edges", "llama-fp8-tensor", "llama-ct-channel", "llama-ct-tensor", "llama-ct-block"]
+)
+def test_each_format_dequantized_to_bfloat16_matches_peft(
+    name: str, fp8: Callable[[str], Fp8Base], tmp_path: Path
+) -> None:
+    """Partial edge blocks, per-tensor, per-channel (with static input scales, dropped) and
+    block scales, each dequantized in float32 and rounded once to bfloat16."""
+    base = fp8(name)
+    adapter = save_adapter(base.dequantized, tmp_path / "adapter", seed=42, r=4, lora_alpha=8, target_modules=LINEAR)
+    output = tmp_path / "out"
+    shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output), dtype="bfloat16")
+    reference = peft_reference(base.dequantized, [(adapter, 1.0)])
+    assert_matches_reference(output, base.dequantized, reference, torch.bfloat16)
+    assert_same_logits(output, reference, torch.bfloat16)
+
+
+def test_moe_experts_on_an_fp8_base_match_peft(fp8: Callable[[str], Fp8Base], tmp_path: Path) -> None:
+    """Qwen3-MoE style: per-expert FP8 weights, LoRA on the fused expert parameters and on
+    attention, the router and one projection left in 16 bits."""
+    base = fp8("qwen3moe-fp8")
+    adapter = save_adapter(
+        base.dequantized, tmp_path / "adapter", seed=43, r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
+        target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+    )  # fmt: skip
+    output = tmp_path / "out"
+    shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output), dtype="float32")
+    reference = peft_reference(base.dequantized, [(adapter, 1.0)])
+    assert_matches_saved(output, saved_reference(reference, tmp_path / "reference"), torch.float32)
+    assert_same_logits(output, reference, torch.float32)
+
+
+# --- requantized output: the formats' own quantizers on PEFT's merge are the reference ----
+
+
+REQUANTIZED_TARGETS: dict[str, dict[str, Any]] = {
+    "llama": {"target_modules": ["q_proj", "v_proj", "up_proj", "o_proj"]},  # layer 1's o_proj is 16-bit
+    "qwen3moe": {"target_modules": ["q_proj", "v_proj", "o_proj"], "target_parameters": ["mlp.experts.gate_up_proj"]},
+}
+
+
+@pytest.mark.parametrize(
+    "name", ["llama-fp8", "llama-fp8-ue8m0", "llama-ct-channel", "llama-ct-tensor", "llama-ct-block", "qwen3moe-fp8"]
+)
+def test_requantized_output_is_the_reference_quantization_of_peft_merge(
+    name: str, fp8: Callable[[str], Fp8Base], tmp_path: Path
+) -> None:
+    """Merged weights: the format's own quantizer applied to PEFT's float32 merge; everything
+    else (other quantized weights with their scales, 16-bit tensors, config.json) as in the base."""
+    base = fp8(name)
+    targets = REQUANTIZED_TARGETS[name.split("-")[0]]
+    adapter = save_adapter(base.dequantized, tmp_path / "adapter", seed=44, r=4, lora_alpha=8, **targets)
+    output = tmp_path / "out"
+    report = shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output))
+    reference = peft_reference(base.dequantized, [(adapter, 1.0)])
+    merged = saved_reference(reference, tmp_path / "reference")
+    dequantized = read_output_like_base(base.dequantized.path)
+    changed = {w for w in base.quantized if not torch.equal(merged[w], dequantized[w])}
+    ours, stored = read_output(output), read_output(base.path)
+    assert set(ours) == set(stored)
+    assert (output / "config.json").read_bytes() == (base.path / "config.json").read_bytes()
+    assert len(changed) >= 4 and report.requantized == len(changed)
+    assert report.update_kept is not None and 0 < report.update_kept < 2
+    rewritten = changed | {_scale_of(base, w) for w in changed}
+    for tensor, value in ours.items():
+        if tensor in rewritten:
+            continue
+        if value.dtype == torch.float8_e4m3fn or tensor.endswith(("_scale", "_scale_inv")) or tensor not in merged:
+            assert torch.equal(value.view(torch.uint8), stored[tensor].view(torch.uint8)), f"{tensor} was not copied"
+        else:  # 16-bit: the base's, or rounded once from PEFT's merge
+            assert torch.equal(value, merged[tensor].to(value.dtype)) or torch.equal(value, stored[tensor]), tensor
+    for weight in sorted(changed):
+        # Bit for bit: PEFT's float32 merge and ours agree here to the last bit, and both
+        # quantizers are deterministic. (A BLAS that rounds a product differently could move
+        # an element that sits on a tie to the neighbouring FP8 value.)
+        scale = ours[_scale_of(base, weight)]
+        expected = reference_requantize(base, merged[weight].float(), scale.dtype)
+        assert torch.equal(scale.float().reshape(expected["scale"].shape), expected["scale"].float()), weight
+        assert torch.equal(ours[weight].view(torch.uint8), expected["q"].view(torch.uint8)), weight
+    AutoModelForCausalLM.from_pretrained(output)  # loads through the format's own path
+
+
+def test_partial_edge_blocks_requantize_to_their_own_largest_value(
+    fp8: Callable[[str], Fp8Base], tmp_path: Path
+) -> None:
+    """transformers' quantizer leaves non-divisible weights unquantized, so the reference here
+    is the rule itself: each block's scale is its largest |value| / 448, each value within one
+    FP8 step of PEFT's merge, read back by transformers' own dequantization."""
+    from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+
+    base = fp8("llama-fp8-edges")
+    adapter = save_adapter(base.dequantized, tmp_path / "adapter", seed=45, r=4, lora_alpha=8, target_modules=LINEAR)
+    output = tmp_path / "out"
+    shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output))
+    merged = peft_reference(base.dequantized, [(adapter, 1.0)]).state_dict()
+    ours = read_output(output)
+    for weight in base.quantized:
+        value, scale = merged[weight].float(), ours[_scale_of(base, weight)]
+        rows, cols = value.shape
+        padded = torch.zeros(scale.shape[0] * 32, scale.shape[1] * 32)
+        padded[:rows, :cols] = value.abs()
+        amax = padded.reshape(scale.shape[0], 32, scale.shape[1], 32).amax((1, 3))
+        torch.testing.assert_close(scale, amax / 448, rtol=2**-22, atol=0)
+        read_back = _dequantize_fp8_weight(ours[weight], scale, [32, 32], torch.float32)
+        per_element = scale.repeat_interleave(32, 0)[:rows].repeat_interleave(32, 1)[:, :cols]
+        step = torch.maximum(value.abs() * 2**-3, per_element * 2**-9)
+        assert bool(((read_back - value).abs() <= step).all()), weight
+
+
+def test_untouched_quantized_weights_and_the_plan_say_what_is_read_and_written(
+    fp8: Callable[[str], Fp8Base], tmp_path: Path
+) -> None:
+    base = fp8("llama-fp8")
+    adapter = save_adapter(base.dequantized, tmp_path / "adapter", seed=46, r=4, target_modules=["q_proj"])
+    shown = subprocess.run([SHARDMERGE, "plan", str(base.path), str(adapter)], capture_output=True, text=True)
+    assert shown.returncode == 0, shown.stderr
+    assert "quant   base in fine-grained FP8 (32x32 blocks)" in shown.stdout
+    q_proj = "model.layers.0.self_attn.q_proj"
+    assert f"{q_proj}.weight  F8_E4M3 x F32 weight_scale_inv -> dequantized, merged in float32, requantized" in (
+        shown.stdout
+    )
+    assert f"{q_proj}.weight_scale_inv  F32 scales -> recomputed for the requantized {q_proj}.weight" in shown.stdout
+    as_bf16 = subprocess.run(
+        [SHARDMERGE, "plan", str(base.path), str(adapter), "--dtype", "bfloat16"], capture_output=True, text=True
+    )
+    assert (
+        "model.layers.0.mlp.up_proj.weight  F8_E4M3 x F32 weight_scale_inv -> dequantized in float32, written in BF16"
+        in (as_bf16.stdout)
+    )
+
+
+# --- resume, verify and batch on FP8 bases ------------------------------------------------
+
+
+@pytest.mark.parametrize("redo", [0, 1])
+def test_resume_redoes_either_shard_alike_though_a_scale_sits_apart(
+    redo: int, fp8: Callable[[str], Fp8Base], tmp_path: Path
+) -> None:
+    """One scale sits in the other shard than its weight: redoing either shard alone must
+    find the same new scales (the first shard's scale is recomputed from the second's weight)."""
+    base = fp8("llama-fp8")
+    adapter = save_adapter(base.dequantized, tmp_path / "adapter", seed=47, r=4, target_modules=LINEAR)
+    clean, output = tmp_path / "clean", tmp_path / "out"
+    shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(clean))
+    shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output))
+    shard = sorted(output.glob("*.safetensors"))[redo]
+    journal_path = output / ".shardmerge" / "journal.json"
+    journal = json.loads(journal_path.read_text())
+    del journal["shards"][shard.name]
+    journal["complete"] = False
+    journal_path.write_text(json.dumps(journal))
+    shard.unlink()
+    report = shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output))
+    assert report.shards_skipped == 1
+    assert {p.name: p.read_bytes() for p in output.glob("*.safetensors")} == {
+        p.name: p.read_bytes() for p in clean.glob("*.safetensors")
+    }
+    verified = verify(output, recompute=4, against_base=True)
+    assert verified.recomputed == 4
+
+
+def test_a_batch_pass_over_an_fp8_base_writes_what_single_merges_write(
+    fp8: Callable[[str], Fp8Base], tmp_path: Path
+) -> None:
+    base = fp8("llama-ct-channel")
+    first = save_adapter(base.dequantized, tmp_path / "a", seed=48, r=4, target_modules=["q_proj", "down_proj"])
+    second = save_adapter(base.dequantized, tmp_path / "b", seed=49, r=4, target_modules=["k_proj"])
+    jobs = {
+        "jobs": [
+            {"name": a.name, "base": str(base.path), "adapters": [str(a)], "output": str(tmp_path / f"out-{a.name}")}
+            for a in (first, second)
+        ]
+    }
+    batch = tmp_path / "batch.yaml"
+    batch.write_text(json.dumps(jobs))
+    done = subprocess.run([SHARDMERGE, "run", str(batch), "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for adapter in (first, second):
+        single = tmp_path / f"single-{adapter.name}"
+        shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(single))
+        assert {p.name: p.read_bytes() for p in single.glob("*.safetensors")} == {
+            p.name: p.read_bytes() for p in (tmp_path / f"out-{adapter.name}").glob("*.safetensors")
+        }
+
+
+# --- bad inputs: one line each, nothing written ------------------------------------------
+
+
+def _broken_copy(base: Fp8Base, folder: Path, change: Callable[[Path, dict[str, Any]], None]) -> Path:
+    shutil.copytree(base.path, folder)
+    config = json.loads((folder / "config.json").read_text())
+    change(folder, config)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def _edit_tensor(folder: Path, name: str, value: torch.Tensor | None) -> None:
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    shard = folder / index["weight_map"][name]
+    tensors = load_file(shard)
+    if value is None:
+        del tensors[name], index["weight_map"][name]
+    else:
+        tensors[name] = value
+    save_file(tensors, shard, metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+Q = "model.layers.0.self_attn.q_proj"
+BAD: dict[str, tuple[Callable[[Path, dict[str, Any]], None], str]] = {
+    "missing-scale": (
+        lambda folder, config: _edit_tensor(folder, f"{Q}.weight_scale_inv", None),
+        f"{Q}.weight: F8_E4M3 tensor without a weight_scale_inv beside it",
+    ),
+    "misshapen-scale": (
+        lambda folder, config: _edit_tensor(folder, f"{Q}.weight_scale_inv", torch.ones(2, 3)),
+        f"{Q}.weight_scale_inv: scale shape [2, 3] does not match the weight [64, 64]",
+    ),
+    "grid-against-block-size": (
+        lambda folder, config: config["quantization_config"].update(weight_block_size=[16, 16]),
+        "scale shape [2, 2] does not match the weight [64, 64] in fine-grained FP8 (16x16 blocks): expected [4, 4]",
+    ),
+    "scale-without-fp8-weight": (
+        lambda folder, config: _edit_tensor(folder, f"{Q}.weight", torch.zeros(64, 64, dtype=torch.bfloat16)),
+        f"{Q}.weight_scale_inv: a weight scale whose weight is BF16, not F8_E4M3",
+    ),
+    "quantized-but-ignored": (
+        lambda folder, config: config["quantization_config"]["modules_to_not_convert"].append(Q),
+        "the weight is quantized, but the config lists its module as left unquantized",
+    ),
+    "bitsandbytes": (
+        lambda folder, config: config.update(
+            quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}
+        ),
+        "the base is quantized with bitsandbytes, which shardmerge cannot merge into",
+    ),
+    "gptq": (
+        lambda folder, config: config.update(quantization_config={"quant_method": "gptq", "bits": 4}),
+        "the base is quantized with gptq, which shardmerge cannot merge into",
+    ),
+    "mxfp4": (
+        lambda folder, config: config.update(quantization_config={"quant_method": "mxfp4"}),
+        "the base is quantized with mxfp4, which shardmerge cannot merge into",
+    ),
+    "ct-int4": (
+        lambda folder, config: config.update(
+            quantization_config={**compressed_tensors("channel"), "format": "pack-quantized"}
+        ),
+        "compressed-tensors format 'pack-quantized' is not supported (float-quantized FP8 is)",
+    ),
+    "ct-nvfp4": (
+        lambda folder, config: config.update(
+            quantization_config={**compressed_tensors("channel"), "format": "nvfp4-pack-quantized"}
+        ),
+        "compressed-tensors format 'nvfp4-pack-quantized' is not supported",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_fp8_inputs_are_one_line_and_nothing_is_written(
+    case: str, fp8: Callable[[str], Fp8Base], tmp_path: Path
+) -> None:
+    base = fp8("llama-fp8")
+    adapter = save_adapter(base.dequantized, tmp_path / "adapter", seed=50, r=4, target_modules=["q_proj"])
+    change, message = BAD[case]
+    broken = _broken_copy(base, tmp_path / "broken", change)
+    output = tmp_path / "out"
+    done = subprocess.run(
+        [SHARDMERGE, "merge", str(broken), str(adapter), "-o", str(output)], capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr
+    assert "16-bit release" in done.stderr or "incomplete" in done.stderr
+    assert not output.exists() or not any(output.iterdir())
+
+
+def test_a_quantized_kv_cache_cannot_be_dequantized(fp8: Callable[[str], Fp8Base], tmp_path: Path) -> None:
+    base = fp8("llama-ct-tensor")
+    adapter = save_adapter(base.dequantized, tmp_path / "adapter", seed=51, r=4, target_modules=["q_proj"])
+
+    def kv_cache(folder: Path, config: dict[str, Any]) -> None:
+        config["quantization_config"]["kv_cache_scheme"] = {"num_bits": 8, "type": "float", "strategy": "tensor"}
+
+    broken = _broken_copy(base, tmp_path / "kv", kv_cache)
+    with pytest.raises(shardmerge.PlanError) as caught:
+        shardmerge.plan(base=str(broken), adapters=[str(adapter)], dtype="bfloat16")
+    assert "quantizes its KV cache" in caught.value.problems[0].one_line()
+    assert shardmerge.plan(base=str(broken), adapters=[str(adapter)]).dtype == "base"
