@@ -17,12 +17,16 @@ are far steadier than wall times on a shared machine. Run as root, the bench als
 command with the page cache dropped first (a cold cache), in a second table; ``--no-cold``
 skips it. Peak RSS is each child's own ``ru_maxrss``. ``--sweep 4,8`` repeats the run for each
 layer count, to show how memory grows with the model; ``--batch N`` times N adapters merged by
-one batch file (one pass over the base) against N separate merges.
+one batch file (one pass over the base) against N separate merges. ``--fp8`` stores the
+preset's linear weights in fine-grained FP8 (128x128 blocks, float32 ``weight_scale_inv``,
+quantized as transformers does) and times two merges: requantized to FP8 (the default) and
+dequantized to bfloat16.
 
     python scripts/bench.py                       # default model, 5 runs of each command
     python scripts/bench.py --preset 70b-slice    # a 70B model's largest tensors
     python scripts/bench.py --sweep 4,8           # peak RSS against model size
     python scripts/bench.py --batch 4             # 4 adapters: one batch against 4 merges
+    python scripts/bench.py --fp8                 # the same model with FP8 linear weights
 """
 
 from __future__ import annotations
@@ -64,13 +68,14 @@ class Shape:
     rank: int
     key_value_heads: int
     adapters: int = 1
+    fp8: bool = False
 
     @property
     def name(self) -> str:
         name = (
             f"h{self.hidden}-i{self.intermediate}-kv{self.key_value_heads}-v{self.vocab}-l{self.layers}-s{self.shards}"
         )
-        return name + (f"-x{self.adapters}" if self.adapters > 1 else "")
+        return name + (f"-x{self.adapters}" if self.adapters > 1 else "") + ("-fp8" if self.fp8 else "")
 
 
 DEFAULT = Shape(layers=4, hidden=4096, intermediate=11008, vocab=32000, shards=5, rank=16, key_value_heads=32)
@@ -79,6 +84,7 @@ PRESETS = {
     "70b-slice": Shape(layers=2, hidden=8192, intermediate=28672, vocab=128256, shards=2, rank=16, key_value_heads=8),
 }
 LAYERS_OF_70B = 80
+FP8_BLOCK = 128
 
 
 def linear_shapes(shape: Shape) -> dict[str, tuple[int, int]]:
@@ -99,6 +105,11 @@ def generate(shape: Shape, folder: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
+    from shardmerge.formats.quantization import read_quantization
+    from shardmerge.run.quant import largest, quantize_into, scales_for
+
+    quantization = {"quant_method": "fp8", "weight_block_size": [FP8_BLOCK, FP8_BLOCK], "activation_scheme": "dynamic"}
+    fmt = read_quantization({"quantization_config": quantization}, folder) if shape.fp8 else None
     base, adapter = folder / "base", folder / "adapter"
     base.mkdir(parents=True)
     adapter.mkdir(parents=True)
@@ -109,12 +120,13 @@ def generate(shape: Shape, folder: Path) -> None:
         names += [(f"{prefix}.{module}.weight", dims) for module, dims in linear_shapes(shape).items()]
         names += [(f"{prefix}.post_attention_layernorm.weight", (shape.hidden,))]
     names += [("model.norm.weight", (shape.hidden,)), ("lm_head.weight", (shape.vocab, shape.hidden))]
-    total = sum(2 * _numel(dims) for _, dims in names)
+    quantized = {name for name, dims in names if fmt and len(dims) == 2 and "_proj" in name}
+    total = sum((1 if name in quantized else 2) * _numel(dims) for name, dims in names)
     budget = total / shape.shards
     groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, dims in names:
-        nbytes = 2 * _numel(dims)
+        nbytes = (1 if name in quantized else 2) * _numel(dims)
         if size and size + nbytes > budget and len(groups) < shape.shards:
             groups.append([])
             size = 0
@@ -124,7 +136,15 @@ def generate(shape: Shape, folder: Path) -> None:
     weight_map = {}
     for number, group in enumerate(groups, start=1):
         file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
-        tensors = {name: (torch.randn(dims, generator=generator) * 0.02).to(torch.bfloat16) for name, dims in group}
+        tensors = {}
+        for name, dims in group:
+            value = torch.randn(dims, generator=generator) * 0.02
+            if fmt is not None and name in quantized:
+                stored, factor = scales_for(largest(value, fmt), fmt, torch.float32)
+                tensors[name] = quantize_into(torch.empty(dims, dtype=torch.float8_e4m3fn), value, factor, fmt)
+                tensors[name.removesuffix("weight") + "weight_scale_inv"] = stored
+            else:
+                tensors[name] = value.to(torch.bfloat16)
         save_file(tensors, base / file, metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(tensors, file))
         del tensors
@@ -142,6 +162,8 @@ def generate(shape: Shape, folder: Path) -> None:
         "torch_dtype": "bfloat16",
         "tie_word_embeddings": False,
     }
+    if fmt is not None:
+        config["quantization_config"] = quantization
     (base / "config.json").write_text(json.dumps(config, indent=2))
     lora = {}
     for layer in range(shape.layers):
@@ -246,6 +268,8 @@ def run(shape: Shape, work: Path, repeats: int, *, peft: bool, cold: bool, devic
         "shardmerge": [shardmerge, "merge", str(base), str(data / "adapter"), "-o", str(out), "--device", device],
     }
     commands["shardmerge"].append("--quiet")
+    if shape.fp8:  # the default keeps FP8; also time the dequantized output
+        commands["to-bf16"] = [*commands["shardmerge"], "--dtype", "bfloat16"]
     if peft:
         commands["peft"] = [sys.executable, "-c", PEFT_MERGE, str(base), str(data / "adapter"), str(out)]
 
@@ -334,7 +358,8 @@ def report(result: Result, repeats: int) -> None:
     shape, size = result.shape, result.size
     print(
         f"\nmodel: {shape.layers} layers, hidden {shape.hidden}, intermediate {shape.intermediate}, "
-        f"{shape.key_value_heads} key-value heads, vocab {shape.vocab}: {size / 2**30:.2f} GiB in {shape.shards} shards"
+        f"{shape.key_value_heads} key-value heads, vocab {shape.vocab}{', FP8 linear weights' if shape.fp8 else ''}: "
+        f"{size / 2**30:.2f} GiB in {shape.shards} shards"
     )
     print(f"warm page cache; {PROTOCOL.format(repeats=repeats)}")
     wall = table(result.warm, size)
@@ -361,8 +386,8 @@ def report(result: Result, repeats: int) -> None:
 
 
 def model_bytes(shape: Shape) -> int:
-    layer = shape.hidden * 2 + sum(out * inp for out, inp in linear_shapes(shape).values())
-    return 2 * (2 * shape.vocab * shape.hidden + shape.hidden + shape.layers * layer)
+    linear = sum(out * inp for out, inp in linear_shapes(shape).values()) * (1 if shape.fp8 else 2)
+    return 2 * (2 * shape.vocab * shape.hidden + shape.hidden + shape.layers * shape.hidden * 2) + shape.layers * linear
 
 
 def main() -> None:
@@ -375,13 +400,14 @@ def main() -> None:
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-cache runs")
     parser.add_argument("--peft", action="store_true", help="also time PEFT merge_and_unload + save_pretrained")
     parser.add_argument("--batch", type=int, default=0, metavar="N", help="time N adapters: one batch vs N merges")
+    parser.add_argument("--fp8", action="store_true", help="the preset's model with FP8 linear weights")
     parser.add_argument("--workdir", type=Path, default=Path("bench-data"))
     parser.add_argument("--generate", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generate:
         generate(Shape(**json.loads(args.generate)), args.workdir)
         return
-    preset = PRESETS[args.preset]
+    preset = replace(PRESETS[args.preset], fp8=args.fp8)
     if args.layers:
         preset = replace(preset, layers=args.layers)
     if args.batch:  # absolute: a batch file's paths are taken from the file's own folder

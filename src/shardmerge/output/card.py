@@ -49,12 +49,22 @@ def render(plan: Plan, base_card: Path | None) -> bytes:
         "|---|---|---|---|---|",
         *(_row(adapter) for adapter in plan.adapters),
         "",
-        f"- Weights: {plan.dtype}, computed in float32 and rounded once.",
+        f"- Weights: {_weights(plan)}",
         f"- Shards: {len(plan.shards)} safetensors files, {plan.tensor_bytes / 2**30:.2f} GiB of tensors.",
         *(f"- Note: {note}." for note in plan.notes),
         "",
     ]
     return "\n".join(lines).encode()
+
+
+def _weights(plan: Plan) -> str:
+    if plan.quantization and plan.dtype == "base":
+        return (
+            f"{plan.quantization}, as the base; merged weights dequantized, computed in float32 and requantized once."
+        )
+    if plan.dtype == "base":
+        return "each tensor in the base's dtype, computed in float32 and rounded once."
+    return f"{plan.dtype}, computed in float32 and rounded once."
 
 
 def hub_base_model(plan: Plan) -> str | None:

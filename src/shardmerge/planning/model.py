@@ -153,10 +153,6 @@ class Plan:
     strict: bool = False  # a merge that changes no tensor is an error, not a warning
     quantization: str | None = None  # the base's weight quantization, described
 
-    def tensor(self, name: str) -> tuple[ShardPlan, TensorPlan]:
-        """The output tensor ``name`` and its shard."""
-        return next((shard, t) for shard in self.shards for t in shard.tensors if t.name == name)
-
     @property
     def base_commit(self) -> str | None:
         """The commit a Hub base is pinned to (``base`` is ``repo@commit``)."""

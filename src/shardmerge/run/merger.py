@@ -186,8 +186,10 @@ class TensorMerger:
         self, device: torch.device, plan: Plan, adapters: list[AdapterReader], *, sha256: bool = False
     ) -> None:
         self.device = device
-        self.plan = plan
         self.adapters = adapters
+        # Where each merged quantized weight is read from: its scales may be written first,
+        # from another shard.
+        self.sources = {t.name: (shard.source, t) for shard in plan.shards for t in shard.tensors if t.quant and t.ops}
         cuda = device.type == "cuda"
         host = torch.device("cpu")
         self.read_buffer = Buffer(host, pinned=cuda)
@@ -304,7 +306,7 @@ class TensorMerger:
         if tensor.name not in self.largest:
             whole = self.whole_factors(tensor)
             parts = []
-            fd = os.open(self.plan.tensor(tensor.name)[0].source, os.O_RDONLY)
+            fd = os.open(self.sources[tensor.name][0], os.O_RDONLY)
             try:
                 for block in row_blocks(tensor):
                     parts.append(
@@ -332,7 +334,7 @@ class TensorMerger:
     def write_scale(self, tensor: TensorPlan) -> None:
         """Write the new scales of the merged weight ``tensor.scale_of``."""
         assert tensor.scale_of is not None
-        weight = self.plan.tensor(tensor.scale_of)[1]
+        weight = self.sources[tensor.scale_of][1]
         scales = self.scales(weight)
         assert scales is not None and scales.stored is not None
         output = self.sink.acquire()
