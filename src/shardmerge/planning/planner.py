@@ -40,6 +40,8 @@ MERGE_BLOCK_ELEMENTS = 1024 * 1024
 # file (written with direct I/O where possible) and the hashes.
 STAGING_BYTES = 8 * 1024 * 1024
 STAGING_BUFFERS = 3
+# FP8 values widened to float32 at a time: their int16 room (1 MiB) stays in the CPU's cache.
+WIDEN_CHUNK = 256 * 1024
 
 
 def build_plan(job: MergeJob) -> Plan:
@@ -419,9 +421,9 @@ def _peak_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> int:
                 copies = 1 if all(op.kind in ("lora", "bias", "ia3", "tokens", "loha") for op in tensor.ops) else 2
                 if tensor.quant is not None:
                     # the scales as stored and in float32; a requantized weight keeps the base
-                    # value and the read-back one for its report, and a third for differences
-                    copies += 3 if tensor.ops and tensor.dtype == tensor.src_dtype else 0
-                    copies += 1 + (tensor.quant.scale_end - tensor.quant.scale_begin) // count
+                    # value and its update for its report
+                    copies += 2 if tensor.ops and tensor.dtype == tensor.src_dtype else 0
+                    copies += 2 * (tensor.quant.scale_end - tensor.quant.scale_begin) // count
                 source = count * ITEMSIZE[tensor.src_dtype]
                 worst = max(worst, copies * 4 * count + source + 2 * count * ITEMSIZE[tensor.dtype])
                 blocked = 0 < tensor.block_rows < rows
@@ -435,4 +437,5 @@ def _peak_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> int:
                 stored = max((info.nbytes for info in read), default=0)
                 factors = max(factors, sum(4 * numel(info.shape) for info in read) + stored)
     conversion = COPY_CHUNK_BYTES + 2 * 2 * COPY_CHUNK_BYTES  # a float16 chunk may widen to float32
-    return max(worst, conversion) + factors + STAGING_BUFFERS * STAGING_BYTES
+    widen = 4 * WIDEN_CHUNK if any(t.quant for shard in shards for t in shard.tensors) else 0
+    return max(worst, conversion) + factors + widen + STAGING_BUFFERS * STAGING_BYTES

@@ -26,7 +26,7 @@ from ..formats.safetensors import ITEMSIZE, numel
 from ..output import journal as journals
 from ..output import outdir
 from ..planning.model import MergeOp, Plan, QuantRead, ShardPlan, TensorPlan
-from ..planning.planner import COPY_CHUNK_BYTES
+from ..planning.planner import COPY_CHUNK_BYTES, WIDEN_CHUNK
 from .kernels import all_finite, apply_op
 from .quant import combine, dequantize_into, largest, quantize_into, scale_rows, scales_for
 from .sink import ShardSink, Written
@@ -211,6 +211,7 @@ class TensorMerger:
         self.scale_buffer = Buffer(host)
         self.base_value = Buffer(device)
         self.difference = Buffer(device)
+        self.widen = Buffer(device)
         self.largest: dict[str, torch.Tensor] = {}
         # Requantized weights: squared norms of the update, what survived, the rounding error.
         self.requantized: dict[str, list[float]] = {}
@@ -229,6 +230,7 @@ class TensorMerger:
         measured = max((self._needs(t)[1] for t in quantized if t.ops and t.dtype == t.src_dtype), default=0)
         self.base_value.take(measured)
         self.difference.take(measured)
+        self.widen.take(4 * WIDEN_CHUNK if quantized else 0)
         self.read_buffer.take(source)
         self.work.take(work)
         self.staging.take(staging)
@@ -388,13 +390,16 @@ class TensorMerger:
         whole: list[list[torch.Tensor | None] | None],
         scales: Scales | None,
     ) -> torch.Tensor:
-        """The float32 value of ``block``: the base's (dequantized where quantized), every op applied."""
+        """The float32 value of ``block``: the base's (dequantized where quantized), every op
+        applied. A block to be requantized keeps the base's value in ``self.base_value``."""
         value = self.work.tensor(torch.float32, block.shape)
         if scales is None:
             value.copy_(source.reshape(block.shape), non_blocking=True)
         else:
             quantized = source.reshape(block.shape).to(self.device, non_blocking=True)
-            dequantize_into(value, quantized, scales.rows(scales.base, block), scales.read.format)
+            dequantize_into(value, quantized, scales.rows(scales.base, block), scales.read.format, self._scratch())
+            if scales.factor is not None:
+                self.base_value.tensor(torch.float32, block.shape).copy_(value)
         if any(factors is None for factors in whole):  # replacement tensors, read block by block
             missing = [op if factors is None else None for op, factors in zip(tensor.ops, whole, strict=True)]
             own = self._factors(self.block, missing, block.span)
@@ -404,13 +409,17 @@ class TensorMerger:
             value = apply_op(value, op, factors, block.span)
         return value
 
+    def _scratch(self) -> torch.Tensor:
+        """Room to widen FP8 values (see ``widen_into``)."""
+        return self.widen.tensor(torch.int16, (2 * WIDEN_CHUNK,))
+
     def _base_value(self, source: torch.Tensor, block: Block, scales: Scales | None) -> torch.Tensor:
         """The base's values of ``block`` as numbers (dequantized into the difference buffer)."""
         if scales is None:
             return source.reshape(block.shape)
         base = self.difference.tensor(torch.float32, block.shape)
         quantized = source.reshape(block.shape).to(self.device, non_blocking=True)
-        return dequantize_into(base, quantized, scales.rows(scales.base, block), scales.read.format)
+        return dequantize_into(base, quantized, scales.rows(scales.base, block), scales.read.format, self._scratch())
 
     def _requantized(
         self,
@@ -428,8 +437,10 @@ class TensorMerger:
         if not all_finite(value):
             base = self._base_value(source, block, scales)
             self.non_finite(tensor, base, value, lambda: self._merge_cause(tensor, value, whole))
-        merged = self.base_value.tensor(torch.float32, block.shape)
-        merged.copy_(value)
+        base = self.base_value.tensor(torch.float32, block.shape)
+        update = torch.sub(value, base, out=self.difference.tensor(torch.float32, block.shape))  # dW
+        norms = self.requantized.setdefault(tensor.name, [0.0, 0.0, 0.0])
+        norms[0] += float(torch.linalg.vector_norm(update)) ** 2
         output = self.sink.acquire()
         host = output.tensor(TORCH_DTYPES[tensor.dtype], block.shape)
         quantized = host if self.rounded is None else self.rounded.tensor(host.dtype, block.shape)
@@ -438,14 +449,10 @@ class TensorMerger:
             host.copy_(quantized, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
         data = memoryview(host.view(torch.uint8).numpy()).cast("B")
-        base = self._base_value(source, block, scales)
-        read_back = dequantize_into(value, quantized, scales.rows(scales.stored, block), fmt)
-        norms = self.requantized.setdefault(tensor.name, [0.0, 0.0, 0.0])
+        read_back = dequantize_into(value, quantized, scales.rows(scales.stored, block), fmt, self._scratch())
         read_back.sub_(base)  # Q(W + dW) - W
         norms[1] += float(torch.linalg.vector_norm(read_back)) ** 2
-        merged.sub_(base)  # dW
-        norms[0] += float(torch.linalg.vector_norm(merged)) ** 2
-        norms[2] += float(torch.linalg.vector_norm(read_back.sub_(merged))) ** 2  # Q(W + dW) - (W + dW)
+        norms[2] += float(torch.linalg.vector_norm(read_back.sub_(update))) ** 2  # Q(W + dW) - (W + dW)
         if block.first == 0 or tensor.name in self.unchanged:
             if _same_bytes(data, source.reshape(block.shape)):
                 self.unchanged.add(tensor.name)
