@@ -58,7 +58,10 @@ class QuantRead:
 class TensorPlan:
     """One output tensor. ``src_begin``/``src_end`` are absolute offsets in the source shard,
     ``begin``/``end`` offsets in the output data buffer, ``block_rows`` how many rows of a
-    merged tensor are worked on at once."""
+    merged tensor are worked on at once. ``quant``: a quantized weight that is dequantized (to
+    a float dtype) or merged and requantized (its own dtype). ``scale_of``: a scale tensor
+    whose values are recomputed from that merged weight. ``scales_follow``: the new scales of
+    a requantized weight come after it in the shard, found block by block as it is written."""
 
     name: str
     shape: tuple[int, ...]
@@ -72,6 +75,7 @@ class TensorPlan:
     block_rows: int = 0  # rows merged at a time; the whole tensor where the ops need it
     quant: QuantRead | None = None
     scale_of: str | None = None
+    scales_follow: bool = False
 
     @property
     def computed(self) -> bool:

@@ -286,6 +286,7 @@ def _layout(
         for info in infos
     }
     infos.sort(key=lambda info: -ITEMSIZE[dtypes[info.name]])
+    infos, follow = _scales_last(infos, dtypes, quant)
     tensors = []
     offset = 0
     for info in infos:
@@ -306,6 +307,7 @@ def _layout(
                 _block_rows(info.shape, tensor_ops, read.format.row_step() if read else 0),
                 read,
                 quant.scale_of.get(info.name),
+                info.name in follow,
             )
         )
         offset += size
@@ -318,6 +320,29 @@ def _layout(
         header_size,
         header_size + offset,
     )
+
+
+def _scales_last(
+    infos: list[TensorInfo], dtypes: dict[str, str], quant: _QuantLayout
+) -> tuple[list[TensorInfo], set[str]]:
+    """Move the new scales of requantized weights (of the same shard) behind every other
+    tensor, so that each weight is written first and its scales found block by block as it
+    is, instead of in a first pass over the weight. Not for per-tensor scales, which need the
+    whole weight before its first block, and not where the scales would lose their alignment
+    (a shard whose other tensors' bytes are not a multiple of 4). Returns the order and the
+    weights whose scales follow them."""
+    names = {info.name for info in infos}
+    moved = [
+        info
+        for info in infos
+        if info.name in quant.scale_of
+        and quant.scale_of[info.name] in names
+        and quant.reads[quant.scale_of[info.name]].format.strategy != "tensor"
+    ]
+    rest = [info for info in infos if info not in moved]
+    if not moved or sum(numel(info.shape) * ITEMSIZE[dtypes[info.name]] for info in rest) % 4:
+        return infos, set()
+    return rest + moved, {quant.scale_of[info.name] for info in moved}
 
 
 def _block_rows(shape: tuple[int, ...], ops: tuple[MergeOp, ...], quant_rows: int) -> int:

@@ -166,12 +166,19 @@ class AdapterReader:
 @dataclass
 class Scales:
     """A quantized weight's scales: the base's (as stored, on the device), and where the
-    weight is requantized, the new ones as stored and the float32 factors it is scaled by."""
+    weight is requantized, the new ones as stored and the float32 factors it is scaled by;
+    or, where they are found block by block as the weight is written (``streamed``), the
+    largest magnitudes of the blocks so far."""
 
     read: QuantRead
     base: torch.Tensor
     stored: torch.Tensor | None = None
     factor: torch.Tensor | None = None
+    streamed: list[torch.Tensor] | None = None
+
+    @property
+    def requantized(self) -> bool:
+        return self.factor is not None or self.streamed is not None
 
     def rows(self, scales: torch.Tensor, block: Block) -> torch.Tensor:
         span = scale_rows(self.read.format, block.first, block.last) if block.span else None
@@ -278,11 +285,13 @@ class TensorMerger:
         """The output bytes of ``tensor``, read from the source file ``fd``, block by block:
         blocks of rows where every op allows it, else the whole tensor. Each block comes in a
         buffer of the sink's pool that goes back to it once written and hashed."""
-        scales = self.scales(tensor)  # first: finding new scales merges the weight once
+        scales = self.scales(tensor)  # first: finding new scales may merge the weight once
         whole = self.whole_factors(tensor)
         for block in row_blocks(tensor):
             source = self.read(fd, tensor, block.begin, block.end)
             yield self.merge_block(source, tensor, block, whole, scales)
+        if scales is not None and scales.streamed is not None:  # for the scales, written next
+            self.largest[tensor.name] = combine(scales.streamed, scales.read.format)
 
     def scales(self, tensor: TensorPlan) -> Scales | None:
         """The scales of a quantized weight: the base's, and the new ones if it is requantized."""
@@ -298,8 +307,11 @@ class TensorMerger:
         base = raw.view(TORCH_DTYPES[read.scale_dtype]).reshape(read.scale_shape).to(self.device, copy=True)
         scales = Scales(read, base)
         if tensor.dtype == tensor.src_dtype:  # requantized
-            dtype = TORCH_DTYPES[read.scale_dtype]
-            scales.stored, scales.factor = scales_for(self.largest_of(tensor, scales), read.format, dtype)
+            if tensor.scales_follow and tensor.name not in self.largest:
+                scales.streamed = []
+            else:
+                dtype = TORCH_DTYPES[read.scale_dtype]
+                scales.stored, scales.factor = scales_for(self.largest_of(tensor, scales), read.format, dtype)
         return scales
 
     def largest_of(self, tensor: TensorPlan, scales: Scales) -> torch.Tensor:
@@ -369,7 +381,7 @@ class TensorMerger:
     ) -> tuple[memoryview, Buffer]:
         """Block ``block`` of ``tensor`` merged from ``source``, its base bytes."""
         value = self._merged_value(source, tensor, block, whole, scales)
-        if scales is not None and scales.factor is not None:
+        if scales is not None and scales.requantized:
             return self._requantized(source, tensor, block, whole, scales, value)
         data, output, rounded = self.rounded_bytes(value, TORCH_DTYPES[tensor.dtype])
         if not all_finite(rounded):
@@ -398,7 +410,7 @@ class TensorMerger:
         else:
             quantized = source.reshape(block.shape).to(self.device, non_blocking=True)
             dequantize_into(value, quantized, scales.rows(scales.base, block), scales.read.format, self._scratch())
-            if scales.factor is not None:
+            if scales.requantized:
                 self.base_value.tensor(torch.float32, block.shape).copy_(value)
         if any(factors is None for factors in whole):  # replacement tensors, read block by block
             missing = [op if factors is None else None for op, factors in zip(tensor.ops, whole, strict=True)]
@@ -430,13 +442,19 @@ class TensorMerger:
         scales: Scales,
         value: torch.Tensor,
     ) -> tuple[memoryview, Buffer]:
-        """``value``, the merged block, requantized with the new scales; the squared norms of
-        its update, of what survived and of the error added to ``self.requantized``."""
-        assert scales.stored is not None and scales.factor is not None
+        """``value``, the merged block, requantized with the new scales (found from it here,
+        where they are streamed); the squared norms of its update, of what survived and of the
+        error added to ``self.requantized``."""
         fmt = scales.read.format
         if not all_finite(value):
             base = self._base_value(source, block, scales)
             self.non_finite(tensor, base, value, lambda: self._merge_cause(tensor, value, whole))
+        if scales.streamed is not None:
+            scales.streamed.append(largest(value, fmt))
+            stored, factor = scales_for(scales.streamed[-1], fmt, TORCH_DTYPES[scales.read.scale_dtype])
+        else:
+            assert scales.stored is not None and scales.factor is not None
+            stored, factor = scales.rows(scales.stored, block), scales.rows(scales.factor, block)
         base = self.base_value.tensor(torch.float32, block.shape)
         update = torch.sub(value, base, out=self.difference.tensor(torch.float32, block.shape))  # dW
         norms = self.requantized.setdefault(tensor.name, [0.0, 0.0, 0.0])
@@ -444,12 +462,12 @@ class TensorMerger:
         output = self.sink.acquire()
         host = output.tensor(TORCH_DTYPES[tensor.dtype], block.shape)
         quantized = host if self.rounded is None else self.rounded.tensor(host.dtype, block.shape)
-        quantize_into(quantized, value, scales.rows(scales.factor, block), fmt)
+        quantize_into(quantized, value, factor, fmt)
         if self.rounded is not None:
             host.copy_(quantized, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
         data = memoryview(host.view(torch.uint8).numpy()).cast("B")
-        read_back = dequantize_into(value, quantized, scales.rows(scales.stored, block), fmt, self._scratch())
+        read_back = dequantize_into(value, quantized, stored, fmt, self._scratch())
         read_back.sub_(base)  # Q(W + dW) - W
         norms[1] += float(torch.linalg.vector_norm(read_back)) ** 2
         norms[2] += float(torch.linalg.vector_norm(read_back.sub_(update))) ** 2  # Q(W + dW) - (W + dW)
