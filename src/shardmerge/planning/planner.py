@@ -304,7 +304,7 @@ def _layout(
                 offset,
                 offset + size,
                 tensor_ops,
-                _block_rows(info.shape, tensor_ops, read.format.row_step() if read else 0),
+                _block_rows(info.shape, tensor_ops, read, requantized=dtypes[info.name] == info.dtype),
                 read,
                 quant.scale_of.get(info.name),
                 info.name in follow,
@@ -345,15 +345,15 @@ def _scales_last(
     return rest + moved, {quant.scale_of[info.name] for info in moved}
 
 
-def _block_rows(shape: tuple[int, ...], ops: tuple[MergeOp, ...], quant_rows: int) -> int:
+def _block_rows(shape: tuple[int, ...], ops: tuple[MergeOp, ...], read: QuantRead | None, *, requantized: bool) -> int:
     """Rows merged at a time: blocks of about MERGE_BLOCK_ELEMENTS where every op allows it,
-    else the whole tensor (0 for an untouched one). A quantized weight's blocks start at
-    multiples of its scale blocks' height (``quant_rows``, 0 for an unquantized tensor)."""
-    if not ops and not quant_rows:
+    else the whole tensor (0 for an untouched one). A requantized weight's blocks start at
+    multiples of its scale blocks' height, whose largest values decide their scales."""
+    if not ops and read is None:
         return 0
     rows = shape[0] if shape else 1
     if len(shape) == 2 and all(row_separable(op) for op in ops):
-        step = max(1, quant_rows)
+        step = read.format.row_step() if read is not None and requantized else 1
         return min(rows, max(step, MERGE_BLOCK_ELEMENTS // max(1, shape[1]) // step * step))
     return rows
 
@@ -444,10 +444,7 @@ def _peak_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> int:
                 rows = tensor.shape[0] if tensor.shape else 1
                 count = numel(tensor.shape) * tensor.block_rows // max(rows, 1)
                 copies = 1 if all(op.kind in ("lora", "bias", "ia3", "tokens", "loha") for op in tensor.ops) else 2
-                if tensor.quant is not None:
-                    # the scales as stored and in float32; a requantized weight keeps the base
-                    # value and its update for its report
-                    copies += 2 if tensor.ops and tensor.dtype == tensor.src_dtype else 0
+                if tensor.quant is not None:  # the scales as stored and in float32
                     copies += 2 * (tensor.quant.scale_end - tensor.quant.scale_begin) // count
                 source = count * ITEMSIZE[tensor.src_dtype]
                 worst = max(worst, copies * 4 * count + source + 2 * count * ITEMSIZE[tensor.dtype])
@@ -462,5 +459,8 @@ def _peak_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> int:
                 stored = max((info.nbytes for info in read), default=0)
                 factors = max(factors, sum(4 * numel(info.shape) for info in read) + stored)
     conversion = COPY_CHUNK_BYTES + 2 * 2 * COPY_CHUNK_BYTES  # a float16 chunk may widen to float32
-    widen = 4 * WIDEN_CHUNK if any(t.quant for shard in shards for t in shard.tensors) else 0
+    # FP8: room to widen, and a requantized weight's report, worked out on about WIDEN_CHUNK
+    # elements at a time (three float32 values, the FP8 codes), up to twice that
+    quantized = any(t.quant for shard in shards for t in shard.tensors)
+    widen = (4 + 2 * (3 * 4 + 1)) * WIDEN_CHUNK if quantized else 0
     return max(worst, conversion) + factors + widen + STAGING_BUFFERS * STAGING_BYTES

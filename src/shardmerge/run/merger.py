@@ -22,13 +22,14 @@ from ..errors import DeviceError, NonFiniteError
 from ..formats.checkpoint import read_checkpoint_header
 from ..formats.dtypes import TORCH_DTYPES
 from ..formats.fileio import open_output, pread_into
+from ..formats.quantization import QuantFormat
 from ..formats.safetensors import ITEMSIZE, numel
 from ..output import journal as journals
 from ..output import outdir
 from ..planning.model import MergeOp, Plan, QuantRead, ShardPlan, TensorPlan
 from ..planning.planner import COPY_CHUNK_BYTES, WIDEN_CHUNK
 from .kernels import all_finite, apply_op
-from .quant import combine, dequantize_into, largest, quantize_into, scale_rows, scales_for
+from .quant import combine, dequantize_into, largest, quantize_into, scale_columns, scale_rows, scales_for
 from .sink import ShardSink, Written
 from .stop import StopRequest
 
@@ -184,6 +185,10 @@ class Scales:
         span = scale_rows(self.read.format, block.first, block.last) if block.span else None
         return scales if span is None else scales[..., span[0] : span[1], :]
 
+    def offset(self, block: Block) -> int:
+        """Where ``block`` begins within its first scale row's block of rows."""
+        return block.first % self.read.format.row_step() if block.span else 0
+
 
 class TensorMerger:
     """Computes merged tensors: read the base tensor, apply every op in float32, round once
@@ -212,13 +217,15 @@ class TensorMerger:
         self.kept_non_finite: set[str] = set()
         # Merged tensors whose output is the base's own values (an update of zero).
         self.unchanged: set[str] = set()
-        # Quantized weights: their base scales as read, the base value and a difference while
-        # a requantized block is measured, and the largest magnitudes of merged weights (by
-        # name, for their new scales) until the shard is written.
+        # Quantized weights: their base scales as read, room to widen FP8 values, the pieces a
+        # requantized block is measured in (its FP8 codes, three float32 values), the base's
+        # values where a block holds NaN or Inf, and the largest magnitudes of merged weights
+        # (by name, for their new scales) until the shard is written.
         self.scale_buffer = Buffer(host)
-        self.base_value = Buffer(device)
-        self.difference = Buffer(device)
         self.widen = Buffer(device)
+        self.codes = Buffer(device)
+        self.pieces = [Buffer(device) for _ in range(3)]
+        self.difference = Buffer(device)
         self.largest: dict[str, torch.Tensor] = {}
         # Requantized weights: squared norms of the update, what survived, the rounding error.
         self.requantized: dict[str, list[float]] = {}
@@ -234,10 +241,12 @@ class TensorMerger:
         source, work, output, staging, whole, block = (max((need[i] for need in needs), default=0) for i in range(6))
         quantized = [tensor for shard in shards for tensor in shard.tensors if tensor.quant]
         self.scale_buffer.take(max((t.quant.scale_end - t.quant.scale_begin for t in quantized if t.quant), default=0))
-        measured = max((self._needs(t)[1] for t in quantized if t.ops and t.dtype == t.src_dtype), default=0)
-        self.base_value.take(measured)
-        self.difference.take(measured)
         self.widen.take(4 * WIDEN_CHUNK if quantized else 0)
+        requantized = [t for t in quantized if t.ops and t.dtype == t.src_dtype]
+        piece = max((numel(self._piece_shape(t, b)) for t in requantized for b in row_blocks(t)[:1]), default=0)
+        self.codes.take(piece)
+        for buffer in self.pieces:
+            buffer.take(4 * piece)
         self.read_buffer.take(source)
         self.work.take(work)
         self.staging.take(staging)
@@ -403,15 +412,14 @@ class TensorMerger:
         scales: Scales | None,
     ) -> torch.Tensor:
         """The float32 value of ``block``: the base's (dequantized where quantized), every op
-        applied. A block to be requantized keeps the base's value in ``self.base_value``."""
+        applied."""
         value = self.work.tensor(torch.float32, block.shape)
         if scales is None:
             value.copy_(source.reshape(block.shape), non_blocking=True)
         else:
             quantized = source.reshape(block.shape).to(self.device, non_blocking=True)
-            dequantize_into(value, quantized, scales.rows(scales.base, block), scales.read.format, self._scratch())
-            if scales.requantized:
-                self.base_value.tensor(torch.float32, block.shape).copy_(value)
+            rows, offset = scales.rows(scales.base, block), scales.offset(block)
+            dequantize_into(value, quantized, rows, scales.read.format, self._scratch(), offset)
         if any(factors is None for factors in whole):  # replacement tensors, read block by block
             missing = [op if factors is None else None for op, factors in zip(tensor.ops, whole, strict=True)]
             own = self._factors(self.block, missing, block.span)
@@ -420,6 +428,51 @@ class TensorMerger:
             assert factors is not None
             value = apply_op(value, op, factors, block.span)
         return value
+
+    def _piece_shape(self, tensor: TensorPlan, block: Block) -> tuple[int, ...]:
+        """The shape of the pieces a requantized block is measured in: about WIDEN_CHUNK
+        elements, whole scale blocks wide."""
+        assert tensor.quant is not None
+        fmt = tensor.quant.format
+        step = fmt.block[1] if fmt.strategy == "block" and fmt.block else 1
+        *lead, cols = block.shape
+        rows = numel(tuple(lead))
+        return (*lead, min(cols, max(step, WIDEN_CHUNK // max(rows, 1) // step * step)))
+
+    def _requantize_piece(
+        self, pieces: tuple[torch.Tensor, ...], columns: tuple[int, int], fmt: QuantFormat
+    ) -> tuple[float, float, float]:
+        """Requantize columns ``columns`` of a merged block: ``pieces`` are the merged value
+        (scaled in place), the base's FP8 codes, the output codes, and the base's, new stored
+        and new factor scales of the block's rows. Returns the squared norms of the update
+        dW, of Q(W + dW) - W and of Q(W + dW) - (W + dW) over those columns."""
+        value, base, quantized, base_scales, stored, factor = pieces
+        first, last = columns
+        span = scale_columns(fmt, first, last)
+        if span is not None:
+            base_scales, stored, factor = (s[..., span[0] : span[1]] for s in (base_scales, stored, factor))
+        merged = value[..., first:last]
+        shape = tuple(merged.shape)
+        codes = self.codes.tensor(torch.uint8, shape)
+        was = dequantize_into(
+            self.pieces[0].tensor(torch.float32, shape),
+            codes.copy_(base[..., first:last].view(torch.uint8)).view(torch.float8_e4m3fn),
+            base_scales,
+            fmt,
+            self._scratch(),
+        )
+        update = torch.sub(merged, was, out=self.pieces[1].tensor(torch.float32, shape))
+        quantize_into(quantized[..., first:last], merged, factor, fmt)
+        now = dequantize_into(
+            self.pieces[2].tensor(torch.float32, shape),
+            codes.copy_(quantized[..., first:last].view(torch.uint8)).view(torch.float8_e4m3fn),
+            stored,
+            fmt,
+            self._scratch(),
+        )
+        kept = now.sub_(was).view(-1)
+        squares = (_square(update.view(-1)), _square(kept))
+        return squares[0], squares[1], _square(kept.sub_(update.view(-1)))
 
     def _scratch(self) -> torch.Tensor:
         """Room to widen FP8 values (see ``widen_into``)."""
@@ -431,7 +484,8 @@ class TensorMerger:
             return source.reshape(block.shape)
         base = self.difference.tensor(torch.float32, block.shape)
         quantized = source.reshape(block.shape).to(self.device, non_blocking=True)
-        return dequantize_into(base, quantized, scales.rows(scales.base, block), scales.read.format, self._scratch())
+        rows, offset = scales.rows(scales.base, block), scales.offset(block)
+        return dequantize_into(base, quantized, rows, scales.read.format, self._scratch(), offset)
 
     def _requantized(
         self,
@@ -455,22 +509,21 @@ class TensorMerger:
         else:
             assert scales.stored is not None and scales.factor is not None
             stored, factor = scales.rows(scales.stored, block), scales.rows(scales.factor, block)
-        base = self.base_value.tensor(torch.float32, block.shape)
-        update = torch.sub(value, base, out=self.difference.tensor(torch.float32, block.shape))  # dW
-        norms = self.requantized.setdefault(tensor.name, [0.0, 0.0, 0.0])
-        norms[0] += float(torch.linalg.vector_norm(update)) ** 2
         output = self.sink.acquire()
         host = output.tensor(TORCH_DTYPES[tensor.dtype], block.shape)
         quantized = host if self.rounded is None else self.rounded.tensor(host.dtype, block.shape)
-        quantize_into(quantized, value, factor, fmt)
+        base = source.reshape(block.shape).to(self.device, non_blocking=True)
+        norms = self.requantized.setdefault(tensor.name, [0.0, 0.0, 0.0])
+        width = self._piece_shape(tensor, block)[-1]
+        for first in range(0, block.shape[-1], width):
+            columns = (first, min(first + width, block.shape[-1]))
+            pieces = (value, base, quantized, scales.rows(scales.base, block), stored, factor)
+            for index, square in enumerate(self._requantize_piece(pieces, columns, fmt)):
+                norms[index] += square
         if self.rounded is not None:
             host.copy_(quantized, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
         data = memoryview(host.view(torch.uint8).numpy()).cast("B")
-        read_back = dequantize_into(value, quantized, stored, fmt, self._scratch())
-        read_back.sub_(base)  # Q(W + dW) - W
-        norms[1] += float(torch.linalg.vector_norm(read_back)) ** 2
-        norms[2] += float(torch.linalg.vector_norm(read_back.sub_(update))) ** 2  # Q(W + dW) - (W + dW)
         if block.first == 0 or tensor.name in self.unchanged:
             if _same_bytes(data, source.reshape(block.shape)):
                 self.unchanged.add(tensor.name)
@@ -616,6 +669,11 @@ class TensorMerger:
             sha256=written.sha256,
             requantized=tuple((name, *self.requantized[name]) for name in names if name in self.requantized),
         )
+
+
+def _square(values: torch.Tensor) -> float:
+    """The squared norm of ``values`` (a flat float32 tensor)."""
+    return float(torch.dot(values, values))
 
 
 def _same_bytes(output: memoryview, base: torch.Tensor) -> bool:

@@ -36,14 +36,27 @@ def scale_rows(fmt: QuantFormat, first: int, last: int) -> tuple[int, int] | Non
     return first // step, -(-last // step)
 
 
+def scale_columns(fmt: QuantFormat, first: int, last: int) -> tuple[int, int] | None:
+    """The columns of the scale tensor that cover columns ``first`` (a multiple of the block
+    width) to ``last`` of the weight, or None where every column shares its scales."""
+    if fmt.strategy != "block" or fmt.block is None:
+        return None
+    return first // fmt.block[1], -(-last // fmt.block[1])
+
+
 def dequantize_into(
-    out: torch.Tensor, q: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, scratch: torch.Tensor | None = None
+    out: torch.Tensor,
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    fmt: QuantFormat,
+    scratch: torch.Tensor | None = None,
+    offset: int = 0,
 ) -> torch.Tensor:
     """``out`` (float32, q's shape) = q * scale, each element multiplied once in float32.
-    ``scale`` holds the scale rows covering q's rows; ``scratch`` (see ``widen_into``) is
-    reused if given."""
+    ``scale`` holds the scale rows covering q's rows, the first of which begins ``offset``
+    rows before q's first; ``scratch`` (see ``widen_into``) is reused if given."""
     widen_into(out, q, scratch)
-    return _per_scale(out, scale.float(), fmt, divide=False)
+    return _per_scale(out, scale.float(), fmt, divide=False, offset=offset)
 
 
 def widen_into(out: torch.Tensor, q: torch.Tensor, scratch: torch.Tensor | None = None) -> torch.Tensor:
@@ -131,14 +144,17 @@ def quantize_into(out: torch.Tensor, value: torch.Tensor, factor: torch.Tensor, 
     return out.copy_(value.clamp_(-FP8_MAX, FP8_MAX))
 
 
-def _per_scale(value: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, *, divide: bool) -> torch.Tensor:
-    """``value`` multiplied (or divided) in place by its scales, broadcast over their blocks."""
+def _per_scale(
+    value: torch.Tensor, scale: torch.Tensor, fmt: QuantFormat, *, divide: bool, offset: int = 0
+) -> torch.Tensor:
+    """``value`` multiplied (or divided) in place by its scales, broadcast over their blocks;
+    its first row is row ``offset`` of the first scale row's block."""
     if fmt.strategy == "tensor":
         scale = scale.reshape(-1)
     if fmt.strategy != "block":
         return value.div_(scale) if divide else value.mul_(scale)
     assert fmt.block is not None
-    per_row = scale.repeat_interleave(fmt.block[0], dim=-2)[..., : value.shape[-2], :]
+    per_row = scale.repeat_interleave(fmt.block[0], dim=-2)[..., offset : offset + value.shape[-2], :]
     for part in _column_parts(value, fmt.block[1]):
         # whole column blocks come as (..., rows, blocks, width); the partial last one as is
         factor = per_row[..., : part.shape[-2]].unsqueeze(-1) if part.dim() > value.dim() else per_row[..., -1:]
