@@ -278,11 +278,17 @@ def _merge(job: MergeJob, args: argparse.Namespace) -> int:
     print(
         f"  output  {report.output}: {report.shards} shard{'s' if report.shards != 1 else ''}, "
         f"{report.tensors_merged} tensors merged, {report.tensors_copied} copied, "
-        f"{_size(report.bytes_written)} {plan.dtype}, in {report.seconds:.1f} s on {report.device}"
+        f"{_size(report.bytes_written)} {_written_as(plan)}, in {report.seconds:.1f} s on {report.device}"
     )
     if report.url:
         print(f"  hub     {report.url} (commit {report.commit})")
     return 0
+
+
+def _written_as(plan: Plan) -> str:
+    if plan.dtype != "base":
+        return plan.dtype
+    return "in the base's format" if plan.quantization else "in the base's dtypes"
 
 
 def _requantized(report: MergeReport) -> str:

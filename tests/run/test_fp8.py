@@ -44,7 +44,7 @@ from fp8_checkpoints import (
     quantize_checkpoint,
 )
 from shardmerge.formats.quantization import QuantFormat
-from shardmerge.run.quant import dequantize_into
+from shardmerge.run.quant import dequantize_into, widen_into
 from shardmerge.verify import verify
 
 SHARDMERGE = str(Path(sys.executable).with_name("shardmerge"))
@@ -157,6 +157,20 @@ def test_fixtures_are_what_the_formats_own_quantizers_write(name: str, fp8: Call
         assert torch.equal(scale.float().reshape(expected["scale"].shape), expected["scale"].float()), weight
         ours = dequantize_into(torch.empty(stored[weight].shape), stored[weight], scale, base.fmt)
         assert torch.equal(ours, dequantized[weight]), weight
+
+
+@pytest.mark.parametrize("nan", [False, True])
+def test_widening_reads_every_fp8_code_as_torch_does(nan: bool) -> None:
+    """Every e4m3fn code, in a block larger than one chunk; with ``nan`` the two NaN codes
+    too, which must stay NaN (not the +-480 the shift alone would make of them)."""
+    codes = torch.arange(256, dtype=torch.uint8).repeat(3000)
+    if not nan:
+        codes = codes[(codes & 0x7F) != 0x7F]
+    fp8 = codes.view(torch.float8_e4m3fn)
+    ours = widen_into(torch.empty(fp8.shape), fp8)
+    expected = fp8.float()
+    assert torch.equal(ours.isnan(), expected.isnan())
+    assert torch.equal(ours.nan_to_num(0).view(torch.int32), expected.nan_to_num(0).view(torch.int32))
 
 
 def test_fixture_loads_through_transformers_as_its_dequantized_values(fp8: Callable[[str], Fp8Base]) -> None:
