@@ -44,7 +44,7 @@ from fp8_checkpoints import (
     quantize_checkpoint,
 )
 from shardmerge.formats.quantization import QuantFormat
-from shardmerge.run.quant import dequantize_into, widen_into
+from shardmerge.run.quant import dequantize_into, largest, quantize_into, scales_for, widen_into
 from shardmerge.verify import verify
 
 SHARDMERGE = str(Path(sys.executable).with_name("shardmerge"))
@@ -405,13 +405,18 @@ def test_untouched_quantized_weights_and_the_plan_say_what_is_read_and_written(
 def test_resume_redoes_either_shard_alike_though_a_scale_sits_apart(
     redo: int, fp8: Callable[[str], Fp8Base], tmp_path: Path
 ) -> None:
-    """One scale sits in the other shard than its weight: redoing either shard alone must
-    find the same new scales (the first shard's scale is recomputed from the second's weight)."""
+    """One scale sits in the other shard than its weight in the base; the output puts it in
+    its weight's, so that redoing either shard alone gives the same bytes."""
     base = fp8("llama-fp8")
     adapter = save_adapter(base.dequantized, tmp_path / "adapter", seed=47, r=4, target_modules=LINEAR)
     clean, output = tmp_path / "clean", tmp_path / "out"
     shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(clean))
     shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output))
+    # Every new scale lies in its weight's shard, the one stored apart in the base included.
+    index = json.loads((output / "model.safetensors.index.json").read_text())["weight_map"]
+    based = json.loads((base.path / "model.safetensors.index.json").read_text())["weight_map"]
+    assert any(based[_scale_of(base, w)] != based[w] for w in base.quantized)
+    assert all(index[_scale_of(base, w)] == index[w] for w in base.quantized)
     shard = sorted(output.glob("*.safetensors"))[redo]
     journal_path = output / ".shardmerge" / "journal.json"
     journal = json.loads(journal_path.read_text())
@@ -433,7 +438,10 @@ def test_a_batch_pass_over_an_fp8_base_writes_what_single_merges_write(
 ) -> None:
     base = fp8("llama-ct-channel")
     first = save_adapter(base.dequantized, tmp_path / "a", seed=48, r=4, target_modules=["q_proj", "down_proj"])
-    second = save_adapter(base.dequantized, tmp_path / "b", seed=49, r=4, target_modules=["k_proj"])
+    second = save_adapter(base.dequantized, tmp_path / "b", seed=49, r=8, target_modules=["q_proj", "down_proj"])
+    plans = [shardmerge.plan(base=str(base.path), adapters=[str(a)]) for a in (first, second)]
+    layouts = [[[(t.name, t.begin, t.end, t.dtype) for t in shard.tensors] for shard in p.shards] for p in plans]
+    assert layouts[0] == layouts[1]  # laid out alike: one pass over the base writes both
     jobs = {
         "jobs": [
             {"name": a.name, "base": str(base.path), "adapters": [str(a)], "output": str(tmp_path / f"out-{a.name}")}
@@ -542,6 +550,37 @@ def test_bad_fp8_inputs_are_one_line_and_nothing_is_written(
     assert message in done.stderr, done.stderr
     assert "16-bit release" in done.stderr or "incomplete" in done.stderr
     assert not output.exists() or not any(output.iterdir())
+
+
+def test_an_update_of_zero_is_found_in_dequantized_and_requantized_merges(
+    fp8: Callable[[str], Fp8Base], tmp_path: Path
+) -> None:
+    """lora_B zero: every merged weight comes out as the base's (dequantized and rounded, or
+    its own FP8 codes), and the merge says so."""
+    base = fp8("llama-fp8")
+    adapter = save_adapter(base.dequantized, tmp_path / "adapter", seed=53, r=4, target_modules=["q_proj", "up_proj"])
+    weights = adapter / "adapter_model.safetensors"
+    factors = load_file(weights)
+    save_file({k: v.zero_() if "lora_B" in k else v for k, v in factors.items()}, weights, metadata={"format": "pt"})
+    for dtype in ("bfloat16", "auto"):
+        report = shardmerge.merge(
+            base=str(base.path), adapters=[str(adapter)], output=str(tmp_path / dtype), dtype=dtype
+        )
+        assert report.unchanged == report.tensors_merged == 4, dtype
+
+
+def test_tiny_and_nan_blocks_requantize_without_new_nan() -> None:
+    """A block whose largest value is too small for a float16 scale, and a NaN in another:
+    no NaN is written but the base's own, and the NaN's neighbours keep their own scale."""
+    for method in ("fp8", "compressed-tensors"):
+        fmt = QuantFormat(method, "s", "block", (2, 2), False, (), ())
+        value = torch.tensor([[1e-7, -2e-7, 3.0, 1.0], [0.0, 1e-7, float("nan"), 2.0]])
+        stored, factor = scales_for(largest(value, fmt), fmt, torch.float16)
+        codes = quantize_into(torch.empty(2, 4, dtype=torch.float8_e4m3fn), value.clone(), factor, fmt)
+        read_back = dequantize_into(torch.empty(2, 4), codes, stored, fmt)
+        assert int(read_back.isnan().sum()) == 1 and bool(read_back[1, 2].isnan()), method
+        assert float(read_back[0, 2]) == pytest.approx(3.0, rel=2**-3), method
+        assert bool((stored > 0).all()), method
 
 
 def test_a_quantized_kv_cache_cannot_be_dequantized(fp8: Callable[[str], Fp8Base], tmp_path: Path) -> None:

@@ -162,6 +162,7 @@ class QuantizedWeight:
 
     weight: TensorInfo
     scale: TensorInfo
+    weight_file: Path
     scale_file: Path
 
 
@@ -197,13 +198,15 @@ def find_quantized(
         if problem:
             problems.append(InputError(problem, file=scale[1], tensor=scale[0].name, hint=_HINT))
             continue
-        found[name] = QuantizedWeight(info, scale[0], scale[1])
+        found[name] = QuantizedWeight(info, scale[0], file, scale[1])
     return found
 
 
 def _scale_problem(fmt: QuantFormat, weight: TensorInfo, scale: TensorInfo, module: str) -> str | None:
     if len(weight.shape) < 2:
         return f"a scale for a {len(weight.shape)}-D weight; FP8 weights are matrices"
+    if len(weight.shape) > 2 and fmt.strategy == "tensor":
+        return f"one scale per tensor for a {len(weight.shape)}-D weight is not supported"
     if scale.dtype not in SCALE_DTYPES:
         return f"scale dtype {scale.dtype} is not one of {', '.join(sorted(SCALE_DTYPES))}"
     expected = fmt.scale_shape(weight.shape)

@@ -85,19 +85,21 @@ def build_plan(job: MergeJob) -> Plan:
     _check_targets(headers, targets, ops, quantized, problems)
     if problems:
         raise PlanError(problems)
-    extra: dict[Path, TensorInfo] = {}
+    extra: dict[Path, list[TensorInfo]] = defaultdict(list)
     notes = _notes(ops, layouts.source) + _quantization_notes(fmt, quantized, ops, dtype)
     if tied is not None and untie:
         notes += (f"tied embeddings untied: the adapters change {tied.embedding} and {tied.head} differently",)
         if virtual_head is not None:
-            extra[_shard_of(headers, tied.embedding)] = virtual_head
+            extra[_shard_of(headers, tied.embedding)].append(virtual_head)
     elif virtual_head is not None:
         # Still tied: the embedding's changes reach the head through the tie.
         ops.pop(virtual_head.name, None)
     out_dtype = OUTPUT_DTYPES.get(dtype)
     inputs = _inputs(job, dtype, base, headers, adapters)
     quant = _QuantLayout(fmt, quantized, ops, tensors, dequantize=out_dtype is not None)
-    shards = tuple(_layout(header, extra.get(header.path), ops, out_dtype, quant) for header in headers)
+    for name, weight_file in quant.moved.items():
+        extra[weight_file].append(tensors[name])
+    shards = tuple(_layout(header, extra[header.path], ops, out_dtype, quant) for header in headers)
     return Plan(
         format_version=FORMAT_VERSION,
         base=base.name,
@@ -190,8 +192,11 @@ def _quantization_notes(
 
 class _QuantLayout:
     """Where a quantized base changes the layout: the weights read through their scales
-    (``reads``), scale tensors recomputed from a merged weight (``scale_of``), and tensors
-    that a dequantized output leaves out (``drop``: scales and static activation scales)."""
+    (``reads``), scale tensors recomputed from a merged weight (``scale_of``), those of them
+    moved into their weight's shard (``moved``: the shard's file), and tensors that a
+    dequantized output leaves out (``drop``: scales and static activation scales). A new
+    scale always lies in its weight's shard: both are written in one pass, so a shard redone
+    alone (on another device, say) cannot pair a weight with scales of another merge."""
 
     def __init__(
         self,
@@ -203,6 +208,7 @@ class _QuantLayout:
     ) -> None:
         self.reads: dict[str, QuantRead] = {}
         self.scale_of: dict[str, str] = {}
+        self.moved: dict[str, Path] = {}
         self.drop: set[str] = set()
         if fmt is None:
             return
@@ -218,6 +224,8 @@ class _QuantLayout:
                 self.drop.update(key for key in (f"{module}.{suffix}" for suffix in fmt.activations) if key in tensors)
             elif ops.get(name):
                 self.scale_of[found.scale.name] = name
+                if found.scale_file != found.weight_file:
+                    self.moved[found.scale.name] = found.weight_file
 
 
 def _read_base_headers(base: BaseFiles, problems: list[ShardmergeError]) -> list[SafetensorsHeader]:
@@ -265,7 +273,7 @@ def _check_targets(
 
 def _layout(
     header: SafetensorsHeader,
-    extra: TensorInfo | None,
+    extra: list[TensorInfo],
     ops: dict[str, list[MergeOp]],
     out_dtype: str | None,
     quant: _QuantLayout,
@@ -275,12 +283,20 @@ def _layout(
 
     Tensors are grouped by descending item size (stable, so the base order holds within a
     group), as safetensors does, which keeps every tensor aligned to its item size. An extra
-    tensor (an untied output head) follows the tensor it is read from.
+    tensor follows the tensor it is read from (an untied output head) or joins the shard of
+    its weight (a requantized weight's new scales, from another shard).
     """
     infos = sorted(header.tensors.values(), key=lambda info: info.begin)
-    if extra is not None:
-        infos.insert(next(i for i, info in enumerate(infos) if info.begin == extra.begin) + 1, extra)
-    infos = [info for info in infos if info.name not in quant.drop]
+    for added in extra:
+        if added.name in quant.moved:  # a new scale, computed: its place is decided below
+            infos.append(added)
+        else:  # an untied head, after the embedding it is read from
+            infos.insert(next(i for i, info in enumerate(infos) if info.begin == added.begin) + 1, added)
+    infos = [
+        info
+        for info in infos
+        if info.name not in quant.drop and (info.name not in quant.moved or quant.moved[info.name] == header.path)
+    ]
     dtypes = {
         info.name: out_dtype if out_dtype and (info.dtype in FLOAT_DTYPES or info.name in quant.reads) else info.dtype
         for info in infos

@@ -9,6 +9,7 @@ from the plan, with the sink's threads writing and hashing while the next block 
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack
@@ -242,8 +243,8 @@ class TensorMerger:
         quantized = [tensor for shard in shards for tensor in shard.tensors if tensor.quant]
         self.scale_buffer.take(max((t.quant.scale_end - t.quant.scale_begin for t in quantized if t.quant), default=0))
         self.widen.take(4 * WIDEN_CHUNK if quantized else 0)
-        requantized = [t for t in quantized if t.ops and t.dtype == t.src_dtype]
-        piece = max((numel(self._piece_shape(t, b)) for t in requantized for b in row_blocks(t)[:1]), default=0)
+        merged = [t for t in quantized if t.ops]
+        piece = max((numel(self._piece_shape(t, b)) for t in merged for b in row_blocks(t)[:1]), default=0)
         self.codes.take(piece)
         for buffer in self.pieces:
             buffer.take(4 * piece)
@@ -397,11 +398,35 @@ class TensorMerger:
             base = self._base_value(source, block, scales)
             self.non_finite(tensor, base, rounded, lambda: self._merge_cause(tensor, value, whole))
         if tensor.ops and (block.first == 0 or tensor.name in self.unchanged):  # once a block differs, no more
-            if _same_bytes(data, source.reshape(block.shape).to(rounded.dtype)):
-                self.unchanged.add(tensor.name)
+            if scales is None:
+                same = _same_bytes(data, source.reshape(block.shape).to(rounded.dtype))
             else:
-                self.unchanged.discard(tensor.name)
+                same = self._same_as_dequantized(rounded, source, tensor, block, scales)
+            (self.unchanged.add if same else self.unchanged.discard)(tensor.name)
         return data, output
+
+    def _same_as_dequantized(
+        self, rounded: torch.Tensor, source: torch.Tensor, tensor: TensorPlan, block: Block, scales: Scales
+    ) -> bool:
+        """Whether ``rounded``, a merged block, equals the base's FP8 values dequantized and
+        rounded alike, compared piece by piece."""
+        fmt = scales.read.format
+        width = self._piece_shape(tensor, block)[-1]
+        base = source.reshape(block.shape).to(self.device, non_blocking=True)
+        for first in range(0, block.shape[-1], width):
+            last = min(first + width, block.shape[-1])
+            span = scale_columns(fmt, first, last)
+            base_scales = scales.rows(scales.base, block)
+            base_scales = base_scales if span is None else base_scales[..., span[0] : span[1]]
+            shape = (*block.shape[:-1], last - first)
+            codes = self.codes.tensor(torch.uint8, shape).copy_(base[..., first:last].view(torch.uint8))
+            was = self.pieces[0].tensor(torch.float32, shape)
+            dequantize_into(
+                was, codes.view(torch.float8_e4m3fn), base_scales, fmt, self._scratch(), scales.offset(block)
+            )
+            if not torch.equal(rounded[..., first:last], was.to(rounded.dtype)):
+                return False
+        return True
 
     def _merged_value(
         self,
@@ -520,6 +545,12 @@ class TensorMerger:
             pieces = (value, base, quantized, scales.rows(scales.base, block), stored, factor)
             for index, square in enumerate(self._requantize_piece(pieces, columns, fmt)):
                 norms[index] += square
+        if not all(math.isfinite(square) for square in norms) and tensor.name not in self.kept_non_finite:
+            raise NonFiniteError(
+                "requantizing wrote NaN where the merge has none (a scale out of its dtype's range?)",
+                tensor=tensor.name,
+                hint="write a 16-bit output with --dtype bfloat16",
+            )
         if self.rounded is not None:
             host.copy_(quantized, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()

@@ -86,7 +86,11 @@ def widen_into(out: torch.Tensor, q: torch.Tensor, scratch: torch.Tensor | None 
 
 def largest(value: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     """The largest magnitude of ``value`` (float32 rows) per scale: the grid rows covering
-    them (block), one per row (channel), or one for all (tensor)."""
+    them (block), one per row (channel), or one for all (tensor). NaN, which a merge keeps
+    only where the base held it, does not count: it stays NaN, and its neighbours are
+    scaled by their own largest value."""
+    if not bool(torch.isfinite(value.sum())) and bool(torch.isnan(value).any()):
+        value = torch.nan_to_num(value, nan=0.0)
     if fmt.strategy == "tensor":
         return torch.maximum(value.amax(), -value.amin()).reshape(1)
     if fmt.strategy == "channel":
@@ -119,22 +123,28 @@ def combine(parts: list[torch.Tensor], fmt: QuantFormat) -> torch.Tensor:
 def scales_for(largest_values: torch.Tensor, fmt: QuantFormat, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """From the largest magnitudes: the scale tensor as stored (in ``dtype``), and the float32
     factor a value is multiplied by (fine-grained) or divided by (compressed-tensors) before
-    rounding to FP8."""
+    rounding to FP8. Where the references' scale would round to 0 in ``dtype`` (a block of
+    values below about 1e-5 with float16 scales), which would write NaN and 448 in place of
+    its values, the smallest normal ``dtype`` number is stored instead."""
     amax = largest_values.float()
     if fmt.method == "compressed-tensors":
         scale = amax / FP8_MAX
         scale = torch.where(scale == 0, torch.finfo(torch.float32).eps, scale)
-        stored = scale.to(dtype)
+        stored = _nonzero(scale.to(dtype))
         return stored, stored.float()
     forward = torch.where(amax > 0, FP8_MAX / torch.where(amax > 0, amax, 1.0), 1.0)
     inverse = 1.0 / forward
     if fmt.ue8m0:
         inverse = torch.exp2(torch.ceil(torch.log2(inverse.clamp(min=torch.finfo(torch.float32).tiny))))
         return inverse.to(dtype), 1.0 / inverse
-    stored = inverse.to(dtype)
-    if dtype == torch.float32:
+    stored = _nonzero(inverse.to(dtype))
+    if dtype == torch.float32 and bool(torch.isfinite(forward).all()):
         return stored, forward
     return stored, 1.0 / stored.float()
+
+
+def _nonzero(stored: torch.Tensor) -> torch.Tensor:
+    return torch.where(stored > 0, stored, torch.finfo(stored.dtype).tiny)
 
 
 def quantize_into(out: torch.Tensor, value: torch.Tensor, factor: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
