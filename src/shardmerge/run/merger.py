@@ -350,9 +350,7 @@ class TensorMerger:
         scales: Scales,
     ) -> torch.Tensor:
         value = self._merged_value(source, tensor, block, whole, scales)
-        if not all_finite(value):
-            base = self._base_value(source, block, scales)
-            self.non_finite(tensor, base, value, lambda: self._merge_cause(tensor, value, whole))
+        self._check_merged(value, source, tensor, block, whole, scales)
         return largest(value, scales.read.format)
 
     def write_scale(self, tensor: TensorPlan) -> None:
@@ -503,6 +501,20 @@ class TensorMerger:
         """Room to widen FP8 values (see ``widen_into``)."""
         return self.widen.tensor(torch.int16, (2 * WIDEN_CHUNK,))
 
+    def _check_merged(
+        self,
+        value: torch.Tensor,
+        source: torch.Tensor,
+        tensor: TensorPlan,
+        block: Block,
+        whole: list[list[torch.Tensor | None] | None],
+        scales: Scales,
+    ) -> None:
+        """A merged float32 block about to be requantized holds no NaN or Inf but the base's."""
+        if not all_finite(value):
+            base = self._base_value(source, block, scales)
+            self.non_finite(tensor, base, value, lambda: self._merge_cause(tensor, value, whole))
+
     def _base_value(self, source: torch.Tensor, block: Block, scales: Scales | None) -> torch.Tensor:
         """The base's values of ``block`` as numbers (dequantized into the difference buffer)."""
         if scales is None:
@@ -525,9 +537,7 @@ class TensorMerger:
         where they are streamed); the squared norms of its update, of what survived and of the
         error added to ``self.requantized``."""
         fmt = scales.read.format
-        if not all_finite(value):
-            base = self._base_value(source, block, scales)
-            self.non_finite(tensor, base, value, lambda: self._merge_cause(tensor, value, whole))
+        self._check_merged(value, source, tensor, block, whole, scales)
         if scales.streamed is not None:
             scales.streamed.append(largest(value, fmt))
             stored, factor = scales_for(scales.streamed[-1], fmt, TORCH_DTYPES[scales.read.scale_dtype])
