@@ -323,15 +323,19 @@ def test_blocks_of_rows_match_whole_tensors(
 ) -> None:
     """Blocks of 5 rows: a dequantized weight's blocks start inside its 32-row scale blocks;
     a requantized one's are rounded up to whole scale blocks (or single rows, per channel),
-    its new scales found block by block. The BLAS may round a product of a few rows in
-    another last bit (see test_merge_peft), so: PEFT's merge within one unit in the last
-    place, and FP8 codes within one step of the whole tensors' (scales to float32 rounding)."""
+    its new scales found block by block; both merged in pieces of 32 columns where they can.
+    The BLAS may round a product of a few rows in another last bit (see test_merge_peft), so:
+    PEFT's merge within one unit in the last place, and FP8 codes within one step of the
+    whole tensors' (scales to float32 rounding)."""
     from shardmerge.planning import planner
+    from shardmerge.run import merger, quant
 
     base = fp8(name)
     adapter = save_adapter(base.dequantized, tmp_path / "adapter", seed=52, r=4, target_modules=LINEAR)
     shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(tmp_path / "whole"), dtype=dtype)
     monkeypatch.setattr(planner, "MERGE_BLOCK_ELEMENTS", 5 * 48)
+    for module in (merger, quant):  # and pieces of 32 columns (one scale block) where merged by columns
+        monkeypatch.setattr(module, "WIDEN_CHUNK", 64)
     plan = shardmerge.plan(base=str(base.path), adapters=[str(adapter)], dtype=dtype)
     assert len([t for shard in plan.shards for t in shard.tensors if 0 < t.block_rows < t.shape[0] and t.quant]) >= 5
     shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(tmp_path / "blocks"), dtype=dtype)

@@ -62,6 +62,26 @@ def apply_op(
     raise ValueError(f"unknown merge op kind {op.kind!r}")
 
 
+def apply_lora_columns(
+    value: torch.Tensor,
+    op: MergeOp,
+    tensors: list[torch.Tensor | None],
+    rows: tuple[int, int] | None,
+    columns: tuple[int, int],
+) -> torch.Tensor:
+    """A plain LoRA op (``kind == "lora"``, ``layout == "linear"``) applied to ``value``,
+    which holds only columns ``columns`` of the rows ``rows`` (None: all) of the tensor."""
+    left, right = _factors(op, _get(tensors, 0), _get(tensors, 1))
+    if rows is not None:
+        left = left[rows[0] : rows[1]]
+    return value.addmm_(left, right[:, columns[0] : columns[1]], alpha=op.scale * op.weight)
+
+
+def by_columns(ops: tuple[MergeOp, ...]) -> bool:
+    """Whether every op can be applied to a block's columns piece by piece (plain LoRA)."""
+    return all(op.kind == "lora" and op.layout == "linear" for op in ops)
+
+
 def _tokens(value: torch.Tensor, op: MergeOp, delta: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
     indices = torch.tensor(op.indices, device=value.device, dtype=torch.long)
     if rows is not None:

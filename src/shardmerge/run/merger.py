@@ -29,7 +29,7 @@ from ..output import journal as journals
 from ..output import outdir
 from ..planning.model import MergeOp, Plan, QuantRead, ShardPlan, TensorPlan
 from ..planning.planner import COPY_CHUNK_BYTES, WIDEN_CHUNK
-from .kernels import all_finite, apply_op
+from .kernels import all_finite, apply_lora_columns, apply_op, by_columns
 from .quant import combine, dequantize_into, largest, quantize_into, scale_columns, scale_rows, scales_for
 from .sink import ShardSink, Written
 from .stop import StopRequest
@@ -225,7 +225,7 @@ class TensorMerger:
         self.scale_buffer = Buffer(host)
         self.widen = Buffer(device)
         self.codes = Buffer(device)
-        self.pieces = [Buffer(device) for _ in range(3)]
+        self.pieces = [Buffer(device) for _ in range(4)]
         self.difference = Buffer(device)
         self.largest: dict[str, torch.Tensor] = {}
         # Requantized weights: squared norms of the update, what survived, the rounding error.
@@ -284,7 +284,8 @@ class TensorMerger:
             staging = max([staging, *sizes])
             rooms.append(_Arena.room(shapes))
         source = max(block.end - block.begin for block in blocks)
-        return (source, 4 * count, count * ITEMSIZE[tensor.dtype], staging, rooms[0], rooms[1])
+        work = 0 if _columns(tensor) else 4 * count
+        return (source, work, count * ITEMSIZE[tensor.dtype], staging, rooms[0], rooms[1])
 
     def read(self, fd: int, tensor: TensorPlan, begin: int, end: int) -> torch.Tensor:
         raw = self.read_buffer.take(end - begin)
@@ -388,6 +389,8 @@ class TensorMerger:
         scales: Scales | None = None,
     ) -> tuple[memoryview, Buffer]:
         """Block ``block`` of ``tensor`` merged from ``source``, its base bytes."""
+        if scales is not None and _columns(tensor):
+            return self._merge_columns(source, tensor, block, whole, scales)
         value = self._merged_value(source, tensor, block, whole, scales)
         if scales is not None and scales.requantized:
             return self._requantized(source, tensor, block, whole, scales, value)
@@ -402,6 +405,119 @@ class TensorMerger:
                 same = self._same_as_dequantized(rounded, source, tensor, block, scales)
             (self.unchanged.add if same else self.unchanged.discard)(tensor.name)
         return data, output
+
+    def _merge_columns(
+        self,
+        source: torch.Tensor,
+        tensor: TensorPlan,
+        block: Block,
+        whole: list[list[torch.Tensor | None] | None],
+        scales: Scales,
+    ) -> tuple[memoryview, Buffer]:
+        """Block ``block`` of a quantized weight, merged piece by piece of its columns (see
+        ``_columns``): each piece dequantized, merged, then rounded to the output dtype or
+        requantized and measured, so that no float32 copy of the whole block is ever held."""
+        fmt = scales.read.format
+        output = self.sink.acquire()
+        host = output.tensor(TORCH_DTYPES[tensor.dtype], block.shape)
+        target = host if self.rounded is None else self.rounded.tensor(host.dtype, block.shape)
+        base = source.reshape(block.shape).to(self.device, non_blocking=True)
+        width = self._piece_shape(tensor, block)[-1]
+        largest_values = []
+        same = bool(tensor.ops) and (block.first == 0 or tensor.name in self.unchanged)  # still to be seen
+        for first in range(0, block.shape[-1], width):
+            columns = (first, min(first + width, block.shape[-1]))
+            value, was = self._merged_piece(base, tensor, block, whole, scales, columns)
+            if not all_finite(value):
+                self.non_finite(tensor, was, value, lambda piece=value: self._merge_cause(tensor, piece, whole))
+            piece = target[..., columns[0] : columns[1]]
+            if not scales.requantized:
+                piece.copy_(value)
+                if not all_finite(piece):
+                    self.non_finite(tensor, was, piece, lambda: _out_of_range(tensor))
+                same = same and torch.equal(piece, was.to(piece.dtype))
+                continue
+            span = scale_columns(fmt, *columns)
+            if scales.streamed is not None:
+                largest_values.append(largest(value, fmt))
+                stored, factor = scales_for(largest_values[-1], fmt, TORCH_DTYPES[scales.read.scale_dtype])
+            else:
+                assert scales.stored is not None and scales.factor is not None
+                stored, factor = (scales.rows(s, block) for s in (scales.stored, scales.factor))
+                if span is not None:
+                    stored, factor = stored[..., span[0] : span[1]], factor[..., span[0] : span[1]]
+            norms = self.requantized.setdefault(tensor.name, [0.0, 0.0, 0.0])
+            for index, square in enumerate(self._measure_piece(value, was, piece, stored, factor, fmt)):
+                norms[index] += square
+            same = same and torch.equal(piece.view(torch.uint8), base[..., columns[0] : columns[1]].view(torch.uint8))
+        if largest_values:
+            assert scales.streamed is not None
+            scales.streamed.append(torch.cat(largest_values, dim=-1))
+        if scales.requantized:
+            self._check_requantized(tensor)
+        if self.rounded is not None:
+            host.copy_(target, non_blocking=True)
+            torch.cuda.current_stream(self.device).synchronize()
+        if tensor.ops and (block.first == 0 or tensor.name in self.unchanged):
+            (self.unchanged.add if same else self.unchanged.discard)(tensor.name)
+        return memoryview(host.view(torch.uint8).numpy()).cast("B"), output
+
+    def _merged_piece(
+        self,
+        base: torch.Tensor,
+        tensor: TensorPlan,
+        block: Block,
+        whole: list[list[torch.Tensor | None] | None],
+        scales: Scales,
+        columns: tuple[int, int],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Columns ``columns`` of a block: the merged float32 value, and the base's."""
+        fmt = scales.read.format
+        first, last = columns
+        span = scale_columns(fmt, first, last)
+        base_scales = scales.rows(scales.base, block)
+        base_scales = base_scales if span is None else base_scales[..., span[0] : span[1]]
+        shape = (*block.shape[:-1], last - first)
+        codes = self.codes.tensor(torch.uint8, shape).copy_(base[..., first:last].view(torch.uint8))
+        value = self.pieces[3].tensor(torch.float32, shape)
+        dequantize_into(value, codes.view(torch.float8_e4m3fn), base_scales, fmt, self._scratch(), scales.offset(block))
+        was = self.pieces[0].tensor(torch.float32, shape).copy_(value)
+        for op, factors in zip(tensor.ops, whole, strict=True):
+            assert factors is not None
+            apply_lora_columns(value, op, factors, block.span, columns)
+        return value, was
+
+    def _measure_piece(
+        self,
+        value: torch.Tensor,
+        was: torch.Tensor,
+        quantized: torch.Tensor,
+        stored: torch.Tensor,
+        factor: torch.Tensor,
+        fmt: QuantFormat,
+    ) -> tuple[float, float, float]:
+        """Requantize the merged piece ``value`` (scaled in place) into ``quantized``; the
+        squared norms of its update dW, of Q(W + dW) - W and of Q(W + dW) - (W + dW)."""
+        shape = tuple(value.shape)
+        update = torch.sub(value, was, out=self.pieces[1].tensor(torch.float32, shape))
+        quantize_into(quantized, value, factor, fmt)
+        codes = self.codes.tensor(torch.uint8, shape).copy_(quantized.view(torch.uint8))
+        now = dequantize_into(
+            self.pieces[2].tensor(torch.float32, shape), codes.view(torch.float8_e4m3fn), stored, fmt, self._scratch()
+        )
+        kept = now.sub_(was).view(-1)
+        squares = (_square(update.view(-1)), _square(kept))
+        return squares[0], squares[1], _square(kept.sub_(update.view(-1)))
+
+    def _check_requantized(self, tensor: TensorPlan) -> None:
+        """No NaN written by requantizing but the base's own."""
+        norms = self.requantized.get(tensor.name, [])
+        if not all(math.isfinite(square) for square in norms) and tensor.name not in self.kept_non_finite:
+            raise NonFiniteError(
+                "requantizing wrote NaN where the merge has none (a scale out of its dtype's range?)",
+                tensor=tensor.name,
+                hint="write a 16-bit output with --dtype bfloat16",
+            )
 
     def _same_as_dequantized(
         self, rounded: torch.Tensor, source: torch.Tensor, tensor: TensorPlan, block: Block, scales: Scales
@@ -555,12 +671,7 @@ class TensorMerger:
             pieces = (value, base, quantized, scales.rows(scales.base, block), stored, factor)
             for index, square in enumerate(self._requantize_piece(pieces, columns, fmt)):
                 norms[index] += square
-        if not all(math.isfinite(square) for square in norms) and tensor.name not in self.kept_non_finite:
-            raise NonFiniteError(
-                "requantizing wrote NaN where the merge has none (a scale out of its dtype's range?)",
-                tensor=tensor.name,
-                hint="write a 16-bit output with --dtype bfloat16",
-            )
+        self._check_requantized(tensor)
         if self.rounded is not None:
             host.copy_(quantized, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
@@ -710,6 +821,17 @@ class TensorMerger:
             sha256=written.sha256,
             requantized=tuple((name, *self.requantized[name]) for name in names if name in self.requantized),
         )
+
+
+def _columns(tensor: TensorPlan) -> bool:
+    """Whether quantized weight ``tensor`` is requantized piece by piece of columns, never
+    held as whole rows in float32: every op is plain LoRA, and its new scales are found one
+    scale block at a time as it is written (block scales that follow it). A requantized
+    block has whole scale blocks of rows (128 rows of a 28672-wide weight are 14.7 MB of
+    float32); a dequantized one needs none, and is merged in blocks of rows as usual."""
+    if tensor.quant is None or tensor.dtype != tensor.src_dtype or not by_columns(tensor.ops):
+        return False
+    return tensor.scales_follow and tensor.quant.format.strategy == "block"
 
 
 def _square(values: torch.Tensor) -> float:
