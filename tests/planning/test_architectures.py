@@ -3,21 +3,25 @@ merge is itself wrong, against the adapter's unmerged forward pass)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from peft import IA3Config, LoHaConfig, LoKrConfig, TrainableTokensConfig
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
     CLIPVisionConfig,
+    GptOssConfig,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
     MixtralConfig,
     OlmoeConfig,
+    PretrainedConfig,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
 )
@@ -37,6 +41,7 @@ from conftest import (
     saved_reference,
     unmerged_logits,
 )
+from shardmerge.planning.layouts import TRANSPOSED_EXPERTS
 
 IDS = torch.arange(24).reshape(2, 12) % 90
 
@@ -131,6 +136,47 @@ def test_moe_fused_and_per_expert_adapters(
         assert_matches_saved(output, expected, torch.float32)
         assert_same_logits(output, peft_reference(base, [(fused, 1.0)]), torch.float32)
     assert read_output(tmp_path / "out-fused").keys() == read_output(tmp_path / "out-per-expert").keys()
+
+
+def test_gpt_oss_experts_with_hidden_equal_to_intermediate_match_peft(tmp_path: Path) -> None:
+    """gpt-oss stores its fused experts [experts, in, out] (interleaved gate and up columns,
+    with biases), and its hidden and intermediate sizes are equal, as in the real 2880 = 2880:
+    down_proj is square, so only the architecture can say which way PEFT's delta lies."""
+    config = GptOssConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention"],
+    )  # fmt: skip
+    base = save_base(config, tmp_path / "base", torch.float32, seed=5, shard_kb=64)
+    stored = read_output(base.path)
+    assert stored["model.layers.0.mlp.experts.down_proj"].shape == (4, 32, 32)
+    assert "model.layers.0.mlp.experts.gate_up_proj_bias" in stored
+    adapter = fused_expert_adapter(base, tmp_path / "adapter")
+    output = tmp_path / "out"
+    plan = merge(base, [adapter], output)
+    layouts = {
+        t.name: t.ops[0].layout for shard in plan.shards for t in shard.tensors if ".experts." in t.name and t.ops
+    }
+    assert set(layouts.values()) == {"experts-in-out"} and len(layouts) == 4
+    reference = peft_reference(base, [(adapter, 1.0)])
+    assert_matches_saved(output, saved_reference(reference, tmp_path / "reference"), torch.float32)
+    assert_same_logits(output, peft_reference(base, [(adapter, 1.0)]), torch.float32)
+
+
+def test_the_table_of_transposed_experts_is_transformers_own() -> None:
+    """The model types whose experts transformers declares ``is_transposed`` (the flag PEFT
+    reads) are those of TRANSPOSED_EXPERTS."""
+    root = Path(transformers.__file__).parent / "models"
+    folders = {path.parent.name for path in root.glob("*/modeling_*.py") if "is_transposed=True" in path.read_text()}
+    model_types = set()
+    for folder in folders:
+        module = importlib.import_module(f"transformers.models.{folder}.configuration_{folder}")
+        model_types |= {
+            value.model_type
+            for value in vars(module).values()
+            if isinstance(value, type) and issubclass(value, PretrainedConfig) and value.model_type
+        }
+    assert model_types == TRANSPOSED_EXPERTS
 
 
 # --- vision-language models ---------------------------------------------------------------

@@ -27,6 +27,12 @@ CONV1D_MODULES: dict[str, tuple[str, ...]] = {
     "clvp": ("c_fc", "c_proj"),
     "clvp_decoder": ("c_fc", "c_proj"),
 }
+# Model types whose fused expert parameters are stored [experts, in, out]: transformers marks
+# their experts module ``is_transposed``, and PEFT's delta for ``target_parameters`` follows
+# that flag. Every other model type's fused experts are [experts, out, in] as PEFT sees them
+# (whatever their true layout: Llama 4's are [experts, in, out] with no flag, and PEFT's
+# merge adds its delta as [experts, out, in]). The tests check the table against transformers.
+TRANSPOSED_EXPERTS = frozenset({"gpt_oss", "aria", "aria_text", "openai_privacy_filter"})
 # Model types transformers implements (a snapshot of its CONFIG_MAPPING_NAMES, checked against
 # the installed transformers by the tests): for these the table above is complete.
 _MODEL_TYPES_FILE = "transformers_model_types.txt"
@@ -53,6 +59,9 @@ class Layouts:
     conv1d: tuple[str, ...] | None
     source: str
     unknown: str = ""
+    # Whether fused 3-D experts are [experts, in, out] (see TRANSPOSED_EXPERTS); None when the
+    # architecture is unknown, and only the shapes can tell.
+    experts_transposed: bool | None = None
 
     def is_conv1d(self, path: str) -> bool | None:
         """Whether module ``path`` is a Conv1D; None when nothing says."""
@@ -78,7 +87,8 @@ def find_layouts(config: dict[str, Any] | None, conv1d_modules: list[str] | None
     if unknown:
         return Layouts(None, "", f"model type {unknown[0]!r} is not one that transformers implements")
     names = tuple(dict.fromkeys(name for kind in sorted(model_types) for name in CONV1D_MODULES.get(kind, ())))
-    return Layouts(names, f"config.json model_type {', '.join(sorted(model_types))}")
+    transposed = bool(model_types & TRANSPOSED_EXPERTS)
+    return Layouts(names, f"config.json model_type {', '.join(sorted(model_types))}", experts_transposed=transposed)
 
 
 def _model_types(config: dict[str, Any]) -> set[str]:

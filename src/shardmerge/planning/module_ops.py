@@ -306,9 +306,14 @@ class AdapterPlanner:
         if len(shape) == 2:  # a plain 2-D parameter: PEFT treats it as one Linear weight
             found.append((1, [(fused, shape[0])], (shape[0], shape[1]), "linear"))
         elif len(shape) == 3:
+            # The orientation PEFT's delta takes, from the architecture; from the shapes only
+            # where it is unknown (a square expert fits both: refused as ambiguous).
             experts, first, second = shape
-            found.append((experts, [(fused, first)], (first, second), "experts-out-in"))
-            found.append((experts, [(fused, second)], (second, first), "experts-in-out"))
+            transposed = self.layouts.experts_transposed
+            if transposed is not True:
+                found.append((experts, [(fused, first)], (first, second), "experts-out-in"))
+            if transposed is not False:
+                found.append((experts, [(fused, second)], (second, first), "experts-in-out"))
         for names in _EXPERT_LAYOUTS.get(parameter, ()):
             parts: list[tuple[Mapping, int]] = []
             expert = 0
