@@ -200,9 +200,8 @@ class TensorMerger:
     ) -> None:
         self.device = device
         self.adapters = adapters
-        # Where each merged quantized weight is read from: its scales may be written first,
-        # from another shard.
-        self.sources = {t.name: (shard.source, t) for shard in plan.shards for t in shard.tensors if t.quant and t.ops}
+        # The merged quantized weights by name, for their new scales (written in their shard).
+        self.weights = {t.name: t for shard in plan.shards for t in shard.tensors if t.quant and t.ops}
         cuda = device.type == "cuda"
         host = torch.device("cpu")
         self.read_buffer = Buffer(host, pinned=cuda)
@@ -296,7 +295,7 @@ class TensorMerger:
         """The output bytes of ``tensor``, read from the source file ``fd``, block by block:
         blocks of rows where every op allows it, else the whole tensor. Each block comes in a
         buffer of the sink's pool that goes back to it once written and hashed."""
-        scales = self.scales(tensor)  # first: finding new scales may merge the weight once
+        scales = self.scales(fd, tensor)  # first: finding new scales may merge the weight once
         whole = self.whole_factors(tensor)
         for block in row_blocks(tensor):
             source = self.read(fd, tensor, block.begin, block.end)
@@ -304,17 +303,18 @@ class TensorMerger:
         if scales is not None and scales.streamed is not None:  # for the scales, written next
             self.largest[tensor.name] = combine(scales.streamed, scales.read.format)
 
-    def scales(self, tensor: TensorPlan) -> Scales | None:
-        """The scales of a quantized weight: the base's, and the new ones if it is requantized."""
+    def scales(self, fd: int, tensor: TensorPlan) -> Scales | None:
+        """The scales of a quantized weight read from ``fd``: the base's, and the new ones if
+        it is requantized."""
         if tensor.quant is None:
             return None
         read = tensor.quant
         raw = self.scale_buffer.take(read.scale_end - read.scale_begin)
-        fd = os.open(read.scale_source, os.O_RDONLY)
+        scale_fd = os.open(read.scale_source, os.O_RDONLY)
         try:
-            pread_into(fd, memoryview(raw.numpy()), read.scale_begin)
+            pread_into(scale_fd, memoryview(raw.numpy()), read.scale_begin)
         finally:
-            os.close(fd)
+            os.close(scale_fd)
         base = raw.view(TORCH_DTYPES[read.scale_dtype]).reshape(read.scale_shape).to(self.device, copy=True)
         scales = Scales(read, base)
         if tensor.dtype == tensor.src_dtype:  # requantized
@@ -322,43 +322,29 @@ class TensorMerger:
                 scales.streamed = []
             else:
                 dtype = TORCH_DTYPES[read.scale_dtype]
-                scales.stored, scales.factor = scales_for(self.largest_of(tensor, scales), read.format, dtype)
+                scales.stored, scales.factor = scales_for(self.largest_of(fd, tensor, scales), read.format, dtype)
         return scales
 
-    def largest_of(self, tensor: TensorPlan, scales: Scales) -> torch.Tensor:
+    def largest_of(self, fd: int, tensor: TensorPlan, scales: Scales) -> torch.Tensor:
         """The largest magnitudes of merged weight ``tensor`` per new scale, merging it once
-        without writing (its scales precede it in the file); kept until the shard is written."""
+        from ``fd`` without writing (its scales precede it in the file); kept until the shard
+        is written."""
         if tensor.name not in self.largest:
             whole = self.whole_factors(tensor)
             parts = []
-            fd = os.open(self.sources[tensor.name][0], os.O_RDONLY)
-            try:
-                for block in row_blocks(tensor):
-                    parts.append(
-                        self._largest_block(self.read(fd, tensor, block.begin, block.end), tensor, block, whole, scales)
-                    )
-            finally:
-                os.close(fd)
+            for block in row_blocks(tensor):
+                source = self.read(fd, tensor, block.begin, block.end)
+                value = self._merged_value(source, tensor, block, whole, scales)
+                self._check_merged(value, source, tensor, block, whole, scales)
+                parts.append(largest(value, scales.read.format))
             self.largest[tensor.name] = combine(parts, scales.read.format)
         return self.largest[tensor.name]
 
-    def _largest_block(
-        self,
-        source: torch.Tensor,
-        tensor: TensorPlan,
-        block: Block,
-        whole: list[list[torch.Tensor | None] | None],
-        scales: Scales,
-    ) -> torch.Tensor:
-        value = self._merged_value(source, tensor, block, whole, scales)
-        self._check_merged(value, source, tensor, block, whole, scales)
-        return largest(value, scales.read.format)
-
-    def write_scale(self, tensor: TensorPlan) -> None:
-        """Write the new scales of the merged weight ``tensor.scale_of``."""
+    def write_scale(self, fd: int, tensor: TensorPlan) -> None:
+        """Write the new scales of the merged weight ``tensor.scale_of``, which ``fd`` holds:
+        a new scale always lies in its weight's shard."""
         assert tensor.scale_of is not None
-        weight = self.sources[tensor.scale_of][1]
-        scales = self.scales(weight)
+        scales = self.scales(fd, self.weights[tensor.scale_of])
         assert scales is not None and scales.stored is not None
         output = self.sink.acquire()
         stored = output.tensor(TORCH_DTYPES[tensor.dtype], tensor.shape)
@@ -375,7 +361,7 @@ class TensorMerger:
     def write_tensor(self, src: int, tensor: TensorPlan) -> None:
         """Write a tensor that needs its own reads: a quantized weight or its new scales."""
         if tensor.scale_of:
-            self.write_scale(tensor)
+            self.write_scale(src, tensor)
         else:
             for block in self.merge(src, tensor):
                 self.sink.write(*block)
@@ -390,7 +376,7 @@ class TensorMerger:
     ) -> tuple[memoryview, Buffer]:
         """Block ``block`` of ``tensor`` merged from ``source``, its base bytes."""
         if scales is not None and _columns(tensor):
-            return self._merge_columns(source, tensor, block, whole, scales)
+            return self._requantized(source, tensor, block, whole, scales, None)
         value = self._merged_value(source, tensor, block, whole, scales)
         if scales is not None and scales.requantized:
             return self._requantized(source, tensor, block, whole, scales, value)
@@ -398,69 +384,103 @@ class TensorMerger:
         if not all_finite(rounded):
             base = self._base_value(source, block, scales)
             self.non_finite(tensor, base, rounded, lambda: self._merge_cause(tensor, value, whole))
-        if tensor.ops and (block.first == 0 or tensor.name in self.unchanged):  # once a block differs, no more
+        if self._still_unchanged(tensor, block):
             if scales is None:
                 same = _same_bytes(data, source.reshape(block.shape).to(rounded.dtype))
             else:
-                same = self._same_as_dequantized(rounded, source, tensor, block, scales)
-            (self.unchanged.add if same else self.unchanged.discard)(tensor.name)
+                same = self._same_as_dequantized(rounded, source, block, tensor, scales)
+            self._note_unchanged(tensor, same)
         return data, output
 
-    def _merge_columns(
+    def _requantized(
         self,
         source: torch.Tensor,
         tensor: TensorPlan,
         block: Block,
         whole: list[list[torch.Tensor | None] | None],
         scales: Scales,
+        value: torch.Tensor | None,
     ) -> tuple[memoryview, Buffer]:
-        """Block ``block`` of a quantized weight, merged piece by piece of its columns (see
-        ``_columns``): each piece dequantized, merged, then rounded to the output dtype or
-        requantized and measured, so that no float32 copy of the whole block is ever held."""
+        """Block ``block`` of a requantized weight: ``value``, the merged block, or None to
+        merge it piece by piece of its columns (see ``_columns``), so that no float32 copy of
+        the whole block is held. Each piece is requantized with the new scales (found from it
+        where they are streamed) and measured: the squared norms of its update, of what
+        survived and of the error are added to ``self.requantized``."""
         fmt = scales.read.format
         output = self.sink.acquire()
         host = output.tensor(TORCH_DTYPES[tensor.dtype], block.shape)
         target = host if self.rounded is None else self.rounded.tensor(host.dtype, block.shape)
         base = source.reshape(block.shape).to(self.device, non_blocking=True)
-        width = self._piece_shape(tensor, block)[-1]
+        new: tuple[torch.Tensor, torch.Tensor] | None = None  # the block's new scales, where known
+        if value is not None:
+            self._check_merged(value, source, tensor, block, whole, scales)
+            new = self._block_scales(scales, block, value)
+        elif scales.streamed is None:
+            new = self._block_scales(scales, block, None)
+        norms = self.requantized.setdefault(tensor.name, [0.0, 0.0, 0.0])
         largest_values = []
-        same = bool(tensor.ops) and (block.first == 0 or tensor.name in self.unchanged)  # still to be seen
+        same = self._still_unchanged(tensor, block)
+        width = self._piece_shape(tensor, block)[-1]
         for first in range(0, block.shape[-1], width):
             columns = (first, min(first + width, block.shape[-1]))
-            value, was = self._merged_piece(base, tensor, block, whole, scales, columns)
-            if not all_finite(value):
-                self.non_finite(tensor, was, value, lambda piece=value: self._merge_cause(tensor, piece, whole))
-            piece = target[..., columns[0] : columns[1]]
-            if not scales.requantized:
-                piece.copy_(value)
-                if not all_finite(piece):
-                    self.non_finite(tensor, was, piece, lambda: _out_of_range(tensor))
-                same = same and torch.equal(piece, was.to(piece.dtype))
-                continue
-            span = scale_columns(fmt, *columns)
-            if scales.streamed is not None:
-                largest_values.append(largest(value, fmt))
+            if value is None:
+                merged, was = self._merged_piece(base, tensor, block, whole, scales, columns)
+                if not all_finite(merged):
+                    self.non_finite(tensor, was, merged, lambda piece=merged: self._merge_cause(tensor, piece, whole))
+            else:
+                merged, was = value[..., columns[0] : columns[1]], self._base_piece(base, block, scales, columns)
+            if new is None:  # streamed, piece by piece: whole scale blocks wide
+                largest_values.append(largest(merged, fmt))
                 stored, factor = scales_for(largest_values[-1], fmt, TORCH_DTYPES[scales.read.scale_dtype])
             else:
-                assert scales.stored is not None and scales.factor is not None
-                stored, factor = (scales.rows(s, block) for s in (scales.stored, scales.factor))
-                if span is not None:
-                    stored, factor = stored[..., span[0] : span[1]], factor[..., span[0] : span[1]]
-            norms = self.requantized.setdefault(tensor.name, [0.0, 0.0, 0.0])
-            for index, square in enumerate(self._measure_piece(value, was, piece, stored, factor, fmt)):
+                stored, factor = (_scale_columns(s, fmt, columns) for s in new)
+            piece = target[..., columns[0] : columns[1]]
+            for index, square in enumerate(self._measure_piece(merged, was, piece, stored, factor, fmt)):
                 norms[index] += square
             same = same and torch.equal(piece.view(torch.uint8), base[..., columns[0] : columns[1]].view(torch.uint8))
         if largest_values:
             assert scales.streamed is not None
             scales.streamed.append(torch.cat(largest_values, dim=-1))
-        if scales.requantized:
-            self._check_requantized(tensor)
+        self._check_requantized(tensor)
         if self.rounded is not None:
             host.copy_(target, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
-        if tensor.ops and (block.first == 0 or tensor.name in self.unchanged):
-            (self.unchanged.add if same else self.unchanged.discard)(tensor.name)
+        if self._still_unchanged(tensor, block):
+            self._note_unchanged(tensor, same)
         return memoryview(host.view(torch.uint8).numpy()).cast("B"), output
+
+    def _block_scales(
+        self, scales: Scales, block: Block, value: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The new stored scales and factors of ``block``'s rows: found from ``value``, the
+        merged block, where they are streamed, else those found before."""
+        if scales.streamed is not None:
+            assert value is not None
+            scales.streamed.append(largest(value, scales.read.format))
+            return scales_for(scales.streamed[-1], scales.read.format, TORCH_DTYPES[scales.read.scale_dtype])
+        assert scales.stored is not None and scales.factor is not None
+        return scales.rows(scales.stored, block), scales.rows(scales.factor, block)
+
+    def _still_unchanged(self, tensor: TensorPlan, block: Block) -> bool:
+        """Whether a merged tensor may still equal the base: once a block differs, no more compares."""
+        return bool(tensor.ops) and (block.first == 0 or tensor.name in self.unchanged)
+
+    def _note_unchanged(self, tensor: TensorPlan, same: bool) -> None:
+        if same:
+            self.unchanged.add(tensor.name)
+        else:
+            self.unchanged.discard(tensor.name)
+
+    def _base_piece(self, base: torch.Tensor, block: Block, scales: Scales, columns: tuple[int, int]) -> torch.Tensor:
+        """Columns ``columns`` of the base's FP8 ``block`` (``base``), dequantized into a piece."""
+        fmt = scales.read.format
+        shape = (*block.shape[:-1], columns[1] - columns[0])
+        codes = self.codes.tensor(torch.uint8, shape).copy_(base[..., columns[0] : columns[1]].view(torch.uint8))
+        base_scales = _scale_columns(scales.rows(scales.base, block), fmt, columns)
+        was = self.pieces[0].tensor(torch.float32, shape)
+        return dequantize_into(
+            was, codes.view(torch.float8_e4m3fn), base_scales, fmt, self._scratch(), scales.offset(block)
+        )
 
     def _merged_piece(
         self,
@@ -472,16 +492,8 @@ class TensorMerger:
         columns: tuple[int, int],
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Columns ``columns`` of a block: the merged float32 value, and the base's."""
-        fmt = scales.read.format
-        first, last = columns
-        span = scale_columns(fmt, first, last)
-        base_scales = scales.rows(scales.base, block)
-        base_scales = base_scales if span is None else base_scales[..., span[0] : span[1]]
-        shape = (*block.shape[:-1], last - first)
-        codes = self.codes.tensor(torch.uint8, shape).copy_(base[..., first:last].view(torch.uint8))
-        value = self.pieces[3].tensor(torch.float32, shape)
-        dequantize_into(value, codes.view(torch.float8_e4m3fn), base_scales, fmt, self._scratch(), scales.offset(block))
-        was = self.pieces[0].tensor(torch.float32, shape).copy_(value)
+        was = self._base_piece(base, block, scales, columns)
+        value = self.pieces[3].tensor(torch.float32, tuple(was.shape)).copy_(was)
         for op, factors in zip(tensor.ops, whole, strict=True):
             assert factors is not None
             apply_lora_columns(value, op, factors, block.span, columns)
@@ -520,25 +532,16 @@ class TensorMerger:
             )
 
     def _same_as_dequantized(
-        self, rounded: torch.Tensor, source: torch.Tensor, tensor: TensorPlan, block: Block, scales: Scales
+        self, rounded: torch.Tensor, source: torch.Tensor, block: Block, tensor: TensorPlan, scales: Scales
     ) -> bool:
         """Whether ``rounded``, a merged block, equals the base's FP8 values dequantized and
         rounded alike, compared piece by piece."""
-        fmt = scales.read.format
-        width = self._piece_shape(tensor, block)[-1]
         base = source.reshape(block.shape).to(self.device, non_blocking=True)
+        width = self._piece_shape(tensor, block)[-1]
         for first in range(0, block.shape[-1], width):
-            last = min(first + width, block.shape[-1])
-            span = scale_columns(fmt, first, last)
-            base_scales = scales.rows(scales.base, block)
-            base_scales = base_scales if span is None else base_scales[..., span[0] : span[1]]
-            shape = (*block.shape[:-1], last - first)
-            codes = self.codes.tensor(torch.uint8, shape).copy_(base[..., first:last].view(torch.uint8))
-            was = self.pieces[0].tensor(torch.float32, shape)
-            dequantize_into(
-                was, codes.view(torch.float8_e4m3fn), base_scales, fmt, self._scratch(), scales.offset(block)
-            )
-            if not torch.equal(rounded[..., first:last], was.to(rounded.dtype)):
+            columns = (first, min(first + width, block.shape[-1]))
+            was = self._base_piece(base, block, scales, columns)
+            if not torch.equal(rounded[..., columns[0] : columns[1]], was.to(rounded.dtype)):
                 return False
         return True
 
@@ -569,7 +572,7 @@ class TensorMerger:
         return value
 
     def _piece_shape(self, tensor: TensorPlan, block: Block) -> tuple[int, ...]:
-        """The shape of the pieces a requantized block is measured in: about WIDEN_CHUNK
+        """The shape of the pieces a quantized block is worked on in: about WIDEN_CHUNK
         elements, whole scale blocks wide."""
         assert tensor.quant is not None
         fmt = tensor.quant.format
@@ -577,41 +580,6 @@ class TensorMerger:
         *lead, cols = block.shape
         rows = numel(tuple(lead))
         return (*lead, min(cols, max(step, WIDEN_CHUNK // max(rows, 1) // step * step)))
-
-    def _requantize_piece(
-        self, pieces: tuple[torch.Tensor, ...], columns: tuple[int, int], fmt: QuantFormat
-    ) -> tuple[float, float, float]:
-        """Requantize columns ``columns`` of a merged block: ``pieces`` are the merged value
-        (scaled in place), the base's FP8 codes, the output codes, and the base's, new stored
-        and new factor scales of the block's rows. Returns the squared norms of the update
-        dW, of Q(W + dW) - W and of Q(W + dW) - (W + dW) over those columns."""
-        value, base, quantized, base_scales, stored, factor = pieces
-        first, last = columns
-        span = scale_columns(fmt, first, last)
-        if span is not None:
-            base_scales, stored, factor = (s[..., span[0] : span[1]] for s in (base_scales, stored, factor))
-        merged = value[..., first:last]
-        shape = tuple(merged.shape)
-        codes = self.codes.tensor(torch.uint8, shape)
-        was = dequantize_into(
-            self.pieces[0].tensor(torch.float32, shape),
-            codes.copy_(base[..., first:last].view(torch.uint8)).view(torch.float8_e4m3fn),
-            base_scales,
-            fmt,
-            self._scratch(),
-        )
-        update = torch.sub(merged, was, out=self.pieces[1].tensor(torch.float32, shape))
-        quantize_into(quantized[..., first:last], merged, factor, fmt)
-        now = dequantize_into(
-            self.pieces[2].tensor(torch.float32, shape),
-            codes.copy_(quantized[..., first:last].view(torch.uint8)).view(torch.float8_e4m3fn),
-            stored,
-            fmt,
-            self._scratch(),
-        )
-        kept = now.sub_(was).view(-1)
-        squares = (_square(update.view(-1)), _square(kept))
-        return squares[0], squares[1], _square(kept.sub_(update.view(-1)))
 
     def _scratch(self) -> torch.Tensor:
         """Room to widen FP8 values (see ``widen_into``)."""
@@ -639,49 +607,6 @@ class TensorMerger:
         quantized = source.reshape(block.shape).to(self.device, non_blocking=True)
         rows, offset = scales.rows(scales.base, block), scales.offset(block)
         return dequantize_into(base, quantized, rows, scales.read.format, self._scratch(), offset)
-
-    def _requantized(
-        self,
-        source: torch.Tensor,
-        tensor: TensorPlan,
-        block: Block,
-        whole: list[list[torch.Tensor | None] | None],
-        scales: Scales,
-        value: torch.Tensor,
-    ) -> tuple[memoryview, Buffer]:
-        """``value``, the merged block, requantized with the new scales (found from it here,
-        where they are streamed); the squared norms of its update, of what survived and of the
-        error added to ``self.requantized``."""
-        fmt = scales.read.format
-        self._check_merged(value, source, tensor, block, whole, scales)
-        if scales.streamed is not None:
-            scales.streamed.append(largest(value, fmt))
-            stored, factor = scales_for(scales.streamed[-1], fmt, TORCH_DTYPES[scales.read.scale_dtype])
-        else:
-            assert scales.stored is not None and scales.factor is not None
-            stored, factor = scales.rows(scales.stored, block), scales.rows(scales.factor, block)
-        output = self.sink.acquire()
-        host = output.tensor(TORCH_DTYPES[tensor.dtype], block.shape)
-        quantized = host if self.rounded is None else self.rounded.tensor(host.dtype, block.shape)
-        base = source.reshape(block.shape).to(self.device, non_blocking=True)
-        norms = self.requantized.setdefault(tensor.name, [0.0, 0.0, 0.0])
-        width = self._piece_shape(tensor, block)[-1]
-        for first in range(0, block.shape[-1], width):
-            columns = (first, min(first + width, block.shape[-1]))
-            pieces = (value, base, quantized, scales.rows(scales.base, block), stored, factor)
-            for index, square in enumerate(self._requantize_piece(pieces, columns, fmt)):
-                norms[index] += square
-        self._check_requantized(tensor)
-        if self.rounded is not None:
-            host.copy_(quantized, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
-        data = memoryview(host.view(torch.uint8).numpy()).cast("B")
-        if block.first == 0 or tensor.name in self.unchanged:
-            if _same_bytes(data, source.reshape(block.shape)):
-                self.unchanged.add(tensor.name)
-            else:
-                self.unchanged.discard(tensor.name)
-        return data, output
 
     def _factors(
         self, arena: _Arena, ops: list[MergeOp | None], rows: tuple[int, int] | None
@@ -832,6 +757,12 @@ def _columns(tensor: TensorPlan) -> bool:
     if tensor.quant is None or tensor.dtype != tensor.src_dtype or not by_columns(tensor.ops):
         return False
     return tensor.scales_follow and tensor.quant.format.strategy == "block"
+
+
+def _scale_columns(scales: torch.Tensor, fmt: QuantFormat, columns: tuple[int, int]) -> torch.Tensor:
+    """The columns of ``scales`` (rows of a scale grid) that cover ``columns`` of the weight."""
+    span = scale_columns(fmt, *columns)
+    return scales if span is None else scales[..., span[0] : span[1]]
 
 
 def _square(values: torch.Tensor) -> float:
