@@ -20,13 +20,19 @@ layer count, to show how memory grows with the model; ``--batch N`` times N adap
 one batch file (one pass over the base) against N separate merges. ``--fp8`` stores the
 preset's linear weights in fine-grained FP8 (128x128 blocks, float32 ``weight_scale_inv``,
 quantized as transformers does) and times two merges: requantized to FP8 (the default) and
-dequantized to bfloat16.
+dequantized to bfloat16. ``--preset gpt-oss`` is a gpt-oss-shaped model (hidden and
+intermediate size 2880, 8 fused experts a layer, stored [experts, in, out] as the -BF16
+releases store them) with LoRA of rank 16 on attention and on both expert parameters;
+``--mxfp4`` stores its experts in MXFP4 as the gpt-oss releases do, and times the merge
+requantized to MXFP4 and dequantized to bfloat16.
 
     python scripts/bench.py                       # default model, 5 runs of each command
     python scripts/bench.py --preset 70b-slice    # a 70B model's largest tensors
     python scripts/bench.py --sweep 4,8           # peak RSS against model size
     python scripts/bench.py --batch 4             # 4 adapters: one batch against 4 merges
     python scripts/bench.py --fp8                 # the same model with FP8 linear weights
+    python scripts/bench.py --preset gpt-oss      # fused experts in bfloat16
+    python scripts/bench.py --mxfp4               # the same model with MXFP4 experts
 """
 
 from __future__ import annotations
@@ -69,26 +75,50 @@ class Shape:
     key_value_heads: int
     adapters: int = 1
     fp8: bool = False
+    experts: int = 0  # gpt-oss's fused experts a layer (0: a Llama)
+    mxfp4: bool = False
 
     @property
     def name(self) -> str:
         name = (
             f"h{self.hidden}-i{self.intermediate}-kv{self.key_value_heads}-v{self.vocab}-l{self.layers}-s{self.shards}"
         )
-        return name + (f"-x{self.adapters}" if self.adapters > 1 else "") + ("-fp8" if self.fp8 else "")
+        name += f"-e{self.experts}" if self.experts else ""
+        return (
+            name
+            + (f"-x{self.adapters}" if self.adapters > 1 else "")
+            + ("-fp8" if self.fp8 else "")
+            + ("-mxfp4" if self.mxfp4 else "")
+        )
+
+    @property
+    def quantized(self) -> str:
+        return ", FP8 linear weights" if self.fp8 else ", MXFP4 experts" if self.mxfp4 else ""
 
 
 DEFAULT = Shape(layers=4, hidden=4096, intermediate=11008, vocab=32000, shards=5, rank=16, key_value_heads=32)
 PRESETS = {
     "default": DEFAULT,
     "70b-slice": Shape(layers=2, hidden=8192, intermediate=28672, vocab=128256, shards=2, rank=16, key_value_heads=8),
+    "gpt-oss": Shape(
+        layers=2, hidden=2880, intermediate=2880, vocab=32000, shards=3, rank=16, key_value_heads=8, experts=8
+    ),
 }
+GPT_OSS_HEADS, GPT_OSS_HEAD_DIM = 64, 64
 LAYERS_OF_70B = 80
 FP8_BLOCK = 128
 
 
 def linear_shapes(shape: Shape) -> dict[str, tuple[int, int]]:
     h, i, kv = shape.hidden, shape.intermediate, shape.key_value_heads * HEAD_DIM
+    if shape.experts:  # gpt-oss: attention only; its experts are fused (see expert_shapes)
+        q, kv = GPT_OSS_HEADS * GPT_OSS_HEAD_DIM, shape.key_value_heads * GPT_OSS_HEAD_DIM
+        return {
+            "self_attn.q_proj": (q, h),
+            "self_attn.k_proj": (kv, h),
+            "self_attn.v_proj": (kv, h),
+            "self_attn.o_proj": (h, q),
+        }
     return {
         "self_attn.q_proj": (h, h),
         "self_attn.k_proj": (kv, h),
@@ -100,12 +130,21 @@ def linear_shapes(shape: Shape) -> dict[str, tuple[int, int]]:
     }
 
 
+def expert_shapes(shape: Shape) -> dict[str, tuple[int, int]]:
+    """gpt-oss's fused expert parameters: (in, out) of each expert's matrix."""
+    return {
+        "mlp.experts.gate_up_proj": (shape.hidden, 2 * shape.intermediate),
+        "mlp.experts.down_proj": (shape.intermediate, shape.hidden),
+    }
+
+
 def generate(shape: Shape, folder: Path) -> None:
     """Write the base (shard by shard, so generation memory is one shard) and the adapter."""
     import torch
     from safetensors.torch import save_file
 
     from shardmerge.formats.quantization import read_quantization
+    from shardmerge.run.packed import mxfp4_quantize
     from shardmerge.run.quant import largest, quantize_into, scales_for
 
     quantization = {"quant_method": "fp8", "weight_block_size": [FP8_BLOCK, FP8_BLOCK], "activation_scheme": "dynamic"}
@@ -119,14 +158,27 @@ def generate(shape: Shape, folder: Path) -> None:
         names += [(f"{prefix}.input_layernorm.weight", (shape.hidden,))]
         names += [(f"{prefix}.{module}.weight", dims) for module, dims in linear_shapes(shape).items()]
         names += [(f"{prefix}.post_attention_layernorm.weight", (shape.hidden,))]
+        if shape.experts:
+            names += [(f"{prefix}.mlp.router.weight", (shape.experts, shape.hidden))]
+            for module, (inputs, outputs) in expert_shapes(shape).items():
+                if shape.mxfp4:
+                    names += [(f"{prefix}.{module}_blocks", (shape.experts, outputs, inputs // 32, 16))]
+                    names += [(f"{prefix}.{module}_scales", (shape.experts, outputs, inputs // 32))]
+                else:
+                    names += [(f"{prefix}.{module}", (shape.experts, inputs, outputs))]
+                names += [(f"{prefix}.{module}_bias", (shape.experts, outputs))]
     names += [("model.norm.weight", (shape.hidden,)), ("lm_head.weight", (shape.vocab, shape.hidden))]
     quantized = {name for name, dims in names if fmt and len(dims) == 2 and "_proj" in name}
-    total = sum((1 if name in quantized else 2) * _numel(dims) for name, dims in names)
+
+    def nbytes_of(name: str, dims: tuple[int, ...]) -> int:
+        return (1 if name in quantized or name.endswith(("_blocks", "_scales")) else 2) * _numel(dims)
+
+    total = sum(nbytes_of(name, dims) for name, dims in names)
     budget = total / shape.shards
     groups: list[list[tuple[str, tuple[int, ...]]]] = [[]]
     size = 0
     for name, dims in names:
-        nbytes = (1 if name in quantized else 2) * _numel(dims)
+        nbytes = nbytes_of(name, dims)
         if size and size + nbytes > budget and len(groups) < shape.shards:
             groups.append([])
             size = 0
@@ -138,6 +190,17 @@ def generate(shape: Shape, folder: Path) -> None:
         file = f"model-{number:05d}-of-{len(groups):05d}.safetensors"
         tensors = {}
         for name, dims in group:
+            if name.endswith("_scales"):
+                continue  # written with its blocks
+            if name.endswith("_blocks"):
+                experts, outputs, blocks, _ = dims
+                value = torch.randn(experts * outputs, blocks * 32, generator=generator) * 0.02
+                packed = torch.empty(experts * outputs, blocks * 16, dtype=torch.uint8)
+                scales = torch.empty(experts * outputs, blocks, dtype=torch.uint8)
+                mxfp4_quantize(value, packed, scales)
+                tensors[name] = packed.view(dims)
+                tensors[name.removesuffix("_blocks") + "_scales"] = scales.view(dims[:3])
+                continue
             value = torch.randn(dims, generator=generator) * 0.02
             if fmt is not None and name in quantized:
                 stored, factor = scales_for(largest(value, fmt), fmt, torch.float32)
@@ -164,6 +227,17 @@ def generate(shape: Shape, folder: Path) -> None:
     }
     if fmt is not None:
         config["quantization_config"] = quantization
+    if shape.experts:
+        config |= {
+            "architectures": ["GptOssForCausalLM"],
+            "model_type": "gpt_oss",
+            "num_attention_heads": GPT_OSS_HEADS,
+            "head_dim": GPT_OSS_HEAD_DIM,
+            "num_local_experts": shape.experts,
+        }
+    if shape.mxfp4:
+        keep = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+        config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": keep}
     (base / "config.json").write_text(json.dumps(config, indent=2))
     lora = {}
     for layer in range(shape.layers):
@@ -171,12 +245,23 @@ def generate(shape: Shape, folder: Path) -> None:
             key = f"base_model.model.model.layers.{layer}.{module}"
             lora[f"{key}.lora_A.weight"] = torch.randn(shape.rank, in_features, generator=generator) * 0.01
             lora[f"{key}.lora_B.weight"] = torch.randn(out_features, shape.rank, generator=generator) * 0.01
+        # PEFT's target_parameters: the first parameter's LoRA sits on base_layer, the second's on the module.
+        for owner, (inputs, outputs) in zip(
+            ("experts.base_layer", "experts"), expert_shapes(shape).values(), strict=True
+        ):
+            if not shape.experts:
+                break
+            key = f"base_model.model.model.layers.{layer}.mlp.{owner}"
+            rank = shape.rank * shape.experts
+            lora[f"{key}.lora_A.weight"] = torch.randn(rank, inputs, generator=generator) * 0.01
+            lora[f"{key}.lora_B.weight"] = torch.randn(outputs, rank, generator=generator) * 0.01
     save_file(lora, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
     adapter_config = {
         "peft_type": "LORA",
         "r": shape.rank,
         "lora_alpha": 2 * shape.rank,
-        "target_modules": list(LINEAR),
+        "target_modules": [module.rpartition(".")[2] for module in linear_shapes(shape)],
+        "target_parameters": list(expert_shapes(shape)) if shape.experts else None,
         "use_rslora": False,
         "use_dora": False,
         "fan_in_fan_out": False,
@@ -268,7 +353,7 @@ def run(shape: Shape, work: Path, repeats: int, *, peft: bool, cold: bool, devic
         "shardmerge": [shardmerge, "merge", str(base), str(data / "adapter"), "-o", str(out), "--device", device],
     }
     commands["shardmerge"].append("--quiet")
-    if shape.fp8:  # the default keeps FP8; also time the dequantized output
+    if shape.fp8 or shape.mxfp4:  # the default keeps the format; also time the dequantized output
         commands["to-bf16"] = [*commands["shardmerge"], "--dtype", "bfloat16"]
     if peft:
         commands["peft"] = [sys.executable, "-c", PEFT_MERGE, str(base), str(data / "adapter"), str(out)]
@@ -358,7 +443,8 @@ def report(result: Result, repeats: int) -> None:
     shape, size = result.shape, result.size
     print(
         f"\nmodel: {shape.layers} layers, hidden {shape.hidden}, intermediate {shape.intermediate}, "
-        f"{shape.key_value_heads} key-value heads, vocab {shape.vocab}{', FP8 linear weights' if shape.fp8 else ''}: "
+        f"{shape.key_value_heads} key-value heads, vocab {shape.vocab}"
+        f"{f', {shape.experts} experts a layer' if shape.experts else ''}{shape.quantized}: "
         f"{size / 2**30:.2f} GiB in {shape.shards} shards"
     )
     print(f"warm page cache; {PROTOCOL.format(repeats=repeats)}")
@@ -375,7 +461,7 @@ def report(result: Result, repeats: int) -> None:
     if result.cold is not None:
         print(f"\ncold page cache (dropped before each run); {PROTOCOL.format(repeats=repeats)}")
         table(result.cold, size)
-    if shape.layers < LAYERS_OF_70B:
+    if shape.layers < LAYERS_OF_70B and not shape.experts:
         whole = replace(shape, layers=LAYERS_OF_70B)
         scale = model_bytes(whole) / model_bytes(shape)
         less = (wall["shardmerge"] - wall["start-up"]) * scale
@@ -401,13 +487,14 @@ def main() -> None:
     parser.add_argument("--peft", action="store_true", help="also time PEFT merge_and_unload + save_pretrained")
     parser.add_argument("--batch", type=int, default=0, metavar="N", help="time N adapters: one batch vs N merges")
     parser.add_argument("--fp8", action="store_true", help="the preset's model with FP8 linear weights")
+    parser.add_argument("--mxfp4", action="store_true", help="the gpt-oss preset with MXFP4 experts")
     parser.add_argument("--workdir", type=Path, default=Path("bench-data"))
     parser.add_argument("--generate", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.generate:
         generate(Shape(**json.loads(args.generate)), args.workdir)
         return
-    preset = replace(PRESETS[args.preset], fp8=args.fp8)
+    preset = replace(PRESETS["gpt-oss" if args.mxfp4 else args.preset], fp8=args.fp8, mxfp4=args.mxfp4)
     if args.layers:
         preset = replace(preset, layers=args.layers)
     if args.batch:  # absolute: a batch file's paths are taken from the file's own folder

@@ -41,6 +41,7 @@ from conftest import (
     saved_reference,
     unmerged_logits,
 )
+from shardmerge.planning import planner
 from shardmerge.planning.layouts import TRANSPOSED_EXPERTS
 
 IDS = torch.arange(24).reshape(2, 12) % 90
@@ -138,10 +139,17 @@ def test_moe_fused_and_per_expert_adapters(
     assert read_output(tmp_path / "out-fused").keys() == read_output(tmp_path / "out-per-expert").keys()
 
 
-def test_gpt_oss_experts_with_hidden_equal_to_intermediate_match_peft(tmp_path: Path) -> None:
+@pytest.mark.parametrize("blocks", [False, True])
+def test_gpt_oss_experts_with_hidden_equal_to_intermediate_match_peft(
+    tmp_path: Path, blocks: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """gpt-oss stores its fused experts [experts, in, out] (interleaved gate and up columns,
     with biases), and its hidden and intermediate sizes are equal, as in the real 2880 = 2880:
-    down_proj is square, so only the architecture can say which way PEFT's delta lies."""
+    down_proj is square, so only the architecture can say which way PEFT's delta lies. With
+    ``blocks``, each expert's matrix is merged 5 or 10 rows at a time (as a 128-expert tensor of
+    8.5 GB in float32 is), never the whole fused tensor at once."""
+    if blocks:
+        monkeypatch.setattr(planner, "MERGE_BLOCK_ELEMENTS", 5 * 64)
     config = GptOssConfig(
         vocab_size=96, hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
@@ -158,6 +166,9 @@ def test_gpt_oss_experts_with_hidden_equal_to_intermediate_match_peft(tmp_path: 
         t.name: t.ops[0].layout for shard in plan.shards for t in shard.tensors if ".experts." in t.name and t.ops
     }
     assert set(layouts.values()) == {"experts-in-out"} and len(layouts) == 4
+    experts = [t for shard in plan.shards for t in shard.tensors if t.name in layouts]
+    expected = {t.name: 5 * 64 // t.shape[2] if blocks else t.shape[1] for t in experts}  # 5 or 10 rows
+    assert all(t.expert_rows for t in experts) and {t.name: t.block_rows for t in experts} == expected
     reference = peft_reference(base, [(adapter, 1.0)])
     assert_matches_saved(output, saved_reference(reference, tmp_path / "reference"), torch.float32)
     assert_same_logits(output, peft_reference(base, [(adapter, 1.0)]), torch.float32)

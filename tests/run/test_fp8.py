@@ -521,13 +521,13 @@ BAD: dict[str, tuple[Callable[[Path, dict[str, Any]], None], str]] = {
     ),
     "mxfp4": (
         lambda folder, config: config.update(quantization_config={"quant_method": "mxfp4"}),
-        "the base is quantized with mxfp4, which shardmerge cannot merge into",
+        "adapter targets a F8_E4M3 tensor; only floating-point tensors can be merged",
     ),
     "ct-int4": (
         lambda folder, config: config.update(
             quantization_config={**compressed_tensors("channel"), "format": "pack-quantized"}
         ),
-        "compressed-tensors format 'pack-quantized' is not supported (float-quantized FP8 is)",
+        "pack-quantized float8 weights are not supported (int4 and int8 are)",
     ),
     "ct-nvfp4": (
         lambda folder, config: config.update(

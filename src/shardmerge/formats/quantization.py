@@ -4,9 +4,11 @@ QuantFormat, and which of its tensors are quantized weights with which scale.
 Two FP8 formats are read (weights in ``float8_e4m3fn``, W = q * scale, one scale per block,
 row or tensor): transformers' fine-grained FP8 (``quant_method: fp8``, ``X.weight_scale_inv``
 per ``weight_block_size`` block, DeepSeek-V3 and Qwen3-FP8 style) and compressed-tensors'
-float-quantized FP8 (``X.weight_scale`` per tensor, channel or block). Every other method is
-refused here, by name. Which weights are quantized is decided by their dtype and the presence
-of their scale, cross-checked against the config's ignore list, never by name patterns.
+float-quantized FP8 (``X.weight_scale`` per tensor, channel or block). Two packed formats,
+several values to a stored element, are read in ``packed.py``: MXFP4 (gpt-oss) and
+compressed-tensors' pack-quantized integers. Every other method is refused here, by name.
+Which weights are quantized is decided by their dtype and the presence of their scale,
+cross-checked against the config's ignore list, never by name patterns.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from .safetensors import TensorInfo
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
 WEIGHT_DTYPE = "F8_E4M3"
 SCALE_DTYPES = frozenset({"F32", "BF16", "F16"})
-_HINT = "merge into the 16-bit release of the base model"
+HINT = "merge into the 16-bit release of the base model"
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,17 @@ class QuantFormat:
     ignore: tuple[str, ...]
     activations: tuple[str, ...]
     kv_cache: bool = False
+    packing: str | None = None  # ``mxfp4`` or ``int``: several values to a stored element
+    bits: int = 8
+    symmetric: bool = True
 
     def describe(self) -> str:
+        if self.packing == "mxfp4":
+            return "MXFP4 (32-value blocks, E8M0 scales)"
+        if self.packing == "int":
+            grain = f"groups of {self.block[1]}" if self.block else "per channel"
+            kind = "symmetric" if self.symmetric else "asymmetric"
+            return f"compressed-tensors INT{self.bits} ({grain}, {kind})"
         grain = f"{self.block[0]}x{self.block[1]} blocks" if self.block else f"per {self.strategy}"
         name = "fine-grained FP8" if self.method == "fp8" else "compressed-tensors FP8"
         return f"{name} ({grain}{', ue8m0 scales' if self.ue8m0 else ''})"
@@ -63,11 +74,13 @@ class QuantFormat:
 
     def row_step(self) -> int:
         """Rows that share a scale: blocks of rows must start at multiples of this."""
+        if self.packing == "int" and not self.symmetric:
+            return 32 // self.bits  # zero points are packed along the rows
         return self.block[0] if self.strategy == "block" and self.block else 1
 
     def ignored(self, module: str) -> bool:
         """Whether the config lists ``module`` as left unquantized."""
-        if self.method == "fp8":
+        if self.method in ("fp8", "mxfp4"):
             # transformers' rule: a prefix up to a module boundary, a regex, or a suffix.
             return any(
                 re.match(rf"(?:{key})(?:(?<=\.)|(?=\.|$))", module) or module.endswith(key) for key in self.ignore
@@ -82,13 +95,17 @@ def read_quantization(config: Mapping[str, Any], path: Path) -> QuantFormat | No
     if not quantization:
         return None
     if not isinstance(quantization, dict):
-        raise InputError("quantization_config is not an object", file=path, hint=_HINT)
+        raise InputError("quantization_config is not an object", file=path, hint=HINT)
     method = str(quantization.get("quant_method", "unknown"))
     if method == "fp8":
         return _fine_grained(quantization, path)
+    if method == "mxfp4":
+        return mxfp4_format(quantization, path)
     if method == "compressed-tensors":
+        if quantization.get("format") == "pack-quantized":
+            return int_format(quantization, path)
         return _compressed_tensors(quantization, path)
-    raise InputError(f"the base is quantized with {method}, which shardmerge cannot merge into", file=path, hint=_HINT)
+    raise InputError(f"the base is quantized with {method}, which shardmerge cannot merge into", file=path, hint=HINT)
 
 
 def _fine_grained(quantization: dict[str, Any], path: Path) -> QuantFormat:
@@ -96,12 +113,12 @@ def _fine_grained(quantization: dict[str, Any], path: Path) -> QuantFormat:
     if block is not None and not (
         isinstance(block, list) and len(block) == 2 and all(isinstance(n, int) and n > 0 for n in block)
     ):
-        raise InputError(f"weight_block_size {block!r} is not two positive integers", file=path, hint=_HINT)
+        raise InputError(f"weight_block_size {block!r} is not two positive integers", file=path, hint=HINT)
     if quantization.get("dequantize"):
-        raise InputError("the fp8 config asks transformers to dequantize on load", file=path, hint=_HINT)
+        raise InputError("the fp8 config asks transformers to dequantize on load", file=path, hint=HINT)
     scale_fmt = quantization.get("scale_fmt")
     if scale_fmt not in (None, "ue8m0"):
-        raise InputError(f"unknown fp8 scale_fmt {scale_fmt!r}", file=path, hint=_HINT)
+        raise InputError(f"unknown fp8 scale_fmt {scale_fmt!r}", file=path, hint=HINT)
     ignore = quantization.get("modules_to_not_convert") or quantization.get("ignored_layers") or []
     static = quantization.get("activation_scheme", "dynamic") == "static"
     return QuantFormat(
@@ -115,34 +132,42 @@ def _fine_grained(quantization: dict[str, Any], path: Path) -> QuantFormat:
     )
 
 
+def weight_args(quantization: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The one way a compressed-tensors config quantizes weights (every group alike)."""
+    groups = quantization.get("config_groups") or {}
+    weights = [group.get("weights") for group in groups.values() if isinstance(group, dict)]
+    if not weights or any(not isinstance(args, dict) for args in weights):
+        raise InputError("compressed-tensors config_groups declare no weight quantization", file=path, hint=HINT)
+    if any(args != weights[0] for args in weights):
+        raise InputError("compressed-tensors config_groups quantize weights in different ways", file=path, hint=HINT)
+    return weights[0]
+
+
 def _compressed_tensors(quantization: dict[str, Any], path: Path) -> QuantFormat:
     fmt = quantization.get("format")
     if fmt not in ("float-quantized", "naive-quantized"):
         raise InputError(
-            f"compressed-tensors format {fmt!r} is not supported (float-quantized FP8 is)", file=path, hint=_HINT
+            f"compressed-tensors format {fmt!r} is not supported (float-quantized FP8 and pack-quantized INT4/INT8 "
+            "are)",
+            file=path,
+            hint=HINT,
         )
-    groups = quantization.get("config_groups") or {}
-    weights = [group.get("weights") for group in groups.values() if isinstance(group, dict)]
-    if not weights or any(not isinstance(args, dict) for args in weights):
-        raise InputError("compressed-tensors config_groups declare no weight quantization", file=path, hint=_HINT)
-    if any(args != weights[0] for args in weights):
-        raise InputError("compressed-tensors config_groups quantize weights in different ways", file=path, hint=_HINT)
-    args = weights[0]
+    args = weight_args(quantization, path)
     if args.get("type") != "float" or args.get("num_bits") != 8:
         kind = f"{args.get('type')}{args.get('num_bits')}"
-        raise InputError(f"compressed-tensors {kind} weights are not supported (FP8 is)", file=path, hint=_HINT)
+        raise InputError(f"compressed-tensors {kind} weights are not supported (FP8 is)", file=path, hint=HINT)
     strategy = args.get("strategy")
     if strategy not in ("tensor", "channel", "block"):
-        raise InputError(f"compressed-tensors FP8 with strategy {strategy!r} is not supported", file=path, hint=_HINT)
+        raise InputError(f"compressed-tensors FP8 with strategy {strategy!r} is not supported", file=path, hint=HINT)
     if not args.get("symmetric", True) or args.get("dynamic") not in (False, None) or args.get("actorder"):
-        raise InputError("asymmetric, dynamic or act-ordered FP8 weights are not supported", file=path, hint=_HINT)
+        raise InputError("asymmetric, dynamic or act-ordered FP8 weights are not supported", file=path, hint=HINT)
     if args.get("scale_dtype") is not None:
-        raise InputError(f"scale_dtype {args['scale_dtype']!r} is not supported", file=path, hint=_HINT)
+        raise InputError(f"scale_dtype {args['scale_dtype']!r} is not supported", file=path, hint=HINT)
     block = args.get("block_structure")
     if strategy == "block" and not (
         isinstance(block, list) and len(block) == 2 and all(isinstance(n, int) and n > 0 for n in block)
     ):
-        raise InputError(f"block_structure {block!r} is not two positive integers", file=path, hint=_HINT)
+        raise InputError(f"block_structure {block!r} is not two positive integers", file=path, hint=HINT)
     activations = ("input_scale", "input_zero_point", "output_scale", "output_zero_point")
     return QuantFormat(
         method="compressed-tensors",
@@ -153,6 +178,64 @@ def _compressed_tensors(quantization: dict[str, Any], path: Path) -> QuantFormat
         ignore=tuple(str(entry) for entry in quantization.get("ignore") or ()),
         activations=activations,
         kv_cache=bool(quantization.get("kv_cache_scheme")),
+    )
+
+
+def mxfp4_format(quantization: dict[str, Any], path: Path) -> QuantFormat:
+    """transformers' MXFP4 (gpt-oss): ``X_blocks`` (uint8, two E2M1 values a byte, 32 values a
+    block) and ``X_scales`` (uint8 E8M0 exponents, one a block)."""
+    if quantization.get("dequantize"):
+        raise InputError("the mxfp4 config asks transformers to dequantize on load", file=path, hint=HINT)
+    ignore = quantization.get("modules_to_not_convert") or []
+    return QuantFormat(
+        method="mxfp4",
+        scale_suffix="_scales",
+        strategy="block",
+        block=(1, 32),
+        ue8m0=True,
+        ignore=tuple(str(entry) for entry in ignore),
+        activations=(),
+        packing="mxfp4",
+        bits=4,
+    )
+
+
+def int_format(quantization: dict[str, Any], path: Path) -> QuantFormat:
+    """compressed-tensors ``pack-quantized``: integer weights packed into int32
+    (``X.weight_packed``), a scale per group or per output channel (``X.weight_scale``), the
+    original shape (``X.weight_shape``), and for asymmetric schemes packed zero points
+    (``X.weight_zero_point``)."""
+    args = weight_args(quantization, path)
+    bits, strategy, group = args.get("num_bits"), args.get("strategy"), args.get("group_size")
+    if args.get("type") != "int" or bits not in (4, 8):
+        kind = f"{args.get('type')}{bits}"
+        raise InputError(f"pack-quantized {kind} weights are not supported (int4 and int8 are)", file=path, hint=HINT)
+    if strategy not in ("group", "channel"):
+        raise InputError(f"pack-quantized weights with strategy {strategy!r} are not supported", file=path, hint=HINT)
+    if strategy == "group" and not (isinstance(group, int) and group > 0):
+        raise InputError(f"group_size {group!r} is not a positive integer", file=path, hint=HINT)
+    if args.get("actorder"):
+        raise InputError(f"act-ordered weights (actorder {args['actorder']!r}) are not supported", file=path, hint=HINT)
+    if args.get("dynamic") not in (False, None):
+        raise InputError("dynamic weight quantization is not supported", file=path, hint=HINT)
+    for key in ("scale_dtype", "zp_dtype"):
+        if args.get(key) is not None:
+            raise InputError(f"{key} {args[key]!r} is not supported", file=path, hint=HINT)
+    activations = quantization.get("config_groups", {})
+    if any(isinstance(g, dict) and g.get("input_activations") for g in activations.values()):
+        raise InputError("quantized activations with pack-quantized weights are not supported", file=path, hint=HINT)
+    return QuantFormat(
+        method="compressed-tensors",
+        scale_suffix="weight_scale",
+        strategy="group" if strategy == "group" else "channel",
+        block=(1, group) if strategy == "group" else None,
+        ue8m0=False,
+        ignore=tuple(str(entry) for entry in quantization.get("ignore") or ()),
+        activations=(),
+        kv_cache=bool(quantization.get("kv_cache_scheme")),
+        packing="int",
+        bits=bits,
+        symmetric=bool(args.get("symmetric", True)),
     )
 
 
@@ -179,7 +262,7 @@ def find_quantized(
             weight = tensors.get(f"{module}.weight")
             if weight is None or weight[0].dtype != WEIGHT_DTYPE:
                 what = "is missing" if weight is None else f"is {weight[0].dtype}, not {WEIGHT_DTYPE}"
-                problems.append(InputError(f"a weight scale whose weight {what}", file=file, tensor=name, hint=_HINT))
+                problems.append(InputError(f"a weight scale whose weight {what}", file=file, tensor=name, hint=HINT))
             continue
         if info.dtype != WEIGHT_DTYPE:
             continue
@@ -196,7 +279,7 @@ def find_quantized(
             continue
         problem = _scale_problem(fmt, info, scale[0], module)
         if problem:
-            problems.append(InputError(problem, file=scale[1], tensor=scale[0].name, hint=_HINT))
+            problems.append(InputError(problem, file=scale[1], tensor=scale[0].name, hint=HINT))
             continue
         found[name] = QuantizedWeight(info, scale[0], file, scale[1])
     return found

@@ -41,9 +41,24 @@ class MergeOp:
 
 
 @dataclass(frozen=True)
+class Stored:
+    """A tensor of the base: name, file, absolute offsets, dtype and shape."""
+
+    name: str
+    source: str
+    begin: int
+    end: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class QuantRead:
     """How a quantized weight is read: its format, and its scale tensor in the base (name,
-    file, absolute offsets, dtype and shape)."""
+    file, absolute offsets, dtype and shape). Packed formats also give ``zero`` (packed zero
+    points of an asymmetric scheme), ``values``, the shape of the values as stored
+    ([experts,] rows, columns), and ``transposed``: whether the model's parameter (and the
+    adapter's delta) is their transpose, expert by expert."""
 
     format: QuantFormat
     scale: str
@@ -52,6 +67,15 @@ class QuantRead:
     scale_end: int
     scale_dtype: str
     scale_shape: tuple[int, ...]
+    zero: Stored | None = None
+    values: tuple[int, ...] = ()
+    transposed: bool = False
+
+    @property
+    def matrices(self) -> tuple[int, int, int]:
+        """Experts (1 for a matrix), rows and columns of a packed weight's values as stored."""
+        values = self.values
+        return (1, values[0], values[1]) if len(values) == 2 else (values[0], values[1], values[2])
 
 
 @dataclass(frozen=True)
@@ -76,6 +100,30 @@ class TensorPlan:
     quant: QuantRead | None = None
     scale_of: str | None = None
     scales_follow: bool = False
+
+    def packed_block(self) -> tuple[int, int, bool, int, int]:
+        """For a packed weight: the rows and columns of one matrix in the orientation it is
+        computed in, whether that is the transpose of the stored one, and the most bytes of
+        packed values and the most float32 values one of its blocks holds."""
+        assert self.quant is not None
+        experts, stored_rows, cols = self.quant.matrices
+        row_bytes = (self.src_end - self.src_begin) // (experts * stored_rows)
+        flipped = self.quant.transposed and self.dtype != self.src_dtype
+        rows, cols = (cols, stored_rows) if flipped else (stored_rows, cols)
+        block = min(rows, self.block_rows)
+        return rows, cols, flipped, stored_rows * row_bytes if flipped else block * row_bytes, block * cols
+
+    @property
+    def expert_rows(self) -> bool:
+        """Whether this fused 3-D expert tensor is merged in blocks of one expert's rows (then
+        ``block_rows`` counts those): every op is LoRA on the fused experts, and it is read as
+        it is stored, not through scales."""
+        return (
+            len(self.shape) == 3
+            and self.quant is None
+            and bool(self.ops)
+            and all(op.kind == "lora" and op.layout.startswith("experts-") for op in self.ops)
+        )
 
     @property
     def computed(self) -> bool:

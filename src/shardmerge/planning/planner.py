@@ -10,18 +10,30 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..config import MergeJob
 from ..errors import AdapterError, InputError, PlanError, ShardmergeError
 from ..formats.fileio import file_sha256
+from ..formats.packed import PackedWeight, find_packed
 from ..formats.quantization import QuantFormat, QuantizedWeight, find_quantized, read_quantization
 from ..formats.safetensors import FLOAT_DTYPES, ITEMSIZE, SafetensorsHeader, TensorInfo, numel
 from ..inputs.resolve import BaseFiles, output_shard_name, resolve_adapter, resolve_base
 from .adapters import Adapter, load_adapter
 from .layouts import find_layouts
-from .model import AdapterSummary, MergeOp, Plan, QuantRead, ShardPlan, TensorPlan, encode_shard_header, row_separable
+from .model import (
+    AdapterSummary,
+    MergeOp,
+    Plan,
+    QuantRead,
+    ShardPlan,
+    Stored,
+    TensorPlan,
+    encode_shard_header,
+    row_separable,
+)
 from .module_ops import AdapterPlanner
 from .tied import find_tied, split_uses
 
@@ -40,6 +52,9 @@ MERGE_BLOCK_ELEMENTS = 1024 * 1024
 # file (written with direct I/O where possible) and the hashes.
 STAGING_BYTES = 8 * 1024 * 1024
 STAGING_BUFFERS = 3
+# float32 copies of a block a packed weight's merge holds at most: the merged value, the
+# base's, the update, and the temporaries of unpacking and rounding (int64 indices).
+PACKED_COPIES = 7
 # FP8 values widened to float32 at a time: their int16 room (1 MiB) stays in the CPU's cache.
 WIDEN_CHUNK = 256 * 1024
 
@@ -64,7 +79,9 @@ def build_plan(job: MergeJob) -> Plan:
             adapters.append(adapter)
     tensors = {name: info for header in headers for name, info in header.tensors.items()}
     located = {name: (info, header.path) for header in headers for name, info in header.tensors.items()}
-    quantized = find_quantized(fmt, located, problems) if fmt else {}
+    layouts = find_layouts(config, job.conv1d_modules)
+    quantized = find_quantized(fmt, located, problems) if fmt and not fmt.packing else {}
+    packed = find_packed(fmt, located, problems, transposed=layouts.experts_transposed) if fmt and fmt.packing else {}
     if fmt and fmt.kv_cache and dtype != "base":
         problems.append(
             InputError(
@@ -75,18 +92,21 @@ def build_plan(job: MergeJob) -> Plan:
         )
     tied = find_tied(config, tensors)
     virtual_head = tied.virtual_head(tensors) if tied else None
-    targets = {**tensors, virtual_head.name: virtual_head} if virtual_head else tensors
-    layouts = find_layouts(config, job.conv1d_modules)
+    targets = {**tensors, virtual_head.name: virtual_head} if virtual_head else dict(tensors)
+    # A packed weight is merged under the model's name for it, which no stored tensor has.
+    for name, weight in packed.items():
+        info = weight.packed[0]
+        targets[name] = TensorInfo(name, info.dtype, weight.model_shape, info.begin, info.end)
     ops: dict[str, list[MergeOp]] = defaultdict(list)
     for adapter in adapters:
         for name, tensor_ops in AdapterPlanner(adapter, targets, layouts, problems).plan().items():
             ops[name].extend(tensor_ops)
     untie = tied is not None and split_uses(tied, ops)
-    _check_targets(headers, targets, ops, quantized, problems)
+    _check_targets(headers, targets, ops, {*quantized, *packed}, problems)
     if problems:
         raise PlanError(problems)
     extra: dict[Path, list[TensorInfo]] = defaultdict(list)
-    notes = _notes(ops, layouts.source) + _quantization_notes(fmt, quantized, ops, dtype)
+    notes = _notes(ops, layouts.source) + _quantization_notes(fmt, {*quantized, *packed}, ops, dtype)
     if tied is not None and untie:
         notes += (f"tied embeddings untied: the adapters change {tied.embedding} and {tied.head} differently",)
         if virtual_head is not None:
@@ -97,6 +117,7 @@ def build_plan(job: MergeJob) -> Plan:
     out_dtype = OUTPUT_DTYPES.get(dtype)
     inputs = _inputs(job, dtype, base, headers, adapters)
     quant = _QuantLayout(fmt, quantized, ops, tensors, dequantize=out_dtype is not None)
+    quant.add_packed(packed, ops)
     for name, weight_file in quant.moved.items():
         extra[weight_file].append(tensors[name])
     shards = tuple(_layout(header, extra[header.path], ops, out_dtype, quant) for header in headers)
@@ -168,7 +189,7 @@ def _read_format(config: dict[str, Any] | None, base: BaseFiles, problems: list[
 
 
 def _quantization_notes(
-    fmt: QuantFormat | None, quantized: dict[str, QuantizedWeight], ops: dict[str, list[MergeOp]], dtype: str
+    fmt: QuantFormat | None, quantized: set[str], ops: dict[str, list[MergeOp]], dtype: str
 ) -> tuple[str, ...]:
     if fmt is None:
         return ()
@@ -184,8 +205,8 @@ def _quantization_notes(
     ]
     if merged:
         notes.append(
-            "requantizing loses the part of an update smaller than about half an FP8 step; the summary reports "
-            "how much of each update survived (--dtype bfloat16 keeps all of it)"
+            "requantizing loses the part of an update smaller than about half a step of the format; the summary "
+            "reports how much of each update survived (--dtype bfloat16 keeps all of it)"
         )
     return tuple(notes)
 
@@ -210,6 +231,13 @@ class _QuantLayout:
         self.scale_of: dict[str, str] = {}
         self.moved: dict[str, Path] = {}
         self.drop: set[str] = set()
+        self.dequantize = dequantize
+        self.fmt = fmt
+        # Packed weights: the stored tensor read for a weight, by output name, and the model's
+        # name of a requantized one (its ops are planned under that name); the name and shape
+        # a dequantized one takes.
+        self.model_name: dict[str, str] = {}
+        self.rename: dict[str, tuple[str, tuple[int, ...]]] = {}
         if fmt is None:
             return
         for name, found in quantized.items():
@@ -226,6 +254,45 @@ class _QuantLayout:
                 self.scale_of[found.scale.name] = name
                 if found.scale_file != found.weight_file:
                     self.moved[found.scale.name] = found.weight_file
+
+    def add_packed(self, packed: dict[str, PackedWeight], ops: dict[str, list[MergeOp]]) -> None:
+        """Lay out packed weights: a dequantized one under the model's name and shape, without
+        its companions; a merged one requantized in place, its scale (and zero points) computed
+        from it and moved into its shard."""
+        for name, weight in packed.items():
+            info, file = weight.packed
+            if not (self.dequantize or ops.get(name)):
+                continue
+            assert self.fmt is not None
+            scale = weight.scale[0]
+            zero = weight.zero
+            read = QuantRead(
+                self.fmt,
+                scale.name,
+                str(weight.scale[1]),
+                scale.begin,
+                scale.end,
+                scale.dtype,
+                scale.shape,
+                None if zero is None else Stored(*_stored(zero[0], zero[1])),
+                weight.shape,
+                weight.transposed,
+            )
+            if self.dequantize:
+                self.reads[name] = read
+                self.rename[info.name] = (name, weight.model_shape)
+                self.drop.update(weight.stored[1:])
+                continue
+            self.reads[info.name] = read
+            self.model_name[info.name] = name
+            for companion, where in (weight.scale, weight.zero) if weight.zero else (weight.scale,):
+                self.scale_of[companion.name] = info.name
+                if where != file:
+                    self.moved[companion.name] = file
+
+
+def _stored(info: TensorInfo, path: Path) -> tuple[str, str, int, int, str, tuple[int, ...]]:
+    return info.name, str(path), info.begin, info.end, info.dtype, info.shape
 
 
 def _read_base_headers(base: BaseFiles, problems: list[ShardmergeError]) -> list[SafetensorsHeader]:
@@ -293,7 +360,9 @@ def _layout(
         else:  # an untied head, after the embedding it is read from
             infos.insert(next(i for i, info in enumerate(infos) if info.begin == added.begin) + 1, added)
     infos = [
-        info
+        replace(info, name=quant.rename[info.name][0], shape=quant.rename[info.name][1])
+        if info.name in quant.rename
+        else info
         for info in infos
         if info.name not in quant.drop and (info.name not in quant.moved or quant.moved[info.name] == header.path)
     ]
@@ -307,8 +376,9 @@ def _layout(
     offset = 0
     for info in infos:
         size = numel(info.shape) * ITEMSIZE[dtypes[info.name]]
-        tensor_ops = tuple(ops.get(info.name, ()))
+        tensor_ops = tuple(ops.get(quant.model_name.get(info.name, info.name), ()))
         read = quant.reads.get(info.name)
+        requantized = dtypes[info.name] == info.dtype
         tensors.append(
             TensorPlan(
                 info.name,
@@ -320,7 +390,9 @@ def _layout(
                 offset,
                 offset + size,
                 tensor_ops,
-                _block_rows(info.shape, tensor_ops, read, requantized=dtypes[info.name] == info.dtype),
+                _packed_rows(read, tensor_ops, requantized)
+                if read is not None and read.format.packing
+                else _block_rows(info.shape, tensor_ops, read, requantized=requantized),
                 read,
                 quant.scale_of.get(info.name),
                 info.name in follow,
@@ -367,11 +439,28 @@ def _block_rows(shape: tuple[int, ...], ops: tuple[MergeOp, ...], read: QuantRea
     multiples of its scale blocks' height, whose largest values decide their scales."""
     if not ops and read is None:
         return 0
+    if len(shape) == 3 and read is None and all(op.kind == "lora" and op.layout.startswith("experts-") for op in ops):
+        return min(shape[1], max(1, MERGE_BLOCK_ELEMENTS // max(1, shape[2])))  # one expert's rows
     rows = shape[0] if shape else 1
     if len(shape) == 2 and all(row_separable(op) for op in ops):
         step = read.format.row_step() if read is not None and requantized else 1
         return min(rows, max(step, MERGE_BLOCK_ELEMENTS // max(1, shape[1]) // step * step))
     return rows
+
+
+def _packed_rows(read: QuantRead, ops: tuple[MergeOp, ...], requantized: bool) -> int:
+    """Rows of one matrix (one expert's) of a packed weight worked on at a time, in the
+    orientation it is computed in: the stored one where it is requantized, the model's where
+    it is dequantized (a transposed one then in whole 32-value blocks of its stored rows)."""
+    *_, rows, cols = read.values
+    if read.transposed and not requantized:
+        rows, cols = cols, rows
+        step = 32
+    else:
+        step = read.format.row_step() if requantized else 1
+    if not all(row_separable(op) or op.kind == "lora" for op in ops):
+        return rows
+    return min(rows, max(step, MERGE_BLOCK_ELEMENTS // max(1, cols) // step * step))
 
 
 def _output_config(
@@ -459,10 +548,16 @@ def _peak_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> int:
             if tensor.ops or tensor.quant:
                 rows = tensor.shape[0] if tensor.shape else 1
                 count = numel(tensor.shape) * tensor.block_rows // max(rows, 1)
+                if tensor.expert_rows:
+                    count = tensor.block_rows * tensor.shape[-1]
                 copies = 1 if all(op.kind in ("lora", "bias", "ia3", "tokens", "loha") for op in tensor.ops) else 2
                 if tensor.quant is not None:  # the scales as stored and in float32
                     copies += 2 * (tensor.quant.scale_end - tensor.quant.scale_begin) // count
                 source = count * ITEMSIZE[tensor.src_dtype]
+                if tensor.quant is not None and tensor.quant.format.packing:
+                    # the value, the base's, the update, and the unpacking's temporaries
+                    *_, source, count = tensor.packed_block()
+                    copies = PACKED_COPIES
                 worst = max(worst, copies * 4 * count + source + 2 * count * ITEMSIZE[tensor.dtype])
                 blocked = 0 < tensor.block_rows < rows
                 read = [

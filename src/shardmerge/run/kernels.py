@@ -37,8 +37,15 @@ def apply_op(
     if op.kind in ("lora", "dora"):
         lora_a, lora_b = _get(tensors, 0), _get(tensors, 1)
         if op.layout.startswith("experts-"):
-            # A fused (E, out, in) or (E, in, out) tensor: each expert's slice in turn.
+            # A fused (E, out, in) or (E, in, out) tensor: each expert's slice in turn, or
+            # with ``rows``, rows of the experts' matrices one after another, all in one expert.
             layout = "linear" if op.layout == "experts-out-in" else "conv1d"
+            if rows is not None:
+                height = lora_b.shape[0] if layout == "linear" else lora_a.shape[1]
+                expert = rows[0] // height
+                left, right = _factors(replace(op, expert=expert, layout=layout), lora_a, lora_b)
+                left = left[rows[0] - expert * height : rows[1] - expert * height]
+                return value.addmm_(left, right, alpha=op.scale * op.weight)
             for expert in range(op.experts):
                 left, right = _factors(replace(op, expert=expert, layout=layout), lora_a, lora_b)
                 value[expert].addmm_(left, right, alpha=op.scale * op.weight)

@@ -29,7 +29,9 @@ from ..output import journal as journals
 from ..output import outdir
 from ..planning.model import MergeOp, Plan, QuantRead, ShardPlan, TensorPlan
 from ..planning.planner import COPY_CHUNK_BYTES, WIDEN_CHUNK
+from .buffers import Buffer
 from .kernels import all_finite, apply_lora_columns, apply_op, by_columns
+from .packed_merge import PackedMerger
 from .quant import combine, dequantize_into, largest, quantize_into, scale_columns, scale_rows, scales_for
 from .sink import ShardSink, Written
 from .stop import StopRequest
@@ -65,7 +67,11 @@ class Block:
 
 
 def row_blocks(tensor: TensorPlan) -> list[Block]:
-    """The blocks of rows ``tensor`` is merged in, as the plan fixed them."""
+    """The blocks of rows ``tensor`` is merged in, as the plan fixed them. Those of a fused
+    expert tensor merged by expert rows (``TensorPlan.expert_rows``) count rows of all its
+    experts' matrices in turn, each block within one expert."""
+    if tensor.expert_rows:
+        return _expert_blocks(tensor)
     rows = tensor.shape[0] if tensor.shape else 1
     step = max(1, tensor.block_rows or rows)
     row_bytes = (tensor.src_end - tensor.src_begin) // max(rows, 1)
@@ -86,24 +92,19 @@ def row_blocks(tensor: TensorPlan) -> list[Block]:
     return blocks
 
 
-class Buffer:
-    """A reusable buffer, grown to the largest request and never shrunk. Fresh tensors per
-    weight would cost more than the merge: the allocator returns large blocks to the kernel,
-    and faulting them in again runs at a fraction of memory speed."""
-
-    def __init__(self, device: torch.device, pinned: bool = False) -> None:
-        self.device = device
-        self.pinned = pinned
-        self.buffer = torch.empty(0, dtype=torch.uint8, device=device)
-
-    def take(self, nbytes: int) -> torch.Tensor:
-        if nbytes > self.buffer.numel():
-            self.buffer = torch.empty(0, dtype=torch.uint8, device=self.device)  # free the old one first
-            self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device, pin_memory=self.pinned)
-        return self.buffer[:nbytes]
-
-    def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-        return self.take(numel(shape) * dtype.itemsize).view(dtype).reshape(shape)
+def _expert_blocks(tensor: TensorPlan) -> list[Block]:
+    experts, rows, cols = tensor.shape
+    step = max(1, tensor.block_rows)
+    row_bytes = (tensor.src_end - tensor.src_begin) // (experts * rows)
+    blocks = []
+    for expert in range(experts):
+        for first in range(expert * rows, (expert + 1) * rows, step):
+            last = min((expert + 1) * rows, first + step)
+            begin = tensor.src_begin + first * row_bytes
+            blocks.append(
+                Block(first, last, (first, last), (last - first, cols), begin, begin + (last - first) * row_bytes)
+            )
+    return blocks
 
 
 class _Arena:
@@ -229,6 +230,12 @@ class TensorMerger:
         self.largest: dict[str, torch.Tensor] = {}
         # Requantized weights: squared norms of the update, what survived, the rounding error.
         self.requantized: dict[str, list[float]] = {}
+        self.packed = PackedMerger(self)
+
+    def forget(self) -> None:
+        """Drop what was kept for the last shard's scales: a new shard begins."""
+        self.largest.clear()
+        self.packed.new.clear()
 
     def close(self) -> None:
         self.sink.close()
@@ -238,8 +245,9 @@ class TensorMerger:
         merge went, each would be freed and allocated again larger; the freed blocks stay in
         the allocator's heap, and resident memory would depend on the order of tensor sizes."""
         needs = [self._needs(tensor) for shard in shards for tensor in shard.tensors]
+        self.packed.reserve([t for shard in shards for t in shard.tensors if t.quant and t.quant.format.packing])
         source, work, output, staging, whole, block = (max((need[i] for need in needs), default=0) for i in range(6))
-        quantized = [tensor for shard in shards for tensor in shard.tensors if tensor.quant]
+        quantized = [t for shard in shards for t in shard.tensors if t.quant and not t.quant.format.packing]
         self.scale_buffer.take(max((t.quant.scale_end - t.quant.scale_begin for t in quantized if t.quant), default=0))
         self.widen.take(4 * WIDEN_CHUNK if quantized else 0)
         merged = [t for t in quantized if t.ops]
@@ -262,9 +270,12 @@ class TensorMerger:
                 return (0, 0, 0, 0, 0, 0)
             chunk = min(COPY_CHUNK_BYTES, tensor.src_end - tensor.src_begin)
             return (chunk, 0, chunk // ITEMSIZE[tensor.src_dtype] * ITEMSIZE[tensor.dtype], 0, 0, 0)
+        packed = tensor.quant is not None and tensor.quant.format.packing
         blocks = row_blocks(tensor)
         count = max(numel(block.shape) for block in blocks)
         blocked = 0 < tensor.block_rows < (tensor.shape[0] if tensor.shape else 1)
+        if packed:  # spans of the factors' rows: at most a block of one matrix's
+            blocks = [Block(0, tensor.block_rows, (0, tensor.block_rows), (), 0, 0)]
         staging, rooms = 0, []
         for per_block in (False, True):
             span = (0, max(block.last - block.first for block in blocks)) if per_block else None
@@ -282,6 +293,9 @@ class TensorMerger:
             ]
             staging = max([staging, *sizes])
             rooms.append(_Arena.room(shapes))
+        if packed:
+            source, work, output = self.packed.needs(tensor)
+            return (source, work, output, staging, rooms[0], rooms[1])
         source = max(block.end - block.begin for block in blocks)
         work = 0 if _columns(tensor) else 4 * count
         return (source, work, count * ITEMSIZE[tensor.dtype], staging, rooms[0], rooms[1])
@@ -295,6 +309,9 @@ class TensorMerger:
         """The output bytes of ``tensor``, read from the source file ``fd``, block by block:
         blocks of rows where every op allows it, else the whole tensor. Each block comes in a
         buffer of the sink's pool that goes back to it once written and hashed."""
+        if tensor.quant is not None and tensor.quant.format.packing:
+            yield from self.packed.merge(fd, tensor)
+            return
         scales = self.scales(fd, tensor)  # first: finding new scales may merge the weight once
         whole = self.whole_factors(tensor)
         for block in row_blocks(tensor):
@@ -344,7 +361,11 @@ class TensorMerger:
         """Write the new scales of the merged weight ``tensor.scale_of``, which ``fd`` holds:
         a new scale always lies in its weight's shard."""
         assert tensor.scale_of is not None
-        scales = self.scales(fd, self.weights[tensor.scale_of])
+        weight = self.weights[tensor.scale_of]
+        if weight.quant is not None and weight.quant.format.packing:
+            self.packed.write_companion(fd, tensor)
+            return
+        scales = self.scales(fd, weight)
         assert scales is not None and scales.stored is not None
         output = self.sink.acquire()
         stored = output.tensor(TORCH_DTYPES[tensor.dtype], tensor.shape)
@@ -383,13 +404,13 @@ class TensorMerger:
         data, output, rounded = self.rounded_bytes(value, TORCH_DTYPES[tensor.dtype])
         if not all_finite(rounded):
             base = self._base_value(source, block, scales)
-            self.non_finite(tensor, base, rounded, lambda: self._merge_cause(tensor, value, whole))
-        if self._still_unchanged(tensor, block):
+            self.non_finite(tensor, base, rounded, lambda: self.merge_cause(tensor, value, whole))
+        if self.still_unchanged(tensor, block.first):
             if scales is None:
                 same = _same_bytes(data, source.reshape(block.shape).to(rounded.dtype))
             else:
                 same = self._same_as_dequantized(rounded, source, block, tensor, scales)
-            self._note_unchanged(tensor, same)
+            self.note_unchanged(tensor, same)
         return data, output
 
     def _requantized(
@@ -419,14 +440,14 @@ class TensorMerger:
             new = self._block_scales(scales, block, None)
         norms = self.requantized.setdefault(tensor.name, [0.0, 0.0, 0.0])
         largest_values = []
-        same = self._still_unchanged(tensor, block)
+        same = self.still_unchanged(tensor, block.first)
         width = self._piece_shape(tensor, block)[-1]
         for first in range(0, block.shape[-1], width):
             columns = (first, min(first + width, block.shape[-1]))
             if value is None:
                 merged, was = self._merged_piece(base, tensor, block, whole, scales, columns)
                 if not all_finite(merged):
-                    self.non_finite(tensor, was, merged, lambda piece=merged: self._merge_cause(tensor, piece, whole))
+                    self.non_finite(tensor, was, merged, lambda piece=merged: self.merge_cause(tensor, piece, whole))
             else:
                 merged, was = value[..., columns[0] : columns[1]], self._base_piece(base, block, scales, columns)
             if new is None:  # streamed, piece by piece: whole scale blocks wide
@@ -441,12 +462,12 @@ class TensorMerger:
         if largest_values:
             assert scales.streamed is not None
             scales.streamed.append(torch.cat(largest_values, dim=-1))
-        self._check_requantized(tensor)
+        self.check_requantized(tensor)
         if self.rounded is not None:
             host.copy_(target, non_blocking=True)
             torch.cuda.current_stream(self.device).synchronize()
-        if self._still_unchanged(tensor, block):
-            self._note_unchanged(tensor, same)
+        if self.still_unchanged(tensor, block.first):
+            self.note_unchanged(tensor, same)
         return memoryview(host.view(torch.uint8).numpy()).cast("B"), output
 
     def _block_scales(
@@ -461,11 +482,12 @@ class TensorMerger:
         assert scales.stored is not None and scales.factor is not None
         return scales.rows(scales.stored, block), scales.rows(scales.factor, block)
 
-    def _still_unchanged(self, tensor: TensorPlan, block: Block) -> bool:
-        """Whether a merged tensor may still equal the base: once a block differs, no more compares."""
-        return bool(tensor.ops) and (block.first == 0 or tensor.name in self.unchanged)
+    def still_unchanged(self, tensor: TensorPlan, first: int) -> bool:
+        """Whether a merged tensor may still equal the base at its block beginning at row
+        ``first``: once a block differs, no more compares."""
+        return bool(tensor.ops) and (first == 0 or tensor.name in self.unchanged)
 
-    def _note_unchanged(self, tensor: TensorPlan, same: bool) -> None:
+    def note_unchanged(self, tensor: TensorPlan, same: bool) -> None:
         if same:
             self.unchanged.add(tensor.name)
         else:
@@ -521,7 +543,7 @@ class TensorMerger:
         squares = (_square(update.view(-1)), _square(kept))
         return squares[0], squares[1], _square(kept.sub_(update.view(-1)))
 
-    def _check_requantized(self, tensor: TensorPlan) -> None:
+    def check_requantized(self, tensor: TensorPlan) -> None:
         """No NaN written by requantizing but the base's own."""
         norms = self.requantized.get(tensor.name, [])
         if not all(math.isfinite(square) for square in norms) and tensor.name not in self.kept_non_finite:
@@ -597,7 +619,7 @@ class TensorMerger:
         """A merged float32 block about to be requantized holds no NaN or Inf but the base's."""
         if not all_finite(value):
             base = self._base_value(source, block, scales)
-            self.non_finite(tensor, base, value, lambda: self._merge_cause(tensor, value, whole))
+            self.non_finite(tensor, base, value, lambda: self.merge_cause(tensor, value, whole))
 
     def _base_value(self, source: torch.Tensor, block: Block, scales: Scales | None) -> torch.Tensor:
         """The base's values of ``block`` as numbers (dequantized into the difference buffer)."""
@@ -607,6 +629,10 @@ class TensorMerger:
         quantized = source.reshape(block.shape).to(self.device, non_blocking=True)
         rows, offset = scales.rows(scales.base, block), scales.offset(block)
         return dequantize_into(base, quantized, rows, scales.read.format, self._scratch(), offset)
+
+    def block_factors(self, ops: list[MergeOp | None], rows: tuple[int, int]) -> list[list[torch.Tensor | None] | None]:
+        """The factors of ``ops`` read for rows ``rows`` only (replacement tensors)."""
+        return self._factors(self.block, ops, rows)
 
     def _factors(
         self, arena: _Arena, ops: list[MergeOp | None], rows: tuple[int, int] | None
@@ -660,7 +686,7 @@ class TensorMerger:
             )
         self.kept_non_finite.add(tensor.name)
 
-    def _merge_cause(
+    def merge_cause(
         self, tensor: TensorPlan, value: torch.Tensor, whole: list[list[torch.Tensor | None] | None]
     ) -> str:
         if all_finite(value):
@@ -705,7 +731,7 @@ class TensorMerger:
                 stack.callback(os.close, dst)
                 stack.callback(self.sink.discard)  # first: the sink may still use both files
                 progress.set_postfix_str(shard.name, refresh=False)
-                self.largest.clear()
+                self.forget()
                 self.sink.start(dst, direct)
                 self.sink.write(memoryview(header))
                 progress.update(len(header))

@@ -1,0 +1,333 @@
+"""Merging a packed weight (MXFP4, packed integers): read and dequantize a block of rows in
+float32, apply every op, then round once to the output dtype, or requantize once as the
+format's reference quantizer does.
+
+A packed weight is worked on one matrix (one expert) at a time, in blocks of its rows in the
+orientation it is computed in: the stored one when it is requantized (its new scales and zero
+points are those of the same rows, kept until their tensors are written), the model's when
+it is dequantized. A transposed MXFP4 expert is read whole (its packed bytes: a sixteenth of
+its float32 size) and dequantized 32 stored columns at a time, each piece the next rows of
+the model's parameter.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import defaultdict
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import Protocol
+
+import torch
+
+from ..formats.dtypes import TORCH_DTYPES
+from ..formats.fileio import pread_into
+from ..planning.model import MergeOp, QuantRead, TensorPlan
+from .buffers import Buffer
+from .kernels import all_finite, apply_op
+from .packed import (
+    int_dequantize,
+    int_pack,
+    int_quantize,
+    int_values,
+    mxfp4_quantize,
+    mxfp4_values,
+    pack_zero_rows,
+    zero_rows,
+)
+from .sink import ShardSink
+
+Factors = list[list[torch.Tensor | None] | None]
+
+
+class Merger(Protocol):
+    """What a packed weight's merge uses of the TensorMerger that owns it."""
+
+    device: torch.device
+    work: Buffer
+    sink: ShardSink
+    weights: dict[str, TensorPlan]
+    requantized: dict[str, list[float]]
+
+    def whole_factors(self, tensor: TensorPlan) -> Factors: ...
+    def block_factors(self, ops: list[MergeOp | None], rows: tuple[int, int]) -> Factors: ...
+    def rounded_bytes(self, value: torch.Tensor, dtype: torch.dtype) -> tuple[memoryview, Buffer, torch.Tensor]: ...
+    def non_finite(
+        self, tensor: TensorPlan, base: torch.Tensor, output: torch.Tensor, cause: Callable[[], str]
+    ) -> None: ...
+    def merge_cause(self, tensor: TensorPlan, value: torch.Tensor, whole: Factors) -> str: ...
+    def still_unchanged(self, tensor: TensorPlan, first: int) -> bool: ...
+    def note_unchanged(self, tensor: TensorPlan, same: bool) -> None: ...
+    def check_requantized(self, tensor: TensorPlan) -> None: ...
+
+
+class PackedMerger:
+    """The packed weights of one TensorMerger, with buffers of their own."""
+
+    def __init__(self, merger: Merger) -> None:
+        self.merger = merger
+        self.device = merger.device
+        host = torch.device("cpu")
+        self.source = Buffer(host)  # packed bytes of the rows (or expert) in hand
+        self.scales = Buffer(host)
+        self.zeros = Buffer(host)
+        self.was = Buffer(self.device)  # the base's values
+        self.update = Buffer(self.device)
+        self.scratch = Buffer(host)  # a requantized block computed only for its scales
+        # New scales and zero points of requantized weights, block by block, by weight name.
+        self.new: dict[str, dict[str, list[torch.Tensor]]] = {}
+
+    def needs(self, tensor: TensorPlan) -> tuple[int, int, int]:
+        """Bytes of source, float32 work and output a block of ``tensor`` needs at most."""
+        _, _, _, source, count = tensor.packed_block()
+        if tensor.dtype == tensor.src_dtype:
+            return source, 4 * count, source
+        return source, 4 * count, count * TORCH_DTYPES[tensor.dtype].itemsize
+
+    def reserve(self, tensors: list[TensorPlan]) -> None:
+        for tensor in tensors:
+            assert tensor.quant is not None
+            source, work, output = self.needs(tensor)
+            self.source.take(source)
+            self.was.take(work)
+            self.update.take(work)
+            experts, rows, _ = tensor.quant.matrices
+            self.scales.take((tensor.quant.scale_end - tensor.quant.scale_begin) // (experts * rows) * rows)
+            if tensor.quant.zero is not None:
+                self.zeros.take(tensor.quant.zero.end - tensor.quant.zero.begin)
+            if tensor.dtype == tensor.src_dtype:
+                self.scratch.take(output)
+
+    def merge(self, fd: int, tensor: TensorPlan, *, write: bool = True) -> Iterator[tuple[memoryview, Buffer]]:
+        """The output bytes of packed weight ``tensor`` read from ``fd``, block by block."""
+        read = tensor.quant
+        assert read is not None
+        whole = self.merger.whole_factors(tensor)
+        experts, _, _ = read.matrices
+        rows, _, flipped, _, _ = tensor.packed_block()
+        step = max(1, tensor.block_rows)
+        collect = tensor.dtype == tensor.src_dtype and tensor.name not in self.new
+        if collect:
+            self.new[tensor.name] = defaultdict(list)
+        with _Files(read) as files:
+            for expert in range(experts):
+                stored = self._read_expert(fd, tensor, files, expert) if flipped else None
+                for first in range(0, rows, step):
+                    span = (first, min(rows, first + step))
+                    if tensor.dtype == tensor.src_dtype:
+                        yield from self._requantized(fd, tensor, files, whole, expert, span, write, collect)
+                    else:
+                        yield self._dequantized(fd, tensor, files, whole, expert, span, stored)
+        if tensor.dtype == tensor.src_dtype:
+            self.merger.check_requantized(tensor)
+
+    def write_companion(self, fd: int, tensor: TensorPlan) -> None:
+        """Write the new scales or zero points of the requantized weight ``tensor.scale_of``
+        (merging it once first, without writing it, where they precede it)."""
+        assert tensor.scale_of is not None
+        weight = self.merger.weights[tensor.scale_of]
+        if weight.name not in self.new:
+            for _ in self.merge(fd, weight, write=False):
+                pass
+        kind = "scale" if weight.quant is not None and tensor.name == weight.quant.scale else "zero"
+        values = torch.cat(self.new[weight.name][kind])
+        output = self.merger.sink.acquire()
+        stored = output.tensor(TORCH_DTYPES[tensor.dtype], tensor.shape)
+        stored.copy_(values.reshape(tensor.shape))
+        self.merger.sink.write(memoryview(stored.view(torch.uint8).numpy()).cast("B"), output)
+
+    # --- reading ------------------------------------------------------------------------
+
+    def _rows(self, fd: int, tensor: TensorPlan, expert: int, span: tuple[int, int]) -> torch.Tensor:
+        """Stored rows ``span`` of one expert's packed values, as stored."""
+        assert tensor.quant is not None
+        experts, rows, _ = tensor.quant.matrices
+        row_bytes = (tensor.src_end - tensor.src_begin) // (experts * rows)
+        begin = tensor.src_begin + (expert * rows + span[0]) * row_bytes
+        raw = self.source.take((span[1] - span[0]) * row_bytes)
+        pread_into(fd, memoryview(raw.numpy()), begin)
+        return raw.view(TORCH_DTYPES[tensor.src_dtype]).view(span[1] - span[0], -1).to(self.device)
+
+    def _read_expert(
+        self, fd: int, tensor: TensorPlan, files: _Files, expert: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One expert's packed values and scales, whole."""
+        assert tensor.quant is not None
+        rows = tensor.quant.matrices[1]
+        return self._rows(fd, tensor, expert, (0, rows)), files.scale_rows(self.scales, expert, (0, rows), self.device)
+
+    def _base(
+        self, fd: int, tensor: TensorPlan, files: _Files, expert: int, span: tuple[int, int], into: Buffer
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """The base's float32 values of stored rows ``span`` (in ``into``), and what they were
+        read from: (packed values, scales[, zero points])."""
+        read = tensor.quant
+        assert read is not None
+        cols = read.matrices[2]
+        out = into.tensor(torch.float32, (span[1] - span[0], cols))
+        packed = self._rows(fd, tensor, expert, span)
+        scales = files.scale_rows(self.scales, expert, span, self.device)
+        if read.format.packing == "mxfp4":
+            return mxfp4_values(out, packed.view(torch.uint8), scales), (packed, scales)
+        values = int_values(packed, read.format.bits, cols)
+        if read.zero is None:
+            return int_dequantize(out, values, scales, None), (packed, scales)
+        zeros = files.zero_rows(self.zeros, read.format.bits, span, self.device)
+        return int_dequantize(out, values, scales, zeros), (packed, scales, zeros)
+
+    # --- merging -------------------------------------------------------------------------
+
+    def _apply(
+        self, value: torch.Tensor, tensor: TensorPlan, whole: Factors, expert: int, span: tuple[int, int], stored: bool
+    ) -> torch.Tensor:
+        """Every op applied to ``value``, rows ``span`` of one expert, in the stored
+        orientation (``stored``) or the model's."""
+        assert tensor.quant is not None
+        if any(factors is None for factors in whole):  # replacement tensors, read block by block
+            missing = [op if factors is None else None for op, factors in zip(tensor.ops, whole, strict=True)]
+            own = self.merger.block_factors(missing, span)
+            whole = [factors if factors is not None else mine for factors, mine in zip(whole, own, strict=True)]
+        for op, factors in zip(tensor.ops, whole, strict=True):
+            assert factors is not None
+            value = apply_op(value, _for_expert(op, expert, stored and tensor.quant.transposed), factors, span)
+        return value
+
+    def _dequantized(
+        self,
+        fd: int,
+        tensor: TensorPlan,
+        files: _Files,
+        whole: Factors,
+        expert: int,
+        span: tuple[int, int],
+        stored: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> tuple[memoryview, Buffer]:
+        rows, cols, _, _, _ = tensor.packed_block()
+        value = self.merger.work.tensor(torch.float32, (span[1] - span[0], cols))
+        if stored is None:
+            base, _ = self._base(fd, tensor, files, expert, span, self.was)
+        else:  # stored columns ``span`` of a transposed expert: the model's rows
+            blocks, scales = stored
+            piece = self.was.tensor(torch.float32, (cols, span[1] - span[0]))
+            base = mxfp4_values(
+                piece,
+                blocks.view(torch.uint8)[:, span[0] // 2 : span[1] // 2],
+                scales[:, span[0] // 32 : -(-span[1] // 32)],
+            ).T
+        value.copy_(base)
+        value = self._apply(value, tensor, whole, expert, span, stored=False)
+        data, output, rounded = self.merger.rounded_bytes(value, TORCH_DTYPES[tensor.dtype])
+        if not all_finite(rounded):
+            self.merger.non_finite(tensor, base, rounded, lambda: self.merger.merge_cause(tensor, value, whole))
+        if self.merger.still_unchanged(tensor, expert * rows + span[0]):
+            self.merger.note_unchanged(tensor, torch.equal(rounded, base.to(rounded.dtype)))
+        return data, output
+
+    def _requantized(
+        self,
+        fd: int,
+        tensor: TensorPlan,
+        files: _Files,
+        whole: Factors,
+        expert: int,
+        span: tuple[int, int],
+        write: bool,
+        collect: bool,
+    ) -> Iterator[tuple[memoryview, Buffer]]:
+        """Stored rows ``span`` of one expert merged and requantized; their new scales (and
+        zero points) kept for their tensors, the squared norms of the update, of what survived
+        and of the error added to the merger's report."""
+        read = tensor.quant
+        assert read is not None
+        was, source = self._base(fd, tensor, files, expert, span, self.was)
+        value = self.merger.work.tensor(torch.float32, tuple(was.shape)).copy_(was)
+        value = self._apply(value, tensor, whole, expert, span, stored=True)
+        if not all_finite(value):
+            self.merger.non_finite(tensor, was, value, lambda: self.merger.merge_cause(tensor, value, whole))
+        update = torch.sub(value, was, out=self.update.tensor(torch.float32, tuple(was.shape)))
+        output = self.merger.sink.acquire() if write else None
+        host = (output or self.scratch).tensor(TORCH_DTYPES[tensor.src_dtype], tuple(source[0].shape))
+        packed = host if self.device.type == "cpu" else torch.empty_like(host, device=self.device)
+        if read.format.packing == "mxfp4":
+            scales = torch.empty_like(source[1])
+            mxfp4_quantize(value, packed.view(torch.uint8), scales)
+            now = mxfp4_values(value, packed.view(torch.uint8), scales)
+            fresh: tuple[torch.Tensor, ...] = (scales,)
+        else:
+            values, scales, zeros = int_quantize(value, read.format, TORCH_DTYPES[read.scale_dtype])
+            int_pack(values, read.format.bits, packed)
+            now = int_dequantize(value, values, scales, zeros)
+            fresh = (scales,) if zeros is None else (scales, zeros)
+        if packed is not host:
+            host.copy_(packed)
+        if collect:
+            self.new[tensor.name]["scale"].append(scales.to("cpu", copy=True))
+            if len(fresh) > 1:
+                self.new[tensor.name]["zero"].append(pack_zero_rows(fresh[1], read.format.bits).cpu())
+        if not write:
+            return
+        assert output is not None
+        kept = now.sub_(was).view(-1)
+        norms = self.merger.requantized.setdefault(tensor.name, [0.0, 0.0, 0.0])
+        flat = update.view(-1)
+        norms[0] += float(torch.dot(flat, flat))
+        norms[1] += float(torch.dot(kept, kept))
+        kept.sub_(flat)
+        norms[2] += float(torch.dot(kept, kept))
+        rows = read.matrices[1]
+        if self.merger.still_unchanged(tensor, expert * rows + span[0]):
+            same = all(torch.equal(mine, theirs) for mine, theirs in zip((packed, *fresh), source, strict=True))
+            self.merger.note_unchanged(tensor, same)
+        yield memoryview(host.view(torch.uint8).numpy()).cast("B"), output
+
+
+def _for_expert(op: MergeOp, expert: int, flip: bool) -> MergeOp:
+    """``op`` as it applies to one expert's matrix: a fused expert LoRA becomes the expert's
+    own, laid as in the orientation computed in (``flip``: the transpose of the model's)."""
+    if not op.layout.startswith("experts-"):
+        return op
+    linear = (op.layout == "experts-out-in") != flip
+    return replace(op, expert=expert, layout="linear" if linear else "conv1d")
+
+
+class _Files:
+    """The scale (and zero-point) files of a packed weight, open while it is merged."""
+
+    def __init__(self, read: QuantRead) -> None:
+        self.read = read
+        self.fds: list[int] = []
+
+    def __enter__(self) -> _Files:
+        self.scale_fd = self._open(self.read.scale_source)
+        self.zero_fd = self._open(self.read.zero.source) if self.read.zero is not None else -1
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for fd in self.fds:
+            os.close(fd)
+
+    def _open(self, path: str) -> int:
+        fd = os.open(path, os.O_RDONLY)
+        self.fds.append(fd)
+        return fd
+
+    def scale_rows(self, into: Buffer, expert: int, span: tuple[int, int], device: torch.device) -> torch.Tensor:
+        read = self.read
+        experts, rows, _ = read.matrices
+        row_bytes = (read.scale_end - read.scale_begin) // (experts * rows)
+        raw = into.take((span[1] - span[0]) * row_bytes)
+        pread_into(self.scale_fd, memoryview(raw.numpy()), read.scale_begin + (expert * rows + span[0]) * row_bytes)
+        return raw.view(TORCH_DTYPES[read.scale_dtype]).view(span[1] - span[0], -1).to(device)
+
+    def zero_rows(self, into: Buffer, bits: int, span: tuple[int, int], device: torch.device) -> torch.Tensor:
+        """Zero points of rows ``span``."""
+        zero = self.read.zero
+        assert zero is not None
+        per = 32 // bits
+        row_bytes = (zero.end - zero.begin) // zero.shape[0]
+        first, last = span[0] // per, -(-span[1] // per)
+        raw = into.take((last - first) * row_bytes)
+        pread_into(self.zero_fd, memoryview(raw.numpy()), zero.begin + first * row_bytes)
+        words = raw.view(torch.int32).view(last - first, -1).to(device)
+        skip = span[0] - first * per
+        return zero_rows(words, bits, (last - first) * per)[skip : skip + span[1] - span[0]]

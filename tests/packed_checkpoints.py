@@ -1,0 +1,223 @@
+"""Tiny packed checkpoints: a real transformers model saved in bfloat16, its quantizable
+weights packed by shardmerge's own quantizers (MXFP4 for gpt-oss's experts, compressed-tensors
+pack-quantized integers for Linear weights), and a float32 copy of the values they stand for,
+read by the format's own library (transformers' MXFP4 conversion, compressed-tensors'
+decompressor): the base PEFT's reference merge runs on. Also the reference quantizers a
+requantized output is compared with: compressed-tensors' own, and for MXFP4 (whose reference,
+OpenAI's triton_kernels, is not installable here) its definition written out element by
+element."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from compressed_tensors.compressors import PackedQuantizationCompressor
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+from compressed_tensors.quantization.utils import calculate_qparams
+from safetensors.torch import save_file
+from transformers import GptOssConfig
+from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+from conftest import Base, read_output_like_base
+from shardmerge.formats.quantization import QuantFormat, read_quantization
+from shardmerge.run.packed import int_pack, int_quantize, mxfp4_quantize, pack_zero_rows
+
+LEFT_16_BIT = "model.layers.1.self_attn.o_proj"
+
+
+@dataclass(frozen=True)
+class PackedBase:
+    """``path``: the packed checkpoint; ``dequantized``: its values in float32, read by the
+    format's own library, under the 16-bit model's names; ``quantized``: those names."""
+
+    path: Path
+    dequantized: Base
+    quantized: tuple[str, ...]
+    fmt: QuantFormat
+    quantization: dict[str, Any]
+
+
+def gpt_oss_config(hidden: int = 32) -> GptOssConfig:
+    """Hidden size equal to the intermediate size, as in the real 2880 = 2880."""
+    return GptOssConfig(
+        vocab_size=96, hidden_size=hidden, intermediate_size=hidden, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention"],
+    )  # fmt: skip
+
+
+def mxfp4_config() -> dict[str, Any]:
+    """gpt-oss's own: everything but the experts stays 16-bit."""
+    keep = ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]
+    return {"quant_method": "mxfp4", "modules_to_not_convert": keep}
+
+
+def int_config(bits: int = 4, symmetric: bool = True, group: int | None = 8) -> dict[str, Any]:
+    weights = {
+        "num_bits": bits, "type": "int", "symmetric": symmetric, "strategy": "group" if group else "channel",
+        "group_size": group, "dynamic": False, "actorder": None, "observer": "minmax",
+    }  # fmt: skip
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}},
+        "ignore": ["lm_head", "re:.*mlp.gate$", LEFT_16_BIT],
+        "kv_cache_scheme": None,
+    }
+
+
+def mxfp4_checkpoint(source: Path, folder: Path) -> PackedBase:
+    """gpt-oss's experts of the bfloat16 checkpoint ``source`` in MXFP4, as the MXFP4 releases
+    store them: ``X_blocks`` and ``X_scales`` in the [experts, out, in] order."""
+    quantization = mxfp4_config()
+    fmt = read_quantization({"quantization_config": quantization}, source / "config.json")
+    assert fmt is not None
+    out: dict[str, torch.Tensor] = {}
+    dequantized: dict[str, torch.Tensor] = {}
+    quantized = []
+    for name, value in read_output_like_base(source).items():
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            out[name] = value
+            dequantized[name] = value.float()
+            continue
+        experts, inputs, outputs = value.shape
+        stored = value.float().transpose(1, 2).contiguous().view(-1, inputs)
+        blocks = torch.empty(stored.shape[0], inputs // 2, dtype=torch.uint8)
+        scales = torch.empty(stored.shape[0], inputs // 32, dtype=torch.uint8)
+        mxfp4_quantize(stored, blocks, scales)
+        out[f"{name}_blocks"] = blocks.view(experts, outputs, inputs // 32, 16)
+        out[f"{name}_scales"] = scales.view(experts, outputs, inputs // 32)
+        dequantized[name] = convert_moe_packed_tensors(
+            out[f"{name}_blocks"], out[f"{name}_scales"], dtype=torch.float32
+        )
+        quantized.append(name)
+    apart = {f"{quantized[0]}_scales"}
+    return _finish(source, folder, out, dequantized, quantized, fmt, quantization, apart)
+
+
+def int_checkpoint(source: Path, folder: Path, quantization: dict[str, Any]) -> PackedBase:
+    """The Linear weights of the bfloat16 checkpoint ``source`` packed as compressed-tensors
+    packs them, scales in bfloat16 (the weights' dtype, as its modules hold them)."""
+    fmt = read_quantization({"quantization_config": quantization}, source / "config.json")
+    assert fmt is not None
+    out: dict[str, torch.Tensor] = {}
+    dequantized: dict[str, torch.Tensor] = {}
+    quantized = []
+    for name, value in read_output_like_base(source).items():
+        module = name.removesuffix(".weight")
+        if not (value.dim() == 2 and name.endswith("_proj.weight") and ".layers." in name) or fmt.ignored(module):
+            out[name] = value
+            dequantized[name] = value.float()
+            continue
+        packed = reference_int(value.float(), quantization)
+        out.update({f"{module}.{key}": tensor for key, tensor in packed.items()})
+        dequantized[name] = library_int_values(packed, quantization)
+        quantized.append(name)
+    first = quantized[0].removesuffix(".weight")
+    apart = {f"{first}.weight_scale", f"{first}.weight_zero_point"} & set(out)
+    return _finish(source, folder, out, dequantized, quantized, fmt, quantization, apart)
+
+
+def _scheme(quantization: dict[str, Any]) -> QuantizationScheme:
+    args = QuantizationArgs(**quantization["config_groups"]["group_0"]["weights"])
+    return QuantizationScheme(targets=["Linear"], weights=args)
+
+
+def reference_int(value: torch.Tensor, quantization: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """``value`` (float32) compressed by compressed-tensors: a minmax observer's scales and
+    zero points (``calculate_qparams``), the scale held in bfloat16, then its packer."""
+    scheme = _scheme(quantization)
+    args = scheme.weights
+    assert args is not None
+    rows, cols = value.shape
+    group = args.group_size if args.group_size else cols
+    grouped = value.reshape(rows, cols // group, group)
+    scale, zero = calculate_qparams(grouped.amin(-1), grouped.amax(-1), args)
+    state = {"weight": value, "weight_scale": scale.to(torch.bfloat16), "weight_zero_point": zero}
+    return dict(PackedQuantizationCompressor.compress(state, scheme))
+
+
+def library_int_values(packed: dict[str, torch.Tensor], quantization: dict[str, Any]) -> torch.Tensor:
+    """compressed-tensors' decompressor, in float32 (its own runs in the scale's dtype)."""
+    state = dict(packed) | {"weight_scale": packed["weight_scale"].float()}
+    return PackedQuantizationCompressor.decompress(state, _scheme(quantization))["weight"]
+
+
+def ours_int(value: torch.Tensor, fmt: QuantFormat) -> dict[str, torch.Tensor]:
+    """shardmerge's quantizer on ``value`` (float32), as stored tensors."""
+    values, scale, zero = int_quantize(value.clone(), fmt, torch.bfloat16)
+    words = torch.empty(value.shape[0], math.ceil(value.shape[1] * fmt.bits / 32), dtype=torch.int32)
+    out = {"weight_packed": int_pack(values, fmt.bits, words), "weight_scale": scale}
+    return out | ({} if zero is None else {"weight_zero_point": pack_zero_rows(zero, fmt.bits)})
+
+
+def reference_mxfp4(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``value`` (float32 [rows, 32 * n]) in MXFP4 by the definition of OpenAI's reference
+    quantizer, element by element: a block's scale is the smallest power of two at least its
+    largest magnitude / 6 (in float32), none for a block of zeros; each value over the scale
+    takes the nearest E2M1 magnitude (a tie the larger one) and its own sign."""
+    magnitudes = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0]
+    rows, cols = value.shape
+    blocks = torch.zeros(rows, cols // 2, dtype=torch.uint8)
+    scales = torch.zeros(rows, cols // 32, dtype=torch.uint8)
+    for row in range(rows):
+        for block in range(cols // 32):
+            values = value[row, block * 32 : (block + 1) * 32].tolist()
+            target = float(torch.tensor(max(abs(v) for v in values) / 6.0, dtype=torch.float32))
+            exponent = math.ceil(math.log2(target)) if target > 0 else -127
+            scales[row, block] = exponent + 127 if target > 0 else 0
+            codes = []
+            for v in values:
+                q = v / 2.0**exponent if target > 0 else 0.0 * v
+                best = min(range(8), key=lambda c, q=q: (abs(abs(q) - magnitudes[c]), -c))
+                codes.append(best | (8 if math.copysign(1.0, q) < 0 else 0))
+            for pair in range(16):
+                blocks[row, block * 16 + pair] = codes[2 * pair] | (codes[2 * pair + 1] << 4)
+    return blocks, scales
+
+
+def _finish(
+    source: Path,
+    folder: Path,
+    out: dict[str, torch.Tensor],
+    dequantized: dict[str, torch.Tensor],
+    quantized: list[str],
+    fmt: QuantFormat,
+    quantization: dict[str, Any],
+    apart: set[str],
+) -> PackedBase:
+    """Save ``out`` in two shards, the tensors ``apart`` in the other shard than the rest of
+    their weight, and the dequantized copy beside it."""
+    config = json.loads((source / "config.json").read_text())
+    folder.mkdir(parents=True)
+    names = sorted(n for n in out if n not in apart)
+    halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+    owner = quantized[0].removesuffix(".weight")
+    weight_half = 0 if any(n.startswith(owner) for n in halves[0]) else 1
+    halves[1 - weight_half] += sorted(apart)
+    weight_map = {}
+    for index, half in enumerate(halves):
+        shard = f"model-{index + 1:05d}-of-00002.safetensors"
+        save_file({n: out[n].contiguous() for n in half}, folder / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(half, shard))
+    total = sum(t.numel() * t.element_size() for t in out.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    for extra in source.iterdir():
+        if extra.suffix == ".json" and not extra.name.startswith("model"):
+            shutil.copy(extra, folder / extra.name)
+    (folder / "config.json").write_text(json.dumps(config | {"quantization_config": quantization}, indent=2))
+    plain = folder.with_name(folder.name + "-dequantized")
+    plain.mkdir(parents=True)
+    save_file(
+        {n: t.contiguous() for n, t in dequantized.items()}, plain / "model.safetensors", metadata={"format": "pt"}
+    )
+    (plain / "config.json").write_text(json.dumps(config | {"dtype": "float32"}, indent=2))
+    return PackedBase(folder, Base(plain, torch.float32), tuple(quantized), fmt, quantization)

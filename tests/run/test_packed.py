@@ -1,0 +1,366 @@
+"""Packed bases: MXFP4 (gpt-oss's experts) and compressed-tensors pack-quantized integers
+(INT4 and INT8, symmetric and asymmetric, per group and per channel). Dequantized outputs
+against PEFT's merge on the dequantized model, requantized outputs against the formats'
+reference quantizers applied to that merge, the fixtures against the formats' libraries,
+and the bad inputs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+from transformers import GptOssForCausalLM, Mxfp4Config
+
+import shardmerge
+from conftest import (
+    assert_matches_saved,
+    assert_same_logits,
+    llama_config,
+    peft_reference,
+    read_output,
+    read_output_like_base,
+    save_adapter,
+    save_base,
+    saved_reference,
+)
+from packed_checkpoints import (
+    LEFT_16_BIT,
+    PackedBase,
+    gpt_oss_config,
+    int_checkpoint,
+    int_config,
+    library_int_values,
+    mxfp4_checkpoint,
+    ours_int,
+    reference_int,
+    reference_mxfp4,
+)
+from planning.test_architectures import olmoe_config
+from shardmerge.run.packed import int_dequantize, int_values, mxfp4_values, zero_rows
+
+SHARDMERGE = str(Path(sys.executable).with_name("shardmerge"))
+
+# name -> (model config, quantization_config or None for MXFP4)
+BASES: dict[str, tuple[Callable[[], object], dict[str, Any] | None]] = {
+    "gpt-oss-mxfp4": (gpt_oss_config, None),
+    "olmoe-int4": (olmoe_config, int_config(4, symmetric=True, group=8)),
+    "olmoe-int4-asym": (olmoe_config, int_config(4, symmetric=False, group=8)),
+    "llama-int8-channel-asym": (lambda: llama_config(hidden=64), int_config(8, symmetric=False, group=None)),
+}
+
+
+@pytest.fixture(scope="session")
+def packed(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], PackedBase]:
+    """Packed bases by name, built once per session."""
+    root = tmp_path_factory.mktemp("packed")
+    built: dict[str, PackedBase] = {}
+
+    def get(name: str) -> PackedBase:
+        if name not in built:
+            config, quantization = BASES[name]
+            source = save_base(config(), root / f"{name}-bf16", torch.bfloat16, seed=3)
+            folder = root / name
+            built[name] = (
+                mxfp4_checkpoint(source.path, folder)
+                if quantization is None
+                else int_checkpoint(source.path, folder, quantization)
+            )
+        return built[name]
+
+    return get
+
+
+def _adapter(base: PackedBase, folder: Path, experts: list[str] | None = None) -> Path:
+    """LoRA on attention and on the fused expert parameters (PEFT's ``target_parameters``),
+    on the dequantized model; for the dense Llama, on every Linear but ``o_proj``."""
+    if "llama" in base.path.name:
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj", "down_proj"])
+    else:
+        parameters = [f"mlp.experts.{name}" for name in experts or ["gate_up_proj", "down_proj"]]
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=parameters)
+    return save_adapter(base.dequantized, folder, seed=31, config=config)
+
+
+def _stored(base: PackedBase, name: str) -> dict[str, torch.Tensor]:
+    """The stored tensors of quantized weight ``name`` (its model name) in ``base``."""
+    tensors = read_output(base.path)
+    if base.fmt.packing == "mxfp4":
+        return {"blocks": tensors[f"{name}_blocks"], "scales": tensors[f"{name}_scales"]}
+    module = name.removesuffix(".weight")
+    return {
+        key: tensors[f"{module}.{key}"]
+        for key in ("weight_packed", "weight_scale", "weight_zero_point")
+        if f"{module}.{key}" in tensors
+    }
+
+
+# --- the fixtures, against the formats' own libraries -------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(BASES))
+def test_fixtures_are_what_the_reference_quantizers_write_and_read_back_as_the_libraries_do(
+    name: str, packed: Callable[[str], PackedBase]
+) -> None:
+    base = packed(name)
+    source = read_output_like_base(base.path.with_name(f"{name}-bf16"))
+    dequantized = read_output_like_base(base.dequantized.path)
+    assert base.quantized
+    for weight in base.quantized:
+        stored = _stored(base, weight)
+        if base.fmt.packing == "mxfp4":
+            experts, inputs, outputs = source[weight].shape
+            rows = source[weight].float().transpose(1, 2).reshape(-1, inputs)
+            blocks, scales = reference_mxfp4(rows)
+            assert torch.equal(stored["blocks"].reshape(blocks.shape), blocks), weight
+            assert torch.equal(stored["scales"].reshape(scales.shape), scales), weight
+            ours = mxfp4_values(torch.empty(rows.shape), blocks, scales)
+            assert torch.equal(ours.view(experts, outputs, inputs).transpose(1, 2), dequantized[weight]), weight
+            continue
+        expected = reference_int(source[weight].float(), base.quantization)
+        assert stored.keys() == expected.keys() - {"weight_shape"}
+        for key, value in ours_int(source[weight].float(), base.fmt).items():
+            assert torch.equal(value, expected[key]), (weight, key)
+        rows, cols = source[weight].shape
+        zero = stored.get("weight_zero_point")
+        ours = int_dequantize(
+            torch.empty(rows, cols),
+            int_values(stored["weight_packed"], base.fmt.bits, cols),
+            stored["weight_scale"],
+            None if zero is None else zero_rows(zero, base.fmt.bits, rows),
+        )
+        assert torch.equal(ours, library_int_values(expected, base.quantization)), weight
+        assert torch.equal(ours, dequantized[weight]), weight
+
+
+def test_the_mxfp4_fixture_loads_through_transformers_as_its_dequantized_values(
+    packed: Callable[[str], PackedBase],
+) -> None:
+    base = packed("gpt-oss-mxfp4")
+    model = GptOssForCausalLM.from_pretrained(base.path, quantization_config=Mxfp4Config(dequantize=True))
+    state = model.state_dict()
+    expected = read_output_like_base(base.dequantized.path)
+    for weight in base.quantized:
+        assert torch.equal(state[weight].float(), expected[weight]), weight
+
+
+# --- dequantized output: PEFT on the dequantized model is the reference ------------------
+
+
+def _small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of 256 elements: several to each matrix (an expert's), whole words of packed
+    zero points (a transposed MXFP4 expert dequantizes 32 rows at a time, none fewer)."""
+    from shardmerge.planning import planner
+
+    monkeypatch.setattr(planner, "MERGE_BLOCK_ELEMENTS", 8 * 32)
+
+
+@pytest.mark.parametrize("name", sorted(BASES))
+@pytest.mark.parametrize(("dtype", "blocks"), [("float32", False), ("bfloat16", False), ("float32", True)])
+def test_dequantized_output_matches_peft_on_the_dequantized_model(
+    name: str,
+    dtype: str,
+    blocks: bool,
+    packed: Callable[[str], PackedBase],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    base = packed(name)
+    adapter = _adapter(base, tmp_path / "adapter")
+    if blocks:
+        _small_blocks(monkeypatch)
+    output = tmp_path / "out"
+    shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output), dtype=dtype)
+    reference = peft_reference(base.dequantized, [(adapter, 1.0)])
+    expected = saved_reference(reference, tmp_path / "reference")
+    ours = read_output(output)
+    assert ours.keys() == expected.keys(), "the 16-bit model's names, nothing packed left"
+    assert "quantization_config" not in json.loads((output / "config.json").read_text())
+    assert_matches_saved(output, expected, getattr(torch, dtype))
+    assert_same_logits(output, reference, getattr(torch, dtype))
+
+
+# --- requantized output: the reference quantizer on our float32 merge ---------------------
+
+
+@pytest.mark.parametrize("name", sorted(BASES))
+@pytest.mark.parametrize("blocks", [False, True])
+def test_requantized_output_is_the_reference_quantization_of_the_merge(
+    name: str, blocks: bool, packed: Callable[[str], PackedBase], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Kept in its format, a merged weight is the reference quantizer's output for the float32
+    merge (itself PEFT's, as above); every other tensor is the base's, byte for byte. With
+    ``blocks``, in blocks of 8 rows (whole words of packed zero points)."""
+    base = packed(name)
+    adapter = _adapter(base, tmp_path / "adapter", experts=["down_proj"])
+    if blocks:
+        _small_blocks(monkeypatch)
+        plan = shardmerge.plan(base=str(base.path), adapters=[str(adapter)])
+        merged = [t for shard in plan.shards for t in shard.tensors if t.ops and t.quant]
+        assert merged and all(0 < t.block_rows < t.quant.values[-2] for t in merged if t.quant)
+        assert all(t.block_rows % t.quant.format.row_step() == 0 for t in merged if t.quant)
+    exact, output = tmp_path / "float32", tmp_path / "out"
+    shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(exact), dtype="float32")
+    report = shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output))
+    merged, before = read_output(exact), read_output_like_base(base.dequantized.path)
+    ours, theirs = read_output(output), read_output(base.path)
+    assert ours.keys() == theirs.keys()
+    assert json.loads((output / "config.json").read_text()) == json.loads((base.path / "config.json").read_text())
+    changed = [weight for weight in base.quantized if not torch.equal(merged[weight], before[weight])]
+    assert 0 < len(changed) < len(base.quantized), "the adapter changes some packed weights and leaves others"
+    written = set()
+    for weight in changed:
+        value = merged[weight]
+        stored = _stored(base, weight)
+        if base.fmt.packing == "mxfp4":
+            inputs = value.shape[1]
+            blocks, scales = reference_mxfp4(value.transpose(1, 2).reshape(-1, inputs))
+            expected = {f"{weight}_blocks": blocks, f"{weight}_scales": scales}
+        else:
+            module = weight.removesuffix(".weight")
+            expected = {f"{module}.{key}": tensor for key, tensor in reference_int(value, base.quantization).items()}
+        for name_, tensor in expected.items():
+            assert torch.equal(ours[name_].reshape(tensor.shape), tensor), name_
+            written.add(name_)
+        assert not all(torch.equal(ours[n], theirs[n]) for n in expected), "requantized, not copied"
+        assert len(stored) <= len(expected)
+    for name_ in theirs.keys() - written:
+        if not any(key in name_ for key in ("q_proj", "v_proj", "gate_proj", "down_proj.weight")):
+            assert torch.equal(ours[name_], theirs[name_]), name_
+    assert report.requantized == len(changed)
+
+
+# --- bad inputs ---------------------------------------------------------------------------
+
+
+def _edit_tensor(folder: Path, name: str, value: torch.Tensor | None) -> None:
+    """Remove tensor ``name``, or store ``value`` under it (a new one beside its module's)."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    weight_map = index["weight_map"]
+    shard = folder / weight_map.get(name, weight_map.get(f"{name.rpartition('.')[0]}.weight_packed", ""))
+    tensors = load_file(shard)
+    if value is None:
+        del tensors[name], weight_map[name]
+    else:
+        tensors[name] = value
+        weight_map[name] = shard.name
+    save_file(tensors, shard, metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+EXPERTS = "model.layers.0.mlp.experts"
+Q = "model.layers.0.self_attn.q_proj"
+BAD: dict[str, tuple[str, Callable[[Path, dict[str, Any]], None], str]] = {
+    "mxfp4-blocks-without-scales": (
+        "gpt-oss-mxfp4",
+        lambda folder, config: _edit_tensor(folder, f"{EXPERTS}.down_proj_scales", None),
+        f"{EXPERTS}.down_proj_blocks: MXFP4 blocks without their _scales tensor",
+    ),
+    "mxfp4-misshapen-scales": (
+        "gpt-oss-mxfp4",
+        lambda folder, config: _edit_tensor(
+            folder, f"{EXPERTS}.down_proj_scales", torch.zeros(4, 32, 2, dtype=torch.uint8)
+        ),
+        "scale U8 [4, 32, 2] does not match the blocks: expected U8 [4, 32, 1]",
+    ),
+    "mxfp4-quantized-but-ignored": (
+        "gpt-oss-mxfp4",
+        lambda folder, config: config["quantization_config"]["modules_to_not_convert"].append(EXPERTS),
+        "the weight is quantized, but the config lists its module as left unquantized",
+    ),
+    "mxfp4-unknown-architecture": (
+        "gpt-oss-mxfp4",
+        lambda folder, config: config.update(model_type="my_moe", architectures=["MyMoeForCausalLM"]),
+        "MXFP4 experts of an architecture whose expert layout shardmerge does not know",
+    ),
+    "mxfp4-dequantize-on-load": (
+        "gpt-oss-mxfp4",
+        lambda folder, config: config["quantization_config"].update(dequantize=True),
+        "the mxfp4 config asks transformers to dequantize on load",
+    ),
+    "int-act-order": (
+        "olmoe-int4",
+        lambda folder, config: config["quantization_config"]["config_groups"]["group_0"]["weights"].update(
+            actorder="group"
+        ),
+        "act-ordered weights (actorder 'group') are not supported",
+    ),
+    "int-g-idx": (
+        "olmoe-int4",
+        lambda folder, config: _edit_tensor(folder, f"{Q}.weight_g_idx", torch.arange(32, dtype=torch.int32)),
+        f"{Q}.weight_g_idx: act-ordered weights (weight_g_idx) are not supported",
+    ),
+    "int-missing-packed": (
+        "olmoe-int4",
+        lambda folder, config: _edit_tensor(folder, f"{Q}.weight_packed", None),
+        f"{Q}.weight_scale: a packed weight without its weight_packed",
+    ),
+    "int-missing-zero-point": (
+        "olmoe-int4-asym",
+        lambda folder, config: _edit_tensor(folder, f"{Q}.weight_zero_point", None),
+        "the config declares an asymmetric scheme, but the weight has no weight_zero_point",
+    ),
+    "int-two-bits": (
+        "olmoe-int4",
+        lambda folder, config: config["quantization_config"]["config_groups"]["group_0"]["weights"].update(num_bits=2),
+        "pack-quantized int2 weights are not supported (int4 and int8 are)",
+    ),
+    "int-tensor-strategy": (
+        "olmoe-int4",
+        lambda folder, config: config["quantization_config"]["config_groups"]["group_0"]["weights"].update(
+            strategy="tensor", group_size=None
+        ),
+        "pack-quantized weights with strategy 'tensor' are not supported",
+    ),
+    "int-wrong-shape": (
+        "olmoe-int4",
+        lambda folder, config: _edit_tensor(folder, f"{Q}.weight_shape", torch.tensor([32, 40])),
+        f"{Q}.weight_packed: weight_packed [32, 4] does not hold a [32, 40] weight: expected [32, 5]",
+    ),
+    "int-group-misfit": (
+        "olmoe-int4",
+        lambda folder, config: config["quantization_config"]["config_groups"]["group_0"]["weights"].update(
+            group_size=64
+        ),
+        "32 columns are not a whole number of groups of 64",
+    ),
+    "nvfp4": (
+        "olmoe-int4",
+        lambda folder, config: config["quantization_config"].update(format="nvfp4-pack-quantized"),
+        "compressed-tensors format 'nvfp4-pack-quantized' is not supported",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_packed_inputs_are_one_line_and_nothing_is_written(
+    case: str, packed: Callable[[str], PackedBase], tmp_path: Path
+) -> None:
+    name, change, message = BAD[case]
+    base = packed(name)
+    adapter = _adapter(base, tmp_path / "adapter")
+    broken = tmp_path / "broken"
+    shutil.copytree(base.path, broken)
+    config = json.loads((broken / "config.json").read_text())
+    change(broken, config)
+    (broken / "config.json").write_text(json.dumps(config))
+    output = tmp_path / "out"
+    done = subprocess.run(
+        [SHARDMERGE, "merge", str(broken), str(adapter), "-o", str(output)], capture_output=True, text=True
+    )
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr
+    assert not output.exists() or not any(output.iterdir())
+
+
+def test_16_bit_weights_beside_packed_ones_stay_16_bit(packed: Callable[[str], PackedBase]) -> None:
+    base = packed("olmoe-int4")
+    assert f"{LEFT_16_BIT}.weight" in read_output(base.path)
