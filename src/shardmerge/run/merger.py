@@ -232,13 +232,15 @@ class TensorMerger:
         self.requantized: dict[str, list[float]] = {}
         self.packed = PackedMerger(self)
 
-    def forget(self) -> None:
-        """Drop what was kept for the last shard's scales: a new shard begins."""
+    def begin_shard(self, folder: Path) -> None:
+        """A new shard begins, written into ``folder``: drop what was kept for the last one's
+        scales."""
         self.largest.clear()
-        self.packed.new.clear()
+        self.packed.begin_shard(folder)
 
     def close(self) -> None:
         self.sink.close()
+        self.packed.close()
 
     def reserve(self, shards: tuple[ShardPlan, ...]) -> None:
         """Size every reused buffer for the largest block of ``shards`` at once. Grown as the
@@ -731,7 +733,7 @@ class TensorMerger:
                 stack.callback(os.close, dst)
                 stack.callback(self.sink.discard)  # first: the sink may still use both files
                 progress.set_postfix_str(shard.name, refresh=False)
-                self.forget()
+                self.begin_shard(folder)
                 self.sink.start(dst, direct)
                 self.sink.write(memoryview(header))
                 progress.update(len(header))

@@ -25,39 +25,75 @@ import torch
 
 from ..formats.quantization import QuantFormat
 
-# E2M1 magnitudes by code, and the midpoints between neighbours (a tie rounds up).
+# E2M1 magnitudes by code. The midpoints between neighbours (0.25, 0.75, 1.25, 1.75, 2.5,
+# 3.5, 5) are all quarters, so the code of a magnitude m is that of floor(4 m), exactly (a tie
+# rounds up): _CODES[i] for i = floor(4 m), up to 24 (6 and above).
 E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+E2M1_SIGNED = E2M1 + tuple(-v for v in E2M1)  # codes 8 to 15: the sign bit set
+_CODES = tuple(sum(i >= 4 * mid for mid in (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)) for i in range(25))
 # 2^(s - 127) for every scale byte s, exact.
 _POWERS = tuple(math.ldexp(1.0, s - 127) for s in range(256))
 
 
-def mxfp4_values(out: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """On ``device``: the two values of every byte (float32 pairs seen as float64 words), the
+    power of every scale byte, and the code of every quarter (see ``_CODES``)."""
+    if device not in _TABLES:
+        pairs = torch.tensor([(E2M1_SIGNED[c & 15], E2M1_SIGNED[c >> 4]) for c in range(256)], dtype=torch.float32)
+        _TABLES[device] = (
+            pairs.view(torch.float64).view(-1).to(device),
+            torch.tensor(_POWERS, dtype=torch.float32, device=device),
+            torch.tensor(_CODES, dtype=torch.uint8, device=device),
+        )
+    return _TABLES[device]
+
+
+def mxfp4_values(
+    out: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, scratch: torch.Tensor | None = None
+) -> torch.Tensor:
     """``out`` (float32 [rows, 32 * n]) = the values of ``blocks`` (uint8 [rows, 16 * n]) with
-    ``scales`` (uint8 [rows, n]), exactly."""
-    table = torch.tensor(E2M1 + tuple(-v for v in E2M1), dtype=torch.float32, device=out.device)
-    pairs = out.view(*blocks.shape, 2)
-    pairs[..., 0] = table[(blocks & 15).long()]
-    pairs[..., 1] = table[(blocks >> 4).long()]
-    powers = torch.tensor(_POWERS, dtype=torch.float32, device=out.device)[scales.long()]
+    ``scales`` (uint8 [rows, n]), exactly. ``scratch``: room (uint8) for 2 bytes a value."""
+    pairs, powers, _ = _tables(out.device)
+    count = blocks.numel()
+    if scratch is None:
+        scratch = torch.empty(4 * count, dtype=torch.uint8, device=out.device)
+    index = scratch[: 4 * count].view(torch.int32).view(blocks.shape).copy_(blocks)
+    # a byte's two values at once: each pair of float32 read and written as one 8-byte word
+    torch.index_select(pairs, 0, index.view(-1), out=out.view(-1).view(torch.float64))
+    powers = powers[scales.int()]
     out.view(*scales.shape, 32).mul_(powers.unsqueeze(-1))
     return out
 
 
-def mxfp4_quantize(value: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> None:
+def mxfp4_quantize(
+    value: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor, scratch: torch.Tensor | None = None
+) -> None:
     """``value`` (float32 [rows, 32 * n]) quantized into ``blocks`` (uint8 [rows, 16 * n]) and
-    ``scales`` (uint8 [rows, n]) as the reference quantizer does; ``value`` is scaled in place."""
+    ``scales`` (uint8 [rows, n]) as the reference quantizer does; ``value`` is overwritten.
+    ``scratch``: room (uint8) for 6 bytes a value."""
+    count = value.numel()
+    if scratch is None:
+        scratch = torch.empty(6 * count, dtype=torch.uint8, device=value.device)
+    quarters = scratch[: 4 * count].view(torch.int32).view(value.shape)
+    signs = scratch[4 * count : 5 * count].view(torch.bool).view(value.shape)
+    codes = scratch[5 * count : 6 * count].view(value.shape)
     groups = value.view(*scales.shape, 32)
-    largest = torch.nan_to_num(groups, nan=0.0).abs_().amax(-1)
+    largest = torch.maximum(groups.amax(-1), groups.amin(-1).neg_())
     bits = ((largest / 6.0).view(torch.int32) + 0x7FFFFF).bitwise_and_(0x7F800000)
     scales.copy_(bits >> 23)
     rounded = bits.view(torch.float32)
     groups.mul_(torch.where(rounded > 0, 1.0 / rounded, 0.0).unsqueeze(-1))
-    midpoints = torch.tensor(_MIDPOINTS, dtype=torch.float32, device=value.device)
-    codes = torch.bucketize(value.abs(), midpoints, right=True).to(torch.uint8)
-    codes.bitwise_or_(torch.signbit(value).to(torch.uint8) << 3)
+    torch.signbit(value, out=signs)
+    quarters.copy_(value.abs_().mul_(4.0).clamp_(max=24.0))  # floor: a magnitude is never negative
+    table = _tables(value.device)[2]
+    torch.index_select(table, 0, quarters.view(-1), out=codes.view(-1))
+    codes.bitwise_or_(signs.view(torch.uint8).bitwise_left_shift_(3))
     pairs = codes.view(*blocks.shape, 2)
-    torch.bitwise_or(pairs[..., 0], pairs[..., 1] << 4, out=blocks)
+    pairs[..., 1].bitwise_left_shift_(4)
+    torch.bitwise_or(pairs[..., 0], pairs[..., 1], out=blocks)
 
 
 def int_values(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:

@@ -13,10 +13,12 @@ the model's parameter.
 from __future__ import annotations
 
 import os
+import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import replace
-from typing import Protocol
+from pathlib import Path
+from typing import BinaryIO, Protocol
 
 import torch
 
@@ -44,6 +46,7 @@ class Merger(Protocol):
     """What a packed weight's merge uses of the TensorMerger that owns it."""
 
     device: torch.device
+    read_buffer: Buffer
     work: Buffer
     sink: ShardSink
     weights: dict[str, TensorPlan]
@@ -68,14 +71,19 @@ class PackedMerger:
         self.merger = merger
         self.device = merger.device
         host = torch.device("cpu")
-        self.source = Buffer(host)  # packed bytes of the rows (or expert) in hand
         self.scales = Buffer(host)
         self.zeros = Buffer(host)
         self.was = Buffer(self.device)  # the base's values
         self.update = Buffer(self.device)
+        self.unpack = Buffer(self.device)  # room to unpack and round: 6 bytes a value
         self.scratch = Buffer(host)  # a requantized block computed only for its scales
-        # New scales and zero points of requantized weights, block by block, by weight name.
-        self.new: dict[str, dict[str, list[torch.Tensor]]] = {}
+        # New scales and zero points of requantized weights until they are written, block by
+        # block in an unnamed file beside the shard (``spill``: a 128-expert tensor's are 66
+        # MB): by weight name, their pieces there (offset, bytes); and the weights whose new
+        # tensors are all written.
+        self.spill: BinaryIO | None = None
+        self.new: dict[str, dict[str, list[tuple[int, int]]]] = {}
+        self.written: set[str] = set()
 
     def needs(self, tensor: TensorPlan) -> tuple[int, int, int]:
         """Bytes of source, float32 work and output a block of ``tensor`` needs at most."""
@@ -87,16 +95,14 @@ class PackedMerger:
     def reserve(self, tensors: list[TensorPlan]) -> None:
         for tensor in tensors:
             assert tensor.quant is not None
-            source, work, output = self.needs(tensor)
-            self.source.take(source)
+            _, work, _ = self.needs(tensor)
             self.was.take(work)
             self.update.take(work)
+            self.unpack.take(6 * work // 4)  # see _room
             experts, rows, _ = tensor.quant.matrices
             self.scales.take((tensor.quant.scale_end - tensor.quant.scale_begin) // (experts * rows) * rows)
             if tensor.quant.zero is not None:
                 self.zeros.take(tensor.quant.zero.end - tensor.quant.zero.begin)
-            if tensor.dtype == tensor.src_dtype:
-                self.scratch.take(output)
 
     def merge(self, fd: int, tensor: TensorPlan, *, write: bool = True) -> Iterator[tuple[memoryview, Buffer]]:
         """The output bytes of packed weight ``tensor`` read from ``fd``, block by block."""
@@ -106,7 +112,12 @@ class PackedMerger:
         experts, _, _ = read.matrices
         rows, _, flipped, _, _ = tensor.packed_block()
         step = max(1, tensor.block_rows)
-        collect = tensor.dtype == tensor.src_dtype and tensor.name not in self.new
+        collect = (
+            self.spill is not None
+            and tensor.dtype == tensor.src_dtype
+            and tensor.name not in self.new
+            and tensor.name not in self.written
+        )
         if collect:
             self.new[tensor.name] = defaultdict(list)
         with _Files(read) as files:
@@ -130,11 +141,39 @@ class PackedMerger:
             for _ in self.merge(fd, weight, write=False):
                 pass
         kind = "scale" if weight.quant is not None and tensor.name == weight.quant.scale else "zero"
-        values = torch.cat(self.new[weight.name][kind])
-        output = self.merger.sink.acquire()
-        stored = output.tensor(TORCH_DTYPES[tensor.dtype], tensor.shape)
-        stored.copy_(values.reshape(tensor.shape))
-        self.merger.sink.write(memoryview(stored.view(torch.uint8).numpy()).cast("B"), output)
+        kept = self.new[weight.name]
+        assert self.spill is not None
+        for offset, size in kept.pop(kind):  # block by block: their rows follow one another
+            self.merger.sink.copy(self.spill.fileno(), offset, size)
+        if not kept:  # every new tensor of the weight is written
+            del self.new[weight.name]
+            self.written.add(weight.name)
+
+    def begin_shard(self, folder: Path | None) -> None:
+        """A new shard begins, written into ``folder`` (None: nothing is kept for new scales)."""
+        self.close()
+        self.new.clear()
+        self.written.clear()
+        if folder is not None:
+            self.spill = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 (open until the shard ends)
+
+    def close(self) -> None:
+        if self.spill is not None:
+            self.spill.close()
+            self.spill = None
+
+    def _keep(self, weight: str, kind: str, rows: torch.Tensor) -> None:
+        """Append the new ``kind`` rows of ``weight`` to the spill file."""
+        assert self.spill is not None
+        data = rows.cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+        offset = self.spill.seek(0, os.SEEK_END)
+        self.spill.write(data)
+        self.spill.flush()
+        self.new[weight][kind].append((offset, len(data)))
+
+    def _room(self, values: int) -> torch.Tensor:
+        """Room to unpack or round ``values`` values (see ``mxfp4_quantize``)."""
+        return self.unpack.take(6 * values)
 
     # --- reading ------------------------------------------------------------------------
 
@@ -144,7 +183,7 @@ class PackedMerger:
         experts, rows, _ = tensor.quant.matrices
         row_bytes = (tensor.src_end - tensor.src_begin) // (experts * rows)
         begin = tensor.src_begin + (expert * rows + span[0]) * row_bytes
-        raw = self.source.take((span[1] - span[0]) * row_bytes)
+        raw = self.merger.read_buffer.take((span[1] - span[0]) * row_bytes)
         pread_into(fd, memoryview(raw.numpy()), begin)
         return raw.view(TORCH_DTYPES[tensor.src_dtype]).view(span[1] - span[0], -1).to(self.device)
 
@@ -168,7 +207,7 @@ class PackedMerger:
         packed = self._rows(fd, tensor, expert, span)
         scales = files.scale_rows(self.scales, expert, span, self.device)
         if read.format.packing == "mxfp4":
-            return mxfp4_values(out, packed.view(torch.uint8), scales), (packed, scales)
+            return mxfp4_values(out, packed.view(torch.uint8), scales, self._room(out.numel())), (packed, scales)
         values = int_values(packed, read.format.bits, cols)
         if read.zero is None:
             return int_dequantize(out, values, scales, None), (packed, scales)
@@ -213,6 +252,7 @@ class PackedMerger:
                 piece,
                 blocks.view(torch.uint8)[:, span[0] // 2 : span[1] // 2],
                 scales[:, span[0] // 32 : -(-span[1] // 32)],
+                self._room(piece.numel()),
             ).T
         value.copy_(base)
         value = self._apply(value, tensor, whole, expert, span, stored=False)
@@ -250,8 +290,8 @@ class PackedMerger:
         packed = host if self.device.type == "cpu" else torch.empty_like(host, device=self.device)
         if read.format.packing == "mxfp4":
             scales = torch.empty_like(source[1])
-            mxfp4_quantize(value, packed.view(torch.uint8), scales)
-            now = mxfp4_values(value, packed.view(torch.uint8), scales)
+            mxfp4_quantize(value, packed.view(torch.uint8), scales, self._room(value.numel()))
+            now = mxfp4_values(value, packed.view(torch.uint8), scales, self._room(value.numel()))
             fresh: tuple[torch.Tensor, ...] = (scales,)
         else:
             values, scales, zeros = int_quantize(value, read.format, TORCH_DTYPES[read.scale_dtype])
@@ -261,9 +301,9 @@ class PackedMerger:
         if packed is not host:
             host.copy_(packed)
         if collect:
-            self.new[tensor.name]["scale"].append(scales.to("cpu", copy=True))
+            self._keep(tensor.name, "scale", scales)
             if len(fresh) > 1:
-                self.new[tensor.name]["zero"].append(pack_zero_rows(fresh[1], read.format.bits).cpu())
+                self._keep(tensor.name, "zero", pack_zero_rows(fresh[1], read.format.bits))
         if not write:
             return
         assert output is not None

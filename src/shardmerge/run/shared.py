@@ -96,7 +96,7 @@ def write_together(outputs: list[Output], reader: SegmentReader, progress: tqdm,
 def _begin(output: Output) -> None:
     try:
         output.dst, direct = open_output(output.tmp)
-        output.merger.forget()
+        output.merger.begin_shard(output.tmp.parent)
         output.merger.sink.start(output.dst, direct)
         output.header = output.shard.header_bytes()
         output.merger.sink.write(memoryview(output.header))
