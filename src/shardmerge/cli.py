@@ -375,10 +375,16 @@ def _formats(tensor: TensorPlan) -> str:
     """The format a quantized weight (or a rescaled scale) is read in and written in."""
     if tensor.scale_of is not None:
         return f"{tensor.src_dtype} scales -> recomputed for the requantized {tensor.scale_of}"
-    assert tensor.quant is not None
-    read = f"{tensor.src_dtype} x {tensor.quant.scale_dtype} {tensor.quant.scale.rpartition('.')[2]}"
+    quant = tensor.quant
+    assert quant is not None
+    scale_dtype = "E8M0" if quant.format.packing == "mxfp4" else quant.scale_dtype
+    scale = f"{scale_dtype} {quant.scale.rpartition('.')[2]}"
+    stored = {"mxfp4": "MXFP4", "int": f"INT{quant.format.bits}"}.get(quant.format.packing or "", tensor.src_dtype)
+    read = f"{stored} x {scale}{' with zero points' if quant.zero else ''}"
+    if quant.format.packing:
+        read += f" ({'x'.join(map(str, quant.values))}{', the transpose of the model' if quant.transposed else ''})"
     if tensor.dtype == tensor.src_dtype:
-        return f"{read} -> dequantized, merged in float32, requantized to {tensor.dtype} with new scales"
+        return f"{read} -> dequantized, merged in float32, requantized to {stored} with new scales"
     return f"{read} -> dequantized in float32, written in {tensor.dtype}"
 
 

@@ -461,3 +461,39 @@ def test_a_batch_pass_over_a_packed_base_writes_what_single_merges_write(
         assert {p.name: p.read_bytes() for p in single.glob("*.safetensors")} == {
             p.name: p.read_bytes() for p in (tmp_path / f"out-{job}").glob("*.safetensors")
         }
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "expected"),
+    [
+        (
+            "gpt-oss-mxfp4",
+            "auto",
+            "model.layers.0.mlp.experts.down_proj_blocks  MXFP4 x E8M0 down_proj_scales (4x32x32, the transpose of "
+            "the model) -> dequantized, merged in float32, requantized to MXFP4 with new scales",
+        ),
+        (
+            "gpt-oss-mxfp4",
+            "bfloat16",
+            "model.layers.0.mlp.experts.gate_up_proj  MXFP4 x E8M0 gate_up_proj_scales (4x64x32, the transpose of "
+            "the model) -> dequantized in float32, written in BF16",
+        ),
+        (
+            "olmoe-int4-asym",
+            "auto",
+            "model.layers.0.self_attn.q_proj.weight_packed  INT4 x BF16 weight_scale with zero points (32x32) -> "
+            "dequantized, merged in float32, requantized to INT4 with new scales",
+        ),
+    ],
+)
+def test_the_plan_says_what_is_read_and_written(
+    name: str, dtype: str, expected: str, packed: Callable[[str], PackedBase], tmp_path: Path
+) -> None:
+    base = packed(name)
+    adapter = _adapter(base, tmp_path / "adapter")
+    done = subprocess.run(
+        [SHARDMERGE, "plan", str(base.path), str(adapter), "--dtype", dtype], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert expected in done.stdout, done.stdout
+    assert f"quant   base in {base.fmt.describe()}" in done.stdout
