@@ -42,7 +42,7 @@ from conftest import (
     unmerged_logits,
 )
 from shardmerge.planning import planner
-from shardmerge.planning.layouts import TRANSPOSED_EXPERTS
+from shardmerge.planning.layouts import INTERLEAVED_GATE_UP, TRANSPOSED_EXPERTS
 
 IDS = torch.arange(24).reshape(2, 12) % 90
 
@@ -172,6 +172,45 @@ def test_gpt_oss_experts_with_hidden_equal_to_intermediate_match_peft(
     reference = peft_reference(base, [(adapter, 1.0)])
     assert_matches_saved(output, saved_reference(reference, tmp_path / "reference"), torch.float32)
     assert_same_logits(output, peft_reference(base, [(adapter, 1.0)]), torch.float32)
+
+
+def test_a_fused_adapter_is_not_split_into_gpt_oss_experts_stored_one_by_one(tmp_path: Path) -> None:
+    """gpt-oss interleaves gate and up columns: were its experts stored one by one, which rows
+    of the fused adapter are gate's could not be told from a [gate | up] split. Refused."""
+    config = GptOssConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=64,
+        layer_types=["full_attention"],
+    )  # fmt: skip
+    base = save_base(config, tmp_path / "base", torch.float32, seed=5, shard_kb=None)
+    adapter = save_adapter(base, tmp_path / "adapter", seed=21, r=2, target_parameters=["mlp.experts.gate_up_proj"])
+    tensors = load_file(base.path / "model.safetensors")
+    prefix = "model.layers.0.mlp.experts"
+    fused = tensors.pop(f"{prefix}.gate_up_proj")
+    for expert in range(2):
+        weight = fused[expert].T  # [out, in]
+        tensors[f"{prefix}.{expert}.gate_proj.weight"] = weight[::2].contiguous()
+        tensors[f"{prefix}.{expert}.up_proj.weight"] = weight[1::2].contiguous()
+    save_file(tensors, base.path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(shardmerge.PlanError) as raised:
+        shardmerge.plan(base=str(base.path), adapters=[str(adapter)])
+    problems = [str(problem) for problem in raised.value.problems]
+    assert len(problems) == 1 and "interleaves gate and up columns in its fused gate_up_proj" in problems[0]
+
+
+def test_the_table_of_interleaved_gate_up_is_transformers_own() -> None:
+    """The model types whose experts split a fused gate_up as [..., ::2] and [..., 1::2]."""
+    root = Path(transformers.__file__).parent / "models"
+    folders = {path.parent.name for path in root.glob("*/modeling_*.py") if "gate_up[..., ::2]" in path.read_text()}
+    model_types = set()
+    for folder in folders:
+        module = importlib.import_module(f"transformers.models.{folder}.configuration_{folder}")
+        model_types |= {
+            value.model_type
+            for value in vars(module).values()
+            if isinstance(value, type) and issubclass(value, PretrainedConfig) and value.model_type
+        }
+    assert model_types == INTERLEAVED_GATE_UP
 
 
 def test_the_table_of_transposed_experts_is_transformers_own() -> None:

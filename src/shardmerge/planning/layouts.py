@@ -33,6 +33,11 @@ CONV1D_MODULES: dict[str, tuple[str, ...]] = {
 # (whatever their true layout: Llama 4's are [experts, in, out] with no flag, and PEFT's
 # merge adds its delta as [experts, out, in]). The tests check the table against transformers.
 TRANSPOSED_EXPERTS = frozenset({"gpt_oss", "aria", "aria_text", "openai_privacy_filter"})
+# Model types whose fused gate_up_proj interleaves gate and up columns (g0, u0, g1, u1, ...;
+# every other fused gate_up_proj is [gate | up]): a fused adapter's rows cannot be split into
+# the gate and up tensors of a checkpoint that stores experts one by one. The tests check the
+# table against transformers.
+INTERLEAVED_GATE_UP = frozenset({"gpt_oss"})
 # Model types transformers implements (a snapshot of its CONFIG_MAPPING_NAMES, checked against
 # the installed transformers by the tests): for these the table above is complete.
 _MODEL_TYPES_FILE = "transformers_model_types.txt"
@@ -62,6 +67,9 @@ class Layouts:
     # Whether fused 3-D experts are [experts, in, out] (see TRANSPOSED_EXPERTS); None when the
     # architecture is unknown, and only the shapes can tell.
     experts_transposed: bool | None = None
+    # Whether a fused gate_up_proj interleaves gate and up (see INTERLEAVED_GATE_UP); None
+    # when the architecture is unknown.
+    gate_up_interleaved: bool | None = None
 
     def is_conv1d(self, path: str) -> bool | None:
         """Whether module ``path`` is a Conv1D; None when nothing says."""
@@ -71,24 +79,37 @@ class Layouts:
 
 
 def find_layouts(config: dict[str, Any] | None, conv1d_modules: list[str] | None) -> Layouts:
-    """The layouts of the base described by ``config`` (None without a config.json), or those
-    the job declares."""
+    """The layouts of the base described by ``config`` (None without a config.json), or the
+    Conv1D modules the job declares (the experts' layouts still from the config)."""
+    known = _known_model_types(config)
+    experts: dict[str, Any] = {}
+    if isinstance(known, set):
+        experts = {
+            "experts_transposed": bool(known & TRANSPOSED_EXPERTS),
+            "gate_up_interleaved": bool(known & INTERLEAVED_GATE_UP),
+        }
     if conv1d_modules is not None:
         named = ", ".join(conv1d_modules) or "none"
-        return Layouts(tuple(conv1d_modules), f"conv1d_modules of the job ({named})")
+        return Layouts(tuple(conv1d_modules), f"conv1d_modules of the job ({named})", **experts)
+    if isinstance(known, str):
+        return Layouts(None, "", known)
+    names = tuple(dict.fromkeys(name for kind in sorted(known) for name in CONV1D_MODULES.get(kind, ())))
+    return Layouts(names, f"config.json model_type {', '.join(sorted(known))}", **experts)
+
+
+def _known_model_types(config: dict[str, Any] | None) -> set[str] | str:
+    """The config's model types, all of them implemented by transformers; or why not."""
     if config is None:
-        return Layouts(None, "", "the base has no config.json")
+        return "the base has no config.json"
     if config.get("auto_map"):
-        return Layouts(None, "", "config.json names custom modelling code (auto_map)")
+        return "config.json names custom modelling code (auto_map)"
     model_types = _model_types(config)
     if not model_types:
-        return Layouts(None, "", "config.json names no model_type")
+        return "config.json names no model_type"
     unknown = sorted(model_types - transformers_model_types())
     if unknown:
-        return Layouts(None, "", f"model type {unknown[0]!r} is not one that transformers implements")
-    names = tuple(dict.fromkeys(name for kind in sorted(model_types) for name in CONV1D_MODULES.get(kind, ())))
-    transposed = bool(model_types & TRANSPOSED_EXPERTS)
-    return Layouts(names, f"config.json model_type {', '.join(sorted(model_types))}", experts_transposed=transposed)
+        return f"model type {unknown[0]!r} is not one that transformers implements"
+    return model_types
 
 
 def _model_types(config: dict[str, Any]) -> set[str]:

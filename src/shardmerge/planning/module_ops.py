@@ -270,6 +270,16 @@ class AdapterPlanner:
             fits += [
                 target for target in self.expert_targets(module, parameter) if target[2] == (b_shape[0], a_shape[1])
             ]
+        split = [target for target in fits if target[3] is None and len(target[1]) > target[0]]
+        if split and self.layouts.gate_up_interleaved is not False:
+            why = "interleaves" if self.layouts.gate_up_interleaved else "may interleave (unknown architecture)"
+            self.error(
+                f"the model {why} gate and up columns in its fused gate_up_proj, so the adapter's rows for "
+                f"{module.path!r} cannot be split into the checkpoint's per-expert gate and up tensors",
+                module.keys["lora_A"],
+                "merge into a checkpoint that stores the fused expert tensors",
+            )
+            return
         if len(fits) != 1:
             found = "no" if not fits else "more than one"
             self.error(
