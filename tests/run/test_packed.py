@@ -196,6 +196,7 @@ def test_dequantized_output_matches_peft_on_the_dequantized_model(
     assert "quantization_config" not in json.loads((output / "config.json").read_text())
     assert_matches_saved(output, expected, getattr(torch, dtype))
     assert_same_logits(output, reference, getattr(torch, dtype))
+    assert verify(output, recompute=100, against_base=True).recomputed >= 4
 
 
 # --- requantized output: the reference quantizer on our float32 merge ---------------------
@@ -497,3 +498,26 @@ def test_the_plan_says_what_is_read_and_written(
     assert done.returncode == 0, done.stderr
     assert expected in done.stdout, done.stdout
     assert f"quant   base in {base.fmt.describe()}" in done.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["gpt-oss-mxfp4", "olmoe-int4-asym"])
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_a_cuda_merge_writes_what_a_cpu_merge_writes(
+    name: str, dtype: str, packed: Callable[[str], PackedBase], tmp_path: Path
+) -> None:
+    """Up to the BLAS's last bit: dequantized values within one unit in the last place,
+    requantized codes within one step where a value lay on a rounding boundary."""
+    base = packed(name)
+    adapter = _adapter(base, tmp_path / "adapter")
+    for device in ("cpu", "cuda"):
+        shardmerge.merge(
+            base=str(base.path), adapters=[str(adapter)], output=str(tmp_path / device), dtype=dtype, device=device
+        )
+    cpu, cuda = read_output(tmp_path / "cpu"), read_output(tmp_path / "cuda")
+    assert cpu.keys() == cuda.keys()
+    for tensor, value in cpu.items():
+        if value.is_floating_point():
+            torch.testing.assert_close(cuda[tensor], value, rtol=2**-7, atol=0)
+        else:
+            assert (cuda[tensor] != value).float().mean() < 0.01, tensor

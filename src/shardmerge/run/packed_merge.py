@@ -78,9 +78,10 @@ class PackedMerger:
         self.unpack = Buffer(self.device)  # room to unpack and round: 6 bytes a value
         self.scratch = Buffer(host)  # a requantized block computed only for its scales
         # New scales and zero points of requantized weights until they are written, block by
-        # block in an unnamed file beside the shard (``spill``: a 128-expert tensor's are 66
-        # MB): by weight name, their pieces there (offset, bytes); and the weights whose new
-        # tensors are all written.
+        # block in an unnamed file (``spill``, opened when first needed) in the folder of the
+        # shard being written (``folder``; a 128-expert tensor's are 66 MB): by weight name,
+        # their pieces there (offset, bytes); and the weights whose new tensors are written.
+        self.folder: Path | None = None
         self.spill: BinaryIO | None = None
         self.new: dict[str, dict[str, list[tuple[int, int]]]] = {}
         self.written: set[str] = set()
@@ -97,7 +98,8 @@ class PackedMerger:
             assert tensor.quant is not None
             _, work, _ = self.needs(tensor)
             self.was.take(work)
-            self.update.take(work)
+            if tensor.dtype == tensor.src_dtype:  # requantized: the update, for the report
+                self.update.take(work)
             self.unpack.take(6 * work // 4)  # see _room
             experts, rows, _ = tensor.quant.matrices
             self.scales.take((tensor.quant.scale_end - tensor.quant.scale_begin) // (experts * rows) * rows)
@@ -113,7 +115,7 @@ class PackedMerger:
         rows, _, flipped, _, _ = tensor.packed_block()
         step = max(1, tensor.block_rows)
         collect = (
-            self.spill is not None
+            self.folder is not None
             and tensor.dtype == tensor.src_dtype
             and tensor.name not in self.new
             and tensor.name not in self.written
@@ -154,8 +156,7 @@ class PackedMerger:
         self.close()
         self.new.clear()
         self.written.clear()
-        if folder is not None:
-            self.spill = tempfile.TemporaryFile(dir=folder)  # noqa: SIM115 (open until the shard ends)
+        self.folder = folder
 
     def close(self) -> None:
         if self.spill is not None:
@@ -164,7 +165,8 @@ class PackedMerger:
 
     def _keep(self, weight: str, kind: str, rows: torch.Tensor) -> None:
         """Append the new ``kind`` rows of ``weight`` to the spill file."""
-        assert self.spill is not None
+        if self.spill is None:
+            self.spill = tempfile.TemporaryFile(dir=self.folder)  # noqa: SIM115 (open until the shard ends)
         data = rows.cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
         offset = self.spill.seek(0, os.SEEK_END)
         self.spill.write(data)
