@@ -22,7 +22,7 @@ import pytest
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
 
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -215,3 +215,52 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Base]:
         return built[name]
 
     return get
+
+
+def save_in_two_shards(tensors: dict[str, torch.Tensor], folder: Path, apart: set[str], owner: str) -> None:
+    """Save ``tensors`` in two shards with their index, by name, those ``apart`` (a weight's
+    scales, say) in the other shard than the tensors named ``owner...`` (the weight)."""
+    names = sorted(n for n in tensors if n not in apart)
+    halves = [names[: len(names) // 2], names[len(names) // 2 :]]
+    weight_half = 0 if any(n.startswith(owner) for n in halves[0]) else 1
+    halves[1 - weight_half] += sorted(apart)
+    weight_map = {}
+    for index, half in enumerate(halves):
+        shard = f"model-{index + 1:05d}-of-00002.safetensors"
+        save_file({n: tensors[n].contiguous() for n in half}, folder / shard, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(half, shard))
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def forget_shard(output: Path, number: int) -> None:
+    """Delete shard ``number`` of a finished merge and its journal entry: a run that stopped
+    before writing it."""
+    shard = sorted(output.glob("*.safetensors"))[number]
+    journal_path = output / ".shardmerge" / "journal.json"
+    journal = json.loads(journal_path.read_text())
+    del journal["shards"][shard.name]
+    journal["complete"] = False
+    journal_path.write_text(json.dumps(journal))
+    shard.unlink()
+
+
+def shard_bytes(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in folder.glob("*.safetensors")}
+
+
+def edit_tensor(folder: Path, name: str, value: torch.Tensor | None) -> None:
+    """In the sharded checkpoint ``folder``: remove tensor ``name``, or store ``value`` under
+    it (a new one in the shard of its module's ``weight_packed``)."""
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    weight_map = index["weight_map"]
+    shard = folder / weight_map.get(name, weight_map.get(f"{name.rpartition('.')[0]}.weight_packed", ""))
+    tensors = load_file(shard)
+    if value is None:
+        del tensors[name], weight_map[name]
+    else:
+        tensors[name] = value
+        weight_map[name] = shard.name
+    save_file(tensors, shard, metadata={"format": "pt"})
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))

@@ -17,7 +17,7 @@ from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_d
 from safetensors.torch import save_file
 from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
 
-from conftest import Base, read_output_like_base
+from conftest import Base, read_output_like_base, save_in_two_shards
 from shardmerge.formats.quantization import QuantFormat, read_quantization
 from shardmerge.run.quant import largest, quantize_into, scales_for
 
@@ -93,7 +93,8 @@ def quantize_checkpoint(
             out[f"{module}.input_scale"] = torch.rand(1, dtype=torch.bfloat16) + 0.5
         quantized.append(name)
     folder.mkdir(parents=True)
-    _save_sharded(out, folder, apart=f"{quantized[0].removesuffix('.weight')}.{fmt.scale_suffix}")
+    owner = quantized[0].removesuffix(".weight")
+    save_in_two_shards(out, folder, {f"{owner}.{fmt.scale_suffix}"}, owner)
     for extra in source.iterdir():
         if extra.suffix == ".json" and not extra.name.startswith("model"):
             shutil.copy(extra, folder / extra.name)
@@ -115,21 +116,6 @@ def library_dequantize(
 
 def _quantizable(name: str, value: torch.Tensor) -> bool:
     return value.dim() == 2 and name.endswith("_proj.weight") and ".layers." in name
-
-
-def _save_sharded(tensors: dict[str, torch.Tensor], folder: Path, apart: str) -> None:
-    names = sorted(tensors)
-    halves = [[n for n in names[: len(names) // 2] if n != apart], [n for n in names[len(names) // 2 :] if n != apart]]
-    weight_half = 0 if apart.rpartition(".")[0] + ".weight" in halves[0] else 1
-    halves[1 - weight_half].append(apart)  # the scale in the other shard than its weight
-    weight_map = {}
-    for index, half in enumerate(halves):
-        shard = f"model-{index + 1:05d}-of-00002.safetensors"
-        save_file({n: tensors[n].contiguous() for n in half}, folder / shard, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(half, shard))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def _save_dequantized(

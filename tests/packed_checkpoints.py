@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from safetensors.torch import save_file
 from transformers import GptOssConfig
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from conftest import Base, read_output_like_base
+from conftest import Base, read_output_like_base, save_in_two_shards
 from shardmerge.formats.quantization import QuantFormat, read_quantization
 from shardmerge.run.packed import int_pack, int_quantize, mxfp4_quantize, pack_zero_rows
 
@@ -76,53 +77,84 @@ def int_config(bits: int = 4, symmetric: bool = True, group: int | None = 8) -> 
 def mxfp4_checkpoint(source: Path, folder: Path) -> PackedBase:
     """gpt-oss's experts of the bfloat16 checkpoint ``source`` in MXFP4, as the MXFP4 releases
     store them: ``X_blocks`` and ``X_scales`` in the [experts, out, in] order."""
-    quantization = mxfp4_config()
-    fmt = read_quantization({"quantization_config": quantization}, source / "config.json")
-    assert fmt is not None
-    out: dict[str, torch.Tensor] = {}
-    dequantized: dict[str, torch.Tensor] = {}
-    quantized = []
-    for name, value in read_output_like_base(source).items():
+
+    def pack(fmt: QuantFormat, name: str, value: torch.Tensor) -> Packed | None:
         if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-            out[name] = value
-            dequantized[name] = value.float()
-            continue
+            return None
         experts, inputs, outputs = value.shape
         stored = value.float().transpose(1, 2).contiguous().view(-1, inputs)
         blocks = torch.empty(stored.shape[0], inputs // 2, dtype=torch.uint8)
         scales = torch.empty(stored.shape[0], inputs // 32, dtype=torch.uint8)
         mxfp4_quantize(stored, blocks, scales)
-        out[f"{name}_blocks"] = blocks.view(experts, outputs, inputs // 32, 16)
-        out[f"{name}_scales"] = scales.view(experts, outputs, inputs // 32)
-        dequantized[name] = convert_moe_packed_tensors(
-            out[f"{name}_blocks"], out[f"{name}_scales"], dtype=torch.float32
-        )
-        quantized.append(name)
-    apart = {f"{quantized[0]}_scales"}
-    return _finish(source, folder, out, dequantized, quantized, fmt, quantization, apart)
+        out = {
+            f"{name}_blocks": blocks.view(experts, outputs, inputs // 32, 16),
+            f"{name}_scales": scales.view(experts, outputs, inputs // 32),
+        }
+        return out, convert_moe_packed_tensors(*out.values(), dtype=torch.float32)
+
+    return _pack(source, folder, mxfp4_config(), pack, lambda weight: (weight, {f"{weight}_scales"}))
 
 
 def int_checkpoint(source: Path, folder: Path, quantization: dict[str, Any]) -> PackedBase:
     """The Linear weights of the bfloat16 checkpoint ``source`` packed as compressed-tensors
     packs them, scales in bfloat16 (the weights' dtype, as its modules hold them)."""
+
+    def pack(fmt: QuantFormat, name: str, value: torch.Tensor) -> Packed | None:
+        module = name.removesuffix(".weight")
+        if not (value.dim() == 2 and name.endswith("_proj.weight") and ".layers." in name) or fmt.ignored(module):
+            return None
+        packed = reference_int(value.float(), quantization)
+        return {f"{module}.{key}": tensor for key, tensor in packed.items()}, library_int_values(packed, quantization)
+
+    def apart(weight: str) -> tuple[str, set[str]]:
+        module = weight.removesuffix(".weight")
+        return module, {f"{module}.weight_scale", f"{module}.weight_zero_point"}
+
+    return _pack(source, folder, quantization, pack, apart)
+
+
+# A weight's stored tensors by name, and its values read back by the format's library.
+Packed = tuple[dict[str, torch.Tensor], torch.Tensor]
+
+
+def _pack(
+    source: Path,
+    folder: Path,
+    quantization: dict[str, Any],
+    pack: Callable[[QuantFormat, str, torch.Tensor], Packed | None],
+    apart: Callable[[str], tuple[str, set[str]]],
+) -> PackedBase:
+    """The checkpoint ``source`` with the weights ``pack`` packs packed, in two shards (the
+    first weight's companions, ``apart``, in the other shard than it), and its dequantized
+    copy beside it."""
     fmt = read_quantization({"quantization_config": quantization}, source / "config.json")
     assert fmt is not None
     out: dict[str, torch.Tensor] = {}
     dequantized: dict[str, torch.Tensor] = {}
     quantized = []
     for name, value in read_output_like_base(source).items():
-        module = name.removesuffix(".weight")
-        if not (value.dim() == 2 and name.endswith("_proj.weight") and ".layers." in name) or fmt.ignored(module):
-            out[name] = value
-            dequantized[name] = value.float()
+        packed = pack(fmt, name, value)
+        if packed is None:
+            out[name], dequantized[name] = value, value.float()
             continue
-        packed = reference_int(value.float(), quantization)
-        out.update({f"{module}.{key}": tensor for key, tensor in packed.items()})
-        dequantized[name] = library_int_values(packed, quantization)
+        out.update(packed[0])
+        dequantized[name] = packed[1]
         quantized.append(name)
-    first = quantized[0].removesuffix(".weight")
-    apart = {f"{first}.weight_scale", f"{first}.weight_zero_point"} & set(out)
-    return _finish(source, folder, out, dequantized, quantized, fmt, quantization, apart)
+    owner, companions = apart(quantized[0])
+    folder.mkdir(parents=True)
+    save_in_two_shards(out, folder, companions & set(out), owner)
+    config = json.loads((source / "config.json").read_text())
+    for extra in source.iterdir():
+        if extra.suffix == ".json" and not extra.name.startswith("model"):
+            shutil.copy(extra, folder / extra.name)
+    (folder / "config.json").write_text(json.dumps(config | {"quantization_config": quantization}, indent=2))
+    plain = folder.with_name(folder.name + "-dequantized")
+    plain.mkdir(parents=True)
+    save_file(
+        {n: t.contiguous() for n, t in dequantized.items()}, plain / "model.safetensors", metadata={"format": "pt"}
+    )
+    (plain / "config.json").write_text(json.dumps(config | {"dtype": "float32"}, indent=2))
+    return PackedBase(folder, Base(plain, torch.float32), tuple(quantized), fmt, quantization)
 
 
 def _scheme(quantization: dict[str, Any]) -> QuantizationScheme:
@@ -181,43 +213,3 @@ def reference_mxfp4(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             for pair in range(16):
                 blocks[row, block * 16 + pair] = codes[2 * pair] | (codes[2 * pair + 1] << 4)
     return blocks, scales
-
-
-def _finish(
-    source: Path,
-    folder: Path,
-    out: dict[str, torch.Tensor],
-    dequantized: dict[str, torch.Tensor],
-    quantized: list[str],
-    fmt: QuantFormat,
-    quantization: dict[str, Any],
-    apart: set[str],
-) -> PackedBase:
-    """Save ``out`` in two shards, the tensors ``apart`` in the other shard than the rest of
-    their weight, and the dequantized copy beside it."""
-    config = json.loads((source / "config.json").read_text())
-    folder.mkdir(parents=True)
-    names = sorted(n for n in out if n not in apart)
-    halves = [names[: len(names) // 2], names[len(names) // 2 :]]
-    owner = quantized[0].removesuffix(".weight")
-    weight_half = 0 if any(n.startswith(owner) for n in halves[0]) else 1
-    halves[1 - weight_half] += sorted(apart)
-    weight_map = {}
-    for index, half in enumerate(halves):
-        shard = f"model-{index + 1:05d}-of-00002.safetensors"
-        save_file({n: out[n].contiguous() for n in half}, folder / shard, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(half, shard))
-    total = sum(t.numel() * t.element_size() for t in out.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-    for extra in source.iterdir():
-        if extra.suffix == ".json" and not extra.name.startswith("model"):
-            shutil.copy(extra, folder / extra.name)
-    (folder / "config.json").write_text(json.dumps(config | {"quantization_config": quantization}, indent=2))
-    plain = folder.with_name(folder.name + "-dequantized")
-    plain.mkdir(parents=True)
-    save_file(
-        {n: t.contiguous() for n, t in dequantized.items()}, plain / "model.safetensors", metadata={"format": "pt"}
-    )
-    (plain / "config.json").write_text(json.dumps(config | {"dtype": "float32"}, indent=2))
-    return PackedBase(folder, Base(plain, torch.float32), tuple(quantized), fmt, quantization)

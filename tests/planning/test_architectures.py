@@ -200,24 +200,19 @@ def test_a_fused_adapter_is_not_split_into_gpt_oss_experts_stored_one_by_one(tmp
 
 def test_the_table_of_interleaved_gate_up_is_transformers_own() -> None:
     """The model types whose experts split a fused gate_up as [..., ::2] and [..., 1::2]."""
-    root = Path(transformers.__file__).parent / "models"
-    folders = {path.parent.name for path in root.glob("*/modeling_*.py") if "gate_up[..., ::2]" in path.read_text()}
-    model_types = set()
-    for folder in folders:
-        module = importlib.import_module(f"transformers.models.{folder}.configuration_{folder}")
-        model_types |= {
-            value.model_type
-            for value in vars(module).values()
-            if isinstance(value, type) and issubclass(value, PretrainedConfig) and value.model_type
-        }
-    assert model_types == INTERLEAVED_GATE_UP
+    assert _model_types_whose_modelling_says("gate_up[..., ::2]") == INTERLEAVED_GATE_UP
 
 
 def test_the_table_of_transposed_experts_is_transformers_own() -> None:
     """The model types whose experts transformers declares ``is_transposed`` (the flag PEFT
     reads) are those of TRANSPOSED_EXPERTS."""
+    assert _model_types_whose_modelling_says("is_transposed=True") == TRANSPOSED_EXPERTS
+
+
+def _model_types_whose_modelling_says(text: str) -> set[str]:
+    """The model types of every transformers model whose modelling code contains ``text``."""
     root = Path(transformers.__file__).parent / "models"
-    folders = {path.parent.name for path in root.glob("*/modeling_*.py") if "is_transposed=True" in path.read_text()}
+    folders = {path.parent.name for path in root.glob("*/modeling_*.py") if text in path.read_text()}
     model_types = set()
     for folder in folders:
         module = importlib.import_module(f"transformers.models.{folder}.configuration_{folder}")
@@ -226,7 +221,7 @@ def test_the_table_of_transposed_experts_is_transformers_own() -> None:
             for value in vars(module).values()
             if isinstance(value, type) and issubclass(value, PretrainedConfig) and value.model_type
         }
-    assert model_types == TRANSPOSED_EXPERTS
+    return model_types
 
 
 # --- vision-language models ---------------------------------------------------------------

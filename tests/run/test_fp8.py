@@ -27,6 +27,8 @@ from conftest import (
     assert_matches_reference,
     assert_matches_saved,
     assert_same_logits,
+    edit_tensor,
+    forget_shard,
     llama_config,
     peft_reference,
     read_output,
@@ -34,6 +36,7 @@ from conftest import (
     save_adapter,
     save_base,
     saved_reference,
+    shard_bytes,
 )
 from fp8_checkpoints import (
     LEFT_16_BIT,
@@ -421,18 +424,10 @@ def test_resume_redoes_either_shard_alike_though_a_scale_sits_apart(
     based = json.loads((base.path / "model.safetensors.index.json").read_text())["weight_map"]
     assert any(based[_scale_of(base, w)] != based[w] for w in base.quantized)
     assert all(index[_scale_of(base, w)] == index[w] for w in base.quantized)
-    shard = sorted(output.glob("*.safetensors"))[redo]
-    journal_path = output / ".shardmerge" / "journal.json"
-    journal = json.loads(journal_path.read_text())
-    del journal["shards"][shard.name]
-    journal["complete"] = False
-    journal_path.write_text(json.dumps(journal))
-    shard.unlink()
+    forget_shard(output, redo)
     report = shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output))
     assert report.shards_skipped == 1
-    assert {p.name: p.read_bytes() for p in output.glob("*.safetensors")} == {
-        p.name: p.read_bytes() for p in clean.glob("*.safetensors")
-    }
+    assert shard_bytes(output) == shard_bytes(clean)
     verified = verify(output, recompute=4, against_base=True)
     assert verified.recomputed == 4
 
@@ -459,9 +454,7 @@ def test_a_batch_pass_over_an_fp8_base_writes_what_single_merges_write(
     for adapter in (first, second):
         single = tmp_path / f"single-{adapter.name}"
         shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(single))
-        assert {p.name: p.read_bytes() for p in single.glob("*.safetensors")} == {
-            p.name: p.read_bytes() for p in (tmp_path / f"out-{adapter.name}").glob("*.safetensors")
-        }
+        assert shard_bytes(single) == shard_bytes(tmp_path / f"out-{adapter.name}")
 
 
 # --- bad inputs: one line each, nothing written ------------------------------------------
@@ -475,26 +468,14 @@ def _broken_copy(base: Fp8Base, folder: Path, change: Callable[[Path, dict[str, 
     return folder
 
 
-def _edit_tensor(folder: Path, name: str, value: torch.Tensor | None) -> None:
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    shard = folder / index["weight_map"][name]
-    tensors = load_file(shard)
-    if value is None:
-        del tensors[name], index["weight_map"][name]
-    else:
-        tensors[name] = value
-    save_file(tensors, shard, metadata={"format": "pt"})
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-
-
 Q = "model.layers.0.self_attn.q_proj"
 BAD: dict[str, tuple[Callable[[Path, dict[str, Any]], None], str]] = {
     "missing-scale": (
-        lambda folder, config: _edit_tensor(folder, f"{Q}.weight_scale_inv", None),
+        lambda folder, config: edit_tensor(folder, f"{Q}.weight_scale_inv", None),
         f"{Q}.weight: F8_E4M3 tensor without a weight_scale_inv beside it",
     ),
     "misshapen-scale": (
-        lambda folder, config: _edit_tensor(folder, f"{Q}.weight_scale_inv", torch.ones(2, 3)),
+        lambda folder, config: edit_tensor(folder, f"{Q}.weight_scale_inv", torch.ones(2, 3)),
         f"{Q}.weight_scale_inv: scale shape [2, 3] does not match the weight [64, 64]",
     ),
     "grid-against-block-size": (
@@ -502,7 +483,7 @@ BAD: dict[str, tuple[Callable[[Path, dict[str, Any]], None], str]] = {
         "scale shape [2, 2] does not match the weight [64, 64] in fine-grained FP8 (16x16 blocks): expected [4, 4]",
     ),
     "scale-without-fp8-weight": (
-        lambda folder, config: _edit_tensor(folder, f"{Q}.weight", torch.zeros(64, 64, dtype=torch.bfloat16)),
+        lambda folder, config: edit_tensor(folder, f"{Q}.weight", torch.zeros(64, 64, dtype=torch.bfloat16)),
         f"{Q}.weight_scale_inv: a weight scale whose weight is BF16, not F8_E4M3",
     ),
     "quantized-but-ignored": (

@@ -17,13 +17,14 @@ from typing import Any
 import pytest
 import torch
 from peft import LoraConfig
-from safetensors.torch import load_file, save_file
 from transformers import GptOssForCausalLM, Mxfp4Config
 
 import shardmerge
 from conftest import (
     assert_matches_saved,
     assert_same_logits,
+    edit_tensor,
+    forget_shard,
     llama_config,
     peft_reference,
     read_output,
@@ -31,6 +32,7 @@ from conftest import (
     save_adapter,
     save_base,
     saved_reference,
+    shard_bytes,
 )
 from packed_checkpoints import (
     LEFT_16_BIT,
@@ -258,32 +260,17 @@ def test_requantized_output_is_the_reference_quantization_of_the_merge(
 # --- bad inputs ---------------------------------------------------------------------------
 
 
-def _edit_tensor(folder: Path, name: str, value: torch.Tensor | None) -> None:
-    """Remove tensor ``name``, or store ``value`` under it (a new one beside its module's)."""
-    index = json.loads((folder / "model.safetensors.index.json").read_text())
-    weight_map = index["weight_map"]
-    shard = folder / weight_map.get(name, weight_map.get(f"{name.rpartition('.')[0]}.weight_packed", ""))
-    tensors = load_file(shard)
-    if value is None:
-        del tensors[name], weight_map[name]
-    else:
-        tensors[name] = value
-        weight_map[name] = shard.name
-    save_file(tensors, shard, metadata={"format": "pt"})
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
-
-
 EXPERTS = "model.layers.0.mlp.experts"
 Q = "model.layers.0.self_attn.q_proj"
 BAD: dict[str, tuple[str, Callable[[Path, dict[str, Any]], None], str]] = {
     "mxfp4-blocks-without-scales": (
         "gpt-oss-mxfp4",
-        lambda folder, config: _edit_tensor(folder, f"{EXPERTS}.down_proj_scales", None),
+        lambda folder, config: edit_tensor(folder, f"{EXPERTS}.down_proj_scales", None),
         f"{EXPERTS}.down_proj_blocks: MXFP4 blocks without their _scales tensor",
     ),
     "mxfp4-misshapen-scales": (
         "gpt-oss-mxfp4",
-        lambda folder, config: _edit_tensor(
+        lambda folder, config: edit_tensor(
             folder, f"{EXPERTS}.down_proj_scales", torch.zeros(4, 32, 2, dtype=torch.uint8)
         ),
         "scale U8 [4, 32, 2] does not match the blocks: expected U8 [4, 32, 1]",
@@ -312,17 +299,17 @@ BAD: dict[str, tuple[str, Callable[[Path, dict[str, Any]], None], str]] = {
     ),
     "int-g-idx": (
         "olmoe-int4",
-        lambda folder, config: _edit_tensor(folder, f"{Q}.weight_g_idx", torch.arange(32, dtype=torch.int32)),
+        lambda folder, config: edit_tensor(folder, f"{Q}.weight_g_idx", torch.arange(32, dtype=torch.int32)),
         f"{Q}.weight_g_idx: act-ordered weights (weight_g_idx) are not supported",
     ),
     "int-missing-packed": (
         "olmoe-int4",
-        lambda folder, config: _edit_tensor(folder, f"{Q}.weight_packed", None),
+        lambda folder, config: edit_tensor(folder, f"{Q}.weight_packed", None),
         f"{Q}.weight_scale: a packed weight without its weight_packed",
     ),
     "int-missing-zero-point": (
         "olmoe-int4-asym",
-        lambda folder, config: _edit_tensor(folder, f"{Q}.weight_zero_point", None),
+        lambda folder, config: edit_tensor(folder, f"{Q}.weight_zero_point", None),
         "the config declares an asymmetric scheme, but the weight has no weight_zero_point",
     ),
     "int-two-bits": (
@@ -339,7 +326,7 @@ BAD: dict[str, tuple[str, Callable[[Path, dict[str, Any]], None], str]] = {
     ),
     "int-wrong-shape": (
         "olmoe-int4",
-        lambda folder, config: _edit_tensor(folder, f"{Q}.weight_shape", torch.tensor([32, 40])),
+        lambda folder, config: edit_tensor(folder, f"{Q}.weight_shape", torch.tensor([32, 40])),
         f"{Q}.weight_packed: weight_packed [32, 4] does not hold a [32, 40] weight: expected [32, 5]",
     ),
     "int-group-misfit": (
@@ -408,18 +395,10 @@ def test_resume_redoes_either_shard_alike_and_verify_recomputes(
     merged = {weight: names for weight, names in stored.items() if names[0] in written}
     assert any(len({based[n] for n in names}) == 2 for names in merged.values()), "a weight's tensors apart"
     assert all(len({index[n] for n in names}) == 1 for names in merged.values()), "together in the output"
-    shard = sorted(output.glob("*.safetensors"))[redo]
-    journal_path = output / ".shardmerge" / "journal.json"
-    journal = json.loads(journal_path.read_text())
-    del journal["shards"][shard.name]
-    journal["complete"] = False
-    journal_path.write_text(json.dumps(journal))
-    shard.unlink()
+    forget_shard(output, redo)
     report = shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output))
     assert report.shards_skipped == 1
-    assert {p.name: p.read_bytes() for p in output.glob("*.safetensors")} == {
-        p.name: p.read_bytes() for p in clean.glob("*.safetensors")
-    }
+    assert shard_bytes(output) == shard_bytes(clean)
     verified = verify(output, recompute=100, against_base=True)
     assert verified.recomputed >= 4 and verified.against_base
 
@@ -459,9 +438,7 @@ def test_a_batch_pass_over_a_packed_base_writes_what_single_merges_write(
     for adapter, job, dtype in ((first, "a", "auto"), (second, "b", "bfloat16")):
         single = tmp_path / f"single-{job}"
         shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(single), dtype=dtype)
-        assert {p.name: p.read_bytes() for p in single.glob("*.safetensors")} == {
-            p.name: p.read_bytes() for p in (tmp_path / f"out-{job}").glob("*.safetensors")
-        }
+        assert shard_bytes(single) == shard_bytes(tmp_path / f"out-{job}")
 
 
 @pytest.mark.parametrize(

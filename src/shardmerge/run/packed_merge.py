@@ -16,7 +16,7 @@ import os
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -123,14 +123,15 @@ class PackedMerger:
         if collect:
             self.new[tensor.name] = defaultdict(list)
         with _Files(read) as files:
+            weight = _Weight(fd, tensor, files, whole)
             for expert in range(experts):
-                stored = self._read_expert(fd, tensor, files, expert) if flipped else None
+                stored = self._read_expert(weight, expert) if flipped else None
                 for first in range(0, rows, step):
                     span = (first, min(rows, first + step))
                     if tensor.dtype == tensor.src_dtype:
-                        yield from self._requantized(fd, tensor, files, whole, expert, span, write, collect)
+                        yield from self._requantized(weight, expert, span, write, collect)
                     else:
-                        yield self._dequantized(fd, tensor, files, whole, expert, span, stored)
+                        yield self._dequantized(weight, expert, span, stored)
         if tensor.dtype == tensor.src_dtype:
             self.merger.check_requantized(tensor)
 
@@ -189,24 +190,21 @@ class PackedMerger:
         pread_into(fd, memoryview(raw.numpy()), begin)
         return raw.view(TORCH_DTYPES[tensor.src_dtype]).view(span[1] - span[0], -1).to(self.device)
 
-    def _read_expert(
-        self, fd: int, tensor: TensorPlan, files: _Files, expert: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _read_expert(self, weight: _Weight, expert: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One expert's packed values and scales, whole."""
-        assert tensor.quant is not None
-        rows = tensor.quant.matrices[1]
-        return self._rows(fd, tensor, expert, (0, rows)), files.scale_rows(self.scales, expert, (0, rows), self.device)
+        whole = (0, weight.read.matrices[1])
+        scales = weight.files.scale_rows(self.scales, expert, whole, self.device)
+        return self._rows(weight.fd, weight.tensor, expert, whole), scales
 
     def _base(
-        self, fd: int, tensor: TensorPlan, files: _Files, expert: int, span: tuple[int, int], into: Buffer
+        self, weight: _Weight, expert: int, span: tuple[int, int]
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """The base's float32 values of stored rows ``span`` (in ``into``), and what they were
-        read from: (packed values, scales[, zero points])."""
-        read = tensor.quant
-        assert read is not None
+        """The base's float32 values of stored rows ``span`` (in the ``was`` buffer), and what
+        they were read from: (packed values, scales[, zero points])."""
+        read, files = weight.read, weight.files
         cols = read.matrices[2]
-        out = into.tensor(torch.float32, (span[1] - span[0], cols))
-        packed = self._rows(fd, tensor, expert, span)
+        out = self.was.tensor(torch.float32, (span[1] - span[0], cols))
+        packed = self._rows(weight.fd, weight.tensor, expert, span)
         scales = files.scale_rows(self.scales, expert, span, self.device)
         if read.format.packing == "mxfp4":
             return mxfp4_values(out, packed.view(torch.uint8), scales, self._room(out.numel())), (packed, scales)
@@ -219,34 +217,31 @@ class PackedMerger:
     # --- merging -------------------------------------------------------------------------
 
     def _apply(
-        self, value: torch.Tensor, tensor: TensorPlan, whole: Factors, expert: int, span: tuple[int, int], stored: bool
+        self, value: torch.Tensor, weight: _Weight, expert: int, span: tuple[int, int], stored: bool
     ) -> torch.Tensor:
         """Every op applied to ``value``, rows ``span`` of one expert, in the stored
         orientation (``stored``) or the model's."""
-        assert tensor.quant is not None
+        tensor, whole = weight.tensor, weight.whole
         if any(factors is None for factors in whole):  # replacement tensors, read block by block
             missing = [op if factors is None else None for op, factors in zip(tensor.ops, whole, strict=True)]
             own = self.merger.block_factors(missing, span)
             whole = [factors if factors is not None else mine for factors, mine in zip(whole, own, strict=True)]
         for op, factors in zip(tensor.ops, whole, strict=True):
             assert factors is not None
-            value = apply_op(value, _for_expert(op, expert, stored and tensor.quant.transposed), factors, span)
+            value = apply_op(value, _for_expert(op, expert, stored and weight.read.transposed), factors, span)
         return value
 
     def _dequantized(
-        self,
-        fd: int,
-        tensor: TensorPlan,
-        files: _Files,
-        whole: Factors,
-        expert: int,
-        span: tuple[int, int],
-        stored: tuple[torch.Tensor, torch.Tensor] | None,
+        self, weight: _Weight, expert: int, span: tuple[int, int], stored: tuple[torch.Tensor, torch.Tensor] | None
     ) -> tuple[memoryview, Buffer]:
+        """Rows ``span`` of one expert, in the model's orientation, merged and rounded to the
+        output dtype; ``stored``: the expert's packed values and scales where that orientation
+        is the transpose of theirs."""
+        tensor, whole = weight.tensor, weight.whole
         rows, cols, _, _, _ = tensor.packed_block()
         value = self.merger.work.tensor(torch.float32, (span[1] - span[0], cols))
         if stored is None:
-            base, _ = self._base(fd, tensor, files, expert, span, self.was)
+            base, _ = self._base(weight, expert, span)
         else:  # stored columns ``span`` of a transposed expert: the model's rows
             blocks, scales = stored
             piece = self.was.tensor(torch.float32, (cols, span[1] - span[0]))
@@ -257,7 +252,7 @@ class PackedMerger:
                 self._room(piece.numel()),
             ).T
         value.copy_(base)
-        value = self._apply(value, tensor, whole, expert, span, stored=False)
+        value = self._apply(value, weight, expert, span, stored=False)
         data, output, rounded = self.merger.rounded_bytes(value, TORCH_DTYPES[tensor.dtype])
         if not all_finite(rounded):
             self.merger.non_finite(tensor, base, rounded, lambda: self.merger.merge_cause(tensor, value, whole))
@@ -266,24 +261,16 @@ class PackedMerger:
         return data, output
 
     def _requantized(
-        self,
-        fd: int,
-        tensor: TensorPlan,
-        files: _Files,
-        whole: Factors,
-        expert: int,
-        span: tuple[int, int],
-        write: bool,
-        collect: bool,
+        self, weight: _Weight, expert: int, span: tuple[int, int], write: bool, collect: bool
     ) -> Iterator[tuple[memoryview, Buffer]]:
-        """Stored rows ``span`` of one expert merged and requantized; their new scales (and
-        zero points) kept for their tensors, the squared norms of the update, of what survived
-        and of the error added to the merger's report."""
-        read = tensor.quant
-        assert read is not None
-        was, source = self._base(fd, tensor, files, expert, span, self.was)
+        """Stored rows ``span`` of one expert merged and requantized (nothing yielded unless
+        ``write``); with ``collect``, their new scales (and zero points) kept for their
+        tensors; the squared norms of the update, of what survived and of the error added to
+        the merger's report."""
+        tensor, whole, read = weight.tensor, weight.whole, weight.read
+        was, source = self._base(weight, expert, span)
         value = self.merger.work.tensor(torch.float32, tuple(was.shape)).copy_(was)
-        value = self._apply(value, tensor, whole, expert, span, stored=True)
+        value = self._apply(value, weight, expert, span, stored=True)
         if not all_finite(value):
             self.merger.non_finite(tensor, was, value, lambda: self.merger.merge_cause(tensor, value, whole))
         update = torch.sub(value, was, out=self.update.tensor(torch.float32, tuple(was.shape)))
@@ -330,6 +317,22 @@ def _for_expert(op: MergeOp, expert: int, flip: bool) -> MergeOp:
         return op
     linear = (op.layout == "experts-out-in") != flip
     return replace(op, expert=expert, layout="linear" if linear else "conv1d")
+
+
+@dataclass(frozen=True)
+class _Weight:
+    """A packed weight being merged: its source file, its plan, its scale files and the
+    factors of its ops read once."""
+
+    fd: int
+    tensor: TensorPlan
+    files: _Files
+    whole: Factors
+
+    @property
+    def read(self) -> QuantRead:
+        assert self.tensor.quant is not None
+        return self.tensor.quant
 
 
 class _Files:
