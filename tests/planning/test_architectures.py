@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-from peft import IA3Config, LoHaConfig, LoKrConfig, TrainableTokensConfig
+from peft import IA3Config, LoHaConfig, LoKrConfig, LoraConfig, TrainableTokensConfig
 from safetensors.torch import load_file, save_file
 from transformers import (
     AutoModelForCausalLM,
@@ -24,6 +24,7 @@ from transformers import (
     PretrainedConfig,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
+    Qwen3MoeConfig,
 )
 
 import shardmerge
@@ -137,6 +138,33 @@ def test_moe_fused_and_per_expert_adapters(
         assert_matches_saved(output, expected, torch.float32)
         assert_same_logits(output, peft_reference(base, [(fused, 1.0)]), torch.float32)
     assert read_output(tmp_path / "out-fused").keys() == read_output(tmp_path / "out-per-expert").keys()
+
+
+def test_the_everyday_qwen3_moe_recipe_matches_peft(tmp_path: Path) -> None:
+    """``target_modules`` = q, k, v, o, gate, up, down on Qwen3-MoE: PEFT 0.21 moves the MLP
+    part onto the fused experts as bare ``target_parameters`` (``gate_up_proj``,
+    ``down_proj``), with rank and alpha patterns (``.*\\.gate_up_proj``: twice each) that
+    decide the scale; the checkpoint stores one tensor per expert."""
+    config = Qwen3MoeConfig(
+        vocab_size=96, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64, mlp_only_layers=[1],
+    )  # fmt: skip
+    base = save_base(config, tmp_path / "base", torch.float32, seed=3, shard_kb=64)
+    recipe = LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", *_MLP])
+    adapter = save_adapter(base, tmp_path / "adapter", seed=5, config=recipe)
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    assert sorted(saved["target_parameters"]) == ["down_proj", "gate_up_proj"], "bare names"
+    assert saved["rank_pattern"] and saved["alpha_pattern"]
+    plan = merge(base, [adapter], tmp_path / "out")
+    scales = {op.scale for shard in plan.shards for t in shard.tensors for op in t.ops if ".experts." in t.name}
+    assert scales == {2.0}, "alpha / r of the pattern (32 / 16) and of the config (16 / 8)"
+    reference = peft_reference(base, [(adapter, 1.0)])
+    assert_matches_saved(tmp_path / "out", saved_reference(reference, tmp_path / "reference"), torch.float32)
+    assert_same_logits(tmp_path / "out", reference, torch.float32)
+
+
+_MLP = ["gate_proj", "up_proj", "down_proj"]
 
 
 @pytest.mark.parametrize("blocks", [False, True])

@@ -68,10 +68,23 @@ class AdapterPlanner:
         assert mapping.target is not None
         return self.base[mapping.target]
 
-    def add(self, mapping: Mapping, kind: str, keys: tuple[str, ...], layout: str, module: str, **extra: Any) -> None:
-        """Record that this adapter changes the mapped tensor (the op's scale is the module's)."""
+    def add(
+        self,
+        mapping: Mapping,
+        kind: str,
+        keys: tuple[str, ...],
+        layout: str,
+        module: str,
+        *,
+        key: str | None = None,
+        **extra: Any,
+    ) -> None:
+        """Record that this adapter changes the mapped tensor. The op's scale is that of
+        ``key`` in the rank and alpha patterns: the module's path, or for a targeted parameter,
+        the module's path and the parameter's name, as PEFT matches them."""
         assert mapping.target is not None
-        scale = self.adapter.scale(module) if kind in ("lora", "dora", "bias", "loha", "lokr") else 1.0
+        scaled = kind in ("lora", "dora", "bias", "loha", "lokr")
+        scale = self.adapter.scale(key or module) if scaled else 1.0
         op = MergeOp(
             self.adapter.index, kind, keys, scale, self.adapter.weight, layout, module, mapping.rule or "", **extra
         )
@@ -123,14 +136,18 @@ class AdapterPlanner:
         layout = "shared" if full.shared else "full"
         self.add(mapping, "replace", (full.key,), layout, full.target)
 
-    def check_rank(self, module: AdapterModule, found: dict[str, int], *, experts: int = 1) -> bool:
-        r, _ = self.adapter.rank_and_alpha(module.path)
+    def check_rank(
+        self, module: AdapterModule, found: dict[str, int], *, experts: int = 1, key: str | None = None
+    ) -> bool:
+        """Whether the tensors' ranks are r (times the experts) for ``key`` (see ``add``)."""
+        key = key or module.path
+        r, _ = self.adapter.rank_and_alpha(key)
         wrong = {role: rank for role, rank in found.items() if rank != r * experts}
         if wrong:
             ranks = ", ".join(f"{rank} ({role})" for role, rank in wrong.items())
             per = f" x {experts} experts" if experts > 1 else ""
             self.error(
-                f"r mismatch: the config gives r={r}{per} for {module.path!r} but the tensors have rank {ranks}",
+                f"r mismatch: the config gives r={r}{per} for {key!r} but the tensors have rank {ranks}",
                 module.first_key,
                 "the adapter_config.json (r / rank_pattern) does not belong to these weights",
             )
@@ -250,12 +267,16 @@ class AdapterPlanner:
         self.add(mapping, kind, (key,), "bias", module.path)
 
     def target_parameter(self, module: AdapterModule) -> list[str] | None:
-        """Names of the parameters ``target_parameters`` may have put on this module, if any."""
+        """Names of the parameters ``target_parameters`` may have put on this module, if any.
+        An entry names ``module.parameter`` (matching the end of the module's path), or a
+        bare parameter name (PEFT 0.21 writes those when it moves a ``target_modules`` recipe
+        onto fused experts), which any module of the base that holds it may have."""
         wanted = self.adapter.config.get("target_parameters") or []
         names = []
         for entry in wanted:
             owner, _, parameter = entry.rpartition(".")
-            if owner and (module.path == owner or module.path.endswith(f".{owner}")):
+            on_module = module.path == owner or module.path.endswith(f".{owner}")
+            if on_module if owner else bool(self.expert_targets(module, parameter)):
                 names.append(parameter)
         return names or None
 
@@ -268,9 +289,11 @@ class AdapterPlanner:
         fits = []
         for parameter in parameters:
             fits += [
-                target for target in self.expert_targets(module, parameter) if target[2] == (b_shape[0], a_shape[1])
+                (parameter, target)
+                for target in self.expert_targets(module, parameter)
+                if target[2] == (b_shape[0], a_shape[1])
             ]
-        split = [target for target in fits if target[3] is None and len(target[1]) > target[0]]
+        split = [target for _, target in fits if target[3] is None and len(target[1]) > target[0]]
         if split and self.layouts.gate_up_interleaved is not False:
             why = "interleaves" if self.layouts.gate_up_interleaved else "may interleave (unknown architecture)"
             self.error(
@@ -289,20 +312,23 @@ class AdapterPlanner:
                 "check that this adapter was trained on this base model",
             )
             return
-        experts, parts, _, layout = fits[0]
-        if not self.check_rank(module, {"A": a_shape[0], "B": b_shape[1]}, experts=experts):
+        parameter, (experts, parts, _, layout) = fits[0]
+        key = f"{module.path}.{parameter}"  # PEFT matches rank and alpha patterns against this
+        if not self.check_rank(module, {"A": a_shape[0], "B": b_shape[1]}, experts=experts, key=key):
             return
         keys = (module.keys["lora_A"], module.keys["lora_B"])
         if layout is not None:
             mapping = parts[0][0]
-            self.add(mapping, "lora", keys, layout, module.path, experts=experts)
+            self.add(mapping, "lora", keys, layout, module.path, key=key, experts=experts)
             return
         per_expert = len(parts) // experts
         for expert in range(experts):
             start = 0
             for mapping, rows in parts[expert * per_expert : (expert + 1) * per_expert]:
                 span = (start, start + rows)
-                self.add(mapping, "lora", keys, "linear", module.path, expert=expert, experts=experts, rows=span)
+                self.add(
+                    mapping, "lora", keys, "linear", module.path, key=key, expert=expert, experts=experts, rows=span
+                )
                 start += rows
 
     def expert_targets(
