@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import gc
-import json
 import shutil
 import sys
 import time
@@ -26,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import DeviceError, JobConfigError, NoChangeError, OutputError, ShardmergeError
+from ..formats.jsonedit import rewrite
 from ..formats.safetensors import INDEX_NAME, render_index
 from ..output import card, lock, outdir
 from ..output import journal as journals
@@ -332,7 +332,8 @@ def _finish(plan: Plan, folder: Path) -> None:
         if source.name == card.CARD_NAME:
             base_card = source
         elif source.name == "config.json" and plan.config is not None:
-            outdir.write_bytes_atomic(final, (json.dumps(plan.config, indent=2, sort_keys=True) + "\n").encode())
+            # only the keys the merge changes: every other byte as the base has it
+            outdir.write_bytes_atomic(final, rewrite(source.read_text(encoding="utf-8"), plan.config).encode())
         else:
             outdir.copy_atomic(source, final)
     outdir.write_bytes_atomic(folder / card.CARD_NAME, card.render(plan, base_card))
