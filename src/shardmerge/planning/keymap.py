@@ -51,6 +51,18 @@ PREFIX_RULES: tuple[Rule, ...] = (
     ),
     _rule("llava-vision-tower", r"^model\.vision_tower\.", "vision_tower.", "LLaVA-style VLM: v5 model.vision_tower.*"),
     _rule(
+        "gemma3-vision-model",
+        r"^model\.vision_tower\.(?!vision_model\.)",
+        "vision_tower.vision_model.",
+        "Gemma 3's published checkpoints: v5 model.vision_tower.* is stored as vision_tower.vision_model.*",
+    ),
+    _rule(
+        "backbone-prefix",
+        r"^model\.",
+        "backbone.",
+        "Nemotron-H / Mamba-style checkpoints: v5 model.* is stored as backbone.*",
+    ),
+    _rule(
         "llava-projector",
         r"^model\.multi_modal_projector\.",
         "multi_modal_projector.",

@@ -278,7 +278,7 @@ class AdapterPlanner:
             on_module = module.path == owner or module.path.endswith(f".{owner}")
             if on_module if owner else bool(self.expert_targets(module, parameter)):
                 names.append(parameter)
-        return names or None
+        return list(dict.fromkeys(names)) or None  # a parameter named both ways counts once
 
     def expert_lora(
         self, module: AdapterModule, parameters: list[str], a_shape: tuple[int, ...], b_shape: tuple[int, ...]
