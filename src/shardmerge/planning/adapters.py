@@ -51,6 +51,11 @@ _KEY_PATTERNS: list[tuple[str, re.Pattern[str]]] = [
     *((role, re.compile(rf"^(?P<path>.+)\.{role}{_NAME}$")) for role in ("lokr_w2", "lokr_w2_a", "lokr_w2_b", "ia3_l")),
     ("tokens", re.compile(rf"^(?P<path>.+?)(?:\.token_adapter)?\.trainable_tokens_delta{_NAME}$")),
     ("base_layer", re.compile(r"^(?P<path>.+)\.base_layer\.(?P<param>weight|bias)$")),
+    # PEFT saves a resized embedding layer's whole wrapper too (save_embedding_layers): its
+    # trained copy without the adapter name, beside the same copy saved as X.weight, and the
+    # wrapped module: the base parameter as PEFT loads it (resized), which a tied head uses.
+    ("saved_copy", re.compile(r"^(?P<path>.+)\.modules_to_save\.(?P<param>weight|bias)$")),
+    ("original_module", re.compile(r"^(?P<path>.+)\.original_module\.(?P<param>weight|bias)$")),
     ("modules_to_save", re.compile(r"^(?P<path>.+)\.modules_to_save\.[^.]+\.(?P<param>.+)$")),
 ]
 # Substrings of adapter tensors that no pattern above may leave unexplained.
@@ -91,6 +96,7 @@ class FullTensor:
     key: str
     shape: tuple[int, ...]
     shared: bool
+    copy: bool = False  # a modules_to_save copy saved without the adapter name
 
 
 @dataclass(frozen=True)
@@ -176,15 +182,19 @@ def load_adapter(index: int, files: AdapterFiles, weight: float, problems: list[
                 )
                 continue
             full.append(FullTensor(local, key, info.shape, shared=False))
-        elif role in ("base_layer", "modules_to_save"):
+        elif role in ("base_layer", "original_module", "modules_to_save", "saved_copy"):
             target = f"{match['path']}.{match['param']}"
-            full.append(FullTensor(target, key, info.shape, shared=role == "base_layer"))
+            shared = role in ("base_layer", "original_module")
+            full.append(FullTensor(target, key, info.shape, shared=shared, copy=role == "saved_copy"))
         else:
             key_path = match["path"]
             path = re.sub(r"(\.base_layer)+$", "", key_path)
             module = modules.setdefault(key_path, AdapterModule(path, key_path))
             module.keys[role] = key
             module.shapes[role] = info.shape
+    # A trained copy saved twice: PEFT loads X.weight into the module, as merged here.
+    plain = {tensor.target for tensor in full if not tensor.copy}
+    full = [tensor for tensor in full if not (tensor.copy and tensor.target in plain)]
     return Adapter(index, files, header, weight, config, tuple(modules.values()), tuple(full))
 
 

@@ -85,7 +85,9 @@ class TensorPlan:
     merged tensor are worked on at once. ``quant``: a quantized weight that is dequantized (to
     a float dtype) or merged and requantized (its own dtype). ``scale_of``: a scale tensor
     whose values are recomputed from that merged weight. ``scales_follow``: the new scales of
-    a requantized weight come after it in the shard, found block by block as it is written."""
+    a requantized weight come after it in the shard, found block by block as it is written.
+    ``base_rows``: the tensor is wholly replaced by an adapter's, which has another number of
+    rows than the base's ``base_rows`` (added tokens); the base's values are not read."""
 
     name: str
     shape: tuple[int, ...]
@@ -100,6 +102,7 @@ class TensorPlan:
     quant: QuantRead | None = None
     scale_of: str | None = None
     scales_follow: bool = False
+    base_rows: int = 0  # a tensor whose rows an adapter resized (added tokens): the base's rows
 
     def packed_block(self) -> tuple[int, int, bool, int, int]:
         """For a packed weight: the rows and columns of one matrix in the orientation it is

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ..errors import AdapterError, ShardmergeError
@@ -36,10 +36,14 @@ class AdapterPlanner:
     layouts: Layouts
     problems: list[ShardmergeError]
     suggestions: int = 0
+    vocab_sizes: frozenset[int] = frozenset()  # the config's vocab_size values
 
     def __post_init__(self) -> None:
         self.ops: dict[str, list[MergeOp]] = defaultdict(list)
         self.file = self.adapter.files.weights
+        # Base tensors whose rows this adapter's whole tensors resize (added tokens), with
+        # their new shapes: later updates of this adapter are checked against those.
+        self.resized: dict[str, tuple[int, ...]] = {}
 
     def error(self, message: str, tensor: str, hint: str | None = None) -> None:
         self.problems.append(AdapterError(message, file=self.file, tensor=tensor, hint=hint))
@@ -65,8 +69,10 @@ class AdapterPlanner:
         return None
 
     def tensor(self, mapping: Mapping) -> TensorInfo:
+        """The mapped base tensor, in the shape this adapter resized it to, if it did."""
         assert mapping.target is not None
-        return self.base[mapping.target]
+        info = self.base[mapping.target]
+        return replace(info, shape=self.resized[info.name]) if info.name in self.resized else info
 
     def add(
         self,
@@ -110,9 +116,11 @@ class AdapterPlanner:
 
     def check_duplicates(self) -> None:
         for name, tensor_ops in self.ops.items():
-            # Within one adapter a whole replacement comes first, then the updates.
-            tensor_ops.sort(key=lambda op: op.kind != "replace")
-            signatures = [(op.kind, op.expert, op.rows) for op in tensor_ops]
+            # Within one adapter a whole replacement comes first, then the updates. A module's
+            # own trained copy (``full``) comes after the parameter it replaces for every use
+            # (``shared``: a tied embedding's head keeps that one).
+            tensor_ops.sort(key=lambda op: (op.kind != "replace", op.layout != "shared"))
+            signatures = [(op.kind, op.layout if op.kind == "replace" else "", op.expert, op.rows) for op in tensor_ops]
             if len(set(signatures)) != len(signatures):
                 modules = ", ".join(dict.fromkeys(op.module for op in tensor_ops))
                 self.error(
@@ -126,15 +134,33 @@ class AdapterPlanner:
         if mapping is None:
             return
         base = self.tensor(mapping)
-        if full.shape != base.shape:
-            self.error(
-                f"shape mismatch: adapter has {list(full.shape)}, base tensor {base.name!r} has {list(base.shape)}",
-                full.key,
-                "the adapter resized this layer (e.g. a larger vocabulary) or belongs to another model",
-            )
+        if full.shape != base.shape and not self.resizes(full, base):
             return
         layout = "shared" if full.shared else "full"
         self.add(mapping, "replace", (full.key,), layout, full.target)
+
+    def resizes(self, full: FullTensor, base: TensorInfo) -> bool:
+        """Whether ``full``, of another shape than ``base``, resizes it: ``base`` has as many
+        rows as the config's vocabulary and ``full`` another number of them (an adapter saved
+        after ``resize_token_embeddings``), and replaces it whole (weight 1). Otherwise the
+        problem is recorded."""
+        if not (len(base.shape) == 2 and full.shape[1:] == base.shape[1:] and base.shape[0] in self.vocab_sizes):
+            self.error(
+                f"shape mismatch: adapter has {list(full.shape)}, base tensor {base.name!r} has {list(base.shape)}",
+                full.key,
+                "the adapter resized a layer other than the vocabulary, or belongs to another model",
+            )
+            return False
+        if self.adapter.weight != 1:
+            self.error(
+                f"the adapter resizes {base.name!r} from {base.shape[0]} to {full.shape[0]} rows (added tokens), "
+                f"which only a weight of 1 can merge (it has {self.adapter.weight:g})",
+                full.key,
+                "merge this adapter with weight 1",
+            )
+            return False
+        self.resized[base.name] = full.shape
+        return True
 
     def check_rank(
         self, module: AdapterModule, found: dict[str, int], *, experts: int = 1, key: str | None = None

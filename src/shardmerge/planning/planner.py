@@ -101,15 +101,28 @@ def build_plan(job: MergeJob) -> Plan:
         info = weight.packed[0]
         targets[name] = TensorInfo(name, info.dtype, weight.model_shape, info.begin, info.end)
     ops: dict[str, list[MergeOp]] = defaultdict(list)
+    vocab = _vocab_sizes(config)
+    resized: dict[str, tuple[int, ...]] = {}
     for adapter in adapters:
-        for name, tensor_ops in AdapterPlanner(adapter, targets, layouts, problems).plan().items():
+        planner = AdapterPlanner(adapter, targets, layouts, problems, vocab_sizes=frozenset(vocab))
+        for name, tensor_ops in planner.plan().items():
             ops[name].extend(tensor_ops)
+        _add_resized(resized, planner.resized, adapter, problems)
     untie = tied is not None and split_uses(tied, ops)
+    if tied is not None:  # a resized shared parameter resizes both uses
+        shape = resized.get(tied.embedding) or resized.get(tied.head)
+        if shape:
+            resized.update({tied.embedding: shape, tied.head: shape})
     _check_targets(headers, targets, ops, {*quantized, *packed}, problems)
     if problems:
         raise PlanError(problems)
     extra: dict[Path, list[TensorInfo]] = defaultdict(list)
     notes = _notes(ops, layouts.source) + _quantization_notes(fmt, {*quantized, *packed}, ops, dtype)
+    rows = {shape[0] for shape in resized.values()}
+    if resized:
+        before = sorted({targets[name].shape[0] for name in resized})
+        changed = ", ".join(sorted(name for name in resized if name in tensors or untie))
+        notes += (f"vocabulary resized from {', '.join(map(str, before))} to {min(rows)} rows: {changed}",)
     if tied is not None and untie:
         notes += (f"tied embeddings untied: the adapters change {tied.embedding} and {tied.head} differently",)
         if virtual_head is not None:
@@ -123,7 +136,8 @@ def build_plan(job: MergeJob) -> Plan:
     quant.add_packed(packed, ops)
     for name, weight_file in quant.moved.items():
         extra[weight_file].append(tensors[name])
-    shards = tuple(_layout(header, extra[header.path], ops, out_dtype, quant) for header in headers)
+    resize = {name: (targets[name].shape[0], shape) for name, shape in resized.items()}
+    shards = tuple(_layout(header, extra[header.path], ops, out_dtype, quant, resize) for header in headers)
     return Plan(
         format_version=FORMAT_VERSION,
         base=base.name,
@@ -134,7 +148,13 @@ def build_plan(job: MergeJob) -> Plan:
         adapters=tuple(_summary(adapter, ops) for adapter in adapters),
         shards=shards,
         extra_files=tuple(str(path) for path in base.extra_files),
-        config=_output_config(config, dtype, untie, dequantized=fmt is not None and out_dtype is not None),
+        config=_output_config(
+            config,
+            dtype,
+            untie,
+            dequantized=fmt is not None and out_dtype is not None,
+            vocab={targets[name].shape[0]: shape[0] for name, shape in resized.items()},
+        ),
         index_metadata={k: v for k, v in (base.index_metadata or {}).items() if k != "total_size"} or None,
         notes=notes,
         inputs=inputs,
@@ -347,6 +367,7 @@ def _layout(
     ops: dict[str, list[MergeOp]],
     out_dtype: str | None,
     quant: _QuantLayout,
+    resize: dict[str, tuple[int, tuple[int, ...]]],
 ) -> ShardPlan:
     """Lay out one output shard: the base's tensor order, new dtypes (None: the base's),
     contiguous offsets, without the tensors a dequantized output drops.
@@ -365,6 +386,8 @@ def _layout(
     infos = [
         replace(info, name=quant.rename[info.name][0], shape=quant.rename[info.name][1])
         if info.name in quant.rename
+        else replace(info, shape=resize[info.name][1])
+        if info.name in resize
         else info
         for info in infos
         if info.name not in quant.drop and (info.name not in quant.moved or quant.moved[info.name] == header.path)
@@ -399,6 +422,7 @@ def _layout(
                 read,
                 quant.scale_of.get(info.name),
                 info.name in follow,
+                resize[info.name][0] if info.name in resize else 0,
             )
         )
         offset += size
@@ -481,12 +505,41 @@ def _packed_rows(read: QuantRead, ops: tuple[MergeOp, ...], requantized: bool) -
     return min(rows, max(step, PACKED_BLOCK_ELEMENTS // max(1, cols) // step * step))
 
 
+def _vocab_sizes(config: dict[str, Any] | None) -> set[int]:
+    """The vocab_size values of a config and of its text_config."""
+    sections = [config or {}, *[v for k, v in (config or {}).items() if k == "text_config" and isinstance(v, dict)]]
+    return {section["vocab_size"] for section in sections if isinstance(section.get("vocab_size"), int)}
+
+
+def _add_resized(
+    resized: dict[str, tuple[int, ...]],
+    new: dict[str, tuple[int, ...]],
+    adapter: Adapter,
+    problems: list[ShardmergeError],
+) -> None:
+    """Add the tensors one adapter resizes; every resized tensor must take the same rows."""
+    for name, shape in new.items():
+        if resized.get(name, shape) != shape or {s[0] for s in resized.values()} - {shape[0]}:
+            problems.append(
+                AdapterError(
+                    f"resizes the vocabulary to {shape[0]} rows, where another resized tensor has "
+                    f"{sorted({s[0] for s in resized.values()})}",
+                    file=adapter.files.weights,
+                    tensor=name,
+                    hint="merge adapters trained on the same vocabulary",
+                )
+            )
+            continue
+        resized[name] = shape
+
+
 def _output_config(
-    config: dict[str, Any] | None, dtype: str, untie: bool, *, dequantized: bool
+    config: dict[str, Any] | None, dtype: str, untie: bool, *, dequantized: bool, vocab: dict[int, int]
 ) -> dict[str, Any] | None:
     """The base config with its dtype entry (``torch_dtype`` in v4, ``dtype`` in v5) made true
     (left alone for ``base``), without ``quantization_config`` where the weights were
-    dequantized, and, where the merge untied the embeddings, ``tie_word_embeddings`` false;
+    dequantized, where the merge untied the embeddings ``tie_word_embeddings`` false, and
+    where it resized the vocabulary (``vocab``: old rows to new) ``vocab_size`` following;
     None if unchanged."""
     if config is None:
         return None
@@ -500,6 +553,8 @@ def _output_config(
                 section[key] = dtype
         if untie and (section is updated or "tie_word_embeddings" in section):
             section["tie_word_embeddings"] = False
+        if section.get("vocab_size") in vocab:
+            section["vocab_size"] = vocab[section["vocab_size"]]
     return None if updated == config else updated
 
 

@@ -80,7 +80,7 @@ def split_uses(tied: TiedEmbeddings, ops: dict[str, list[MergeOp]]) -> bool:
             if op.layout == "shared" and not any(o.adapter == op.adapter and o.kind == op.kind for o in target):
                 target.append(op)
     for tensor_ops in (embedding, head):
-        tensor_ops.sort(key=lambda op: (op.adapter, op.kind != "replace"))
+        tensor_ops.sort(key=lambda op: (op.adapter, op.kind != "replace", op.layout != "shared"))
     if embedding:
         ops[tied.embedding] = embedding
     if head:

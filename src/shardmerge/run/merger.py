@@ -74,7 +74,7 @@ def row_blocks(tensor: TensorPlan) -> list[Block]:
         return _expert_blocks(tensor)
     rows = tensor.shape[0] if tensor.shape else 1
     step = max(1, tensor.block_rows or rows)
-    row_bytes = (tensor.src_end - tensor.src_begin) // max(rows, 1)
+    row_bytes = (tensor.src_end - tensor.src_begin) // max(tensor.base_rows or rows, 1)
     blocks = []
     for first in range(0, max(rows, 1), step):
         last = min(rows, first + step)
@@ -302,6 +302,11 @@ class TensorMerger:
         work = 0 if _columns(tensor) else 4 * count
         return (source, work, count * ITEMSIZE[tensor.dtype], staging, rooms[0], rooms[1])
 
+    def zeros(self, tensor: TensorPlan, block: Block) -> torch.Tensor:
+        """Zeros in place of a block of a resized tensor's base values, which its replacement
+        (the adapter's whole tensor, at weight 1) makes irrelevant: the merge reads none."""
+        return self.read_buffer.take(block.end - block.begin).zero_().view(TORCH_DTYPES[tensor.src_dtype])
+
     def read(self, fd: int, tensor: TensorPlan, begin: int, end: int) -> torch.Tensor:
         raw = self.read_buffer.take(end - begin)
         pread_into(fd, memoryview(raw.numpy()), begin)
@@ -317,7 +322,9 @@ class TensorMerger:
         scales = self.scales(fd, tensor)  # first: finding new scales may merge the weight once
         whole = self.whole_factors(tensor)
         for block in row_blocks(tensor):
-            source = self.read(fd, tensor, block.begin, block.end)
+            source = (
+                self.read(fd, tensor, block.begin, block.end) if not tensor.base_rows else self.zeros(tensor, block)
+            )
             yield self.merge_block(source, tensor, block, whole, scales)
         if scales is not None and scales.streamed is not None:  # for the scales, written next
             self.largest[tensor.name] = combine(scales.streamed, scales.read.format)

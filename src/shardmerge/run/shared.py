@@ -131,14 +131,15 @@ def _fail(output: Output, exc: BaseException | None) -> None:
 
 def _tensor(src: int, jobs: list[tuple[Output, TensorPlan]], reader: SegmentReader) -> None:
     # Quantized weights and their new scales need reads of their own (the scales, a first
-    # pass over a requantized weight); every other tensor shares the segments read here.
+    # pass over a requantized weight), and a resized tensor none; every other tensor shares
+    # the segments read here.
     for output, tensor in jobs:
-        if output.error is None and (tensor.quant or tensor.scale_of):
+        if output.error is None and (tensor.quant or tensor.scale_of or tensor.base_rows):
             try:
                 output.merger.write_tensor(src, tensor)
             except Exception as exc:
                 _fail(output, exc)
-    jobs = [(output, tensor) for output, tensor in jobs if not (tensor.quant or tensor.scale_of)]
+    jobs = [(output, tensor) for output, tensor in jobs if not (tensor.quant or tensor.scale_of or tensor.base_rows)]
     if not jobs:
         return
     wholes, blocks = {}, {}

@@ -1,0 +1,153 @@
+"""Adapters saved after ``resize_token_embeddings`` (added tokens): the resized embedding and
+head replace the base's, ``vocab_size`` follows, and LoRA on a resized layer applies to the
+resized tensor. The reference is PEFT on the resized model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM
+
+import shardmerge
+from conftest import (
+    Base,
+    assert_matches_saved,
+    llama_config,
+    load_fp32,
+    read_output,
+    save_base,
+    saved_reference,
+    shard_bytes,
+)
+
+SHARDMERGE = str(Path(sys.executable).with_name("shardmerge"))
+ROWS = 100  # the base has 96
+
+
+def _base(folder: Path, tied: bool) -> Base:
+    config = llama_config()
+    config.tie_word_embeddings = tied
+    return save_base(config, folder, torch.float32, seed=8)
+
+
+def _resized(base: Base) -> AutoModelForCausalLM:
+    model = load_fp32(base.path)
+    model.resize_token_embeddings(ROWS, mean_resizing=False)
+    return model
+
+
+def _adapter(base: Base, folder: Path, **lora: object) -> Path:
+    """An adapter trained on the resized model, its parameters set at random; PEFT saves the
+    resized embedding (and head) whole."""
+    model = get_peft_model(_resized(base), LoraConfig(r=4, lora_alpha=8, **lora))
+    generator = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.requires_grad:
+                param.copy_(0.05 * torch.randn(param.shape, generator=generator))
+    model.save_pretrained(folder)
+    return folder
+
+
+def _peft(base: Base, adapter: Path) -> PeftModel:
+    return PeftModel.from_pretrained(_resized(base), adapter).eval()
+
+
+def _logits(model: torch.nn.Module) -> torch.Tensor:
+    ids = (torch.arange(24).reshape(2, 12) * 7) % ROWS  # new tokens among them
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_added_tokens_match_peft_on_the_resized_model(tmp_path: Path) -> None:
+    base = _base(tmp_path / "base", tied=False)
+    adapter = _adapter(
+        base, tmp_path / "adapter", target_modules=["q_proj", "v_proj"], modules_to_save=["embed_tokens", "lm_head"]
+    )
+    output = tmp_path / "out"
+    shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output), dtype="float32")
+    reference = _peft(base, adapter).merge_and_unload()
+    assert_matches_saved(output, saved_reference(reference, tmp_path / "reference"), torch.float32)
+    config = json.loads((output / "config.json").read_text())
+    assert config["vocab_size"] == ROWS and config["tie_word_embeddings"] is False
+    ours = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(ours), _logits(reference), rtol=1e-5, atol=1e-5)
+
+
+def test_added_tokens_on_a_tied_model_match_peft_forward(tmp_path: Path) -> None:
+    """A tied model whose embedding is saved whole (modules_to_save): PEFT's forward pass
+    reads the embedding's trained copy, and the head the resized shared parameter (saved as
+    the wrapper's original_module). The output keeps both, untied."""
+    base = _base(tmp_path / "base", tied=True)
+    adapter = _adapter(base, tmp_path / "adapter", target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+    output = tmp_path / "out"
+    shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output), dtype="float32")
+    tensors = read_output(output)
+    assert tensors["model.embed_tokens.weight"].shape == tensors["lm_head.weight"].shape == (ROWS, 32)
+    config = json.loads((output / "config.json").read_text())
+    assert config["vocab_size"] == ROWS and config["tie_word_embeddings"] is False
+    ours = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(ours), _logits(_peft(base, adapter)), rtol=1e-4, atol=1e-4)
+
+
+def test_lora_on_a_resized_tied_head_unties_and_matches_peft_forward(tmp_path: Path) -> None:
+    """LoRA on the head of a tied model whose vocabulary grew: the head is the resized
+    embedding plus the update (PEFT's merge would change the embedding through the tie: its
+    unmerged forward pass is the oracle)."""
+    base = _base(tmp_path / "base", tied=True)
+    adapter = _adapter(
+        base, tmp_path / "adapter", target_modules=["q_proj", "lm_head"], modules_to_save=["embed_tokens"]
+    )
+    output = tmp_path / "out"
+    shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output), dtype="float32")
+    tensors = read_output(output)
+    assert tensors["model.embed_tokens.weight"].shape == tensors["lm_head.weight"].shape == (ROWS, 32)
+    config = json.loads((output / "config.json").read_text())
+    assert config["vocab_size"] == ROWS and config["tie_word_embeddings"] is False
+    ours = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
+    torch.testing.assert_close(_logits(ours), _logits(_peft(base, adapter)), rtol=1e-4, atol=1e-4)
+
+
+def test_a_resizing_adapter_needs_weight_one_and_a_vocabulary_sized_tensor(tmp_path: Path) -> None:
+    base = _base(tmp_path / "base", tied=False)
+    adapter = _adapter(
+        base, tmp_path / "adapter", target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"]
+    )
+    done = subprocess.run(
+        [SHARDMERGE, "merge", str(base.path), str(adapter), "--weights", "0.5", "-o", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode != 0
+    assert (
+        "resizes 'model.embed_tokens.weight' from 96 to 100 rows (added tokens), which only a weight of 1"
+        in done.stderr
+    )
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_a_batch_pass_writes_a_resized_and_a_plain_job_as_single_merges(tmp_path: Path) -> None:
+    base = _base(tmp_path / "base", tied=False)
+    resized = _adapter(base, tmp_path / "a", target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    plain = tmp_path / "b"
+    get_peft_model(
+        load_fp32(base.path), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False)
+    ).save_pretrained(plain)
+    jobs = {
+        "jobs": [
+            {"name": a.name, "base": str(base.path), "adapters": [str(a)], "output": str(tmp_path / f"out-{a.name}")}
+            for a in (resized, plain)
+        ]
+    }
+    (tmp_path / "batch.yaml").write_text(json.dumps(jobs))
+    done = subprocess.run([SHARDMERGE, "run", str(tmp_path / "batch.yaml"), "--quiet"], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    for adapter in (resized, plain):
+        single = tmp_path / f"single-{adapter.name}"
+        shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(single))
+        assert shard_bytes(single) == shard_bytes(tmp_path / f"out-{adapter.name}")
