@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
@@ -79,30 +80,16 @@ def test_added_tokens_match_peft_on_the_resized_model(tmp_path: Path) -> None:
     torch.testing.assert_close(_logits(ours), _logits(reference), rtol=1e-5, atol=1e-5)
 
 
-def test_added_tokens_on_a_tied_model_match_peft_forward(tmp_path: Path) -> None:
+@pytest.mark.parametrize("head_lora", [False, True])
+def test_added_tokens_on_a_tied_model_untie_and_match_peft_forward(head_lora: bool, tmp_path: Path) -> None:
     """A tied model whose embedding is saved whole (modules_to_save): PEFT's forward pass
-    reads the embedding's trained copy, and the head the resized shared parameter (saved as
-    the wrapper's original_module). The output keeps both, untied."""
+    reads the embedding's trained copy, and for the head the resized shared parameter (saved
+    as the wrapper's original_module), with ``head_lora`` plus its LoRA update. The output
+    keeps both, untied (PEFT's merge would change the embedding through the tie: its unmerged
+    forward pass is the oracle)."""
     base = _base(tmp_path / "base", tied=True)
-    adapter = _adapter(base, tmp_path / "adapter", target_modules=["q_proj"], modules_to_save=["embed_tokens"])
-    output = tmp_path / "out"
-    shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output), dtype="float32")
-    tensors = read_output(output)
-    assert tensors["model.embed_tokens.weight"].shape == tensors["lm_head.weight"].shape == (ROWS, 32)
-    config = json.loads((output / "config.json").read_text())
-    assert config["vocab_size"] == ROWS and config["tie_word_embeddings"] is False
-    ours = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
-    torch.testing.assert_close(_logits(ours), _logits(_peft(base, adapter)), rtol=1e-4, atol=1e-4)
-
-
-def test_lora_on_a_resized_tied_head_unties_and_matches_peft_forward(tmp_path: Path) -> None:
-    """LoRA on the head of a tied model whose vocabulary grew: the head is the resized
-    embedding plus the update (PEFT's merge would change the embedding through the tie: its
-    unmerged forward pass is the oracle)."""
-    base = _base(tmp_path / "base", tied=True)
-    adapter = _adapter(
-        base, tmp_path / "adapter", target_modules=["q_proj", "lm_head"], modules_to_save=["embed_tokens"]
-    )
+    targets = ["q_proj", "lm_head"] if head_lora else ["q_proj"]
+    adapter = _adapter(base, tmp_path / "adapter", target_modules=targets, modules_to_save=["embed_tokens"])
     output = tmp_path / "out"
     shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output), dtype="float32")
     tensors = read_output(output)
