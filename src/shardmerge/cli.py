@@ -95,6 +95,12 @@ def _parser() -> argparse.ArgumentParser:
         "bfloat16; base keeps every tensor's dtype and format; the others dequantize and convert",
     )
     inputs.add_argument(
+        "--max-shard-size",
+        metavar="SIZE",
+        help="split the output into shards of at most SIZE of tensor data (e.g. 5GB, 500MB, 2GiB), named as "
+        "save_pretrained names them; default: the base's shards",
+    )
+    inputs.add_argument(
         "--conv1d-modules",
         metavar="NAMES",
         help="comma-separated modules stored as GPT-2's Conv1D ([in, out]), every other one nn.Linear; 'none' for "
@@ -193,6 +199,8 @@ def _job_from_args(args: argparse.Namespace) -> MergeJob:
         "strict": getattr(args, "strict", False),
         **_push_fields(args),
     }
+    if args.max_shard_size is not None:
+        data["max_shard_size"] = args.max_shard_size
     if args.conv1d_modules is not None:
         names = [name.strip() for name in args.conv1d_modules.split(",") if name.strip()]
         data["conv1d_modules"] = [] if names == ["none"] else names

@@ -19,6 +19,30 @@ from .errors import JobConfigError
 # floating-point tensor in that dtype, quantized weights dequantized.
 OutputDtype = Literal["auto", "base", "bfloat16", "float16", "float32"]
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+# Sizes as transformers' save_pretrained reads them: 5GB = 5 * 10^9 bytes, 2GiB = 2 * 2^30,
+# 5Gb = 5 * 10^9 bits.
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(value: Any) -> int:
+    """Bytes in ``value``: an int, or a size such as ``5GB``, ``500MB`` or ``2GiB``."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    else:
+        match = _SIZE.match(str(value))
+        if match is None:
+            raise ValueError(f"{value!r} is not a size such as 5GB, 500MB or 2GiB")
+        unit = match[2] or "B"
+        size = int(float(match[1]) * _UNITS[unit.upper()])
+        if unit.endswith("b") and not unit.upper().endswith("IB"):
+            size //= 8  # 5Gb: bits, as transformers reads it
+    if size <= 0:
+        raise ValueError("must be a positive size")
+    return size
+
+
 # A Hub repo id as the Hub accepts it: a namespace and a name, each of letters, digits, "-",
 # "_" and "." not starting with a separator, without "--" or "..", the name at most 96 long.
 _REPO_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
@@ -75,6 +99,14 @@ class MergeJob(PushOptions):
     # A merge whose adapters change no tensor at all (e.g. every lora_B zero) fails instead of
     # finishing with a warning.
     strict: bool = False
+    # Output shards of at most this many bytes of tensor data, split from the base's as
+    # save_pretrained splits and names them; None mirrors the base's shards.
+    max_shard_size: int | None = None
+
+    @field_validator("max_shard_size", mode="before")
+    @classmethod
+    def _size(cls, value: Any) -> Any:
+        return None if value is None else parse_size(value)
 
     @field_validator("adapters", mode="before")
     @classmethod

@@ -203,7 +203,7 @@ def _same_plan(folder: Path, journal: journals.Journal, problems: list[Shardmerg
 
 def _base_shard(plan: Plan, shard: ShardPlan) -> Path:
     if plan.base_repo is not None and not Path(shard.source).exists():
-        hub.download(plan.base_repo, str(plan.base_commit), shard.name)
+        hub.download(plan.base_repo, str(plan.base_commit), Path(shard.source).name)
     return Path(shard.source)
 
 

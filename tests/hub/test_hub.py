@@ -456,6 +456,33 @@ def test_a_batch_from_the_hub_to_the_hub_holds_a_few_shards_on_disk(
     assert {name: data for name, data in pushed.items() if name.endswith(".safetensors")} == _shards(reference)
 
 
+def test_a_split_merge_from_the_hub_to_the_hub_fetches_each_base_shard_once(
+    hub: HubServer, inputs: tuple[Base, Path, Path], tmp_path: Path
+) -> None:
+    """--max-shard-size on a Hub base, published, deleting shards after their upload: several
+    output shards are read from each base shard, which is downloaded once and kept until the
+    last of them is written; each output shard is uploaded once, in one commit."""
+    base, adapter, _ = inputs
+    local = tmp_path / "local"
+    split = _command("merge", base.path, adapter, "-o", local, "--quiet", "--max-shard-size", "1MB")
+    assert subprocess.run(split, capture_output=True, text=True).returncode == 0
+    _publish_inputs(hub, inputs)
+    out = tmp_path / "out"
+    command = _command(
+        "merge", BASE_REPO, ADAPTER_REPO, "-o", out, "--quiet", "--max-shard-size", "1MB", "--push-to-hub", REPO,
+        "--delete-after-upload",
+    )  # fmt: skip
+    done = _run(command, hub, tmp_path / "home")
+    assert done.returncode == 0, done.stderr
+    pushed = {n: d for n, d in _files(_download(hub, tmp_path)).items() if n.endswith(".safetensors")}
+    assert pushed == _shards(local) and len(pushed) > 2 * len(list(base.path.glob("*.safetensors")))
+    assert all(hub.state.uploads[hashlib.sha256(data).hexdigest()] == 1 for data in pushed.values())
+    assert hub.state.commits_made == 3  # the base's and the adapter's, then the merge's one
+    whole = [path for _, method, path, code in hub.state.log if method == "GET" and code == 200]
+    base_files = [path for path in whole if path.startswith(f"/{BASE_REPO}/resolve/") and path.endswith(".safetensors")]
+    assert len(base_files) == len(set(base_files)) == len(list(base.path.glob("*.safetensors")))
+
+
 def _shards(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.glob("*.safetensors"))}
 

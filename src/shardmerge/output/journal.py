@@ -278,12 +278,15 @@ def _earlier(folder: Path, plan: Plan, restart: bool) -> Journal | None:
 
 
 def _job_of(plan: Plan) -> dict[str, Any]:
+    """The job that plans ``plan`` again (for verify): every option that decides its bytes."""
+    declared = {key: plan.inputs[key] for key in ("conv1d_modules", "max_shard_size") if key in plan.inputs}
     return {
         "base": plan.base,
         "adapters": [{"path": a.path, "weight": a.weight} for a in plan.adapters],
         "output": plan.output,
         "dtype": plan.dtype,
         "device": plan.device,
+        **declared,
     }
 
 

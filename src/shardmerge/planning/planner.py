@@ -138,6 +138,8 @@ def build_plan(job: MergeJob) -> Plan:
         extra[weight_file].append(tensors[name])
     resize = {name: (targets[name].shape[0], shape) for name, shape in resized.items()}
     shards = tuple(_layout(header, extra[header.path], ops, out_dtype, quant, resize) for header in headers)
+    if job.max_shard_size is not None:
+        shards = _resharded(shards, job.max_shard_size)
     return Plan(
         format_version=FORMAT_VERSION,
         base=base.name,
@@ -437,6 +439,40 @@ def _layout(
     )
 
 
+def _resharded(shards: tuple[ShardPlan, ...], max_bytes: int) -> tuple[ShardPlan, ...]:
+    """The shards split into shards of at most ``max_bytes`` of tensor data, as save_pretrained
+    splits them (tensors in order; a new shard where the next tensor would not fit; a tensor
+    larger than that alone), and named as it names them. A shard is split, never joined to
+    another: each output shard is read from one base shard. A shard that holds the new
+    scales of a requantized weight stays whole, scales and weight written in one pass."""
+    pieces: list[tuple[ShardPlan, list[TensorPlan]]] = []
+    for shard in shards:
+        if any(tensor.scale_of for tensor in shard.tensors):
+            pieces.append((shard, list(shard.tensors)))
+            continue
+        current: list[TensorPlan] = []
+        size = 0
+        for tensor in shard.tensors:
+            nbytes = tensor.end - tensor.begin
+            if current and size + nbytes > max_bytes:
+                pieces.append((shard, current))
+                current, size = [], 0
+            current.append(tensor)
+            size += nbytes
+        if current or not shard.tensors:
+            pieces.append((shard, current))
+    count = len(pieces)
+    out = []
+    for number, (shard, tensors) in enumerate(pieces, start=1):
+        name = "model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
+        first = tensors[0].begin if tensors else 0
+        moved = tuple(replace(t, begin=t.begin - first, end=t.end - first) for t in tensors)
+        header_size = len(encode_shard_header(moved, shard.metadata))
+        data = moved[-1].end if moved else 0
+        out.append(ShardPlan(name, shard.source, shard.metadata, moved, header_size, header_size + data))
+    return tuple(out)
+
+
 def _scales_last(
     infos: list[TensorInfo], dtypes: dict[str, str], quant: _QuantLayout
 ) -> tuple[list[TensorInfo], set[str]]:
@@ -591,6 +627,8 @@ def _inputs(
         return {"name": header.path.name, "size": header.file_size, "header": hashlib.sha256(header.raw).hexdigest()}
 
     declared = {} if job.conv1d_modules is None else {"conv1d_modules": job.conv1d_modules}
+    if job.max_shard_size is not None:
+        declared["max_shard_size"] = job.max_shard_size
     return {
         "format_version": FORMAT_VERSION,
         "dtype": dtype,

@@ -31,26 +31,37 @@ class Fetcher:
 
 
 class HubFetcher(Fetcher):
+    """Base shards by the names of their files in the repo; several output shards may be read
+    from one (``--max-shard-size``), which is dropped after the last of them."""
+
     def __init__(self, plan: Plan, repo_id: str, drop: bool) -> None:
         self.repo_id = repo_id
         self.commit = str(plan.base_commit)
-        self.order = [shard.name for shard in plan.shards]
+        sources = [Path(shard.source).name for shard in plan.shards]
+        self.order = list(dict.fromkeys(sources))
+        self.left = {name: sources.count(name) for name in self.order}  # output shards still to write
         self.drop = drop
         self.before = {name for name in self.order if hub.cached(repo_id, self.commit, name) is not None}
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardmerge-fetch")
         self.pending: dict[str, Future[Path]] = {}
 
     def fetch(self, shard: ShardPlan) -> None:
-        """Have ``shard`` on disk before it is read; start downloading the next one."""
-        self._start(shard.name).result()
-        position = self.order.index(shard.name)
+        """Have ``shard``'s base shard on disk before it is read; start downloading the next one."""
+        name = Path(shard.source).name
+        self._start(name).result()
+        position = self.order.index(name)
         if position + 1 < len(self.order):
             self._start(self.order[position + 1])
 
     def done(self, shard: ShardPlan) -> None:
-        """Every job has written ``shard``: drop it from the cache when this run fetched it."""
-        self.pending.pop(shard.name, None)
-        if not self.drop or shard.name in self.before:
+        """Every job has written ``shard``: once that is so of every output shard read from its
+        base shard, drop that from the cache when this run fetched it."""
+        name = Path(shard.source).name
+        self.left[name] -= 1
+        if self.left[name] > 0:
+            return
+        self.pending.pop(name, None)
+        if not self.drop or name in self.before:
             return
         link = Path(shard.source)
         blob = link.resolve()
