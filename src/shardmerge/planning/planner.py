@@ -8,6 +8,7 @@ collected and raised together as one PlanError.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 from collections import defaultdict
 from dataclasses import replace
@@ -441,10 +442,12 @@ def _layout(
 
 def _resharded(shards: tuple[ShardPlan, ...], max_bytes: int) -> tuple[ShardPlan, ...]:
     """The shards split into shards of at most ``max_bytes`` of tensor data, as save_pretrained
-    splits them (tensors in order; a new shard where the next tensor would not fit; a tensor
-    larger than that alone), and named as it names them. A shard is split, never joined to
-    another: each output shard is read from one base shard. A shard that holds the new
-    scales of a requantized weight stays whole, scales and weight written in one pass."""
+    splits them (huggingface_hub's ``split_torch_state_dict_into_shards``: tensors in order, a
+    new shard where the next tensor would not fit, a larger tensor alone in a shard of its
+    own while the one being filled goes on), and named as it names them. A shard is split,
+    never joined to another: each output shard is read from one base shard. A shard that
+    holds the new scales of a requantized weight stays whole, scales and weight written in
+    one pass."""
     pieces: list[tuple[ShardPlan, list[TensorPlan]]] = []
     for shard in shards:
         if any(tensor.scale_of for tensor in shard.tensors):
@@ -454,7 +457,10 @@ def _resharded(shards: tuple[ShardPlan, ...], max_bytes: int) -> tuple[ShardPlan
         size = 0
         for tensor in shard.tensors:
             nbytes = tensor.end - tensor.begin
-            if current and size + nbytes > max_bytes:
+            if nbytes > max_bytes:  # alone, and the shard being filled goes on after it
+                pieces.append((shard, [tensor]))
+                continue
+            if size + nbytes > max_bytes:
                 pieces.append((shard, current))
                 current, size = [], 0
             current.append(tensor)
@@ -465,10 +471,12 @@ def _resharded(shards: tuple[ShardPlan, ...], max_bytes: int) -> tuple[ShardPlan
     out = []
     for number, (shard, tensors) in enumerate(pieces, start=1):
         name = "model.safetensors" if count == 1 else f"model-{number:05d}-of-{count:05d}.safetensors"
-        first = tensors[0].begin if tensors else 0
-        moved = tuple(replace(t, begin=t.begin - first, end=t.end - first) for t in tensors)
+        offsets = list(itertools.accumulate((t.end - t.begin for t in tensors), initial=0))
+        moved = tuple(
+            replace(t, begin=begin, end=end) for t, begin, end in zip(tensors, offsets, offsets[1:], strict=False)
+        )
         header_size = len(encode_shard_header(moved, shard.metadata))
-        data = moved[-1].end if moved else 0
+        data = offsets[-1]
         out.append(ShardPlan(name, shard.source, shard.metadata, moved, header_size, header_size + data))
     return tuple(out)
 
