@@ -241,7 +241,10 @@ def _against_base(folder: Path, journal: journals.Journal, problems: list[Shardm
 
 
 def _equals_base(src: int, out: int, header_size: int, tensor: TensorPlan) -> bool:
-    """Whether output ``tensor`` holds the base's values, rounded to its dtype where it changed."""
+    """Whether output ``tensor`` holds the base's values, rounded to its dtype where it changed
+    (never, for a tensor resized to another number of rows)."""
+    if tensor.base_rows:
+        return False
     count = (tensor.src_end - tensor.src_begin) // ITEMSIZE[tensor.src_dtype]
     step = COPY_CHUNK_BYTES // 4
     for first in range(0, count, step):

@@ -21,10 +21,12 @@ from conftest import (
     llama_config,
     load_fp32,
     read_output,
+    read_output_like_base,
     save_base,
     saved_reference,
     shard_bytes,
 )
+from shardmerge.verify import verify
 
 SHARDMERGE = str(Path(sys.executable).with_name("shardmerge"))
 ROWS = 100  # the base has 96
@@ -42,14 +44,15 @@ def _resized(base: Base) -> AutoModelForCausalLM:
     return model
 
 
-def _adapter(base: Base, folder: Path, **lora: object) -> Path:
-    """An adapter trained on the resized model, its parameters set at random; PEFT saves the
-    resized embedding (and head) whole."""
+def _adapter(base: Base, folder: Path, *, trained_copies: bool = True, **lora: object) -> Path:
+    """An adapter trained on the resized model, its parameters set at random (the saved whole
+    layers' too, unless not ``trained_copies``: then only their new rows differ from the
+    base's); PEFT saves the resized embedding (and head) whole."""
     model = get_peft_model(_resized(base), LoraConfig(r=4, lora_alpha=8, **lora))
     generator = torch.Generator().manual_seed(12)
     with torch.no_grad():
-        for param in model.parameters():
-            if param.requires_grad:
+        for name, param in model.named_parameters():
+            if param.requires_grad and (trained_copies or "modules_to_save" not in name):
                 param.copy_(0.05 * torch.randn(param.shape, generator=generator))
     model.save_pretrained(folder)
     return folder
@@ -78,6 +81,19 @@ def test_added_tokens_match_peft_on_the_resized_model(tmp_path: Path) -> None:
     assert config["vocab_size"] == ROWS and config["tie_word_embeddings"] is False
     ours = AutoModelForCausalLM.from_pretrained(output, dtype=torch.float32).eval()
     torch.testing.assert_close(_logits(ours), _logits(reference), rtol=1e-5, atol=1e-5)
+    assert verify(output, recompute=20, against_base=True).recomputed >= 4
+
+
+def test_verify_knows_a_resized_tensor_is_not_the_base_though_its_old_rows_are(tmp_path: Path) -> None:
+    base = _base(tmp_path / "base", tied=False)
+    adapter = _adapter(
+        base, tmp_path / "adapter", trained_copies=False, target_modules=["q_proj"], modules_to_save=["embed_tokens"]
+    )
+    output = tmp_path / "out"
+    shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output), dtype="float32")
+    ours, theirs = read_output(output), read_output_like_base(base.path)
+    assert torch.equal(ours["model.embed_tokens.weight"][:96], theirs["model.embed_tokens.weight"])
+    assert verify(output, against_base=True).against_base > 0
 
 
 @pytest.mark.parametrize("head_lora", [False, True])
