@@ -6,6 +6,7 @@ import difflib
 import os
 import re
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
@@ -35,7 +36,7 @@ def parse_size(value: Any) -> int:
         if match is None:
             raise ValueError(f"{value!r} is not a size such as 5GB, 500MB or 2GiB")
         unit = match[2] or "B"
-        size = int(float(match[1]) * _UNITS[unit.upper()])
+        size = int(Fraction(match[1]) * _UNITS[unit.upper()])
         if unit.endswith("b") and not unit.upper().endswith("IB"):
             size //= 8  # 5Gb: bits, as transformers reads it
     if size <= 0:

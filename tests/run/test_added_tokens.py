@@ -5,6 +5,7 @@ resized tensor. The reference is PEFT on the resized model."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import shardmerge
@@ -154,3 +156,44 @@ def test_a_batch_pass_writes_a_resized_and_a_plain_job_as_single_merges(tmp_path
         single = tmp_path / f"single-{adapter.name}"
         shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(single))
         assert shard_bytes(single) == shard_bytes(tmp_path / f"out-{adapter.name}")
+
+
+def _refused(base: Base, adapters: list[Path]) -> list[str]:
+    """The one-line problems of planning ``adapters`` on ``base`` (none: not refused)."""
+    try:
+        shardmerge.plan(base=str(base.path), adapters=[str(a) for a in adapters])
+    except shardmerge.PlanError as exc:
+        return [str(problem) for problem in exc.problems]
+    return []
+
+
+def test_an_adapter_on_the_old_vocabulary_does_not_mix_with_a_resizing_one(tmp_path: Path) -> None:
+    """After a resizing adapter, an adapter trained on the old vocabulary does not fit the
+    resized head; before it, its change would be discarded by the whole replacement."""
+    base = _base(tmp_path / "base", tied=False)
+    resizing = _adapter(base, tmp_path / "a", target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"])
+    old = tmp_path / "b"
+    model = get_peft_model(load_fp32(base.path), LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False))
+    model.save_pretrained(old)
+    after = _refused(base, [resizing, old])
+    assert any("fits neither base tensor 'lm_head.weight' [100, 32]" in problem for problem in after), after
+    before = _refused(base, [old, resizing])
+    assert any("discarding the change of adapter 0 before it" in problem for problem in before), before
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_resize_that_leaves_a_vocabulary_tensor_unknown_is_refused(tied: bool, tmp_path: Path) -> None:
+    """Untied: LoRA on the resized embedding, where PEFT saves the embedding alone. Tied: an
+    adapter whose only resized tensor is the embedding's own copy, so the (untied) head's new
+    rows are nowhere. Either output would not load, or would hold rows nobody trained."""
+    base = _base(tmp_path / "base", tied=tied)
+    if tied:
+        adapter = _adapter(base, tmp_path / "a", target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+        tensors = load_file(adapter / "adapter_model.safetensors")
+        kept = {k: v for k, v in tensors.items() if not re.search(r"original_module|modules_to_save|lm_head", k)}
+        save_file(kept, adapter / "adapter_model.safetensors", metadata={"format": "pt"})
+    else:
+        adapter = _adapter(base, tmp_path / "a", target_modules=["q_proj", "embed_tokens"])
+        assert "base_model.model.lm_head.weight" not in load_file(adapter / "adapter_model.safetensors")
+    problems = _refused(base, [adapter])
+    assert any("but not 'lm_head.weight' (96 rows): its new rows cannot be told" in p for p in problems), problems

@@ -36,7 +36,7 @@ def rewrite(text: str, wanted: dict[str, Any]) -> str:
         _diff(text, _skip(text, 0), json.loads(text), wanted, edits)
         for begin, end, replacement in sorted(edits, reverse=True):
             text = text[:begin] + replacement + text[end:]
-        if json.loads(text) == wanted:
+        if _same(json.loads(text), wanted):
             return text
     except (ValueError, IndexError):
         pass
@@ -56,7 +56,7 @@ def _diff(text: str, at: int, old: dict[str, Any], new: dict[str, Any], edits: l
                 edits.append((member.start, end, ""))
             continue
         before, after = old[member.key], new[member.key]
-        if before == after and type(before) is type(after):
+        if _same(before, after):
             continue
         if isinstance(before, dict) and isinstance(after, dict):
             _diff(text, member.value_start, before, after, edits)
@@ -73,6 +73,11 @@ def _diff(text: str, at: int, old: dict[str, Any], new: dict[str, Any], edits: l
         separator = "\n" + indent if line >= 0 else " "
         insert = "".join(f",{separator}{json.dumps(key)}: {json.dumps(new[key])}" for key in added)
         edits.append((last.value_end, last.value_end, insert))
+
+
+def _same(one: Any, other: Any) -> bool:
+    """Equal as JSON values: true is not 1, nor 1.0 the integer 1, at any depth."""
+    return json.dumps(one, sort_keys=True) == json.dumps(other, sort_keys=True)
 
 
 def _members(text: str, at: int) -> tuple[list[_Member], int]:

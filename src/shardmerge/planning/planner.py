@@ -36,7 +36,7 @@ from .model import (
     row_separable,
 )
 from .module_ops import AdapterPlanner
-from .tied import find_tied, split_uses
+from .tied import TiedEmbeddings, find_tied, split_uses
 
 FORMAT_VERSION = 1
 OUTPUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -103,17 +103,21 @@ def build_plan(job: MergeJob) -> Plan:
         targets[name] = TensorInfo(name, info.dtype, weight.model_shape, info.begin, info.end)
     ops: dict[str, list[MergeOp]] = defaultdict(list)
     vocab = _vocab_sizes(config)
+    # Tensors resized by an adapter (added tokens), their new shapes, and the adapter that
+    # resized each: later adapters see (and are checked against) the resized tensor.
     resized: dict[str, tuple[int, ...]] = {}
+    resizer: dict[str, int] = {}
     for adapter in adapters:
         planner = AdapterPlanner(adapter, targets, layouts, problems, vocab_sizes=frozenset(vocab))
+        planner.resized.update(resized)
         for name, tensor_ops in planner.plan().items():
             ops[name].extend(tensor_ops)
-        _add_resized(resized, planner.resized, adapter, problems)
+        for name in _add_resized(resized, planner.resized, adapter, problems):
+            resizer[name] = adapter.index
     untie = tied is not None and split_uses(tied, ops)
-    if tied is not None:  # a resized shared parameter resizes both uses
-        shape = resized.get(tied.embedding) or resized.get(tied.head)
-        if shape:
-            resized.update({tied.embedding: shape, tied.head: shape})
+    if tied is not None:
+        _resize_tied(tied, ops, resized, resizer)
+    _check_resized(resized, resizer, ops, targets, set(tensors) if not untie else set(targets), adapters, problems)
     _check_targets(headers, targets, ops, {*quantized, *packed}, problems)
     if problems:
         raise PlanError(problems)
@@ -560,10 +564,14 @@ def _add_resized(
     new: dict[str, tuple[int, ...]],
     adapter: Adapter,
     problems: list[ShardmergeError],
-) -> None:
-    """Add the tensors one adapter resizes; every resized tensor must take the same rows."""
+) -> list[str]:
+    """Add the tensors one adapter resizes (returned); every resized tensor must take the same
+    rows."""
+    added = []
     for name, shape in new.items():
-        if resized.get(name, shape) != shape or {s[0] for s in resized.values()} - {shape[0]}:
+        if resized.get(name) == shape:
+            continue  # resized by an earlier adapter
+        if name in resized or {s[0] for s in resized.values()} - {shape[0]}:
             problems.append(
                 AdapterError(
                     f"resizes the vocabulary to {shape[0]} rows, where another resized tensor has "
@@ -575,6 +583,64 @@ def _add_resized(
             )
             continue
         resized[name] = shape
+        added.append(name)
+    return added
+
+
+def _resize_tied(
+    tied: TiedEmbeddings, ops: dict[str, list[MergeOp]], resized: dict[str, tuple[int, ...]], resizer: dict[str, int]
+) -> None:
+    """A resized use of a tied parameter resizes the other one where the resizing adapter
+    replaces that too (the shared parameter it saved, which reaches both uses)."""
+    for use, other in ((tied.embedding, tied.head), (tied.head, tied.embedding)):
+        if use in resized and other not in resized:
+            replaced = any(op.kind == "replace" and op.adapter == resizer[use] for op in ops.get(other, ()))
+            if replaced:
+                resized[other], resizer[other] = resized[use], resizer[use]
+
+
+def _check_resized(
+    resized: dict[str, tuple[int, ...]],
+    resizer: dict[str, int],
+    ops: dict[str, list[MergeOp]],
+    targets: dict[str, TensorInfo],
+    written: set[str],
+    adapters: list[Adapter],
+    problems: list[ShardmergeError],
+) -> None:
+    """A resized vocabulary must be whole: every ``written`` tensor with the vocabulary's rows
+    (embedding and head; a tied model's head where it is untied) resized, each by a
+    replacement of the resizing adapter's, and changed by no adapter before that one (the
+    replacement would discard the change)."""
+    if not resized:
+        return
+    files = {adapter.index: adapter.files.weights for adapter in adapters}
+    new_shape = next(iter(resized.values()))
+    old_rows = {targets[name].shape[0] for name in resized}
+    for name in sorted(written - set(resized)):
+        shape = targets[name].shape
+        if len(shape) == 2 and shape[0] in old_rows and shape[1:] == new_shape[1:]:
+            problems.append(
+                AdapterError(
+                    f"the adapter resizes the vocabulary to {new_shape[0]} rows, but not {name!r} "
+                    f"({shape[0]} rows): its new rows cannot be told",
+                    file=files[min(resizer.values())],
+                    tensor=name,
+                    hint="save the adapter with the resized embedding and head (PEFT: save_embedding_layers=True)",
+                )
+            )
+    for name in resized:
+        earlier = sorted({op.adapter for op in ops.get(name, ()) if op.adapter < resizer[name]})
+        if earlier:
+            problems.append(
+                AdapterError(
+                    f"adapter {resizer[name]} resizes {name!r} and replaces it whole, discarding the change of "
+                    f"adapter {', '.join(map(str, earlier))} before it",
+                    file=files[resizer[name]],
+                    tensor=name,
+                    hint="apply the resizing adapter first",
+                )
+            )
 
 
 def _output_config(
