@@ -47,6 +47,7 @@ from packed_checkpoints import (
     reference_mxfp4,
 )
 from planning.test_architectures import olmoe_config
+from shardmerge.formats.dtypes import TORCH_DTYPES
 from shardmerge.run.packed import int_dequantize, int_values, mxfp4_values, zero_rows
 from shardmerge.verify import verify
 
@@ -498,3 +499,32 @@ def test_a_cuda_merge_writes_what_a_cpu_merge_writes(
             torch.testing.assert_close(cuda[tensor], value, rtol=2**-7, atol=0)
         else:
             assert (cuda[tensor] != value).float().mean() < 0.01, tensor
+
+
+@pytest.mark.parametrize("name", ["gpt-oss-mxfp4", "olmoe-int4-asym"])
+def test_verify_of_a_gpu_merge_allows_one_code_step_per_packed_value(
+    name: str, packed: Callable[[str], PackedBase], tmp_path: Path
+) -> None:
+    """A GPU merge's products may differ in the last bit, and a requantized value then by one
+    code: verify compares a packed weight code by code (an E2M1 code by its signed magnitude),
+    not as one float. The journal of a CUDA merge is simulated: no GPU here."""
+    from shardmerge.verify import _within_one_step
+
+    base = packed(name)
+    adapter = _adapter(base, tmp_path / "adapter")
+    output = tmp_path / "out"
+    shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output))
+    journal_path = output / ".shardmerge" / "journal.json"
+    journal = json.loads(journal_path.read_text())
+    journal["device"] = "cuda:0"
+    journal_path.write_text(json.dumps(journal))
+    assert verify(output, recompute=100).recomputed >= 4
+    plan = shardmerge.plan(base=str(base.path), adapters=[str(adapter)])
+    tensor = next(t for shard in plan.shards for t in shard.tensors if t.ops and t.quant)
+    word = torch.tensor([0x21, 0x8F] if name.startswith("gpt") else [0x21, 0x7F], dtype=torch.uint8)
+    near = torch.tensor([0x12, 0x0F] if name.startswith("gpt") else [0x12, 0x7E], dtype=torch.uint8)
+    far = torch.tensor([0x23, 0x8F] if name.startswith("gpt") else [0x23, 0x7F], dtype=torch.uint8)
+    dtype = TORCH_DTYPES[tensor.dtype]
+    words = [w.repeat(2).view(dtype) for w in (word, near, far)]  # whole stored elements
+    assert _within_one_step(words[1], words[0], tensor)  # 1 <-> 2, and for E2M1 -0 <-> +0
+    assert not _within_one_step(words[2], words[0], tensor)  # 1 -> 3: two steps
