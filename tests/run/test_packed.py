@@ -48,7 +48,8 @@ from packed_checkpoints import (
 )
 from planning.test_architectures import olmoe_config
 from shardmerge.formats.dtypes import TORCH_DTYPES
-from shardmerge.run.packed import int_dequantize, int_values, mxfp4_values, zero_rows
+from shardmerge.formats.quantization import read_quantization
+from shardmerge.run.packed import int_dequantize, int_pack, int_quantize, int_values, mxfp4_values, zero_rows
 from shardmerge.verify import verify
 
 SHARDMERGE = str(Path(sys.executable).with_name("shardmerge"))
@@ -528,3 +529,22 @@ def test_verify_of_a_gpu_merge_allows_one_code_step_per_packed_value(
     words = [w.repeat(2).view(dtype) for w in (word, near, far)]  # whole stored elements
     assert _within_one_step(words[1], words[0], tensor)  # 1 <-> 2, and for E2M1 -0 <-> +0
     assert not _within_one_step(words[2], words[0], tensor)  # 1 -> 3: two steps
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_a_group_too_small_for_a_float16_scale_packs_no_nan(symmetric: bool) -> None:
+    """Values below about 1e-7 with float16 scales: the reference's scale rounds to 0 in
+    float16 and would divide by it (NaN, then an integer that spills into its neighbours);
+    the smallest normal float16 is stored instead, the group packs to zeros, and the other
+    groups of the row are the reference's own."""
+    fmt = read_quantization({"quantization_config": int_config(4, symmetric=symmetric, group=8)}, Path("config.json"))
+    assert fmt is not None
+    value = torch.randn(8, 16)
+    value[:, :8] *= 1e-9  # the first group of every row: tiny
+    values, scales, _ = int_quantize(value.clone(), fmt, torch.float16)
+    assert torch.isfinite(scales.float()).all() and bool((scales > 0).all())
+    words = torch.empty(8, 2, dtype=torch.int32)
+    unpacked = int_values(int_pack(values, 4, words), 4, 16)
+    assert unpacked.abs().max() <= 8
+    alone, _, _ = int_quantize(value[:, 8:].clone(), fmt, torch.float16)  # the other group by itself
+    assert torch.equal(unpacked[:, 8:], alone)

@@ -24,6 +24,7 @@ import math
 import torch
 
 from ..formats.quantization import QuantFormat
+from .quant import nonzero
 
 # E2M1 magnitudes by code. The midpoints between neighbours (0.25, 0.75, 1.25, 1.75, 2.5,
 # 3.5, 5) are all quarters, so the code of a magnitude m is that of floor(4 m), exactly (a tie
@@ -150,7 +151,9 @@ def int_quantize(
         scale = (high - low) / top
         zero = torch.where(scale > 0, (qmin - low / scale).clamp_(qmin, qmax).round_(), 0.0)
     scale = torch.where(scale == 0, torch.finfo(torch.float32).eps, scale)
-    stored = scale.to(scale_dtype)
+    # A scale that rounds to 0 in a 16-bit scale dtype (a group of values below about 1e-7 with
+    # float16 scales) would divide by zero: the smallest normal number of that dtype instead.
+    stored = nonzero(scale.to(scale_dtype))
     grouped.div_(stored.float().unsqueeze(-1))
     if zero is not None:
         grouped.add_(zero.unsqueeze(-1))

@@ -130,20 +130,21 @@ def scales_for(largest_values: torch.Tensor, fmt: QuantFormat, dtype: torch.dtyp
     if fmt.method == "compressed-tensors":
         scale = amax / FP8_MAX
         scale = torch.where(scale == 0, torch.finfo(torch.float32).eps, scale)
-        stored = _nonzero(scale.to(dtype))
+        stored = nonzero(scale.to(dtype))
         return stored, stored.float()
     forward = torch.where(amax > 0, FP8_MAX / torch.where(amax > 0, amax, 1.0), 1.0)
     inverse = 1.0 / forward
     if fmt.ue8m0:
         inverse = torch.exp2(torch.ceil(torch.log2(inverse.clamp(min=torch.finfo(torch.float32).tiny))))
         return inverse.to(dtype), 1.0 / inverse
-    stored = _nonzero(inverse.to(dtype))
+    stored = nonzero(inverse.to(dtype))
     if dtype == torch.float32 and bool(torch.isfinite(forward).all()):
         return stored, forward
     return stored, 1.0 / stored.float()
 
 
-def _nonzero(stored: torch.Tensor) -> torch.Tensor:
+def nonzero(stored: torch.Tensor) -> torch.Tensor:
+    """``stored`` scales, the smallest normal number of their dtype where they are 0."""
     return torch.where(stored > 0, stored, torch.finfo(stored.dtype).tiny)
 
 
