@@ -27,6 +27,7 @@ from huggingface_hub import HfApi, snapshot_download
 from conftest import Base, llama_config, save_adapter, save_base
 from fp8_checkpoints import fine_grained, quantize_checkpoint
 from hub_server import Fault, HubServer
+from packed_checkpoints import int_checkpoint, int_config
 from shardmerge.output import journal as journals
 
 TOKEN = "hf_loopbackTestToken0123456789"
@@ -327,6 +328,24 @@ def test_an_fp8_merge_publishes_its_requantized_shards_and_unchanged_config(hub:
     downloaded = _files(_download(hub, tmp_path))
     assert downloaded == _files(out) and hub.state.commits_made == 1
     assert downloaded["config.json"] == (base.path / "config.json").read_bytes()
+
+
+def test_a_packed_int_base_from_the_hub_is_refused_until_downloaded(hub: HubServer, tmp_path: Path) -> None:
+    """Packed weights' shapes are tensor data (weight_shape), which a Hub base's header reads
+    do not bring: one line per shard, the way out named, no guessed shape."""
+    source = save_base(llama_config(hidden=64), tmp_path / "bf16", torch.bfloat16, seed=8)
+    base = int_checkpoint(source.path, tmp_path / "int4", int_config(4, symmetric=True, group=8))
+    adapter = save_adapter(base.dequantized, tmp_path / "adapter", seed=9, r=4, target_modules=["q_proj"])
+    api = HfApi(endpoint=hub.endpoint, token=TOKEN)
+    api.create_repo("shardmerge-tests/int4")
+    api.upload_folder(repo_id="shardmerge-tests/int4", folder_path=base.path)
+    done = _run(_command("plan", "shardmerge-tests/int4", adapter), hub, tmp_path / "home")
+    assert done.returncode != 0
+    lines = [line for line in done.stderr.splitlines() if "the shapes of packed weights" in line]
+    assert len(lines) == 2 and "which is not downloaded" in lines[0], done.stderr  # one per shard
+    assert "hf download" in done.stderr
+    local = subprocess.run(_command("plan", base.path, adapter), capture_output=True, text=True)
+    assert local.returncode == 0, local.stderr
 
 
 def test_yaml_job_keys_publish(hub: HubServer, inputs: tuple[Base, Path, Path], tmp_path: Path) -> None:

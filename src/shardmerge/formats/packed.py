@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections import defaultdict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,6 +116,7 @@ def _mxfp4(
 
 def _int(fmt: QuantFormat, tensors: Mapping[str, Located], problems: list[ShardmergeError]) -> dict[str, PackedWeight]:
     found: dict[str, PackedWeight] = {}
+    shapes = _read_shapes(tensors, problems)
     suffixes = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")
     modules = {name.rpartition(".")[0] for name in tensors if name.rpartition(".")[2] in suffixes}
     for module in sorted(modules):
@@ -134,11 +136,17 @@ def _int(fmt: QuantFormat, tensors: Mapping[str, Located], problems: list[Shardm
             _problem(problems, f"the config declares {'a symmetric' if fmt.symmetric else 'an asymmetric'} scheme, "
                      f"but the weight {what}", anchor)  # fmt: skip
             continue
-        problem = _int_problem(fmt, packed, scale, shape_of, zero, module)
+        if shape_of[0].dtype not in ("I64", "I32") or shape_of[0].shape != (2,):
+            wrong = f"{shape_of[0].dtype} {list(shape_of[0].shape)}"
+            _problem(problems, f"weight_shape must be two integers, not {wrong}", shape_of)
+            continue
+        if shape_of[0].name not in shapes:
+            continue  # its shard is not on disk: a problem noted once for the shard
+        rows, cols = shapes[shape_of[0].name]
+        problem = _int_problem(fmt, packed, scale, (rows, cols), zero, module)
         if problem:
             _problem(problems, problem, packed)
             continue
-        rows, cols = _read_shape(shape_of)
         found[f"{module}.weight"] = PackedWeight(
             f"{module}.weight", (rows, cols), (rows, cols), False, packed, scale, zero, (shape_of[0].name,)
         )
@@ -146,13 +154,11 @@ def _int(fmt: QuantFormat, tensors: Mapping[str, Located], problems: list[Shardm
 
 
 def _int_problem(
-    fmt: QuantFormat, packed: Located, scale: Located, shape_of: Located, zero: Located | None, module: str
+    fmt: QuantFormat, packed: Located, scale: Located, shape: tuple[int, int], zero: Located | None, module: str
 ) -> str | None:
     if packed[0].dtype != "I32" or len(packed[0].shape) != 2:
         return f"weight_packed must be a matrix of I32, not {packed[0].dtype} {list(packed[0].shape)}"
-    if shape_of[0].dtype not in ("I64", "I32") or shape_of[0].shape != (2,):
-        return f"weight_shape must be two integers, not {shape_of[0].dtype} {list(shape_of[0].shape)}"
-    rows, cols = _read_shape(shape_of)
+    rows, cols = shape
     expected = (rows, math.ceil(cols * fmt.bits / 32))
     if packed[0].shape != expected:
         return (
@@ -174,11 +180,30 @@ def _int_problem(
     return None
 
 
-def _read_shape(located: Located) -> tuple[int, int]:
-    """The two integers of a ``weight_shape`` tensor, read from its file (16 bytes at most)."""
-    info, path = located
-    with path.open("rb") as file:
-        file.seek(info.begin)
-        data = file.read(info.end - info.begin)
-    rows, cols = struct.unpack("<2q" if info.dtype == "I64" else "<2i", data)
-    return rows, cols
+def _read_shapes(tensors: Mapping[str, Located], problems: list[ShardmergeError]) -> dict[str, tuple[int, int]]:
+    """The two integers of every ``weight_shape`` tensor (16 bytes at most each), each shard
+    opened once. A shard not on disk (a Hub base's, whose headers alone are read before the
+    merge) is one problem: the shapes cannot be told without its data."""
+    by_file: dict[Path, list[TensorInfo]] = defaultdict(list)
+    for name, (info, path) in tensors.items():
+        if name.endswith(".weight_shape") and info.dtype in ("I64", "I32") and info.shape == (2,):
+            by_file[path].append(info)
+    shapes: dict[str, tuple[int, int]] = {}
+    for path, infos in by_file.items():
+        if not path.is_file():
+            problems.append(
+                InputError(
+                    "the shapes of packed weights are stored in this shard, which is not downloaded",
+                    file=path,
+                    tensor=infos[0].name,
+                    hint="download the base (hf download REPO --local-dir DIR) and merge from that folder",
+                )
+            )
+            continue
+        with path.open("rb") as file:
+            for info in infos:
+                file.seek(info.begin)
+                data = file.read(info.end - info.begin)
+                rows, cols = struct.unpack("<2q" if info.dtype == "I64" else "<2i", data)
+                shapes[info.name] = (rows, cols)
+    return shapes
