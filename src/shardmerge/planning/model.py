@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from ..formats.quantization import QuantFormat
-from ..formats.safetensors import encode_header
+from ..formats.safetensors import TensorInfo, encode_header
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,10 @@ class Stored:
     dtype: str
     shape: tuple[int, ...]
 
+    @classmethod
+    def of(cls, info: TensorInfo, file: Path) -> Stored:
+        return cls(info.name, str(file), info.begin, info.end, info.dtype, info.shape)
+
 
 @dataclass(frozen=True)
 class QuantRead:
@@ -70,6 +75,11 @@ class QuantRead:
     zero: Stored | None = None
     values: tuple[int, ...] = ()
     transposed: bool = False
+
+    @classmethod
+    def of(cls, fmt: QuantFormat, scale: TensorInfo, file: Path, **packed: Any) -> QuantRead:
+        """The read of a weight whose scale tensor is ``scale``, in ``file``."""
+        return cls(fmt, scale.name, str(file), scale.begin, scale.end, scale.dtype, scale.shape, **packed)
 
     @property
     def matrices(self) -> tuple[int, int, int]:

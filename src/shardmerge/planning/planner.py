@@ -272,10 +272,7 @@ class _QuantLayout:
             return
         for name, found in quantized.items():
             if dequantize or ops.get(name):
-                scale = found.scale
-                self.reads[name] = QuantRead(
-                    fmt, scale.name, str(found.scale_file), scale.begin, scale.end, scale.dtype, scale.shape
-                )
+                self.reads[name] = QuantRead.of(fmt, found.scale, found.scale_file)
             module = name.rpartition(".")[0]
             if dequantize:
                 self.drop.add(found.scale.name)
@@ -294,20 +291,8 @@ class _QuantLayout:
             if not (self.dequantize or ops.get(name)):
                 continue
             assert self.fmt is not None
-            scale = weight.scale[0]
-            zero = weight.zero
-            read = QuantRead(
-                self.fmt,
-                scale.name,
-                str(weight.scale[1]),
-                scale.begin,
-                scale.end,
-                scale.dtype,
-                scale.shape,
-                None if zero is None else Stored(*_stored(zero[0], zero[1])),
-                weight.shape,
-                weight.transposed,
-            )
+            zero = None if weight.zero is None else Stored.of(*weight.zero)
+            read = QuantRead.of(self.fmt, *weight.scale, zero=zero, values=weight.shape, transposed=weight.transposed)
             if self.dequantize:
                 self.reads[name] = read
                 self.rename[info.name] = (name, weight.model_shape)
@@ -319,10 +304,6 @@ class _QuantLayout:
                 self.scale_of[companion.name] = info.name
                 if where != file:
                     self.moved[companion.name] = file
-
-
-def _stored(info: TensorInfo, path: Path) -> tuple[str, str, int, int, str, tuple[int, ...]]:
-    return info.name, str(path), info.begin, info.end, info.dtype, info.shape
 
 
 def _read_base_headers(base: BaseFiles, problems: list[ShardmergeError]) -> list[SafetensorsHeader]:

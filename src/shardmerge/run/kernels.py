@@ -39,15 +39,14 @@ def apply_op(
         if op.layout.startswith("experts-"):
             # A fused (E, out, in) or (E, in, out) tensor: each expert's slice in turn, or
             # with ``rows``, rows of the experts' matrices one after another, all in one expert.
-            layout = "linear" if op.layout == "experts-out-in" else "conv1d"
             if rows is not None:
-                height = lora_b.shape[0] if layout == "linear" else lora_a.shape[1]
+                height = lora_b.shape[0] if op.layout == "experts-out-in" else lora_a.shape[1]
                 expert = rows[0] // height
-                left, right = _factors(replace(op, expert=expert, layout=layout), lora_a, lora_b)
+                left, right = _factors(for_expert(op, expert), lora_a, lora_b)
                 left = left[rows[0] - expert * height : rows[1] - expert * height]
                 return value.addmm_(left, right, alpha=op.scale * op.weight)
             for expert in range(op.experts):
-                left, right = _factors(replace(op, expert=expert, layout=layout), lora_a, lora_b)
+                left, right = _factors(for_expert(op, expert), lora_a, lora_b)
                 value[expert].addmm_(left, right, alpha=op.scale * op.weight)
             return value
         left, right = _factors(op, lora_a, lora_b)
@@ -67,6 +66,16 @@ def apply_op(
         w2 = _dense(tensors[3], tensors[4], tensors[5])
         return value.add_(torch.kron(w1, w2), alpha=op.scale * op.weight)
     raise ValueError(f"unknown merge op kind {op.kind!r}")
+
+
+def for_expert(op: MergeOp, expert: int, transposed: bool = False) -> MergeOp:
+    """``op`` as it applies to one expert's matrix: a LoRA on fused experts becomes that
+    expert's own, laid as ``linear`` or ``conv1d`` in the orientation the matrix is computed
+    in (``transposed``: the transpose of the model's parameter). Any other op is itself."""
+    if not op.layout.startswith("experts-"):
+        return op
+    linear = (op.layout == "experts-out-in") != transposed
+    return replace(op, expert=expert, layout="linear" if linear else "conv1d")
 
 
 def apply_lora_columns(

@@ -16,7 +16,7 @@ import os
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
@@ -26,7 +26,7 @@ from ..formats.dtypes import TORCH_DTYPES
 from ..formats.fileio import pread_into
 from ..planning.model import MergeOp, QuantRead, TensorPlan
 from .buffers import Buffer
-from .kernels import all_finite, apply_op
+from .kernels import all_finite, apply_op, for_expert
 from .packed import (
     int_dequantize,
     int_pack,
@@ -103,8 +103,10 @@ class PackedMerger:
             self.unpack.take(6 * work // 4)  # see _room
             experts, rows, _ = tensor.quant.matrices
             self.scales.take((tensor.quant.scale_end - tensor.quant.scale_begin) // (experts * rows) * rows)
-            if tensor.quant.zero is not None:
-                self.zeros.take(tensor.quant.zero.end - tensor.quant.zero.begin)
+            zero = tensor.quant.zero
+            if zero is not None:  # the words of a block's rows, one more where it starts mid-word
+                words = -(-min(rows, tensor.block_rows) * tensor.quant.format.bits // 32) + 1
+                self.zeros.take(min(words, zero.shape[0]) * (zero.end - zero.begin) // zero.shape[0])
 
     def merge(self, fd: int, tensor: TensorPlan, *, write: bool = True) -> Iterator[tuple[memoryview, Buffer]]:
         """The output bytes of packed weight ``tensor`` read from ``fd``, block by block."""
@@ -228,7 +230,7 @@ class PackedMerger:
             whole = [factors if factors is not None else mine for factors, mine in zip(whole, own, strict=True)]
         for op, factors in zip(tensor.ops, whole, strict=True):
             assert factors is not None
-            value = apply_op(value, _for_expert(op, expert, stored and weight.read.transposed), factors, span)
+            value = apply_op(value, for_expert(op, expert, stored and weight.read.transposed), factors, span)
         return value
 
     def _dequantized(
@@ -308,15 +310,6 @@ class PackedMerger:
             same = all(torch.equal(mine, theirs) for mine, theirs in zip((packed, *fresh), source, strict=True))
             self.merger.note_unchanged(tensor, same)
         yield memoryview(host.view(torch.uint8).numpy()).cast("B"), output
-
-
-def _for_expert(op: MergeOp, expert: int, flip: bool) -> MergeOp:
-    """``op`` as it applies to one expert's matrix: a fused expert LoRA becomes the expert's
-    own, laid as in the orientation computed in (``flip``: the transpose of the model's)."""
-    if not op.layout.startswith("experts-"):
-        return op
-    linear = (op.layout == "experts-out-in") != flip
-    return replace(op, expert=expert, layout="linear" if linear else "conv1d")
 
 
 @dataclass(frozen=True)
