@@ -162,9 +162,11 @@ def _scheme(quantization: dict[str, Any]) -> QuantizationScheme:
     return QuantizationScheme(targets=["Linear"], weights=args)
 
 
-def reference_int(value: torch.Tensor, quantization: dict[str, Any]) -> dict[str, torch.Tensor]:
+def reference_int(
+    value: torch.Tensor, quantization: dict[str, Any], scale_dtype: torch.dtype = torch.bfloat16
+) -> dict[str, torch.Tensor]:
     """``value`` (float32) compressed by compressed-tensors: a minmax observer's scales and
-    zero points (``calculate_qparams``), the scale held in bfloat16, then its packer."""
+    zero points (``calculate_qparams``), the scale held in ``scale_dtype``, then its packer."""
     scheme = _scheme(quantization)
     args = scheme.weights
     assert args is not None
@@ -172,7 +174,7 @@ def reference_int(value: torch.Tensor, quantization: dict[str, Any]) -> dict[str
     group = args.group_size if args.group_size else cols
     grouped = value.reshape(rows, cols // group, group)
     scale, zero = calculate_qparams(grouped.amin(-1), grouped.amax(-1), args)
-    state = {"weight": value, "weight_scale": scale.to(torch.bfloat16), "weight_zero_point": zero}
+    state = {"weight": value, "weight_scale": scale.to(scale_dtype), "weight_zero_point": zero}
     return dict(PackedQuantizationCompressor.compress(state, scheme))
 
 

@@ -546,5 +546,6 @@ def test_a_group_too_small_for_a_float16_scale_packs_no_nan(symmetric: bool) -> 
     words = torch.empty(8, 2, dtype=torch.int32)
     unpacked = int_values(int_pack(values, 4, words), 4, 16)
     assert unpacked.abs().max() <= 8
-    alone, _, _ = int_quantize(value[:, 8:].clone(), fmt, torch.float16)  # the other group by itself
-    assert torch.equal(unpacked[:, 8:], alone)
+    quantization = int_config(4, symmetric=symmetric, group=8)
+    reference = reference_int(value[:, 8:].contiguous(), quantization, torch.float16)  # the other group
+    assert torch.equal(unpacked[:, 8:], int_values(reference["weight_packed"], 4, 8))
