@@ -25,7 +25,7 @@ from .errors import (
 
 if TYPE_CHECKING:
     from .planning.model import Plan
-    from .run.executor import MergeReport
+    from .run.jobs import MergeReport
 
 
 __all__ = [

@@ -68,7 +68,7 @@ def run_jobs(
     groups: dict[tuple[object, ...], list[NamedJob]] = {}
     for job in jobs:
         if job.name in plans:
-            groups.setdefault(_layout(plans[job.name]), []).append(job)
+            groups.setdefault((job.executor, job.ray_address, *_layout(plans[job.name])), []).append(job)
     overall = tqdm(total=len(jobs), desc="jobs", unit="job", disable=quiet or len(jobs) < 2, initial=len(results))
     with overall:
         for group in groups.values():
@@ -82,11 +82,20 @@ def run_jobs(
 def _run_group(
     group: list[NamedJob], plans: dict[str, Plan], quiet: bool, restart: bool, verify_resume: bool
 ) -> list[JobResult]:
-    from .run.executor import Job, MergeReport, run_pass
+    from .run.executor import run_pass
+    from .run.jobs import Job, MergeReport
 
     started = time.monotonic()
     jobs = [Job(plans[job.name], PushTarget.of(job)) for job in group]
-    outcomes = run_pass(jobs, quiet=quiet, restart=restart, verify_resume=verify_resume)
+    first = group[0]
+    outcomes = run_pass(
+        jobs,
+        quiet=quiet,
+        restart=restart,
+        verify_resume=verify_resume,
+        executor=first.executor,
+        ray_address=first.ray_address,
+    )
     results = []
     for job, outcome in zip(group, outcomes, strict=True):
         if isinstance(outcome, MergeReport):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import signal
@@ -12,13 +13,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
-from .config import MergeJob, build_job, build_push, load_job_file
+from .config import MergeJob, build_job, build_named, build_push, load_job_file
 from .errors import JobConfigError, ProblemsError, ShardmergeError
 from .output.publish import PushTarget
 
 if TYPE_CHECKING:
     from .batch import JobResult
-    from .run.executor import MergeReport
+    from .run.jobs import MergeReport
 from .planning.model import AdapterSummary, Plan, TensorPlan
 from .planning.planner import build_plan
 
@@ -115,6 +116,7 @@ def _parser() -> argparse.ArgumentParser:
         "--strict", action="store_true", help="fail, and publish nothing, when the adapters change no tensor at all"
     )
     _resume_flags(merge)
+    _cluster_flags(merge)
     _push_flags(merge, "--push-to-hub", "upload each shard as it is finished, then commit once to this repo")
     merge.set_defaults(handler=_cmd_merge)
 
@@ -128,6 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--dry-run", action="store_true", help="plan every job and print the plans; write nothing")
     run.add_argument("--quiet", action="store_true", help="no progress bar")
     _resume_flags(run)
+    _cluster_flags(run)
     run.set_defaults(handler=_cmd_run)
 
     push = commands.add_parser("push", parents=[common], help="publish a finished merge to the Hub")
@@ -158,6 +161,23 @@ def _resume_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--verify-resume", action="store_true", help="re-hash finished shards before skipping them on resume"
     )
+
+
+def _cluster_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        help="where the shards are written: this process (local, the default) or tasks on a Ray cluster",
+    )
+    parser.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="the Ray cluster to use (e.g. 10.0.0.1:6379); default: Ray's own discovery (RAY_ADDRESS)",
+    )
+
+
+def _cluster_fields(args: argparse.Namespace) -> dict[str, Any]:
+    return {key: getattr(args, key) for key in ("executor", "ray_address") if getattr(args, key, None) is not None}
 
 
 def _push_flags(parser: argparse.ArgumentParser, flag: str | None, help_text: str | None) -> None:
@@ -198,6 +218,7 @@ def _job_from_args(args: argparse.Namespace) -> MergeJob:
         "device": getattr(args, "device", "auto"),
         "strict": getattr(args, "strict", False),
         **_push_fields(args),
+        **_cluster_fields(args),
     }
     if args.max_shard_size is not None:
         data["max_shard_size"] = args.max_shard_size
@@ -213,6 +234,11 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     job_file = load_job_file(args.job)
+    if _cluster_fields(args):  # the command line's executor overrides the file's
+        jobs = tuple(
+            build_named("command line", {**job.model_dump(), **_cluster_fields(args)}) for job in job_file.jobs
+        )
+        job_file = dataclasses.replace(job_file, jobs=jobs)
     if not job_file.batch:
         if args.only:
             raise JobConfigError("--only picks jobs of a batch file (one with jobs:)", file=args.job)
@@ -257,7 +283,13 @@ def _merge(job: MergeJob, args: argparse.Namespace) -> int:
 
     plan = build_plan(job)
     report = execute(
-        plan, quiet=args.quiet, restart=args.restart, verify_resume=args.verify_resume, push=PushTarget.of(job)
+        plan,
+        quiet=args.quiet,
+        restart=args.restart,
+        verify_resume=args.verify_resume,
+        push=PushTarget.of(job),
+        executor=job.executor,
+        ray_address=job.ray_address,
     )
     if report.shards_skipped:
         print(f"shardmerge: resumed: {report.shards_skipped} of {report.shards} shards were already finished")

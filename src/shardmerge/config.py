@@ -103,6 +103,16 @@ class MergeJob(PushOptions):
     # Output shards of at most this many bytes of tensor data, split from the base's as
     # save_pretrained splits and names them; None mirrors the base's shards.
     max_shard_size: int | None = None
+    # Where the shards are written: by this process, or by tasks on a Ray cluster; and the
+    # cluster's address (None: Ray's own discovery, e.g. RAY_ADDRESS). Neither changes a byte.
+    executor: Literal["local", "ray"] = "local"
+    ray_address: str | None = None
+
+    @model_validator(mode="after")
+    def _cluster(self) -> MergeJob:
+        if self.ray_address is not None and self.executor != "ray":
+            raise ValueError("ray_address only applies with executor: ray")
+        return self
 
     @field_validator("max_shard_size", mode="before")
     @classmethod
@@ -133,6 +143,10 @@ class MergeJob(PushOptions):
 def build_job(source: str, data: Any) -> MergeJob:
     """Validate ``data`` into a job; ``source`` names where it came from in error messages."""
     return _validate(MergeJob, source, data)
+
+
+def build_named(source: str, data: Any) -> NamedJob:
+    return _validate(NamedJob, source, data)
 
 
 def build_push(source: str, data: Any) -> PushOptions:

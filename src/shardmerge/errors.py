@@ -110,6 +110,10 @@ class HubError(ShardmergeError):
     """The Hub refused or failed a publishing step: the token, the repo name, or the network."""
 
 
+class ClusterError(ShardmergeError):
+    """The cluster cannot be used, or a task failed for good: names the shard and the node."""
+
+
 _CONNECTION_LIBRARIES = ("httpx", "httpx2", "requests", "urllib3", "h11", "httpcore")
 
 

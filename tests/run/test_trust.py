@@ -34,7 +34,7 @@ def with_values(base: Base, folder: Path, name: str, value: float) -> Base:
     return Base(folder, base.dtype)
 
 
-def merge(base: Base, adapter: Path, output: Path, dtype: str = "float16") -> shardmerge.run.executor.MergeReport:
+def merge(base: Base, adapter: Path, output: Path, dtype: str = "float16") -> shardmerge.run.jobs.MergeReport:
     return shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output), dtype=dtype)
 
 

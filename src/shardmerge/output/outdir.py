@@ -21,8 +21,10 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def tmp_path(final: Path) -> Path:
-    return final.with_name(final.name + TMP_SUFFIX)
+def tmp_path(final: Path, attempt: str = "") -> Path:
+    """Where ``final`` is written before it is complete; ``attempt`` names one of several
+    writers of it (cluster tasks), so that no two share a temp file."""
+    return final.with_name(final.name + (f".{attempt}" if attempt else "") + TMP_SUFFIX)
 
 
 def commit(tmp: Path, final: Path) -> None:

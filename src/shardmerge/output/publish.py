@@ -31,7 +31,7 @@ from .card import display
 from .journal import STATE_DIR, Journal
 
 if TYPE_CHECKING:
-    from huggingface_hub import CommitOperationAdd
+    from huggingface_hub import CommitOperationAdd, HfApi
 
     from ..config import PushOptions
 
@@ -203,18 +203,11 @@ class Publisher:
         if sha256 is None:  # merged without publishing: hashed now, once, and recorded
             sha256 = file_sha256(path)
             journal.add_sha256(shard, sha256)
-        if not self._held(shard, sha256):
-            addition = _addition(shard, path, record.size, sha256)
-            repo_id, branch = self.target.repo_id, self.target.branch
-            self._call(
-                f"uploading {shard}",
-                lambda: self.api.preupload_lfs_files(repo_id, additions=[addition], revision=branch),
-            )
-            if getattr(addition, "_is_uploaded", False):
-                delete = self.target.delete_after_upload
-                journal.mark_uploaded(shard, sha256, deleted=delete)
-                if delete:
-                    path.unlink(missing_ok=True)
+        if not self._held(shard, sha256) and preupload(self.api, self.target, shard, path, record.size, sha256):
+            delete = self.target.delete_after_upload
+            journal.mark_uploaded(shard, sha256, deleted=delete)
+            if delete:
+                path.unlink(missing_ok=True)
         with self.room:
             self.on_disk.discard(shard)  # a shard the Hub takes as a regular file stays until the commit
         if self.progress is not None:
@@ -272,31 +265,7 @@ class Publisher:
     # Errors and retries.
 
     def _call(self, what: str, action: Callable[[], T], already_done: Callable[[], Any] | None = None) -> T:
-        """``action``, retried with backoff on 429, 5xx and dropped connections. Before a retry,
-        ``already_done`` may say the step went through although its answer was lost."""
-        from huggingface_hub.errors import HFValidationError
-
-        wait = RETRY_FIRST_WAIT_S
-        for attempt in range(1, RETRY_ATTEMPTS + 1):
-            try:
-                return action()
-            except HFValidationError as exc:
-                raise HubError(f"invalid repo name: {exc}", file=self.target.repo_id, hint="use ORG/NAME") from None
-            except Exception as exc:
-                status = http_status(exc)
-                if status is not None and status not in _TRANSIENT_STATUS:
-                    raise _refusal(status, what, self.target.repo_id, exc) from exc
-                if status is None and not dropped(exc):
-                    raise HubError(f"{what} failed: {_short(exc)}", file=self.target.repo_id, hint=_AGAIN) from exc
-                if attempt == RETRY_ATTEMPTS:
-                    raise HubError(
-                        f"{what} failed {attempt} times, last with {_short(exc)}", file=self.target.repo_id, hint=_AGAIN
-                    ) from exc
-            time.sleep(wait)
-            wait *= 2
-            if already_done is not None and (done := already_done()) is not None:
-                return done
-        raise AssertionError("unreachable")
+        return hub_call(what, self.target.repo_id, action, already_done)
 
     def _raise_error(self) -> None:
         if self.error is not None:
@@ -318,6 +287,48 @@ class Publisher:
     def _journal(self) -> Journal:
         assert self.journal is not None, "open() first"
         return self.journal
+
+
+def hub_call(what: str, repo_id: str, action: Callable[[], T], already_done: Callable[[], Any] | None = None) -> T:
+    """``action`` on ``repo_id``, retried with backoff on 429, 5xx and dropped connections.
+    Before a retry, ``already_done`` may say the step went through although its answer was
+    lost."""
+    from huggingface_hub.errors import HFValidationError
+
+    wait = RETRY_FIRST_WAIT_S
+    for attempt in range(1, RETRY_ATTEMPTS + 1):
+        try:
+            return action()
+        except HFValidationError as exc:
+            raise HubError(f"invalid repo name: {exc}", file=repo_id, hint="use ORG/NAME") from None
+        except Exception as exc:
+            status = http_status(exc)
+            if status is not None and status not in _TRANSIENT_STATUS:
+                raise _refusal(status, what, repo_id, exc) from exc
+            if status is None and not dropped(exc):
+                raise HubError(f"{what} failed: {_short(exc)}", file=repo_id, hint=_AGAIN) from exc
+            if attempt == RETRY_ATTEMPTS:
+                raise HubError(
+                    f"{what} failed {attempt} times, last with {_short(exc)}", file=repo_id, hint=_AGAIN
+                ) from exc
+        time.sleep(wait)
+        wait *= 2
+        if already_done is not None and (done := already_done()) is not None:
+            return done
+    raise AssertionError("unreachable")
+
+
+def preupload(api: HfApi, target: PushTarget, name: str, path: Path, size: int, sha256: str) -> bool:
+    """Send the shard at ``path`` to ``target``'s LFS storage as ``name`` (with the size and
+    sha256 known from writing it), for a later commit; False when the Hub takes it as a
+    regular file instead, to be sent with the commit."""
+    addition = _addition(name, path, size, sha256)
+    hub_call(
+        f"uploading {name}",
+        target.repo_id,
+        lambda: api.preupload_lfs_files(target.repo_id, additions=[addition], revision=target.branch),
+    )
+    return bool(getattr(addition, "_is_uploaded", False))
 
 
 def commit_message(base: str, adapters: int) -> str:

@@ -10,79 +10,19 @@ is dropped from the pass with its error; the others go on.
 
 from __future__ import annotations
 
-import errno
-import gc
-import shutil
-import sys
-import time
-from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from ..errors import DeviceError, JobConfigError, NoChangeError, OutputError, ShardmergeError
-from ..formats.jsonedit import rewrite
-from ..formats.safetensors import INDEX_NAME, render_index
-from ..output import card, lock, outdir
-from ..output import journal as journals
-from ..output.publish import Publisher, PushTarget, commit_message
-from ..planning.model import Plan, ShardPlan
+from ..errors import DeviceError, ShardmergeError
+from ..output.publish import PushTarget
+from ..planning.model import Plan
 from .fetch import Fetcher, fetcher_for
-from .merger import TensorMerger, open_adapters, resolve_device
+from .jobs import Job, MergeReport, claim, close, io_error, progress_bar, record_shard, report, step
+from .merger import TensorMerger, lean_process, open_adapters, resolve_device
 from .shared import Output, SegmentReader, write_together
 from .stop import StopRequest
-
-# errno values that mean "no room": a full disk, a quota, or a file size limit.
-_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-
-
-@dataclass(frozen=True)
-class MergeReport:
-    output: str
-    shards: int
-    shards_skipped: int
-    tensors_merged: int
-    tensors_copied: int
-    bytes_written: int
-    seconds: float
-    device: str
-    commit: str | None = None  # the Hub commit, when published
-    url: str | None = None
-    unchanged: int = 0  # merged tensors that came out equal to the base (an update of zero)
-    non_finite_kept: tuple[str, ...] = ()  # tensors whose NaN or Inf came from the base
-    # Merged weights written back quantized: how many, and over all of them together, the
-    # norm of what survived requantization, Q(W + dW) - W, and of the error it added,
-    # Q(W + dW) - (W + dW), each relative to the norm of the update dW; the weight that kept
-    # the least of its update, and how much.
-    requantized: int = 0
-    update_kept: float | None = None
-    update_error: float | None = None
-    least_kept: tuple[str, float] | None = None
-
-
-@dataclass
-class Job:
-    """One job of a pass: its plan, where to publish it, and how it is going."""
-
-    plan: Plan
-    push: PushTarget | None = None
-    stack: ExitStack = field(default_factory=ExitStack)
-    journal: journals.Journal | None = None
-    publisher: Publisher | None = None
-    merger: TensorMerger | None = None
-    todo: set[str] = field(default_factory=set)
-    written: set[str] = field(default_factory=set)
-    started: float = field(default_factory=time.monotonic)
-    error: BaseException | None = None
-    commit: str | None = None
-
-    @property
-    def folder(self) -> Path:
-        return Path(self.plan.output or "")
 
 
 def execute(
@@ -92,11 +32,21 @@ def execute(
     restart: bool = False,
     verify_resume: bool = False,
     push: PushTarget | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> MergeReport:
     """Write the merged model described by ``plan`` into ``plan.output``, resuming an earlier
     run of the same job there. ``verify_resume`` re-hashes the shards it would skip. With
-    ``push``, each shard is uploaded as soon as it is in place, and committed at the end."""
-    (result,) = run_pass([Job(plan, push)], quiet=quiet, restart=restart, verify_resume=verify_resume)
+    ``push``, each shard is uploaded as soon as it is in place, and committed at the end.
+    ``executor="ray"`` writes the shards on the Ray cluster at ``ray_address``."""
+    (result,) = run_pass(
+        [Job(plan, push)],
+        quiet=quiet,
+        restart=restart,
+        verify_resume=verify_resume,
+        executor=executor,
+        ray_address=ray_address,
+    )
     if isinstance(result, BaseException):
         raise result
     return result
@@ -108,11 +58,18 @@ def run_pass(
     quiet: bool = False,
     restart: bool = False,
     verify_resume: bool = False,
+    executor: str = "local",
+    ray_address: str | None = None,
 ) -> list[MergeReport | BaseException]:
     """Merge several jobs on one base in one pass over it: each base shard is read once and
     written to every job that still needs it. The jobs' plans must lay the shards out alike
     (same base, dtype and device). A job that fails is dropped, with its error in the
-    result, and the others go on. A Hub base's shards are downloaded as the pass reaches them."""
+    result, and the others go on. A Hub base's shards are downloaded as the pass reaches them.
+    ``executor="ray"``: the same pass, its shards written by tasks on a Ray cluster."""
+    if executor == "ray":
+        from .cluster import run_on_cluster
+
+        return run_on_cluster(jobs, ray_address, quiet=quiet, restart=restart, verify_resume=verify_resume)
     try:
         device = resolve_device(jobs[0].plan.device)
     except DeviceError as exc:
@@ -121,20 +78,10 @@ def run_pass(
         with ExitStack() as stack:
             for job in jobs:
                 stack.callback(job.stack.close)
-                _attempt(job, lambda job=job: _open(job, device, restart, verify_resume, quiet))
+                step(job, lambda job=job: _open(job, device, restart, verify_resume, quiet))
             live = [job for job in jobs if job.error is None]
-            # What the interpreter holds now (torch's modules above all) stays: the cyclic
-            # collector need not walk it again at each collection the merge's small objects
-            # trigger, which cost about a fifth of a second per GiB merged.
-            gc.freeze()
-            stack.callback(gc.unfreeze)
-            if device.type == "cpu":
-                # The sink's gatherer and writer threads and the kernel's I/O need a core; the
-                # merge's products are small (rank r) and its conversions memory-bound: a
-                # second torch thread gave the same wall time for 0.9 s more CPU per 2 GiB.
-                stack.callback(torch.set_num_threads, torch.get_num_threads())
-                torch.set_num_threads(1)
-            progress = stack.enter_context(_progress(live, quiet or not live))
+            stack.enter_context(lean_process(device))
+            progress = stack.enter_context(progress_bar(live, quiet or not live))
             stop = stack.enter_context(StopRequest())
             reader = SegmentReader(pinned=device.type == "cuda")
             drop = all(job.push is not None and job.push.delete_after_upload for job in live)
@@ -147,57 +94,26 @@ def run_pass(
                     continue
                 for job in wanting:
                     if job.publisher is not None:
-                        _attempt(job, lambda job=job: job.publisher.wait_for_room(stop.check))  # type: ignore[union-attr]
+                        step(job, lambda job=job: job.publisher.wait_for_room(stop.check))  # type: ignore[union-attr]
                 fetcher.fetch(base_shard)
                 _write([job for job in wanting if job.error is None], index, reader, progress, stop)
                 fetcher.done(base_shard)
             for job in jobs:
                 if job.error is None:
-                    _attempt(job, lambda job=job: _close(job, stop))
+                    step(job, lambda job=job: close(job, stop.check))
     except (OSError, ShardmergeError) as exc:  # reading or fetching the base: every job stops
         for job in jobs:
             if job.error is None:
-                job.error = _io_error(exc, job) if isinstance(exc, OSError) else exc
-    return [job.error if job.error is not None else _report(job, device) for job in jobs]
-
-
-def _attempt(job: Job, action: Callable[[], object]) -> None:
-    """Run one step of ``job``; a failure ends the job (not the pass) and is kept for its report."""
-    try:
-        action()
-    except OSError as exc:
-        job.error = _io_error(exc, job)
-    except Exception as exc:
-        job.error = exc
+                job.error = io_error(exc, job) if isinstance(exc, OSError) else exc
+    return [job.error if job.error is not None else report(job, str(device)) for job in jobs]
 
 
 def _open(job: Job, device: torch.device, restart: bool, verify_resume: bool, quiet: bool) -> None:
+    claim(job, str(device), restart, verify_resume, quiet)
     plan = job.plan
-    if not plan.output:
-        raise JobConfigError("no output folder given", hint="pass -o OUT, or set output: in the job")
-    inputs = [Path(plan.base), *(Path(adapter.path) for adapter in plan.adapters)]
-    journals.check_output(job.folder, inputs)
-    job.stack.enter_context(lock.hold(job.folder))
-    journal = job.journal = journals.claim(job.folder, plan, restart=restart, device=str(device))
-    if job.push is None:
-        journal.set_target(None)
-    else:
-        job.publisher = Publisher(job.push, job.folder, commit_message(plan.base, len(plan.adapters)), quiet=quiet)
-        job.stack.callback(job.publisher.close)
-        job.publisher.open(journal)
-    todo = [shard for shard in plan.shards if not journal.finished(shard, rehash=verify_resume)]
-    job.todo = {shard.name for shard in todo}
-    needed = [shard.size for shard in todo]
-    if job.push is not None and job.push.delete_after_upload:
-        needed = sorted(needed)[-2:]  # the disk holds one shard uploading, one being written
-    _check_free_space(job.folder, sum(needed))
     job.merger = TensorMerger(device, plan, open_adapters(plan, job.stack), sha256=job.push is not None)
     job.stack.callback(job.merger.close)
     job.merger.reserve(tuple(shard for shard in plan.shards if shard.name in job.todo))
-    if job.publisher is not None:
-        for shard in plan.shards:
-            if shard.name not in job.todo:
-                job.publisher.submit(shard.name)  # finished by an earlier run, maybe not uploaded
 
 
 def _write(jobs: list[Job], index: int, reader: SegmentReader, progress: tqdm, stop: StopRequest) -> None:
@@ -207,135 +123,12 @@ def _write(jobs: list[Job], index: int, reader: SegmentReader, progress: tqdm, s
         job = jobs[0]
         shard = job.plan.shards[index]
         assert job.merger is not None
-        _attempt(job, lambda: _record(job, shard, job.merger.write_shard(shard, job.folder, progress, stop)))  # type: ignore[union-attr]
+        step(job, lambda: record_shard(job, shard, job.merger.write_shard(shard, job.folder, progress, stop)))  # type: ignore[union-attr]
         return
     outputs = [Output(job.merger, job.plan.shards[index], job.folder) for job in jobs]  # type: ignore[arg-type]
     write_together(outputs, reader, progress, stop)
     for job, output in zip(jobs, outputs, strict=True):
         if output.error is not None:
-            job.error = _io_error(output.error, job) if isinstance(output.error, OSError) else output.error
+            job.error = io_error(output.error, job) if isinstance(output.error, OSError) else output.error
         elif output.record is not None:
-            _attempt(job, lambda job=job, output=output: _record(job, output.shard, output.record))  # type: ignore[arg-type]
-
-
-def _record(job: Job, shard: ShardPlan, record: journals.ShardRecord) -> None:
-    """A shard is written: rename it into place, record it, hand it to the uploader."""
-    assert job.journal is not None
-    outdir.commit(outdir.tmp_path(job.folder / shard.name), job.folder / shard.name)
-    job.journal.record(shard.name, record)
-    job.todo.discard(shard.name)
-    job.written.add(shard.name)
-    if job.publisher is not None:
-        job.publisher.submit(shard.name)
-
-
-def _close(job: Job, stop: StopRequest) -> None:
-    assert job.journal is not None
-    records = job.journal.shards.values()
-    merged = sum(len(record.merged) for record in records)
-    if merged and job.plan.strict and sum(len(record.unchanged) for record in records) == merged:
-        raise NoChangeError(
-            f"the adapters changed none of the {merged} tensors they target: the output equals the base",
-            file=job.folder,
-            hint="check that the adapter was trained (every lora_B zero means an untrained adapter); "
-            "nothing was published",
-        )
-    _finish(job.plan, job.folder)
-    job.journal.complete = True
-    job.journal.save()
-    if job.publisher is not None:
-        job.commit = job.publisher.finish(stop.check)
-
-
-def _progress(jobs: list[Job], quiet: bool) -> tqdm:
-    total = sum(job.plan.total_bytes for job in jobs)
-    left = sum(shard.size for job in jobs for shard in job.plan.shards if shard.name in job.todo)
-    return tqdm(
-        total=total,
-        initial=total - left,
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc="merging",
-        disable=quiet,
-        file=sys.stderr,
-        dynamic_ncols=True,
-    )
-
-
-def _report(job: Job, device: torch.device) -> MergeReport:
-    plan = job.plan
-    merged = sum(shard.merged for shard in plan.shards)
-    written = [shard for shard in plan.shards if shard.name in job.written]
-    assert job.journal is not None
-    records = job.journal.shards.values()
-    return MergeReport(
-        output=str(job.folder),
-        shards=len(plan.shards),
-        shards_skipped=len(plan.shards) - len(written),
-        tensors_merged=merged,
-        tensors_copied=sum(len(shard.tensors) for shard in plan.shards) - merged,
-        bytes_written=sum(shard.size for shard in written),
-        seconds=time.monotonic() - job.started,
-        device=str(device),
-        commit=job.commit,
-        url=job.publisher.url if job.publisher is not None else None,
-        unchanged=sum(len(record.unchanged) for record in records),
-        non_finite_kept=tuple(name for record in records for name in record.non_finite_kept),
-        **_requantization([entry for record in records for entry in record.requantized]),
-    )
-
-
-def _requantization(entries: list[tuple[str, float, float, float]]) -> dict[str, Any]:
-    """The requantization figures of a report from the journal's squared norms."""
-    if not entries:
-        return {}
-    update = sum(entry[1] for entry in entries)
-    kept = {name: (k / d) ** 0.5 for name, d, k, _ in entries if d > 0}
-    return {
-        "requantized": len(entries),
-        "update_kept": (sum(entry[2] for entry in entries) / update) ** 0.5 if update > 0 else None,
-        "update_error": (sum(entry[3] for entry in entries) / update) ** 0.5 if update > 0 else None,
-        "least_kept": min(kept.items(), key=lambda item: item[1]) if kept else None,
-    }
-
-
-def _check_free_space(folder: Path, needed: int) -> None:
-    free = shutil.disk_usage(folder).free
-    if needed > free:
-        raise OutputError(
-            f"not enough free space: the merge writes {needed / 2**30:.2f} GiB, {free / 2**30:.2f} GiB is free",
-            file=folder,
-            hint="free some space or choose another output folder",
-        )
-
-
-def _io_error(exc: OSError, job: Job) -> OutputError:
-    where = exc.filename or job.folder
-    if exc.errno in _NO_SPACE:
-        left = sum(shard.size for shard in job.plan.shards if shard.name in job.todo) / 2**30
-        return OutputError(
-            f"out of space ({exc.strerror}) with up to {left:.2f} GiB still to write",
-            file=where,
-            hint="free some space, then run the same command again: finished shards are kept",
-        )
-    return OutputError(f"I/O error: {exc.strerror or exc}", file=where, hint="check the disk and permissions")
-
-
-def _finish(plan: Plan, folder: Path) -> None:
-    """Non-weight files of the base, the model card, then the index, last, so its presence
-    means done. The card replaces the base's README: it describes the merged model."""
-    base_card = None
-    for name in plan.extra_files:
-        source = Path(name)
-        final = folder / source.name
-        if source.name == card.CARD_NAME:
-            base_card = source
-        elif source.name == "config.json" and plan.config is not None:
-            # only the keys the merge changes: every other byte as the base has it
-            outdir.write_bytes_atomic(final, rewrite(source.read_text(encoding="utf-8"), plan.config).encode())
-        else:
-            outdir.copy_atomic(source, final)
-    outdir.write_bytes_atomic(folder / card.CARD_NAME, card.render(plan, base_card))
-    weight_map = {tensor.name: shard.name for shard in plan.shards for tensor in shard.tensors}
-    outdir.write_bytes_atomic(folder / INDEX_NAME, render_index(plan.tensor_bytes, weight_map, plan.index_metadata))
+            step(job, lambda job=job, output=output: record_shard(job, output.shard, output.record))  # type: ignore[arg-type]

@@ -20,8 +20,8 @@ from ..planning.model import Plan, ShardPlan
 class Fetcher:
     """Nothing to fetch: a local base."""
 
-    def fetch(self, shard: ShardPlan) -> None:
-        return None
+    def fetch(self, shard: ShardPlan) -> Path:
+        return Path(shard.source)
 
     def done(self, shard: ShardPlan) -> None:
         return None
@@ -45,13 +45,15 @@ class HubFetcher(Fetcher):
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="shardmerge-fetch")
         self.pending: dict[str, Future[Path]] = {}
 
-    def fetch(self, shard: ShardPlan) -> None:
-        """Have ``shard``'s base shard on disk before it is read; start downloading the next one."""
+    def fetch(self, shard: ShardPlan) -> Path:
+        """Have ``shard``'s base shard on disk before it is read (where this machine's cache
+        holds it); start downloading the next one."""
         name = Path(shard.source).name
-        self._start(name).result()
+        path = self._start(name).result()
         position = self.order.index(name)
         if position + 1 < len(self.order):
             self._start(self.order[position + 1])
+        return path
 
     def done(self, shard: ShardPlan) -> None:
         """Every job has written ``shard``: once that is so of every output shard read from its
@@ -60,10 +62,10 @@ class HubFetcher(Fetcher):
         self.left[name] -= 1
         if self.left[name] > 0:
             return
-        self.pending.pop(name, None)
-        if not self.drop or name in self.before:
+        fetched = self.pending.pop(name, None)
+        if not self.drop or name in self.before or fetched is None:
             return
-        link = Path(shard.source)
+        link = fetched.result()
         blob = link.resolve()
         link.unlink(missing_ok=True)
         if blob != link:

@@ -41,6 +41,7 @@ class Output:
     merger: TensorMerger
     shard: ShardPlan
     folder: Path
+    attempt: str = ""  # names this writer's temp file (cluster tasks)
     dst: int = -1
     header: bytes = b""
     record: ShardRecord | None = None
@@ -48,7 +49,7 @@ class Output:
 
     @property
     def tmp(self) -> Path:
-        return outdir.tmp_path(self.folder / self.shard.name)
+        return outdir.tmp_path(self.folder / self.shard.name, self.attempt)
 
 
 class SegmentReader:

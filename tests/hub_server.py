@@ -81,6 +81,7 @@ class Fault:
     action: int | str
     times: int = 1
     seconds: float = 0.0
+    whole: bool = False  # only requests for a whole file (no Range header): downloads, not header reads
 
 
 class HubState:
@@ -92,12 +93,15 @@ class HubState:
         self.uploads: dict[str, int] = {}  # completed LFS PUTs per object id
         self.commits_made = 0
         self.hung = threading.Event()
+        self.hung_port = 0  # the client's port of the request held by a "hang" fault
         self.release = threading.Event()
         self.lock = threading.Lock()
 
-    def take_fault(self, method: str, path: str) -> Fault | None:
+    def take_fault(self, method: str, path: str, ranged: bool) -> Fault | None:
         with self.lock:
             for fault in self.faults:
+                if fault.whole and ranged:
+                    continue
                 if fault.times > 0 and fault.method == method and fault.path_contains in path:
                     fault.times -= 1
                     return fault
@@ -170,7 +174,7 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         path = unquote(url.path)
         body = self._body() if method in ("POST", "PUT") else b""
-        fault = self.state.take_fault(method, path)
+        fault = self.state.take_fault(method, path, "Range" in self.headers)
         if fault is not None and fault.action == "delay":
             time.sleep(fault.seconds)
         if fault is not None and fault.action == "drop":
@@ -186,6 +190,7 @@ class Handler(BaseHTTPRequestHandler):
             reply = answer
         if fault is not None and fault.action == "hang":
             self._log(method, path, -1)
+            self.state.hung_port = int(self.client_address[1])
             self.state.hung.set()
             self.state.release.wait(60)
             self.close_connection = True

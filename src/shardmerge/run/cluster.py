@@ -1,0 +1,265 @@
+"""Merging on a Ray cluster: the plan, the journal, the lock and the Hub commit stay with this
+process (the driver); the shards are written by Ray tasks on the cluster's nodes.
+
+A task is a unit of ``unit.py``: the output shards of one base shard, for every job of the
+pass that still needs them, so each base shard is read once per pass wherever it is merged.
+Tasks are stateless and spread over the nodes (``SPREAD``, never pinned: a task pinned to a
+dead node would wait forever); each asks for one CPU, a GPU when merging on CUDA, and the
+memory the plan estimates. Ray runs a task again when its worker or node dies, and when it
+raises an I/O error, up to ``MAX_RETRIES`` times.
+
+As results come back, the driver renames each shard into place (a shared output folder) or
+notes it uploaded (a node pre-uploaded it), and records it in the journal, atomically as a
+local run does: killed at any moment, the same command resumes and submits only what is
+missing. At the end it writes the side files and the index, and makes the one Hub commit.
+
+Adapter files up to ``ADAPTERS_BY_STORE`` in all are sent once through Ray's object store;
+larger ones are read on each node at the path the driver sees (a shared filesystem). The
+driver's Hub endpoint and token go to the tasks through the job's runtime environment.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from tqdm import tqdm
+
+from ..errors import ClusterError, ShardmergeError
+from ..output import outdir
+from .jobs import Job, MergeReport, claim, close, done, io_error, progress_bar, report, step
+from .stop import StopRequest
+from .unit import ShardDone, Unit, UnitJob, cut, merge_unit
+
+if TYPE_CHECKING:
+    from types import ModuleType
+
+ADAPTERS_BY_STORE = 512 * 2**20
+MAX_RETRIES = 3
+# What a task's process needs beyond the plan's estimate: the interpreter, torch, its libraries.
+TASK_BASE_MEMORY = 768 * 2**20
+_FORWARDED = ("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_DISABLE_XET", "HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT")
+_INSTALL = "install it with: pip install 'shardmerge[ray]'"
+
+
+def run_on_cluster(
+    jobs: list[Job], address: str | None, *, quiet: bool, restart: bool, verify_resume: bool
+) -> list[MergeReport | BaseException]:
+    """``executor.run_pass`` on a Ray cluster: the same jobs, the same results."""
+    device = "cuda" if jobs[0].plan.device.startswith("cuda") else "cpu"
+    try:
+        ray = _import_ray()
+        with ExitStack() as stack:
+            for job in jobs:
+                stack.callback(job.stack.close)
+                stack.callback(_remove_strays, job)
+                step(job, lambda job=job: claim(job, device, restart, verify_resume, quiet))
+            live = [job for job in jobs if job.error is None]
+            stop = stack.enter_context(StopRequest())
+            if any(job.todo for job in live):
+                _connect(ray, address, stack)
+                progress = stack.enter_context(progress_bar(live, quiet))
+                _Pass(ray, live, device, progress, stop).run()
+            for job in jobs:
+                if job.error is None:
+                    step(job, lambda job=job: close(job, stop.check))
+    except (OSError, ShardmergeError) as exc:
+        for job in jobs:
+            if job.error is None:
+                job.error = io_error(exc, job) if isinstance(exc, OSError) else exc
+    return [job.error if job.error is not None else report(job, f"{device} on a Ray cluster") for job in jobs]
+
+
+def _import_ray() -> ModuleType:
+    try:
+        import ray
+    except ImportError:
+        raise ClusterError("--executor ray needs Ray, which is not installed", hint=_INSTALL) from None
+    return ray
+
+
+def _connect(ray: ModuleType, address: str | None, stack: ExitStack) -> None:
+    """Join the cluster at ``address`` (None: Ray's own discovery, e.g. ``RAY_ADDRESS``), unless
+    this process is connected already (shardmerge called inside a Ray job)."""
+    if ray.is_initialized():
+        return
+    from huggingface_hub import get_token
+
+    _check_reachable(address)
+    env = {name: os.environ[name] for name in _FORWARDED if name in os.environ}
+    token = get_token()
+    if token is not None:
+        env["HF_TOKEN"] = token
+    try:
+        ray.init(
+            address=address,
+            runtime_env={"env_vars": env} if env else None,
+            logging_level=logging.WARNING,
+            log_to_driver=False,
+        )
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        where = address or "RAY_ADDRESS or this machine's running cluster"
+        raise ClusterError(
+            f"cannot connect to the Ray cluster at {where}: {_first_line(exc)}",
+            hint="start one with `ray start --head`, or pass --ray-address HOST:PORT",
+        ) from exc
+    stack.callback(ray.shutdown)
+
+
+def _check_reachable(address: str | None) -> None:
+    """A HOST:PORT that nothing answers at fails at once, not after Ray's minutes of retries."""
+    if address is None or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except (OSError, ValueError) as exc:
+        raise ClusterError(
+            f"nothing answers at the Ray cluster address {address}: {_first_line(exc)}",
+            hint="check --ray-address (the head node's HOST:PORT, 6379 by default), or start one with "
+            "`ray start --head`",
+        ) from None
+
+
+class _Pass:
+    """The units of one pass, submitted at once and recorded as they finish."""
+
+    def __init__(self, ray: ModuleType, jobs: list[Job], device: str, progress: tqdm, stop: StopRequest) -> None:
+        self.ray = ray
+        self.jobs = jobs
+        self.device = device
+        self.progress = progress
+        self.stop = stop
+        self.pending: dict[Any, tuple[Unit, list[Job]]] = {}
+
+    def run(self) -> None:
+        files = self._adapter_files()
+        remote = self.ray.remote(_run_unit)
+        for unit, members in self._units():
+            needed = sorted({a.weights_file for job in unit.jobs for a in job.plan.adapters} & files.keys())
+            options = {
+                "num_cpus": 1,
+                "num_gpus": 1 if self.device == "cuda" else 0,
+                "memory": TASK_BASE_MEMORY + sum(job.plan.peak_memory_bytes for job in unit.jobs),
+                "max_retries": MAX_RETRIES,
+                "retry_exceptions": [OSError],
+                "scheduling_strategy": "SPREAD",
+            }
+            ref = remote.options(**options).remote(unit, tuple(needed), *(files[name] for name in needed))
+            self.pending[ref] = (unit, members)
+        nodes, checked = 0, 0.0
+        while self.pending:
+            ready, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=0.5)
+            self.stop.check()
+            for ref in ready:
+                self._finished(ref, *self.pending.pop(ref))
+            if time.monotonic() - checked > 5:
+                nodes = sum(1 for node in self.ray.nodes() if node.get("Alive"))
+                checked = time.monotonic()
+            self.progress.set_postfix_str(f"{len(self.pending)} base shards in flight, {nodes} nodes", refresh=False)
+            self.progress.refresh()
+
+    def _adapter_files(self) -> dict[str, Any]:
+        """The adapter files sent through the object store (all of them or none), by path."""
+        names = sorted({adapter.weights_file for job in self.jobs for adapter in job.plan.adapters})
+        if sum(Path(name).stat().st_size for name in names) > ADAPTERS_BY_STORE:
+            return {}
+        return {name: self.ray.put(Path(name).read_bytes()) for name in names}
+
+    def _units(self) -> list[tuple[Unit, list[Job]]]:
+        """One unit per base shard that some job still needs, with every job that needs it."""
+        units = []
+        for source in dict.fromkeys(shard.source for shard in self.jobs[0].plan.shards):
+            members, parts = [], []
+            for job in self.jobs:
+                shards = [s for s in job.plan.shards if s.source == source and s.name in job.todo]
+                if shards:
+                    members.append(job)
+                    parts.append(UnitJob(cut(job.plan, shards), job.push))
+            if members:
+                units.append((Unit(source, tuple(parts), self.device), members))
+        return units
+
+    def _finished(self, ref: Any, unit: Unit, members: list[Job]) -> None:
+        names = [shard.name for shard in unit.jobs[0].plan.shards]
+        try:
+            node, results = self.ray.get(ref)
+        except self.ray.exceptions.RayTaskError as exc:
+            cause = exc.cause if isinstance(exc.cause, BaseException) else exc
+            self._fail(members, names, f"on node {exc.ip}", cause)
+            return
+        except self.ray.exceptions.RayError as exc:
+            self._fail(members, names, f"after {MAX_RETRIES + 1} attempts", exc)
+            return
+        for result in results:
+            self._accept(members[result.job], result, node)
+
+    def _fail(self, members: list[Job], names: list[str], where: str, cause: BaseException) -> None:
+        what = cause.one_line() if isinstance(cause, ShardmergeError) else _first_line(cause)
+        shards = names[0] if len(names) == 1 else f"{names[0]} (and {len(names) - 1} more)"
+        for job in members:
+            if job.error is None:
+                job.error = ClusterError(
+                    f"shard {shards} failed {where}: {what}",
+                    file=job.folder,
+                    hint="fix the cause, then run the same command again: finished shards are kept",
+                )
+
+    def _accept(self, job: Job, result: ShardDone, node: str) -> None:
+        """Record one job's shard as a node wrote it: renamed into place (``kept``), or uploaded."""
+        final = job.folder / result.shard
+        tmp = outdir.tmp_path(final, result.attempt)
+        if job.error is not None or result.error is not None:
+            tmp.unlink(missing_ok=True)
+            if job.error is None:
+                job.error = ClusterError(f"shard {result.shard} failed on node {node}: {result.error}")
+            return
+        if result.kept and not tmp.is_file():
+            job.error = ClusterError(
+                f"node {node} wrote this shard where the driver cannot see it",
+                file=tmp,
+                hint="give every node and the driver one shared output folder at the same path, or publish with "
+                "--push-to-hub and --delete-after-upload",
+            )
+            return
+        shard = next(shard for shard in job.plan.shards if shard.name == result.shard)
+        record = result.record
+        assert job.journal is not None and record is not None
+
+        def accept() -> None:
+            if result.kept:
+                outdir.commit(tmp, final)
+            job.journal.record(result.shard, record)  # type: ignore[union-attr]
+            if result.uploaded:
+                assert record.sha256 is not None
+                job.journal.mark_uploaded(result.shard, record.sha256, deleted=not result.kept)  # type: ignore[union-attr]
+            done(job, shard)
+            self.progress.update(shard.size)
+
+        step(job, accept)
+
+
+def _run_unit(unit: Unit, names: tuple[str, ...], *files: bytes) -> tuple[str, list[ShardDone]]:
+    """The Ray task: ``unit`` merged on this node, and the node's name for messages."""
+    import ray
+
+    node = f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+    return node, merge_unit(unit, dict(zip(names, files, strict=True)))
+
+
+def _remove_strays(job: Job) -> None:
+    """Temp files left by attempts that died or lost (a duplicate of a finished unit)."""
+    if job.journal is None:
+        return
+    for stray in job.folder.glob(f"*{outdir.TMP_SUFFIX}"):
+        stray.unlink(missing_ok=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
