@@ -24,7 +24,9 @@ dequantized to bfloat16. ``--preset gpt-oss`` is a gpt-oss-shaped model (hidden 
 intermediate size 2880, 8 fused experts a layer, stored [experts, in, out] as the -BF16
 releases store them) with LoRA of rank 16 on attention and on both expert parameters;
 ``--mxfp4`` stores its experts in MXFP4 as the gpt-oss releases do, and times the merge
-requantized to MXFP4 and dequantized to bfloat16.
+requantized to MXFP4 and dequantized to bfloat16. ``--executor ray --nodes N`` starts a Ray
+cluster of N one-CPU worker nodes on this machine (on 127.0.0.1) and times the same merge by
+the local executor and by ``--executor ray`` on it.
 
     python scripts/bench.py                       # default model, 5 runs of each command
     python scripts/bench.py --preset 70b-slice    # a 70B model's largest tensors
@@ -33,6 +35,7 @@ requantized to MXFP4 and dequantized to bfloat16.
     python scripts/bench.py --fp8                 # the same model with FP8 linear weights
     python scripts/bench.py --preset gpt-oss      # fused experts in bfloat16
     python scripts/bench.py --mxfp4               # the same model with MXFP4 experts
+    python scripts/bench.py --executor ray --nodes 2   # local executor against a 2-node Ray cluster
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -52,6 +56,7 @@ from pathlib import Path
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 HEAD_DIM = 128
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+LOOPBACK = "127.0.0.1"
 PROTOCOL = "medians of {repeats} runs in alternating order, each after deleting its output and sync"
 # What users run today: the whole model in memory, merged by PEFT, saved by transformers.
 PEFT_MERGE = """
@@ -420,6 +425,53 @@ def run_batch(shape: Shape, work: Path, repeats: int) -> None:
     print(f"separate / batch wall time: {wall['separate'] / wall['batch']:.2f}")
 
 
+def run_on_cluster(shape: Shape, work: Path, repeats: int, nodes: int) -> None:
+    """The same merge by the local executor and by ``--executor ray`` on a Ray cluster of
+    ``nodes`` worker nodes of one CPU each, all on this machine and on 127.0.0.1."""
+    # Ray binds to the address of the route outside unless told to stay on loopback; read
+    # when Ray is imported, and inherited by the drivers below.
+    os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
+    from ray.cluster_utils import Cluster
+
+    data = prepare(shape, work)
+    base = data / "base"
+    shards = sorted(str(path) for path in base.glob("*.safetensors"))
+    size = sum(Path(path).stat().st_size for path in shards)
+    shardmerge = str(Path(sys.executable).with_name("shardmerge"))
+    out, copies = data / "out", data / "cp-out"
+    root = Path(tempfile.mkdtemp(prefix="smbench-"))  # Ray's socket paths must stay short
+    cluster = Cluster(
+        initialize_head=True,
+        head_node_args={"num_cpus": 0, "node_ip_address": LOOPBACK, "temp_dir": str(root), "include_dashboard": False},
+    )
+    try:
+        for _ in range(nodes):
+            cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK)
+        merge = [shardmerge, "merge", str(base), str(data / "adapter"), "-o", str(out), "--device", "cpu", "--quiet"]
+        commands = {
+            "cp+sync": ["sh", "-c", 'cp "$@" && sync', "cp", *shards, str(copies)],
+            "cp": ["cp", *shards, str(copies)],
+            "start-up": [sys.executable, "-c", "import shardmerge, torch"],
+            "shardmerge": merge,
+            "ray": [*merge, "--executor", "ray", "--ray-address", str(cluster.address)],
+        }
+
+        def fresh() -> None:
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.rmtree(copies, ignore_errors=True)
+            copies.mkdir()
+
+        samples = alternate(commands, repeats, fresh, cold=False)
+        fresh()
+    finally:
+        cluster.shutdown()
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"\n{size / 2**30:.2f} GiB in {shape.shards} shards; Ray: {nodes} worker nodes of 1 CPU on this machine")
+    print(f"warm page cache; {PROTOCOL.format(repeats=repeats)}")
+    wall = table(samples, size)
+    print(f"ray / local wall time: {wall['ray'] / wall['shardmerge']:.2f}")
+
+
 def table(samples: dict[str, list[Sample]], size: int) -> dict[str, float]:
     """Print the medians of each command; returns the median wall times."""
     wall = {name: statistics.median(s.wall for s in runs) for name, runs in samples.items()}
@@ -488,6 +540,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, metavar="N", help="time N adapters: one batch vs N merges")
     parser.add_argument("--fp8", action="store_true", help="the preset's model with FP8 linear weights")
     parser.add_argument("--mxfp4", action="store_true", help="the gpt-oss preset with MXFP4 experts")
+    parser.add_argument("--executor", choices=["local", "ray"], default="local")
+    parser.add_argument("--nodes", type=int, default=2, help="with --executor ray: worker nodes of the local cluster")
     parser.add_argument("--workdir", type=Path, default=Path("bench-data"))
     parser.add_argument("--generate", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -497,6 +551,9 @@ def main() -> None:
     preset = replace(PRESETS["gpt-oss" if args.mxfp4 else args.preset], fp8=args.fp8, mxfp4=args.mxfp4)
     if args.layers:
         preset = replace(preset, layers=args.layers)
+    if args.executor == "ray":
+        run_on_cluster(preset, args.workdir, args.repeats, args.nodes)
+        return
     if args.batch:  # absolute: a batch file's paths are taken from the file's own folder
         run_batch(replace(preset, adapters=args.batch), args.workdir.resolve(), args.repeats)
         return
