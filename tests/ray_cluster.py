@@ -56,6 +56,10 @@ class LocalCluster:
             num_cpus=1, node_ip_address=LOOPBACK, env_vars={"HF_HOME": str(home)}, resources={f"node{self.count}": 1}
         )
 
+    def clear_caches(self) -> None:
+        for cache in self.root.glob("hf-*"):
+            shutil.rmtree(cache)
+
     def workers(self) -> list[object]:
         return list(self.cluster.worker_nodes)
 

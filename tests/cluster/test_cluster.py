@@ -21,6 +21,7 @@ import yaml
 from huggingface_hub import HfApi, snapshot_download
 
 from conftest import Base, edit_tensor, llama_config, read_output, save_adapter, save_base
+from fp8_checkpoints import fine_grained, quantize_checkpoint
 from hub_server import Fault, HubServer
 from ray_cluster import LocalCluster, local_cluster
 from shardmerge import merge
@@ -31,6 +32,7 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 TOKEN = "hf_loopbackTestToken0123456789"
 REPO = "shardmerge-tests/cluster-merged"
 BASE_REPO = "shardmerge-tests/cluster-base"
+FP8_REPO = "shardmerge-tests/cluster-fp8"
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +54,10 @@ def nodes() -> Iterator[LocalCluster]:
 
 
 @pytest.fixture
-def hub(inputs: tuple[Base, Path, Path]) -> Iterator[HubServer]:
-    """The loopback Hub, holding the base as BASE_REPO."""
+def hub(nodes: LocalCluster, inputs: tuple[Base, Path, Path]) -> Iterator[HubServer]:
+    """The loopback Hub, holding the base as BASE_REPO; the nodes' Hub caches emptied (they
+    would find the base's files by their hashes, and download nothing)."""
+    nodes.clear_caches()
     with HubServer(TOKEN) as server:
         api = HfApi(endpoint=server.endpoint, token=TOKEN)
         api.create_repo(BASE_REPO)
@@ -81,10 +85,11 @@ def _run(args: list[object], nodes: LocalCluster | None = None) -> subprocess.Co
     return subprocess.run(_command(args), capture_output=True, text=True, timeout=300, env=env)
 
 
-def _start(args: list[object], nodes: LocalCluster, hub: HubServer) -> subprocess.Popen[str]:
+def _start(args: list[object], nodes: LocalCluster, hub: HubServer, cwd: Path | None = None) -> subprocess.Popen[str]:
     """A driver: ``shardmerge ARGS --executor ray`` on the test cluster, in a child process."""
     command = _command([*args, "--executor", "ray", "--ray-address", nodes.address])
-    return subprocess.Popen(command, env=_env(nodes, hub), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    pipe = subprocess.PIPE
+    return subprocess.Popen(command, env=_env(nodes, hub), stdout=pipe, stderr=pipe, text=True, cwd=cwd)
 
 
 def _failure(driver: subprocess.Popen[str]) -> str:
@@ -155,9 +160,11 @@ def test_a_cluster_merge_is_the_local_merge(
 def test_a_batch_on_one_base_is_each_jobs_local_merge(
     nodes: LocalCluster, inputs: tuple[Base, Path, Path], tmp_path: Path
 ) -> None:
+    """Two customers' adapters, both saved as adapter_model.safetensors: each job gets its own."""
     base, adapter, reference = inputs
+    other = save_adapter(base, tmp_path / "other", seed=4, r=2, target_modules=["q_proj", "down_proj"])
     half = tmp_path / "half-local"
-    merge(base=str(base.path), adapters=[{"path": str(adapter), "weight": 0.5}], output=str(half))
+    merge(base=str(base.path), adapters=[{"path": str(other), "weight": 0.5}], output=str(half))
     batch = tmp_path / "batch.yaml"
     batch.write_text(
         yaml.safe_dump(
@@ -165,7 +172,7 @@ def test_a_batch_on_one_base_is_each_jobs_local_merge(
                 "defaults": {"base": str(base.path), "output": str(tmp_path / "{name}"), "executor": "ray"},
                 "jobs": [
                     {"name": "full", "adapters": [str(adapter)]},
-                    {"name": "half", "adapters": [{"path": str(adapter), "weight": 0.5}]},
+                    {"name": "half", "adapters": [{"path": str(other), "weight": 0.5}]},
                 ],
             }
         )
@@ -204,10 +211,12 @@ def test_a_worker_killed_mid_shard_is_retried_and_publishes_each_shard_once(
 def test_publishing_from_the_cluster_uploads_each_shard_once_from_the_nodes(
     nodes: LocalCluster, inputs: tuple[Base, Path, Path], hub: HubServer, tmp_path: Path
 ) -> None:
+    """With paths relative to the driver's folder, which the nodes' workers do not share."""
     base, adapter, reference = inputs
     out = tmp_path / "out"
-    command = ["merge", base.path, adapter, "-o", out, "--quiet", "--push-to-hub", REPO, "--delete-after-upload"]
-    driver = _start(command, nodes, hub)
+    relative = [os.path.relpath(path, tmp_path) for path in (base.path, adapter)]
+    command = ["merge", *relative, "-o", "out", "--quiet", "--push-to-hub", REPO, "--delete-after-upload"]
+    driver = _start(command, nodes, hub, cwd=tmp_path)
     assert driver.wait(120) == 0, _failure(driver)
     shards = sorted(reference.glob("*.safetensors"))
     assert not list(out.glob("*.safetensors")), "each node deleted its shard once uploaded"
@@ -334,3 +343,38 @@ def test_without_ray_installed_the_error_says_how_to_install_it(
     assert done.returncode == 1
     assert "--executor ray needs Ray, which is not installed" in done.stderr
     assert "pip install 'shardmerge[ray]'" in done.stderr
+
+
+def test_an_fp8_hub_base_whose_scale_is_in_another_shard(nodes: LocalCluster, hub: HubServer, tmp_path: Path) -> None:
+    """Each node downloads, through its own cache, the shard it merges and the other shard
+    holding one of its weights' scales."""
+    source = save_base(llama_config(hidden=64), tmp_path / "bf16", torch.bfloat16, seed=8)
+    base = quantize_checkpoint(source.path, tmp_path / "fp8", fine_grained())
+    adapter = save_adapter(base.dequantized, tmp_path / "adapter", seed=9, r=4, target_modules=["q_proj", "down_proj"])
+    api = HfApi(endpoint=hub.endpoint, token=TOKEN)
+    api.create_repo(FP8_REPO)
+    api.upload_folder(repo_id=FP8_REPO, folder_path=base.path)
+    local = tmp_path / "local"
+    merge(base=str(base.path), adapters=[str(adapter)], output=str(local))
+    out = tmp_path / "out"
+    driver = _start(["merge", FP8_REPO, adapter, "-o", out, "--quiet"], nodes, hub)
+    assert driver.wait(120) == 0, _failure(driver)
+    assert _model(out) == _model(local)
+
+
+def test_a_base_shard_the_hub_refuses_fails_after_the_retries_naming_shard_and_node(
+    nodes: LocalCluster, inputs: tuple[Base, Path, Path], hub: HubServer, tmp_path: Path
+) -> None:
+    _, adapter, reference = inputs
+    shards = sorted(reference.glob("*.safetensors"))
+    hub.state.faults.append(Fault("GET", shards[1].name, 403, times=100, whole=True))
+    out = tmp_path / "out"
+    driver = _start(["merge", BASE_REPO, adapter, "-o", out, "--quiet"], nodes, hub)
+    assert driver.wait(120) == 1
+    (line,) = (driver.stderr.read() if driver.stderr else "").strip().splitlines()
+    assert f"shard {shards[1].name} failed on node " in line and "(127.0.0.1) (4 tries)" in line
+    assert "the Hub answered HTTP 403" in line
+    fetched = [path for _, method, path, status in hub.state.log if method == "GET" and status == 403]
+    assert len(fetched) == 4, "a task that failed to download its base shard ran again, three times"
+    assert not (out / shards[1].name).exists() and not list(out.glob("*.tmp"))
+    assert sorted(_journal(out)) == sorted(shard.name for shard in shards if shard != shards[1])

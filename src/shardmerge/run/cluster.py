@@ -6,12 +6,14 @@ pass that still needs them, so each base shard is read once per pass wherever it
 Tasks are stateless and spread over the nodes (``SPREAD``, never pinned: a task pinned to a
 dead node would wait forever); each asks for one CPU, a GPU when merging on CUDA, and the
 memory the plan estimates. Ray runs a task again when its worker or node dies, and when it
-raises an I/O error, up to ``MAX_RETRIES`` times.
+raises an I/O error or fails to download its base shard, up to ``MAX_RETRIES`` times. Paths
+go to the nodes absolute: their workers do not run in the driver's folder.
 
 As results come back, the driver renames each shard into place (a shared output folder) or
 notes it uploaded (a node pre-uploaded it), and records it in the journal, atomically as a
 local run does: killed at any moment, the same command resumes and submits only what is
-missing. At the end it writes the side files and the index, and makes the one Hub commit.
+missing. A job that failed on one shard still records the shards other tasks finish for it.
+At the end it writes the side files and the index, and makes the one Hub commit.
 
 Adapter files up to ``ADAPTERS_BY_STORE`` in all are sent once through Ray's object store;
 larger ones are read on each node at the path the driver sees (a shared filesystem). The
@@ -25,16 +27,18 @@ import os
 import socket
 import time
 from contextlib import ExitStack
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from tqdm import tqdm
 
-from ..errors import ClusterError, ShardmergeError
+from ..errors import ClusterError, InputError, ShardmergeError
 from ..output import outdir
+from ..planning.model import Plan
 from .jobs import Job, MergeReport, claim, close, done, io_error, progress_bar, report, step
 from .stop import StopRequest
-from .unit import ShardDone, Unit, UnitJob, cut, merge_unit
+from .unit import ShardDone, Unit, UnitJob, base_files, cut, merge_unit, relocated
 
 if TYPE_CHECKING:
     from types import ModuleType
@@ -45,6 +49,8 @@ MAX_RETRIES = 3
 TASK_BASE_MEMORY = 768 * 2**20
 _FORWARDED = ("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_DISABLE_XET", "HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT")
 _INSTALL = "install it with: pip install 'shardmerge[ray]'"
+# What a task raises that another try may not meet: I/O errors, a base shard's download.
+_RETRIED = (OSError, InputError)
 
 
 def run_on_cluster(
@@ -60,9 +66,10 @@ def run_on_cluster(
                 stack.callback(_remove_strays, job)
                 step(job, lambda job=job: claim(job, device, restart, verify_resume, quiet))
             live = [job for job in jobs if job.error is None]
-            stop = stack.enter_context(StopRequest())
             if any(job.todo for job in live):
                 _connect(ray, address, stack)
+            stop = stack.enter_context(StopRequest())  # after Ray's own SIGTERM handler: ours acts first
+            if any(job.todo for job in live):
                 progress = stack.enter_context(progress_bar(live, quiet))
                 _Pass(ray, live, device, progress, stop).run()
             for job in jobs:
@@ -147,7 +154,7 @@ class _Pass:
                 "num_gpus": 1 if self.device == "cuda" else 0,
                 "memory": TASK_BASE_MEMORY + sum(job.plan.peak_memory_bytes for job in unit.jobs),
                 "max_retries": MAX_RETRIES,
-                "retry_exceptions": [OSError],
+                "retry_exceptions": list(_RETRIED),
                 "scheduling_strategy": "SPREAD",
             }
             ref = remote.options(**options).remote(unit, tuple(needed), *(files[name] for name in needed))
@@ -180,9 +187,9 @@ class _Pass:
                 shards = [s for s in job.plan.shards if s.source == source and s.name in job.todo]
                 if shards:
                     members.append(job)
-                    parts.append(UnitJob(cut(job.plan, shards), job.push))
+                    parts.append(UnitJob(_absolute(cut(job.plan, shards)), job.push))
             if members:
-                units.append((Unit(source, tuple(parts), self.device), members))
+                units.append((Unit(os.path.abspath(source), tuple(parts), self.device), members))
         return units
 
     def _finished(self, ref: Any, unit: Unit, members: list[Job]) -> None:
@@ -191,10 +198,11 @@ class _Pass:
             node, results = self.ray.get(ref)
         except self.ray.exceptions.RayTaskError as exc:
             cause = exc.cause if isinstance(exc.cause, BaseException) else exc
-            self._fail(members, names, f"on node {exc.ip}", cause)
+            tries = f"{MAX_RETRIES + 1} tries" if _retried(cause) else "its try"
+            self._fail(members, names, f"on node {getattr(cause, 'node', '?')} ({tries})", cause)
             return
         except self.ray.exceptions.RayError as exc:
-            self._fail(members, names, f"after {MAX_RETRIES + 1} attempts", exc)
+            self._fail(members, names, f"after {MAX_RETRIES + 1} tries", exc)
             return
         for result in results:
             self._accept(members[result.job], result, node)
@@ -211,45 +219,68 @@ class _Pass:
                 )
 
     def _accept(self, job: Job, result: ShardDone, node: str) -> None:
-        """Record one job's shard as a node wrote it: renamed into place (``kept``), or uploaded."""
+        """Record one job's shard as a node wrote it: renamed into place (``kept``), or uploaded.
+        A job that failed on another shard still keeps this one, for the next run to skip."""
         final = job.folder / result.shard
         tmp = outdir.tmp_path(final, result.attempt)
-        if job.error is not None or result.error is not None:
+        if result.error is not None:
             tmp.unlink(missing_ok=True)
             if job.error is None:
                 job.error = ClusterError(f"shard {result.shard} failed on node {node}: {result.error}")
             return
         if result.kept and not tmp.is_file():
-            job.error = ClusterError(
-                f"node {node} wrote this shard where the driver cannot see it",
-                file=tmp,
-                hint="give every node and the driver one shared output folder at the same path, or publish with "
-                "--push-to-hub and --delete-after-upload",
-            )
+            if job.error is None:
+                job.error = ClusterError(
+                    f"node {node} wrote this shard where the driver cannot see it",
+                    file=tmp,
+                    hint="give every node and the driver one shared output folder at the same path, or publish "
+                    "with --push-to-hub and --delete-after-upload",
+                )
             return
         shard = next(shard for shard in job.plan.shards if shard.name == result.shard)
         record = result.record
-        assert job.journal is not None and record is not None
+        journal = job.journal
+        assert journal is not None and record is not None
 
         def accept() -> None:
             if result.kept:
                 outdir.commit(tmp, final)
-            job.journal.record(result.shard, record)  # type: ignore[union-attr]
+            journal.record(result.shard, record)
             if result.uploaded:
                 assert record.sha256 is not None
-                job.journal.mark_uploaded(result.shard, record.sha256, deleted=not result.kept)  # type: ignore[union-attr]
+                journal.mark_uploaded(result.shard, record.sha256, deleted=not result.kept)
             done(job, shard)
             self.progress.update(shard.size)
 
+        failed = job.error
         step(job, accept)
+        job.error = failed or job.error
+
+
+def _absolute(plan: Plan) -> Plan:
+    """``plan`` naming every file by its absolute path: the nodes' workers do not run in the
+    driver's working folder."""
+    files = {path: os.path.abspath(path) for shard in plan.shards for path in base_files(shard)}
+    adapters = tuple(replace(a, weights_file=os.path.abspath(a.weights_file)) for a in plan.adapters)
+    shards = tuple(relocated(shard, files) for shard in plan.shards)
+    return replace(plan, shards=shards, adapters=adapters, output=os.path.abspath(plan.output or ""))
 
 
 def _run_unit(unit: Unit, names: tuple[str, ...], *files: bytes) -> tuple[str, list[ShardDone]]:
-    """The Ray task: ``unit`` merged on this node, and the node's name for messages."""
+    """The Ray task: ``unit`` merged on this node, and the node's name for messages (also on
+    an error it raises, which reaches the driver pickled with it)."""
     import ray
 
     node = f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
-    return node, merge_unit(unit, dict(zip(names, files, strict=True)))
+    try:
+        return node, merge_unit(unit, dict(zip(names, files, strict=True)))
+    except Exception as exc:
+        exc.node = node  # type: ignore[attr-defined]
+        raise
+
+
+def _retried(exc: BaseException) -> bool:
+    return isinstance(exc, _RETRIED)
 
 
 def _remove_strays(job: Job) -> None:

@@ -10,14 +10,17 @@ that a duplicate attempt of the same unit never writes into another's file; pre-
 when the job publishes (and deletes it then, with ``delete_after_upload``); and returns what
 the driver records. The driver, not the node, renames a shard into place.
 
-An I/O error (``OSError``) is raised, after this attempt's temp files are removed, so that
-Ray runs the unit again; any other error is the job's own (bad input, a Hub refusal that was
-already retried) and comes back as one line, for the driver to report with the shard and node.
+An I/O error (``OSError``) or a failed download of the base is raised, after this attempt's
+temp files are removed, so that Ray runs the unit again; any other error is the job's own
+(bad input, no room or no right to write its output, a Hub refusal already retried) and
+comes back as one line, for the driver to report with the shard and node; the other jobs of
+the unit go on.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import tempfile
 import uuid
 from collections.abc import Mapping
@@ -28,6 +31,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..errors import ClusterError, ShardmergeError
+from ..inputs import hub
 from ..output import outdir
 from ..output.journal import ShardRecord
 from ..output.publish import PushTarget, preupload
@@ -36,6 +40,9 @@ from .fetch import fetcher_for
 from .merger import TensorMerger, lean_process, open_adapters, resolve_device
 from .shared import Output, SegmentReader, write_together
 from .stop import StopRequest
+
+# errno values of an output that cannot be written: no room, a quota, a size limit, no right.
+_JOBS_OWN = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @dataclass(frozen=True)
@@ -80,36 +87,37 @@ def merge_unit(unit: Unit, adapter_files: Mapping[str, bytes]) -> list[ShardDone
             scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="shardmerge-unit-")))
             device = resolve_device(unit.device)
             stack.enter_context(lean_process(device))
-            plans = [_localized(job.plan, adapter_files, scratch) for job in unit.jobs]
+            copies = _copies(adapter_files, scratch)
+            plans = [_localized(job.plan, copies) for job in unit.jobs]
             names = list(dict.fromkeys(shard.name for plan in plans for shard in plan.shards))
             union = [next(s for plan in plans for s in plan.shards if s.name == name) for name in names]
             drop = all(job.push is not None and job.push.delete_after_upload for job in unit.jobs)
             fetcher = fetcher_for(cut(plans[0], union), drop)
             stack.callback(fetcher.close)
+            files = {unit.source: str(fetcher.fetch(union[0]))} | _companions(plans[0], union, unit.source)
+            plans = [cut(plan, [relocated(shard, files) for shard in plan.shards]) for plan in plans]
             mergers = []
             for job, plan in zip(unit.jobs, plans, strict=True):
                 merger = TensorMerger(device, plan, open_adapters(plan, stack), sha256=job.push is not None)
                 stack.callback(merger.close)
                 merger.reserve(plan.shards)
-                Path(plan.output or "").mkdir(parents=True, exist_ok=True)
+                _folder(plan).mkdir(parents=True, exist_ok=True)
                 mergers.append(merger)
             reader = SegmentReader(pinned=device.type == "cuda")
             failed: set[int] = set()
             for name in names:
-                wanting = [(i, shard) for i, plan in enumerate(plans) for shard in plan.shards if shard.name == name]
-                source = fetcher.fetch(wanting[0][1])
-                outputs = [
-                    Output(mergers[i], dataclasses.replace(shard, source=str(source)), _folder(plans[i]), attempt)
-                    for i, shard in wanting
-                    if i not in failed
+                wanting = [
+                    (i, s) for i, plan in enumerate(plans) for s in plan.shards if s.name == name and i not in failed
                 ]
-                _write(outputs, reader)
-                for (i, _), output in zip([w for w in wanting if w[0] not in failed], outputs, strict=True):
+                outputs = [Output(mergers[i], shard, _folder(plans[i]), attempt) for i, shard in wanting]
+                if outputs:
+                    _write(outputs, reader)
+                for (i, _), output in zip(wanting, outputs, strict=True):
                     result = _finish(i, output, unit.jobs[i].push, attempt)
                     done.append(result)
                     if result.error is not None:
                         failed.add(i)
-                fetcher.done(wanting[0][1])
+                fetcher.done(next(s for s in union if s.name == name))
     except OSError:
         for result in done:
             if result.kept:
@@ -122,16 +130,24 @@ def _folder(plan: Plan) -> Path:
     return Path(plan.output or "")
 
 
-def _localized(plan: Plan, adapter_files: Mapping[str, bytes], scratch: Path) -> Plan:
-    """``plan`` with the adapter files the driver sent written to ``scratch``, read from there."""
+def _copies(adapter_files: Mapping[str, bytes], scratch: Path) -> dict[str, str]:
+    """The adapter files the driver sent, written to ``scratch`` (each in a folder of its own:
+    several jobs' adapters may have the same file name), by the path the plan names them by."""
+    copies = {}
+    for number, (name, data) in enumerate(sorted(adapter_files.items())):
+        copy = scratch / str(number) / Path(name).name
+        copy.parent.mkdir()
+        copy.write_bytes(data)
+        copies[name] = str(copy)
+    return copies
+
+
+def _localized(plan: Plan, copies: Mapping[str, str]) -> Plan:
+    """``plan`` reading the adapter files the driver sent from their copies on this node."""
     adapters: list[AdapterSummary] = []
     for adapter in plan.adapters:
-        data = adapter_files.get(adapter.weights_file)
-        if data is not None:
-            copy = scratch / f"{adapter.index}-{Path(adapter.weights_file).name}"
-            if not copy.exists():
-                copy.write_bytes(data)
-            adapter = dataclasses.replace(adapter, weights_file=str(copy))
+        if adapter.weights_file in copies:
+            adapter = dataclasses.replace(adapter, weights_file=copies[adapter.weights_file])
         elif not Path(adapter.weights_file).is_file():
             raise ClusterError(
                 "adapter file not found on this node",
@@ -140,6 +156,42 @@ def _localized(plan: Plan, adapter_files: Mapping[str, bytes], scratch: Path) ->
             )
         adapters.append(adapter)
     return dataclasses.replace(plan, adapters=tuple(adapters))
+
+
+def _companions(plan: Plan, shards: list[ShardPlan], source: str) -> dict[str, str]:
+    """Other base files the unit reads (quantized weights' scales and zero points stored in
+    another shard), where this node has them: for a Hub base, downloaded into its own cache."""
+    others = {path for shard in shards for path in base_files(shard)} - {source}
+    if plan.base_repo is None or hub.offline():
+        return {}
+    commit = str(plan.base_commit)
+    return {path: str(hub.download(plan.base_repo, commit, Path(path).name)) for path in sorted(others)}
+
+
+def base_files(shard: ShardPlan) -> set[str]:
+    """Every base file ``shard`` reads: its source, and its quantized weights' scale files."""
+    files = {shard.source}
+    for tensor in shard.tensors:
+        if tensor.quant is not None:
+            files.add(tensor.quant.scale_source)
+            if tensor.quant.zero is not None:
+                files.add(tensor.quant.zero.source)
+    return files
+
+
+def relocated(shard: ShardPlan, files: Mapping[str, str]) -> ShardPlan:
+    """``shard`` with the base files it reads found at ``files[path]`` instead."""
+    tensors = []
+    for tensor in shard.tensors:
+        read = tensor.quant
+        if read is not None:
+            zero = read.zero
+            if zero is not None:
+                zero = dataclasses.replace(zero, source=files.get(zero.source, zero.source))
+            read = dataclasses.replace(read, scale_source=files.get(read.scale_source, read.scale_source), zero=zero)
+            tensor = dataclasses.replace(tensor, quant=read)
+        tensors.append(tensor)
+    return dataclasses.replace(shard, source=files.get(shard.source, shard.source), tensors=tuple(tensors))
 
 
 def _write(outputs: list[Output], reader: SegmentReader) -> None:
@@ -153,6 +205,10 @@ def _write(outputs: list[Output], reader: SegmentReader) -> None:
             output.record = output.merger.write_shard(output.shard, output.folder, progress, stop, output.attempt)
         except ShardmergeError as exc:
             output.error = exc
+        except OSError as exc:
+            if not _own(exc):
+                raise
+            output.error = exc
         return
     write_together(outputs, reader, progress, stop)
 
@@ -161,8 +217,8 @@ def _finish(job: int, output: Output, push: PushTarget | None, attempt: str) -> 
     """The result of one job's shard; publishes it first when the job does."""
     name = output.shard.name
     if output.error is not None:
-        if isinstance(output.error, OSError):
-            raise output.error
+        if isinstance(output.error, OSError) and not _own(output.error):
+            raise output.error  # Ray runs the unit again
         return ShardDone(job, name, attempt, error=_one_line(output.error))
     record = output.record
     assert record is not None
@@ -182,8 +238,18 @@ def _finish(job: int, output: Output, push: PushTarget | None, attempt: str) -> 
     return ShardDone(job, name, attempt, record, uploaded=uploaded, kept=True)
 
 
+def _own(exc: OSError) -> bool:
+    """Whether ``exc`` is the job's own failure, which another try would repeat (no room or no
+    right to write its output), not one worth another try (a read that failed, a lost mount)."""
+    return exc.errno in _JOBS_OWN
+
+
 def _one_line(exc: BaseException) -> str:
-    return exc.one_line() if isinstance(exc, ShardmergeError) else f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, ShardmergeError):
+        return exc.one_line()
+    if isinstance(exc, OSError):
+        return f"{exc.filename}: {exc.strerror or exc}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def cut(plan: Plan, shards: list[ShardPlan]) -> Plan:
