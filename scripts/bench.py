@@ -344,33 +344,49 @@ class Result:
     cold: dict[str, list[Sample]] | None
 
 
-def run(shape: Shape, work: Path, repeats: int, *, peft: bool, cold: bool, device: str) -> Result:
+@dataclass(frozen=True)
+class Setup:
+    """The generated model, the commands every run times, and where their outputs go."""
+
+    data: Path
+    size: int  # bytes of shards
+    commands: dict[str, list[str]]  # cp+sync, cp, start-up, shardmerge
+
+    def fresh(self) -> None:
+        shutil.rmtree(self.data / "out", ignore_errors=True)
+        shutil.rmtree(self.data / "cp-out", ignore_errors=True)
+        (self.data / "cp-out").mkdir()
+
+
+def setup(shape: Shape, work: Path, device: str) -> Setup:
     data = prepare(shape, work)
     base = data / "base"
     shards = sorted(str(path) for path in base.glob("*.safetensors"))
-    size = sum(Path(path).stat().st_size for path in shards)
     shardmerge = str(Path(sys.executable).with_name("shardmerge"))
     out, copies = data / "out", data / "cp-out"
+    merge = [shardmerge, "merge", str(base), str(data / "adapter"), "-o", str(out), "--device", device, "--quiet"]
     commands = {
         "cp+sync": ["sh", "-c", 'cp "$@" && sync', "cp", *shards, str(copies)],
         "cp": ["cp", *shards, str(copies)],
         "start-up": [sys.executable, "-c", "import shardmerge, torch"],
-        "shardmerge": [shardmerge, "merge", str(base), str(data / "adapter"), "-o", str(out), "--device", device],
+        "shardmerge": merge,
     }
-    commands["shardmerge"].append("--quiet")
+    return Setup(data, sum(Path(path).stat().st_size for path in shards), commands)
+
+
+def run(shape: Shape, work: Path, repeats: int, *, peft: bool, cold: bool, device: str) -> Result:
+    made = setup(shape, work, device)
+    data, size, commands, out = made.data, made.size, dict(made.commands), made.data / "out"
+    base = data / "base"
+    shardmerge = commands["shardmerge"][0]
     if shape.fp8 or shape.mxfp4:  # the default keeps the format; also time the dequantized output
         commands["to-bf16"] = [*commands["shardmerge"], "--dtype", "bfloat16"]
     if peft:
         commands["peft"] = [sys.executable, "-c", PEFT_MERGE, str(base), str(data / "adapter"), str(out)]
 
-    def fresh() -> None:
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(copies, ignore_errors=True)
-        copies.mkdir()
-
-    warm = alternate(commands, repeats, fresh, cold=False)
-    dropped = alternate(commands, repeats, fresh, cold=True) if cold else None
-    fresh()
+    warm = alternate(commands, repeats, made.fresh, cold=False)
+    dropped = alternate(commands, repeats, made.fresh, cold=True) if cold else None
+    made.fresh()
     plan = subprocess.run(
         [shardmerge, "plan", str(base), str(data / "adapter"), "--json"], capture_output=True, check=True, text=True
     )
@@ -433,12 +449,7 @@ def run_on_cluster(shape: Shape, work: Path, repeats: int, nodes: int) -> None:
     os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     from ray.cluster_utils import Cluster
 
-    data = prepare(shape, work)
-    base = data / "base"
-    shards = sorted(str(path) for path in base.glob("*.safetensors"))
-    size = sum(Path(path).stat().st_size for path in shards)
-    shardmerge = str(Path(sys.executable).with_name("shardmerge"))
-    out, copies = data / "out", data / "cp-out"
+    made = setup(shape, work, "cpu")
     root = Path(tempfile.mkdtemp(prefix="smbench-"))  # Ray's socket paths must stay short
     cluster = Cluster(
         initialize_head=True,
@@ -447,25 +458,13 @@ def run_on_cluster(shape: Shape, work: Path, repeats: int, nodes: int) -> None:
     try:
         for _ in range(nodes):
             cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK)
-        merge = [shardmerge, "merge", str(base), str(data / "adapter"), "-o", str(out), "--device", "cpu", "--quiet"]
-        commands = {
-            "cp+sync": ["sh", "-c", 'cp "$@" && sync', "cp", *shards, str(copies)],
-            "cp": ["cp", *shards, str(copies)],
-            "start-up": [sys.executable, "-c", "import shardmerge, torch"],
-            "shardmerge": merge,
-            "ray": [*merge, "--executor", "ray", "--ray-address", str(cluster.address)],
-        }
-
-        def fresh() -> None:
-            shutil.rmtree(out, ignore_errors=True)
-            shutil.rmtree(copies, ignore_errors=True)
-            copies.mkdir()
-
-        samples = alternate(commands, repeats, fresh, cold=False)
-        fresh()
+        ray = [*made.commands["shardmerge"], "--executor", "ray", "--ray-address", str(cluster.address)]
+        samples = alternate({**made.commands, "ray": ray}, repeats, made.fresh, cold=False)
+        made.fresh()
     finally:
         cluster.shutdown()
         shutil.rmtree(root, ignore_errors=True)
+    size = made.size
     print(f"\n{size / 2**30:.2f} GiB in {shape.shards} shards; Ray: {nodes} worker nodes of 1 CPU on this machine")
     print(f"warm page cache; {PROTOCOL.format(repeats=repeats)}")
     wall = table(samples, size)
