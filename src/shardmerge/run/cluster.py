@@ -168,7 +168,8 @@ class _Pass:
             if time.monotonic() - checked > 5:
                 nodes = sum(1 for node in self.ray.nodes() if node.get("Alive"))
                 checked = time.monotonic()
-            self.progress.set_postfix_str(f"{len(self.pending)} base shards in flight, {nodes} nodes", refresh=False)
+            busy = f"{len(self.pending)} base shard{'s' if len(self.pending) != 1 else ''} in flight"
+            self.progress.set_postfix_str(f"{busy}, {nodes} node{'s' if nodes != 1 else ''}", refresh=False)
             self.progress.refresh()
 
     def _adapter_files(self) -> dict[str, Any]:
