@@ -73,4 +73,10 @@ def merge(job: MergeJob | None = None, *, quiet: bool = True, **fields: Any) -> 
     from .run.executor import execute
 
     merge_job = _job(job, fields)
-    return execute(build_plan(merge_job), quiet=quiet, push=PushTarget.of(merge_job))
+    return execute(
+        build_plan(merge_job),
+        quiet=quiet,
+        push=PushTarget.of(merge_job),
+        executor=merge_job.executor,
+        ray_address=merge_job.ray_address,
+    )

@@ -153,6 +153,7 @@ def test_a_cluster_merge_is_the_local_merge(
     report = merge(
         base=str(base.path), adapters=[str(adapter)], output=str(out), executor="ray", ray_address=nodes.address
     )
+    assert report.device == "cpu on a Ray cluster", "merged by the cluster's tasks, not by this process"
     assert files(out) == files(reference)
     assert report.shards_skipped == 0 and report.bytes_written > 0
 
