@@ -234,10 +234,9 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     job_file = load_job_file(args.job)
-    if _cluster_fields(args):  # the command line's executor overrides the file's
-        jobs = tuple(
-            build_named("command line", {**job.model_dump(), **_cluster_fields(args)}) for job in job_file.jobs
-        )
+    overrides = _cluster_fields(args)  # the command line's executor overrides the file's
+    if overrides:
+        jobs = tuple(build_named("command line", {**job.model_dump(), **overrides}) for job in job_file.jobs)
         job_file = dataclasses.replace(job_file, jobs=jobs)
     if not job_file.batch:
         if args.only:

@@ -242,8 +242,7 @@ def claim(folder: Path, plan: Plan, *, restart: bool, device: str) -> Journal:
     before. Refuses a folder that is not ours, or ours for a job with other inputs, saying
     what changed."""
     journal = _earlier(folder, plan, restart) if folder.is_dir() and _contents(folder) else None
-    for leftover in folder.glob(f"*{outdir.TMP_SUFFIX}"):
-        leftover.unlink()
+    outdir.remove_temps(folder)
     if journal is None:
         job = json.loads(json.dumps(_job_of(plan)))
         journal = Journal(folder, plan.fingerprint, plan.inputs, job, device)

@@ -27,6 +27,13 @@ def tmp_path(final: Path, attempt: str = "") -> Path:
     return final.with_name(final.name + (f".{attempt}" if attempt else "") + TMP_SUFFIX)
 
 
+def remove_temps(folder: Path) -> None:
+    """Temp files in ``folder`` that no writer will finish: left by a run that was killed, or
+    by cluster tasks that died or lost to a duplicate."""
+    for leftover in folder.glob(f"*{TMP_SUFFIX}"):
+        leftover.unlink(missing_ok=True)
+
+
 def commit(tmp: Path, final: Path) -> None:
     """Rename a finished, fsynced temp file into place."""
     os.replace(tmp, final)

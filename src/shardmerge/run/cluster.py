@@ -66,10 +66,11 @@ def run_on_cluster(
                 stack.callback(_remove_strays, job)
                 step(job, lambda job=job: claim(job, device, restart, verify_resume, quiet))
             live = [job for job in jobs if job.error is None]
-            if any(job.todo for job in live):
+            work = any(job.todo for job in live)
+            if work:
                 _connect(ray, address, stack)
             stop = stack.enter_context(StopRequest())  # after Ray's own SIGTERM handler: ours acts first
-            if any(job.todo for job in live):
+            if work:
                 progress = stack.enter_context(progress_bar(live, quiet))
                 _Pass(ray, live, device, progress, stop).run()
             for job in jobs:
@@ -124,7 +125,7 @@ def _check_reachable(address: str | None) -> None:
         return
     host, _, port = address.rpartition(":")
     try:
-        socket.create_connection((host, int(port)), timeout=10).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
     except (OSError, ValueError) as exc:
         raise ClusterError(
             f"nothing answers at the Ray cluster address {address}: {_first_line(exc)}",
@@ -285,11 +286,10 @@ def _retried(exc: BaseException) -> bool:
 
 
 def _remove_strays(job: Job) -> None:
-    """Temp files left by attempts that died or lost (a duplicate of a finished unit)."""
-    if job.journal is None:
-        return
-    for stray in job.folder.glob(f"*{outdir.TMP_SUFFIX}"):
-        stray.unlink(missing_ok=True)
+    """Temp files left by attempts that died or lost (a duplicate of a finished unit), in a
+    folder this pass claimed."""
+    if job.journal is not None:
+        outdir.remove_temps(job.folder)
 
 
 def _first_line(exc: BaseException) -> str:

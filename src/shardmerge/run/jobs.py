@@ -29,7 +29,7 @@ from ..planning.model import Plan, ShardPlan
 from .merger import TensorMerger
 
 # errno values that mean "no room": a full disk, a quota, or a file size limit.
-_NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
 
 
 @dataclass(frozen=True)
@@ -215,7 +215,7 @@ def _check_free_space(folder: Path, needed: int) -> None:
 
 def io_error(exc: OSError, job: Job) -> OutputError:
     where = exc.filename or job.folder
-    if exc.errno in _NO_SPACE:
+    if exc.errno in NO_SPACE:
         left = sum(shard.size for shard in job.plan.shards if shard.name in job.todo) / 2**30
         return OutputError(
             f"out of space ({exc.strerror}) with up to {left:.2f} GiB still to write",

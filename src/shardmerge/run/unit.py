@@ -37,12 +37,14 @@ from ..output.journal import ShardRecord
 from ..output.publish import PushTarget, preupload
 from ..planning.model import AdapterSummary, Plan, ShardPlan
 from .fetch import fetcher_for
+from .jobs import NO_SPACE
 from .merger import TensorMerger, lean_process, open_adapters, resolve_device
 from .shared import Output, SegmentReader, write_together
 from .stop import StopRequest
 
-# errno values of an output that cannot be written: no room, a quota, a size limit, no right.
-_JOBS_OWN = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM}
+# errno values of an output that cannot be written: no room (a full disk, a quota, a size
+# limit), or no right to write it.
+_JOBS_OWN = NO_SPACE | {errno.EROFS, errno.EACCES, errno.EPERM}
 
 
 @dataclass(frozen=True)
