@@ -69,6 +69,10 @@ def local_cluster() -> Iterator[LocalCluster]:
     """A cluster for the block; every process it started is stopped after."""
     # Ray's socket paths must stay under 108 bytes: a short folder, not pytest's tmp_path.
     root = Path(tempfile.mkdtemp(prefix="smray-"))
+    # Ray notes the cluster's address in RAY_TMPDIR/ray (default /tmp/ray, which a fresh
+    # machine does not have): the cluster's own folder instead.
+    before = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = str(root)
     made = LocalCluster(root)
     try:
         yield made
@@ -77,3 +81,7 @@ def local_cluster() -> Iterator[LocalCluster]:
             ray.shutdown()
         made.cluster.shutdown()
         shutil.rmtree(root, ignore_errors=True)
+        if before is None:
+            del os.environ["RAY_TMPDIR"]
+        else:
+            os.environ["RAY_TMPDIR"] = before
