@@ -12,6 +12,8 @@ from pathlib import Path
 
 import xxhash
 
+from .confined import open_input
+
 # Direct I/O writes whole blocks from aligned memory: 4096 bytes covers every common device.
 DIRECT_IO_ALIGNMENT = 4096
 _READ_CHUNK = 16 * 1024 * 1024
@@ -37,24 +39,32 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += written
 
 
+def create(path: Path, flags: int = 0) -> int:
+    """``path`` created anew for writing, never through a link: whatever has the name (a temp
+    file left by a killed run, or a link planted there) is removed first, and the file is
+    created exclusively, so a link put there meanwhile fails the open instead of being
+    followed."""
+    path.unlink(missing_ok=True)
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | flags, 0o644)
+
+
 def open_output(path: Path) -> tuple[int, bool]:
-    """``path`` created empty for writing: with O_DIRECT (True) where the file system takes it,
-    else buffered (False)."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
+    """``path`` created anew for writing (see ``create``): with O_DIRECT (True) where the file
+    system takes it, else buffered (False)."""
     if hasattr(os, "O_DIRECT"):
         try:
-            return os.open(path, flags | os.O_DIRECT, 0o644), True
+            return create(path, os.O_DIRECT), True
         except OSError as exc:
             if exc.errno != errno.EINVAL:
                 raise
-    return os.open(path, flags, 0o644), False
+    return create(path), False
 
 
 def file_hashes(path: Path, *, xxh3: bool, sha256: bool) -> tuple[str | None, str | None]:
     """The xxh3-128 and the sha256 of a file, those asked for, in one read."""
     fast = xxhash.xxh3_128() if xxh3 else None
     slow = hashlib.sha256() if sha256 else None
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_input(path)
     try:
         while chunk := os.read(fd, _READ_CHUNK):
             for digest in (fast, slow):

@@ -8,12 +8,15 @@ Nothing here imports torch, so planning stays cheap.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import SafetensorsFormatError
+from .confined import open_input
+from .jsondoc import parse
 
 # Bytes per element of each safetensors dtype.
 ITEMSIZE: dict[str, int] = {
@@ -82,14 +85,15 @@ def read_header(
     try:
         if fetch is not None and size is not None:
             return _parse_header(path, size, fetch)
-        file_size = path.stat().st_size
-        with path.open("rb") as handle:
+        fd = open_input(path)
+        try:
 
             def read(offset: int, count: int) -> bytes:
-                handle.seek(offset)
-                return handle.read(count)
+                return os.pread(fd, count, offset)
 
-            return _parse_header(path, file_size, read)
+            return _parse_header(path, os.fstat(fd).st_size, read)
+        finally:
+            os.close(fd)
     except OSError as exc:
         raise SafetensorsFormatError(f"cannot read: {exc.strerror}", file=path) from exc
 
@@ -106,15 +110,46 @@ def _parse_header(path: Path, file_size: int, fetch: Callable[[int, int], bytes]
         )
     raw = fetch(8, length)
     try:
-        parsed = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        parsed = parse(raw)
+    except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise SafetensorsFormatError(f"header is not valid JSON ({exc})", file=path, hint=hint) from exc
     if not isinstance(parsed, dict):
         raise SafetensorsFormatError("header is not a JSON object", file=path, hint=hint)
     metadata = parsed.pop("__metadata__", None)
+    if metadata is not None and not (
+        isinstance(metadata, dict) and all(isinstance(value, str) for value in metadata.values())
+    ):
+        raise SafetensorsFormatError(
+            "__metadata__ is not a map of strings to strings, as the format requires", file=path, hint=hint
+        )
     data_start = 8 + length
     tensors = {name: _tensor_info(path, name, entry, data_start, file_size) for name, entry in parsed.items()}
+    _check_layout(path, tensors, data_start, file_size)
     return SafetensorsHeader(path, file_size, raw, metadata, tensors)
+
+
+def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_start: int, file_size: int) -> None:
+    """The tensors' bytes tile the data buffer, as safetensors' own loader requires: in order
+    of their offsets, each begins where the one before ends, the first at the buffer's start,
+    and the last ends at the end of the file. A gap or an overlap (a tensor reading another's
+    bytes) is refused, naming the tensor."""
+    hint = "the file is damaged or was not written by a safetensors writer: download or save it again"
+    expected = data_start
+    for info in sorted(tensors.values(), key=lambda info: (info.begin, info.end)):
+        if info.begin != expected:
+            what = "overlaps the tensor before it" if info.begin < expected else "leaves a gap before it"
+            raise SafetensorsFormatError(
+                f"data_offsets [{info.begin - data_start}, {info.end - data_start}] {what} (expected it at "
+                f"{expected - data_start})",
+                file=path,
+                tensor=info.name,
+                hint=hint,
+            )
+        expected = info.end
+    if expected != file_size:
+        raise SafetensorsFormatError(
+            f"{file_size - expected} bytes after the last tensor's data, which no tensor holds", file=path, hint=hint
+        )
 
 
 def _tensor_info(path: Path, name: str, entry: object, data_start: int, file_size: int) -> TensorInfo:
@@ -124,14 +159,9 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, file_siz
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if dtype not in ITEMSIZE:
         raise SafetensorsFormatError(f"unknown dtype {dtype!r}", file=path, tensor=name, hint=hint)
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape):
+    if not isinstance(shape, list) or not all(_count(d) for d in shape):
         raise SafetensorsFormatError(f"invalid shape {shape!r}", file=path, tensor=name, hint=hint)
-    if (
-        not isinstance(offsets, list)
-        or len(offsets) != 2
-        or not all(isinstance(o, int) for o in offsets)
-        or not 0 <= offsets[0] <= offsets[1]
-    ):
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_count, offsets)) or offsets[0] > offsets[1]:
         raise SafetensorsFormatError(f"invalid data_offsets {offsets!r}", file=path, tensor=name, hint=hint)
     begin, end = data_start + offsets[0], data_start + offsets[1]
     expected = numel(tuple(shape)) * ITEMSIZE[dtype]
@@ -150,6 +180,11 @@ def _tensor_info(path: Path, name: str, entry: object, data_start: int, file_siz
             hint=hint,
         )
     return TensorInfo(name, dtype, tuple(shape), begin, end)
+
+
+def _count(value: object) -> bool:
+    """A JSON integer of zero or more (``true`` is not one, though Python says it is)."""
+    return type(value) is int and value >= 0
 
 
 def encode_header(entries: list[tuple[str, str, tuple[int, ...], int, int]], metadata: dict[str, str] | None) -> bytes:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SafetensorsFormatError
+from .confined import check
 from .safetensors import SafetensorsHeader, TensorInfo
 
 _HINT = "load it with torch and save it again with safetensors (save_pretrained(safe_serialization=True))"
@@ -27,6 +28,7 @@ def read_bin_header(path: Path) -> SafetensorsHeader:
 
     from .dtypes import ST_DTYPES
 
+    check(path)
     try:
         reader = torch._C.PyTorchFileReader(str(path))
     except (RuntimeError, OSError) as exc:

@@ -8,14 +8,17 @@ are already here.
 
 from __future__ import annotations
 
-import json
+import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 from ..config import is_hub_id
-from ..errors import AdapterError, InputError
+from ..errors import AdapterError, InputError, PlanError, ShardmergeError
+from ..formats import confined
 from ..formats.checkpoint import read_checkpoint_header
-from ..formats.safetensors import INDEX_NAME, SafetensorsHeader
+from ..formats.jsondoc import parse
+from ..formats.safetensors import INDEX_NAME, MAX_HEADER_BYTES, SafetensorsHeader
 from . import hub
 
 SINGLE_FILE = "model.safetensors"
@@ -78,13 +81,50 @@ def resolve_base(name: str) -> BaseFiles:
         shards, metadata = _read_index(weights)
     else:
         shards = (weights,)
-    extra = tuple(sorted(path for path in folder.iterdir() if path.is_file() and _is_extra(path.name)))
+    problems: list[ShardmergeError] = []
+    for shard in shards:
+        _check(shard, problems)
+    extra = _side_files(folder, problems)
+    if problems:
+        raise PlanError(problems)
     return BaseFiles(folder, shards, metadata, extra, name=str(folder))
 
 
 def _is_extra(name: str) -> bool:
     """A base file copied to the output: not a weight file, an index or a hidden file."""
     return not name.startswith(".") and not name.endswith(_WEIGHT_SUFFIXES) and name not in _WEIGHT_INDEXES
+
+
+def _side_files(folder: Path, problems: list[ShardmergeError]) -> tuple[Path, ...]:
+    """The files of the base's folder that the output copies: regular files, or links that end
+    on one inside the folder; folders (and links to folders inside it) are not copied. A link
+    out of the folder, or a FIFO, device or socket, is a problem."""
+    found = []
+    for path in sorted(folder.iterdir()):
+        if not _is_extra(path.name):
+            continue
+        mode = os.lstat(path).st_mode
+        if stat.S_ISDIR(mode) or (stat.S_ISLNK(mode) and _folder_inside(path)):
+            continue
+        if _check(path, problems):
+            found.append(path)
+    return tuple(found)
+
+
+def _folder_inside(link: Path) -> bool:
+    """Whether ``link`` leads to a folder inside its own folder's tree."""
+    real = os.path.realpath(link)
+    return os.path.isdir(real) and any(real.startswith(root + os.sep) for root in confined.roots(link.parent))
+
+
+def _check(path: Path, problems: list[ShardmergeError]) -> bool:
+    """Whether input file ``path`` may be read (see ``formats/confined.py``); a problem if not."""
+    try:
+        confined.check(path)
+    except InputError as exc:
+        problems.append(exc)
+        return False
+    return True
 
 
 def _hub_base(name: str) -> BaseFiles:
@@ -128,17 +168,35 @@ def _hub_base(name: str) -> BaseFiles:
             raise InputError("shard named in the index is not in the repo", file=f"{pinned}/{shard.name}")
         headers.append(hub.remote_header(repo, commit, shard.name, sizes[shard.name], shard))
     extra = tuple(folder / file for file in small)
+    problems: list[ShardmergeError] = []
+    for path in extra:
+        _check(path, problems)
+    if problems:
+        raise PlanError(problems)
     return BaseFiles(folder, shards, metadata, extra, pinned, repo, commit, tuple(headers))
 
 
 def _read_index(index: Path, present: bool = True) -> tuple[tuple[Path, ...], dict[str, object] | None]:
-    """The shards an index names, which must be ``present`` on disk (not yet for a Hub base)."""
+    """The shards an index names, which must be ``present`` on disk (not yet for a Hub base).
+    Every entry must name a file of the index's own kind in the index's folder, checked
+    before any is opened: one problem per entry that does not."""
     try:
-        parsed = json.loads(index.read_text())
-        names = sorted(set(parsed["weight_map"].values()))
+        parsed = parse(confined.read_input(index, MAX_HEADER_BYTES))
+        weight_map = parsed["weight_map"]
         metadata = parsed.get("metadata")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        if not isinstance(weight_map, dict) or not isinstance(metadata, (dict, type(None))):
+            raise TypeError("weight_map and metadata must be objects")
+        names = sorted(set(weight_map.values()))
+    except (ValueError, KeyError, TypeError) as exc:
         raise InputError(f"unreadable index ({exc})", file=index, hint="download or save the model again") from exc
+    kind = ".bin" if index.name.startswith("pytorch_model") else ".safetensors"
+    problems: list[ShardmergeError] = [
+        InputError(f"the index names {name!r}, {why}", file=index, hint="the index is damaged or not this model's")
+        for name in names
+        if (why := _entry_problem(name, kind))
+    ]
+    if problems:
+        raise PlanError(problems)
     shards = tuple(index.parent / name for name in names)
     missing = [shard.name for shard in shards if present and not shard.is_file()]
     if missing:
@@ -148,6 +206,21 @@ def _read_index(index: Path, present: bool = True) -> tuple[tuple[Path, ...], di
             hint="the download is incomplete: fetch the missing shards",
         )
     return shards, metadata
+
+
+def _entry_problem(name: object, kind: str) -> str | None:
+    """Why index entry ``name`` cannot be a shard of the index's folder, if it cannot."""
+    if not isinstance(name, str):
+        return "which is not a file name"
+    if os.path.isabs(name) or "/" in name or "\\" in name:
+        return "a path that leaves the model's folder: every shard must be a file name in that folder"
+    if name.startswith("."):
+        return "a hidden file name"
+    if not name.isprintable():
+        return "a file name with control characters"
+    if not name.endswith(kind):
+        return f"which is not a {kind} file"
+    return None
 
 
 def resolve_adapter(name: str) -> AdapterFiles:
@@ -174,6 +247,11 @@ def resolve_adapter(name: str) -> AdapterFiles:
             file=folder,
             hint="save the adapter with PEFT's save_pretrained()",
         )
+    problems: list[ShardmergeError] = []
+    for path in (config, weights):
+        _check(path, problems)
+    if problems:
+        raise PlanError(problems)
     return AdapterFiles(folder, config, weights, str(folder))
 
 

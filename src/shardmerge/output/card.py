@@ -8,6 +8,7 @@ not publish where the user keeps files.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,15 @@ import yaml
 
 from .._version import __version__
 from ..config import is_hub_id
+from ..errors import InputError
+from ..formats.confined import open_input
 from ..planning.model import AdapterSummary, Plan
 
 CARD_NAME = "README.md"
 # Metadata of the base's card that still holds for the merged model: its license binds it.
 _INHERITED = ("license", "license_name", "license_link", "language")
+# A card's metadata is at its head: this much of it is read.
+_FRONT_MATTER_BYTES = 64 * 1024
 
 
 def render(plan: Plan, base_card: Path | None) -> bytes:
@@ -92,9 +97,15 @@ def display(path: str) -> str:
 
 
 def _front_matter(card: Path) -> dict[str, Any]:
+    """The base card's metadata (at the head of the file, read no further), where it is text:
+    a license, or a list of languages."""
     try:
-        text = card.read_text()
-    except (OSError, UnicodeDecodeError):
+        fd = open_input(card)
+        try:
+            text = os.read(fd, _FRONT_MATTER_BYTES).decode()
+        finally:
+            os.close(fd)
+    except (OSError, UnicodeDecodeError, InputError):
         return {}
     match = re.match(r"^---\s*\n(.*?)\n---\s*(\n|$)", text, re.DOTALL)
     if not match:
@@ -103,4 +114,10 @@ def _front_matter(card: Path) -> dict[str, Any]:
         data = yaml.safe_load(match.group(1))
     except yaml.YAMLError:
         return {}
-    return data if isinstance(data, dict) else {}
+    if not isinstance(data, dict):
+        return {}
+    return {
+        key: value
+        for key, value in data.items()
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(item, str) for item in value))
+    }

@@ -22,6 +22,7 @@ from typing import BinaryIO, Protocol
 
 import torch
 
+from ..formats.confined import open_input
 from ..formats.dtypes import TORCH_DTYPES
 from ..formats.fileio import pread_into
 from ..planning.model import MergeOp, QuantRead, TensorPlan
@@ -345,7 +346,7 @@ class _Files:
             os.close(fd)
 
     def _open(self, path: str) -> int:
-        fd = os.open(path, os.O_RDONLY)
+        fd = open_input(path)
         self.fds.append(fd)
         return fd
 

@@ -20,6 +20,7 @@ import torch
 from tqdm import tqdm
 
 from ..errors import ShardmergeError
+from ..formats.confined import open_input
 from ..formats.dtypes import TORCH_DTYPES
 from ..formats.fileio import open_output, pread_into
 from ..formats.safetensors import ITEMSIZE
@@ -72,7 +73,7 @@ def write_together(outputs: list[Output], reader: SegmentReader, progress: tqdm,
     ``record``, or its ``error`` (its temp file then removed)."""
     try:
         with ExitStack() as stack:
-            src = os.open(outputs[0].shard.source, os.O_RDONLY)
+            src = open_input(outputs[0].shard.source)
             stack.callback(os.close, src)
             progress.set_postfix_str(f"{outputs[0].shard.name} x{len(outputs)}", refresh=False)
             for output in outputs:
