@@ -55,7 +55,7 @@ class AdapterSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: str
-    weight: float = 1.0
+    weight: float = Field(1.0, allow_inf_nan=False, strict=True)  # a finite number: not NaN, true or "0.5"
 
 
 class PushOptions(BaseModel):
@@ -107,11 +107,14 @@ class MergeJob(PushOptions):
     # cluster's address (None: Ray's own discovery, e.g. RAY_ADDRESS). Neither changes a byte.
     executor: Literal["local", "ray"] = "local"
     ray_address: str | None = None
+    # Seconds to wait for the cluster to start a first task before failing (None: 60).
+    ray_start_timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _cluster(self) -> MergeJob:
-        if self.ray_address is not None and self.executor != "ray":
-            raise ValueError("ray_address only applies with executor: ray")
+        for key in ("ray_address", "ray_start_timeout"):
+            if getattr(self, key) is not None and self.executor != "ray":
+                raise ValueError(f"{key} only applies with executor: ray")
         return self
 
     @field_validator("max_shard_size", mode="before")

@@ -6,18 +6,22 @@ planner can report every one of them together.
 
 from __future__ import annotations
 
-import json
 import math
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import AdapterError, ShardmergeError
 from ..formats.checkpoint import read_checkpoint_header
+from ..formats.confined import read_input
+from ..formats.jsondoc import parse
 from ..formats.safetensors import SafetensorsHeader
 from ..inputs.resolve import AdapterFiles
 
 PEFT_PREFIX = "base_model.model."
+# A config is a few KB; an index of 100,000 tensors a few MB.
+MAX_CONFIG_BYTES = 64 * 2**20
 SUPPORTED_TYPES = ("LORA", "LOHA", "LOKR", "IA3", "TRAINABLE_TOKENS")
 # Config keys holding r and alpha, per adapter type.
 _RANK_KEYS = {"LORA": ("r", "lora_alpha"), "LOHA": ("r", "alpha"), "LOKR": ("r", "alpha")}
@@ -149,9 +153,12 @@ def _pattern_value(patterns: dict[str, Any], path: str, default: Any) -> Any:
 def load_adapter(index: int, files: AdapterFiles, weight: float, problems: list[ShardmergeError]) -> Adapter | None:
     """Read an adapter's config and header. Appends problems; returns None if unusable."""
     try:
-        config = json.loads(files.config.read_text())
-    except (OSError, ValueError) as exc:
+        config = parse(read_input(files.config, MAX_CONFIG_BYTES))
+    except ValueError as exc:
         problems.append(AdapterError(f"unreadable adapter config ({exc})", file=files.config))
+        return None
+    except ShardmergeError as exc:
+        problems.append(exc)
         return None
     if not isinstance(config, dict):
         problems.append(AdapterError("adapter config is not a JSON object", file=files.config))
@@ -206,6 +213,72 @@ def _classify(local_key: str) -> tuple[str, re.Match[str] | None]:
     return "", None
 
 
+def _positive_int(value: Any) -> bool:
+    return type(value) is int and value > 0
+
+
+def _positive_number(value: Any) -> bool:
+    """A finite number above zero (``true`` is not one, though Python counts it as 1)."""
+    return type(value) in (int, float) and math.isfinite(value) and value > 0
+
+
+def _check_values(config: dict[str, Any], peft_type: str, problem: Callable[[str], None]) -> None:
+    """Every value of the config that the merge computes with, of the type PEFT gives it: r a
+    positive integer, alpha a finite positive number, the patterns regular expressions mapping
+    to those, module lists lists of names (or one expression), token indices integers."""
+    rank_key, alpha_key = _RANK_KEYS.get(peft_type, (None, None))
+    for key, valid, what in (
+        (rank_key, _positive_int, "a positive integer"),
+        (alpha_key, _positive_number, "a finite positive number"),
+    ):
+        if key is None:
+            continue
+        if not valid(config.get(key)):
+            problem(f"{key} must be {what}, found {config.get(key)!r}")
+        pattern_key = "rank_pattern" if key == rank_key else "alpha_pattern"
+        patterns = config.get(pattern_key)
+        if patterns is None:
+            continue
+        if not isinstance(patterns, dict):
+            problem(f"{pattern_key} must map module patterns to values, found {patterns!r}")
+            continue
+        for pattern, value in patterns.items():
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except re.error as exc:
+                problem(f"{pattern_key} key {pattern!r} is not a regular expression ({exc})")
+            if not valid(value):
+                problem(f"{pattern_key}[{pattern!r}] must be {what}, found {value!r}")
+    for key in ("target_modules", "exclude_modules", "feedforward_modules", "target_parameters"):
+        value = config.get(key)
+        if isinstance(value, str) and key != "target_parameters":
+            try:
+                re.compile(value)
+            except re.error as exc:
+                problem(f"{key} {value!r} is not a regular expression ({exc})")
+        elif value is not None and not (isinstance(value, list) and all(isinstance(name, str) for name in value)):
+            problem(f"{key} must be a list of names, found {value!r}")
+    layers = config.get("layers_to_transform")
+    if layers is not None and not (
+        type(layers) is int or (isinstance(layers, list) and all(type(layer) is int for layer in layers))
+    ):
+        problem(f"layers_to_transform must be a layer index or a list of them, found {layers!r}")
+    pattern = config.get("layers_pattern")
+    for expression in [pattern] if isinstance(pattern, str) else pattern if isinstance(pattern, list) else []:
+        try:
+            re.compile(rf"(?:^|.*?\.){expression}\.(?P<index>\d+)\.")
+        except (re.error, TypeError) as exc:
+            problem(f"layers_pattern {expression!r} is not a regular expression ({exc})")
+    for key in ("token_indices", "trainable_token_indices"):
+        value = config.get(key)
+        lists = list(value.values()) if isinstance(value, dict) else [value]
+        if value is not None and not all(
+            isinstance(indices, list) and all(type(index) is int and index >= 0 for index in indices)
+            for indices in lists
+        ):
+            problem(f"{key} must be lists of token indices (integers of 0 or more), found {value!r}")
+
+
 def _check_config(files: AdapterFiles, config: dict[str, Any], problems: list[ShardmergeError]) -> None:
     peft_type = config.get("peft_type")
     if peft_type not in SUPPORTED_TYPES:
@@ -217,11 +290,7 @@ def _check_config(files: AdapterFiles, config: dict[str, Any], problems: list[Sh
             )
         )
         return
-    for key in _RANK_KEYS.get(peft_type, ()):
-        if not isinstance(config.get(key), (int, float)) or config[key] <= 0:
-            problems.append(
-                AdapterError(f"{key} must be a positive number, found {config.get(key)!r}", file=files.config)
-            )
+    _check_values(config, peft_type, lambda message: problems.append(AdapterError(message, file=files.config)))
     init = config.get("init_lora_weights")
     if isinstance(init, str) and init.lower().startswith(_BASE_MODIFYING_INITS):
         problems.append(

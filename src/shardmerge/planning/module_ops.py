@@ -13,6 +13,7 @@ from typing import Any
 
 from ..errors import AdapterError, ShardmergeError
 from ..formats.safetensors import TensorInfo
+from . import targets
 from .adapters import Adapter, AdapterModule, FullTensor
 from .keymap import Mapping, closest_names, map_name
 from .layouts import CONV1D_HINT, Layouts
@@ -112,7 +113,44 @@ class AdapterPlanner:
             elif "tokens" in roles:
                 self.tokens(module)
         self.check_duplicates()
+        self.check_targets()
         return self.ops
+
+    def check_targets(self) -> None:
+        """The config's ``target_modules`` and the modules of the weights must agree, as PEFT
+        needs them to (see ``targets.py``): every module the weights hold is targeted (or a
+        parameter of it by ``target_parameters``; trainable tokens have their own key), and
+        every name it lists that the base has is covered by some module of the weights."""
+        config = self.adapter.config
+        if config.get("target_modules") is None:
+            return  # PEFT takes its defaults for the model type: nothing to compare
+        loose = [
+            module.path
+            for module in self.adapter.modules
+            if "tokens" not in module.keys
+            and not targets.targeted(config, module.path)
+            and not self.target_parameter(module)
+        ]
+        if loose:
+            self.problems.append(
+                AdapterError(
+                    f"target_modules {config['target_modules']!r} does not target {len(loose)} of the modules the "
+                    f"weights hold (e.g. {loose[0]}): PEFT would not load their weights, or refuses the adapter",
+                    file=self.adapter.files.config,
+                    hint="the adapter_config.json does not belong to these weights",
+                )
+            )
+        covered = [module.path for module in self.adapter.modules] + [name.rpartition(".")[0] for name in self.ops]
+        base_modules = {name.rpartition(".")[0] for name in self.base}
+        for name, modules in targets.uncovered(config, base_modules, covered):
+            self.problems.append(
+                AdapterError(
+                    f"target_modules names {name!r}, which {len(modules)} modules of the base answer to (e.g. "
+                    f"{modules[0]}), but the weights hold no tensor for any of them",
+                    file=self.adapter.files.weights,
+                    hint="the adapter file is incomplete (PEFT would leave those modules untrained): save it again",
+                )
+            )
 
     def check_duplicates(self) -> None:
         for name, tensor_ops in self.ops.items():

@@ -16,13 +16,15 @@ from pathlib import Path
 from typing import Any
 
 from ..config import MergeJob
-from ..errors import AdapterError, InputError, PlanError, ShardmergeError
+from ..errors import AdapterError, InputError, PlanError, ProblemsError, ShardmergeError
+from ..formats.confined import read_input
 from ..formats.fileio import file_sha256
+from ..formats.jsondoc import parse
 from ..formats.packed import PackedWeight, find_packed
 from ..formats.quantization import QuantFormat, QuantizedWeight, find_quantized, read_quantization
 from ..formats.safetensors import FLOAT_DTYPES, ITEMSIZE, SafetensorsHeader, TensorInfo, numel
 from ..inputs.resolve import BaseFiles, output_shard_name, resolve_adapter, resolve_base
-from .adapters import Adapter, load_adapter
+from .adapters import MAX_CONFIG_BYTES, Adapter, load_adapter
 from .layouts import find_layouts
 from .model import (
     AdapterSummary,
@@ -66,19 +68,21 @@ WIDEN_CHUNK = 256 * 1024
 def build_plan(job: MergeJob) -> Plan:
     """Plan ``job``; raises PlanError with every problem found."""
     base = resolve_base(job.base)
-    problems: list[ShardmergeError] = []
+    problems: list[ShardmergeError] = []  # of the base: where there are any, the adapters are not matched
     config = _read_config(base, problems)
     fmt = _read_format(config, base, problems)
+    format_read = not problems
     dtype = ("base" if fmt else "bfloat16") if job.dtype == "auto" else job.dtype
     headers = _read_base_headers(base, problems)
+    adapter_problems: list[ShardmergeError] = []
     adapters = []
     for index, spec in enumerate(job.adapters):
         try:
             files = resolve_adapter(spec.path)
         except ShardmergeError as exc:
-            problems.append(exc)
+            adapter_problems.extend(exc.problems if isinstance(exc, ProblemsError) else [exc])
             continue
-        adapter = load_adapter(index, files, spec.weight, problems)
+        adapter = load_adapter(index, files, spec.weight, adapter_problems)
         if adapter is not None:
             adapters.append(adapter)
     tensors = {name: info for header in headers for name, info in header.tensors.items()}
@@ -86,6 +90,8 @@ def build_plan(job: MergeJob) -> Plan:
     layouts = find_layouts(config, job.conv1d_modules)
     quantized = find_quantized(fmt, located, problems) if fmt and not fmt.packing else {}
     packed = find_packed(fmt, located, problems, transposed=layouts.experts_transposed) if fmt and fmt.packing else {}
+    if format_read:
+        _check_declared(fmt, located, base.folder / "config.json", problems)
     if fmt and fmt.kv_cache and dtype != "base":
         problems.append(
             InputError(
@@ -94,6 +100,9 @@ def build_plan(job: MergeJob) -> Plan:
                 hint="keep the format with --dtype base",
             )
         )
+    if problems:  # the root cause: matching adapters against a base that cannot be read is noise
+        raise PlanError(problems + adapter_problems)
+    problems = adapter_problems
     tied = find_tied(config, tensors)
     virtual_head = tied.virtual_head(tensors) if tied else None
     targets = {**tensors, virtual_head.name: virtual_head} if virtual_head else dict(tensors)
@@ -143,6 +152,7 @@ def build_plan(job: MergeJob) -> Plan:
         extra[weight_file].append(tensors[name])
     resize = {name: (targets[name].shape[0], shape) for name, shape in resized.items()}
     shards = tuple(_layout(header, extra[header.path], ops, out_dtype, quant, resize) for header in headers)
+    _check_unique_names(shards)
     if job.max_shard_size is not None:
         shards = _resharded(shards, job.max_shard_size)
     return Plan(
@@ -203,11 +213,56 @@ def _read_config(base: BaseFiles, problems: list[ShardmergeError]) -> dict[str, 
     if not path.is_file():
         return None
     try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
+        config = parse(read_input(path, MAX_CONFIG_BYTES))
+    except ValueError as exc:
         problems.append(InputError(f"unreadable config ({exc})", file=path))
         return None
+    except ShardmergeError as exc:
+        problems.append(exc)
+        return None
     return config if isinstance(config, dict) else None
+
+
+# How the tensors of each quantized format show in a header: the format that reads them (None:
+# none shardmerge reads), in words, and the test.
+_STORED_AS = (
+    ("fp8", "F8_E4M3", lambda name, info: info.dtype == "F8_E4M3"),
+    (None, "F8_E5M2", lambda name, info: info.dtype == "F8_E5M2"),
+    ("mxfp4", "MXFP4 blocks", lambda name, info: info.dtype == "U8" and name.endswith("_blocks")),
+    ("int", "packed integers", lambda name, info: info.dtype == "I32" and name.endswith(".weight_packed")),
+)
+
+
+def _check_declared(
+    fmt: QuantFormat | None, located: dict[str, tuple[TensorInfo, Path]], config: Path, problems: list[ShardmergeError]
+) -> None:
+    """A config's quantization must be the checkpoint's: a declared format that no tensor is
+    stored in, or tensors stored in a format the config does not declare, are refused (the
+    output would carry a false quantization_config, or tensors whose scales cannot be known)."""
+    declared = (fmt.packing or "fp8") if fmt else None
+    stored = {kind: [name for name, (info, _) in located.items() if test(name, info)] for kind, _, test in _STORED_AS}
+    if fmt is not None and not stored.get(declared):
+        problems.append(
+            InputError(
+                f"declares {fmt.describe()}, but no tensor of the checkpoint is stored in it",
+                file=config,
+                hint="the config does not belong to these weights: remove its quantization_config if they are "
+                "16-bit, or download the checkpoint again",
+            )
+        )
+    for kind, what, _ in _STORED_AS:
+        names = stored[kind]
+        if names and kind != declared:
+            said = f"declares {fmt.describe()}" if fmt else "declares no quantization"
+            more = f", as are {len(names) - 1} more tensors" if len(names) > 1 else ""
+            problems.append(
+                InputError(
+                    f"stored as {what}{more}, but config.json {said}",
+                    file=located[names[0]][1],
+                    tensor=names[0],
+                    hint="the config does not belong to these weights; merge into the 16-bit release of the base",
+                )
+            )
 
 
 def _read_format(config: dict[str, Any] | None, base: BaseFiles, problems: list[ShardmergeError]) -> QuantFormat | None:
@@ -423,6 +478,26 @@ def _layout(
         header_size,
         header_size + offset,
     )
+
+
+def _check_unique_names(shards: tuple[ShardPlan, ...]) -> None:
+    """Each output shard has a file of its own: base shards whose names become the same one
+    (``pytorch_model-1.bin`` and ``model-1.bin`` both become ``model-1.safetensors``) are
+    refused, not written over each other."""
+    sources: dict[str, list[str]] = defaultdict(list)
+    for shard in shards:
+        sources[shard.name].append(Path(shard.source).name)
+    problems: list[ShardmergeError] = [
+        InputError(
+            f"two base shards would be written to this one file ({', '.join(names)})",
+            file=name,
+            hint="rename the base's shards (and its index with them) so that each becomes a file of its own",
+        )
+        for name, names in sources.items()
+        if len(names) > 1
+    ]
+    if problems:
+        raise PlanError(problems)
 
 
 def _resharded(shards: tuple[ShardPlan, ...], max_bytes: int) -> tuple[ShardPlan, ...]:
