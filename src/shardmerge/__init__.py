@@ -79,4 +79,5 @@ def merge(job: MergeJob | None = None, *, quiet: bool = True, **fields: Any) -> 
         push=PushTarget.of(merge_job),
         executor=merge_job.executor,
         ray_address=merge_job.ray_address,
+        ray_start_timeout=merge_job.ray_start_timeout,
     )

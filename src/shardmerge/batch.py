@@ -68,7 +68,8 @@ def run_jobs(
     groups: dict[tuple[object, ...], list[NamedJob]] = {}
     for job in jobs:
         if job.name in plans:
-            groups.setdefault((job.executor, job.ray_address, *_layout(plans[job.name])), []).append(job)
+            where = (job.executor, job.ray_address, job.ray_start_timeout)
+            groups.setdefault((*where, *_layout(plans[job.name])), []).append(job)
     overall = tqdm(total=len(jobs), desc="jobs", unit="job", disable=quiet or len(jobs) < 2, initial=len(results))
     with overall:
         for group in groups.values():
@@ -95,6 +96,7 @@ def _run_group(
         verify_resume=verify_resume,
         executor=first.executor,
         ray_address=first.ray_address,
+        ray_start_timeout=first.ray_start_timeout,
     )
     results = []
     for job, outcome in zip(group, outcomes, strict=True):

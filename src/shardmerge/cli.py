@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 from .config import MergeJob, build_job, build_named, build_push, load_job_file
 from .errors import JobConfigError, ProblemsError, ShardmergeError
+from .inputs import hub
 from .output.publish import PushTarget
 
 if TYPE_CHECKING:
@@ -30,6 +31,7 @@ EXIT_BROKEN_PIPE = 128 + signal.SIGPIPE
 def main(argv: Sequence[str] | None = None) -> int:
     # One progress display, ours: huggingface_hub's per-file bars would break up the merge's.
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    hub.quiet_retries()
     parser = _parser()
     args = parser.parse_args(argv)
     # SIGTERM (a scheduler, a container stop) ends the run as Ctrl-C does: the tensor in hand
@@ -174,10 +176,17 @@ def _cluster_flags(parser: argparse.ArgumentParser) -> None:
         metavar="ADDR",
         help="the Ray cluster to use (e.g. 10.0.0.1:6379); default: Ray's own discovery (RAY_ADDRESS)",
     )
+    parser.add_argument(
+        "--ray-start-timeout",
+        type=float,
+        metavar="SECONDS",
+        help="fail when the cluster has started no task after this long (default 60)",
+    )
 
 
 def _cluster_fields(args: argparse.Namespace) -> dict[str, Any]:
-    return {key: getattr(args, key) for key in ("executor", "ray_address") if getattr(args, key, None) is not None}
+    keys = ("executor", "ray_address", "ray_start_timeout")
+    return {key: getattr(args, key) for key in keys if getattr(args, key, None) is not None}
 
 
 def _push_flags(parser: argparse.ArgumentParser, flag: str | None, help_text: str | None) -> None:
@@ -289,6 +298,7 @@ def _merge(job: MergeJob, args: argparse.Namespace) -> int:
         push=PushTarget.of(job),
         executor=job.executor,
         ray_address=job.ray_address,
+        ray_start_timeout=job.ray_start_timeout,
     )
     if report.shards_skipped:
         print(f"shardmerge: resumed: {report.shards_skipped} of {report.shards} shards were already finished")
@@ -305,9 +315,18 @@ def _merge(job: MergeJob, args: argparse.Namespace) -> int:
             "equals the base (an untrained adapter?); --strict makes this an error",
             file=sys.stderr,
         )
-    elif report.unchanged:
-        print(f"  note    {report.unchanged} merged tensors came out equal to the base (an update of zero)")
-    if report.requantized:
+    else:
+        copies = report.unchanged_copies
+        if copies:
+            print(
+                f"  note    {_count(len(copies), 'tensor')} saved whole in the adapter{'s' if count != 1 else ''} "
+                f"{'holds' if len(copies) == 1 else 'hold'} the base's own values ({', '.join(copies[:3])}): "
+                "written as they are (PEFT saves an embedding layer whole beside LoRA on it or on its tied head)"
+            )
+        if report.unchanged > len(copies):
+            zero = report.unchanged - len(copies)
+            print(f"  note    {_count(zero, 'merged tensor')} came out equal to the base (an update of zero)")
+    if report.requantized or report.requantized_non_finite:
         print(f"  requant {_requantized(report)}")
     if report.non_finite_kept:
         print(
@@ -324,6 +343,10 @@ def _merge(job: MergeJob, args: argparse.Namespace) -> int:
     return 0
 
 
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}{'s' if number != 1 else ''}"
+
+
 def _written_as(plan: Plan) -> str:
     if plan.dtype != "base":
         return plan.dtype
@@ -331,7 +354,17 @@ def _written_as(plan: Plan) -> str:
 
 
 def _requantized(report: MergeReport) -> str:
+    apart = report.requantized_non_finite
+    if apart:
+        apart_line = (
+            f"{apart} requantized weight{'s' if apart != 1 else ''} holding NaN or Inf from the base, "
+            "left out of the figures"
+        )
+        if not report.requantized:
+            return apart_line
     line = f"{report.requantized} merged weights requantized"
+    if apart:
+        line = f"{apart_line}; {line}"
     if report.update_kept is None or report.update_error is None:
         return line + " (their updates are zero)"
     line += (

@@ -3,7 +3,6 @@ a fresh computation from the base and adapters."""
 
 from __future__ import annotations
 
-import json
 import os
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -13,12 +12,14 @@ import torch
 
 from .config import MergeJob
 from .errors import OutputError, SafetensorsFormatError, ShardmergeError, VerificationProblem, VerifyError
+from .formats.confined import open_input
 from .formats.dtypes import TORCH_DTYPES
 from .formats.fileio import pread_into
+from .formats.jsondoc import parse
 from .formats.safetensors import INDEX_NAME, ITEMSIZE, SafetensorsHeader, TensorInfo, read_header
 from .inputs import hub
 from .output import journal as journals
-from .output import lock
+from .output import lock, outdir
 from .planning.model import Plan, ShardPlan, TensorPlan
 from .planning.planner import COPY_CHUNK_BYTES, build_plan
 from .run.kernels import all_finite
@@ -108,7 +109,7 @@ def _read_index(folder: Path, problems: list[ShardmergeError]) -> tuple[dict[str
     """The index's weight map and total_size (empty and 0 when unreadable, a problem noted)."""
     path = folder / INDEX_NAME
     try:
-        index = json.loads(path.read_text())
+        index = parse(outdir.read_own(path))
         weight_map = {str(k): str(v) for k, v in index["weight_map"].items()}
         total = int(index["metadata"]["total_size"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -169,7 +170,7 @@ def _check_finite(
     path: Path, tensors: dict[str, TensorInfo], computed: dict[str, str], problems: list[ShardmergeError]
 ) -> None:
     """Merged and converted tensors hold no NaN or Inf (but those the merge kept from the base)."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = open_input(path)
     try:
         for name, kind in computed.items():
             info = tensors.get(name)
@@ -214,19 +215,23 @@ def _against_base(folder: Path, journal: journals.Journal, problems: list[Shardm
     if plan is None:
         return 0
     compared = 0
+    # Tensors an adapter saved whole with the base's own values (PEFT saves an embedding layer
+    # whole beside LoRA on it or on its tied head): equal to the base, as the merge recorded.
+    copies = {name for record in journal.shards.values() for name in record.unchanged}
     with ExitStack() as stack:
         for shard in plan.shards:
             if journal.deleted(shard.name):
                 continue
-            src = os.open(_base_shard(plan, shard), os.O_RDONLY)
+            src = open_input(_base_shard(plan, shard))
             stack.callback(os.close, src)
-            out = os.open(folder / shard.name, os.O_RDONLY)
+            out = open_input(folder / shard.name)
             stack.callback(os.close, out)
             # An untied head's source bytes are the embedding's: it is compared with those.
             for tensor in shard.tensors:
                 if tensor.computed and not tensor.ops:
                     continue  # new scales, or a dequantized weight: computed from the base, not copied
-                if _equals_base(src, out, shard.header_size, tensor) == bool(tensor.ops):
+                copy = tensor.name in copies and all(op.kind == "replace" for op in tensor.ops)
+                if _equals_base(src, out, shard.header_size, tensor) == bool(tensor.ops) and not copy:
                     problems.append(
                         VerificationProblem(
                             "merged tensor is identical to the base: the adapters did not change it"
@@ -277,14 +282,14 @@ def _recompute(folder: Path, journal: journals.Journal, count: int, problems: li
         merger = TensorMerger(torch.device("cpu"), plan, open_adapters(plan, stack))
         stack.callback(merger.close)
         for shard, tensor in sample:
-            src = os.open(_base_shard(plan, shard), os.O_RDONLY)
+            src = open_input(_base_shard(plan, shard))
             stack.callback(os.close, src)
             fresh = bytearray()
             for view, buffer in merger.merge(src, tensor):
                 fresh += view
                 merger.sink.release(buffer)
             expected = torch.frombuffer(fresh, dtype=TORCH_DTYPES[tensor.dtype])
-            out = os.open(folder / shard.name, os.O_RDONLY)
+            out = open_input(folder / shard.name)
             stack.callback(os.close, out)
             header_size = shard.header_size
             raw = torch.empty(tensor.end - tensor.begin, dtype=torch.uint8)

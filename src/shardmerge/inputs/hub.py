@@ -11,6 +11,7 @@ cache, and a model that is not all there is an error naming what is missing.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -20,6 +21,23 @@ from ..formats.safetensors import read_header
 
 T = TypeVar("T")
 _LOGIN = "for a private or gated repo, log in with `hf auth login` or set HF_TOKEN"
+# huggingface_hub warns at every retry of a request; the error that ends them is what counts.
+_RETRY_LOGGERS = ("huggingface_hub.utils._http", "huggingface_hub.file_download")
+_RETRY_WORDS = ("thrown while requesting", "Retrying in", "Rate limited", "Trying to resume download")
+
+
+class _RetryWarnings(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(words in record.getMessage() for words in _RETRY_WORDS)
+
+
+def quiet_retries() -> None:
+    """Drop huggingface_hub's warning at each retry (a failing upload printed a dozen lines
+    per shard): a call that fails for good is reported once, in one line, by the caller."""
+    for name in _RETRY_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(existing, _RetryWarnings) for existing in logger.filters):
+            logger.addFilter(_RetryWarnings())
 
 
 def split_ref(name: str) -> tuple[str, str | None]:

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import stat
 import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -30,6 +32,7 @@ from typing import Any
 
 from ..errors import OutputError
 from ..formats.fileio import file_hashes
+from ..formats.jsondoc import parse
 from ..planning.model import Plan, ShardPlan
 from . import outdir
 from .lock import LOCK_FILE, STATE_DIR
@@ -104,7 +107,8 @@ class Journal:
             "push": asdict(self.push) if self.push else None,
             "changes": self.changes,
         }
-        outdir.write_bytes_atomic(self.path, (json.dumps(body, indent=2) + "\n").encode())
+        # allow_nan=False: a journal is JSON, and NaN is not (every figure in it is finite)
+        outdir.write_bytes_atomic(self.path, (json.dumps(body, indent=2, allow_nan=False) + "\n").encode())
 
     def record(self, shard: str, record: ShardRecord) -> None:
         with self.lock:
@@ -160,7 +164,7 @@ class Journal:
         path = self.folder / shard.name
         if record is not None and self.deleted(shard.name):
             return True
-        if record is None or not path.is_file():
+        if record is None or not _regular(path):
             return False
         good = path.stat().st_size == record.size and header_sha256(path) == record.header_sha256
         if good and rehash:
@@ -173,13 +177,15 @@ class Journal:
 
 
 def load(folder: Path) -> Journal | None:
-    """The journal in ``folder``; None where there is none or it cannot be read. Refuses one of
-    a newer format than this release writes."""
+    """The journal in ``folder``; None where there is none. Refuses one that cannot be read (or
+    is a link), and one of a newer format than this release writes."""
     path = folder / STATE_DIR / JOURNAL
     try:
-        body = json.loads(path.read_text())
-    except (OSError, ValueError):
+        body = parse(outdir.read_own(path))
+    except FileNotFoundError:
         return None
+    except (OSError, ValueError) as exc:
+        raise _unreadable(path, exc) from None
     version = body.get("version", 1) if isinstance(body, dict) else None
     if isinstance(version, int) and version > VERSION:
         raise OutputError(
@@ -199,8 +205,24 @@ def load(folder: Path) -> Journal | None:
             push=PushState(**body["push"]) if body.get("push") else None,
             changes=list(body.get("changes", [])),
         )
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise _unreadable(path, exc) from None
+
+
+def _unreadable(path: Path, exc: BaseException) -> OutputError:
+    return OutputError(
+        f"unreadable journal ({exc})",
+        file=path,
+        hint="it is damaged or not shardmerge's: --restart discards this output and starts over",
+    )
+
+
+def _regular(path: Path) -> bool:
+    """Whether ``path`` is a regular file, not a link to one."""
+    try:
+        return stat.S_ISREG(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def _record(entry: dict[str, Any]) -> ShardRecord:
@@ -218,13 +240,25 @@ def _record(entry: dict[str, Any]) -> ShardRecord:
 
 
 def check_output(folder: Path, inputs: list[Path]) -> None:
-    """Refuse an output path that is a file or one of the inputs, before anything is created."""
+    """Refuse an output path that is a file, one of the input folders, inside one or holding
+    one, before anything is created."""
     if folder.exists() and not folder.is_dir():
         raise OutputError("output path exists and is not a folder", file=folder, hint="choose another output path")
     resolved = folder.resolve()
-    if any(resolved == source.resolve() for source in inputs):
-        raise OutputError("output folder is one of the inputs", file=folder, hint="choose another output path")
-    if folder.is_dir() and not (folder / STATE_DIR).is_dir() and any(folder.iterdir()):
+    for source in (source.resolve() for source in inputs):
+        if resolved == source:
+            raise OutputError("output folder is one of the inputs", file=folder, hint="choose another output path")
+        if resolved.is_relative_to(source) or source.is_relative_to(resolved):
+            where = "inside the input folder" if resolved.is_relative_to(source) else "holds the input folder"
+            raise OutputError(
+                f"output folder {where} {source}",
+                file=folder,
+                hint="choose an output folder apart from the base and the adapters",
+            )
+    state = folder / STATE_DIR
+    if state.is_symlink():
+        raise outdir.link_error(state)
+    if folder.is_dir() and not state.is_dir() and any(folder.iterdir()):
         raise _foreign(folder)  # before the lock is taken: nothing is added to such a folder
 
 
@@ -241,6 +275,7 @@ def claim(folder: Path, plan: Plan, *, restart: bool, device: str) -> Journal:
     for an empty folder (or with ``restart``), the earlier one when the same job ran here
     before. Refuses a folder that is not ours, or ours for a job with other inputs, saying
     what changed."""
+    outdir.check_links(folder, folder / STATE_DIR)
     journal = _earlier(folder, plan, restart) if folder.is_dir() and _contents(folder) else None
     outdir.remove_temps(folder)
     if journal is None:
@@ -256,7 +291,7 @@ def _earlier(folder: Path, plan: Plan, restart: bool) -> Journal | None:
     """The journal of this same job in ``folder``, to resume; None once ``restart`` cleared it."""
     try:
         journal = load(folder)
-    except OutputError:  # a newer format: ours, but not for this release to read
+    except OutputError:  # unreadable, or a newer format: ours, but not for this release to read
         if not restart:
             raise
         _clear(folder)

@@ -9,10 +9,12 @@ folder are not kept apart by it.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -20,6 +22,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from ..errors import OutputError
+from ..formats.jsondoc import parse
+from . import outdir
 
 LOCK_FILE = "lock"
 STATE_DIR = ".shardmerge"
@@ -37,10 +41,12 @@ def lock_path(folder: Path) -> Path:
 @contextmanager
 def hold(folder: Path) -> Iterator[None]:
     """Hold ``folder``'s lock for the block (creating the folder); raises OutputError at once,
-    naming the holder, when another run holds it."""
+    naming the holder, when another run holds it. The state folder and the lock file are
+    never links (refused, naming them): a run must not write through one."""
     path = lock_path(folder)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    folder.mkdir(parents=True, exist_ok=True)
+    outdir.own_folder(path.parent)
+    fd = _open(path, os.O_RDWR | os.O_CREAT)
     try:
         deadline = time.monotonic() + _PATIENCE_SECONDS
         while not _try(fd, fcntl.LOCK_EX):
@@ -68,13 +74,27 @@ def held_by(folder: Path) -> str | None:
     """Who holds ``folder``'s lock now, or None; takes nothing that a run could wait on."""
     path = lock_path(folder)
     try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
+        fd = _open(path, os.O_RDONLY)
+    except (OSError, OutputError):
         return None
     try:
         return None if _try(fd, fcntl.LOCK_SH) else _holder(path)
     finally:
         os.close(fd)
+
+
+def _open(path: Path, flags: int) -> int:
+    """The lock file, opened without following a link (refused, naming it)."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise outdir.link_error(path) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutputError("not a regular file, where shardmerge keeps its lock", file=path, hint="remove it")
+    return fd
 
 
 def _try(fd: int, kind: int) -> bool:
@@ -87,7 +107,7 @@ def _try(fd: int, kind: int) -> bool:
 
 def _holder(path: Path) -> str:
     try:
-        holder = json.loads(path.read_text())
+        holder = parse(outdir.read_own(path))
         return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}: {holder['command']}"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, OutputError):
         return "another process"

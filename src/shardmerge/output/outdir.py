@@ -1,16 +1,30 @@
-"""Writing files into the output folder atomically.
+"""Writing files into the output folder atomically, and never through a link.
 
 A file appears under its final name only complete: it is written as ``NAME.tmp``, fsynced,
-renamed, and the folder is fsynced so the rename survives a power cut.
+renamed, and the folder is fsynced so the rename survives a power cut. A temp file is created
+exclusively with ``O_NOFOLLOW`` (``formats/fileio.create``) and removed if its writing fails;
+the rename replaces a name, never writes through it. The output folder may be writable by
+others: a link found where shardmerge keeps its own files is refused, naming it, before
+anything is written (``check_links``), and shardmerge's own small files are read without
+following links (``read_own``).
 """
 
 from __future__ import annotations
 
+import errno
 import os
-import shutil
+import stat
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import BinaryIO
+
+from ..errors import OutputError
+from ..formats.confined import open_input
+from ..formats.fileio import create
 
 TMP_SUFFIX = ".tmp"
+_COPY_CHUNK = 8 * 1024 * 1024
 
 
 def fsync_dir(folder: Path) -> None:
@@ -40,19 +54,134 @@ def commit(tmp: Path, final: Path) -> None:
     fsync_dir(final.parent)
 
 
-def write_bytes_atomic(final: Path, data: bytes) -> None:
+def link_error(path: Path) -> OutputError:
+    return OutputError(
+        f"a link (to {os.readlink(path)}) where shardmerge keeps its own file: it never writes or reads its "
+        "output through a link",
+        file=path,
+        hint="remove the link; a folder shardmerge wrote holds none",
+    )
+
+
+def check_links(folder: Path, state: Path) -> None:
+    """Refuse a link anywhere shardmerge keeps files: in ``folder`` or its ``state`` folder."""
+    for parent in (folder, state):
+        for entry in parent.iterdir() if parent.is_dir() else ():
+            if entry.is_symlink():
+                raise link_error(entry)
+
+
+def own_folder(path: Path) -> None:
+    """Create folder ``path`` of shardmerge's (where missing); a link or a file there is refused."""
+    try:
+        os.mkdir(path)
+    except FileExistsError:
+        mode = os.lstat(path).st_mode
+        if stat.S_ISLNK(mode):
+            raise link_error(path) from None
+        if not stat.S_ISDIR(mode):
+            raise OutputError("not a folder, where shardmerge keeps its state", file=path, hint="remove it") from None
+
+
+def open_own(path: Path) -> BinaryIO:
+    """A file shardmerge wrote in its output folder, opened for reading without following a
+    link (refused, naming it); FileNotFoundError where there is none."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise link_error(path) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OutputError("not a regular file, where shardmerge keeps its own", file=path, hint="remove it")
+    return os.fdopen(fd, "rb")
+
+
+def read_own(path: Path) -> bytes:
+    """The bytes of a file shardmerge wrote in its output folder (see ``open_own``)."""
+    with open_own(path) as handle:
+        return handle.read()
+
+
+@contextmanager
+def _writing(final: Path) -> Iterator[int]:
+    """A new temp file for ``final``, renamed into place when the block ends; on a failure it is
+    removed and the error names ``final``."""
     tmp = tmp_path(final)
-    with tmp.open("wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    commit(tmp, final)
+    try:
+        fd = create(tmp)
+        try:
+            yield fd
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        commit(tmp, final)
+    except BaseException as exc:
+        tmp.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):
+            exc.filename = str(final)
+        raise
+
+
+def write_bytes_atomic(final: Path, data: bytes) -> None:
+    with _writing(final) as fd:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
 
 
 def copy_atomic(source: Path, final: Path) -> None:
-    tmp = tmp_path(final)
-    with source.open("rb") as src, tmp.open("wb") as dst:
-        shutil.copyfileobj(src, dst)
-        dst.flush()
-        os.fsync(dst.fileno())
-    commit(tmp, final)
+    """Copy input file ``source`` (checked as every input is) to ``final``. Only its data is
+    copied: the holes of a sparse file stay holes (where the file system reports them with
+    ``SEEK_DATA``/``SEEK_HOLE``; elsewhere the whole file is data)."""
+    src = open_input(source)
+    try:
+        size = os.fstat(src).st_size
+        with _writing(final) as dst:
+            for begin, end in _data_ranges(src, size):
+                _copy_range(src, dst, begin, end)
+            os.ftruncate(dst, size)
+    finally:
+        os.close(src)
+
+
+def allocated(path: Path) -> int:
+    """The bytes a copy of ``path`` takes on disk: its data, without its holes."""
+    info = os.stat(path)
+    return min(info.st_size, info.st_blocks * 512)
+
+
+def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    offset = 0
+    while offset < size:
+        try:
+            begin = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # nothing but a hole from here to the end
+                return
+            if exc.errno != errno.EINVAL:
+                raise
+            yield offset, size  # the file system does not say where holes are
+            return
+        end = min(os.lseek(fd, begin, os.SEEK_HOLE), size)
+        yield begin, end
+        offset = end
+
+
+def _copy_range(src: int, dst: int, begin: int, end: int) -> None:
+    """Bytes ``begin`` to ``end`` of ``src`` to the same place in ``dst``: in the kernel where it
+    can (``copy_file_range``), else through a buffer."""
+    offset = begin
+    while offset < end:
+        count = min(end - offset, _COPY_CHUNK)
+        try:
+            copied = os.copy_file_range(src, dst, count, offset, offset)
+        except OSError as exc:
+            if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                raise
+            data = os.pread(src, count, offset)
+            copied = os.pwrite(dst, data, offset) if data else 0
+        if copied == 0:
+            raise OSError(errno.EIO, "the file shrank while it was copied")
+        offset += copied

@@ -37,6 +37,12 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+# One layer of retries: huggingface_hub retries each request of an upload (the pre-upload
+# call, the LFS batch call and the transfer) CLIENT_TRIES times, 1, 2, 4, 8 and 8 s apart, on
+# 408, 429, 5xx and dropped connections; shardmerge retries the calls it does not (creating
+# the repo and the branch, checking the branch, the commit) on the same errors, RETRY_ATTEMPTS
+# times, 1, 2, 4 and 8 s apart.
+CLIENT_TRIES = 6
 RETRY_ATTEMPTS = 5
 RETRY_FIRST_WAIT_S = 1.0
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
@@ -122,7 +128,9 @@ class Publisher:
         self.thread.start()
 
     def submit(self, shard: str) -> None:
-        """Upload ``shard``, finished and recorded in the journal, in the background."""
+        """Upload ``shard``, finished and recorded in the journal, in the background. Raises
+        the uploader's error, if it failed: the merge stops at the next shard, not at its end."""
+        self._raise_error()
         record = self._journal().shards[shard]
         if record.sha256 is not None and self._held(shard, record.sha256):
             return
@@ -223,8 +231,10 @@ class Publisher:
             assert record.sha256 is not None, "every shard went through the uploader"
             files[name] = (record.size, record.sha256, True)
         for path in sorted(self.folder.iterdir()):
+            if path.is_symlink():
+                raise outdir.link_error(path)  # never published: it may lead anywhere
             if path.is_file() and path.name not in files and not path.name.endswith(outdir.TMP_SUFFIX):
-                data = path.read_bytes()
+                data = outdir.read_own(path)
                 files[path.name] = (len(data), hashlib.sha256(data).hexdigest(), False)
         for name, (_, _, shard) in files.items():
             if shard and not journal.deleted(name) and not (self.folder / name).is_file():
@@ -244,7 +254,8 @@ class Publisher:
             elif shard:
                 operations.append(_addition(name, self.folder / name, size, sha256))
             else:
-                operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(self.folder / name)))
+                handle = outdir.open_own(self.folder / name)  # what the commit reads: never a link
+                operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=handle))
         return operations
 
     def _published(self, files: dict[str, tuple[int, str, bool]]) -> str | None:
@@ -258,7 +269,7 @@ class Publisher:
             if info.lfs is not None:
                 if info.lfs.sha256 != sha256:
                     return None
-            elif info.blob_id != _git_blob_id((self.folder / name).read_bytes()):
+            elif info.blob_id != _git_blob_id(outdir.read_own(self.folder / name)):
                 return None
         return self.api.repo_info(self.target.repo_id, revision=self.target.branch).sha
 
@@ -289,14 +300,23 @@ class Publisher:
         return self.journal
 
 
-def hub_call(what: str, repo_id: str, action: Callable[[], T], already_done: Callable[[], Any] | None = None) -> T:
-    """``action`` on ``repo_id``, retried with backoff on 429, 5xx and dropped connections.
-    Before a retry, ``already_done`` may say the step went through although its answer was
-    lost."""
+def hub_call(
+    what: str,
+    repo_id: str,
+    action: Callable[[], T],
+    already_done: Callable[[], Any] | None = None,
+    *,
+    retried: bool = False,
+) -> T:
+    """``action`` on ``repo_id``, retried with backoff on 408, 429, 5xx and dropped connections,
+    unless huggingface_hub retries it already (``retried``: one layer of retries, never one
+    inside another). Before a retry, ``already_done`` may say the step went through although
+    its answer was lost."""
     from huggingface_hub.errors import HFValidationError
 
     wait = RETRY_FIRST_WAIT_S
-    for attempt in range(1, RETRY_ATTEMPTS + 1):
+    attempts = 1 if retried else RETRY_ATTEMPTS
+    for attempt in range(1, attempts + 1):
         try:
             return action()
         except HFValidationError as exc:
@@ -307,10 +327,9 @@ def hub_call(what: str, repo_id: str, action: Callable[[], T], already_done: Cal
                 raise _refusal(status, what, repo_id, exc) from exc
             if status is None and not dropped(exc):
                 raise HubError(f"{what} failed: {_short(exc)}", file=repo_id, hint=_AGAIN) from exc
-            if attempt == RETRY_ATTEMPTS:
-                raise HubError(
-                    f"{what} failed {attempt} times, last with {_short(exc)}", file=repo_id, hint=_AGAIN
-                ) from exc
+            if attempt == attempts:
+                tries = f"{CLIENT_TRIES} times (huggingface_hub's retries)" if retried else f"{attempt} times"
+                raise HubError(f"{what} failed {tries}, last with {_short(exc)}", file=repo_id, hint=_AGAIN) from exc
         time.sleep(wait)
         wait *= 2
         if already_done is not None and (done := already_done()) is not None:
@@ -327,6 +346,7 @@ def preupload(api: HfApi, target: PushTarget, name: str, path: Path, size: int, 
         f"uploading {name}",
         target.repo_id,
         lambda: api.preupload_lfs_files(target.repo_id, additions=[addition], revision=target.branch),
+        retried=True,
     )
     return bool(getattr(addition, "_is_uploaded", False))
 
@@ -382,9 +402,15 @@ def _refusal(status: int, what: str, repo_id: str, exc: BaseException) -> HubErr
 
 
 def _short(exc: BaseException) -> str:
+    """The HTTP status, or the first line of the first cause of ``exc`` (a dropped connection
+    reads as what the connection did, not as the wrapper huggingface_hub raises)."""
     status = http_status(exc)
-    first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return f"HTTP {status}" if status is not None else first
+    if status is not None:
+        return f"HTTP {status}"
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def publish(folder: Path, target: PushTarget, *, quiet: bool = True) -> tuple[str, str]:
@@ -393,6 +419,7 @@ def publish(folder: Path, target: PushTarget, *, quiet: bool = True) -> tuple[st
     if not (folder / STATE_DIR).is_dir():
         raise OutputError(f"no shardmerge journal in {STATE_DIR}", file=folder, hint="push publishes a merge's output")
     with lock.hold(folder):
+        outdir.check_links(folder, folder / STATE_DIR)  # before the repo is created: nothing is published
         return _publish(folder, target, quiet)
 
 

@@ -26,6 +26,7 @@ import logging
 import os
 import socket
 import time
+import uuid
 from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 from tqdm import tqdm
 
 from ..errors import ClusterError, InputError, ShardmergeError
+from ..formats.confined import read_input
 from ..output import outdir
 from ..planning.model import Plan
 from .jobs import Job, MergeReport, claim, close, done, io_error, progress_bar, report, step
@@ -45,6 +47,8 @@ if TYPE_CHECKING:
 
 ADAPTERS_BY_STORE = 512 * 2**20
 MAX_RETRIES = 3
+# How long a pass waits for the cluster to start its first task before it fails, by default.
+START_TIMEOUT_S = 60.0
 # What a task's process needs beyond the plan's estimate: the interpreter, torch, its libraries.
 TASK_BASE_MEMORY = 768 * 2**20
 _FORWARDED = ("HF_ENDPOINT", "HF_TOKEN", "HF_HUB_DISABLE_XET", "HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT")
@@ -54,9 +58,16 @@ _RETRIED = (OSError, InputError)
 
 
 def run_on_cluster(
-    jobs: list[Job], address: str | None, *, quiet: bool, restart: bool, verify_resume: bool
+    jobs: list[Job],
+    address: str | None,
+    start_timeout: float | None = None,
+    *,
+    quiet: bool,
+    restart: bool,
+    verify_resume: bool,
 ) -> list[MergeReport | BaseException]:
-    """``executor.run_pass`` on a Ray cluster: the same jobs, the same results."""
+    """``executor.run_pass`` on a Ray cluster: the same jobs, the same results. A cluster that
+    starts no task within ``start_timeout`` seconds (None: START_TIMEOUT_S) fails the jobs."""
     device = "cuda" if jobs[0].plan.device.startswith("cuda") else "cpu"
     try:
         ray = _import_ray()
@@ -72,7 +83,7 @@ def run_on_cluster(
             stop = stack.enter_context(StopRequest())  # after Ray's own SIGTERM handler: ours acts first
             if work:
                 progress = stack.enter_context(progress_bar(live, quiet))
-                _Pass(ray, live, device, progress, stop).run()
+                _Pass(ray, live, device, progress, stop, start_timeout or START_TIMEOUT_S).run()
             for job in jobs:
                 if job.error is None:
                     step(job, lambda job=job: close(job, stop.check))
@@ -137,48 +148,97 @@ def _check_reachable(address: str | None) -> None:
 class _Pass:
     """The units of one pass, submitted at once and recorded as they finish."""
 
-    def __init__(self, ray: ModuleType, jobs: list[Job], device: str, progress: tqdm, stop: StopRequest) -> None:
+    def __init__(
+        self, ray: ModuleType, jobs: list[Job], device: str, progress: tqdm, stop: StopRequest, start_timeout: float
+    ) -> None:
         self.ray = ray
         self.jobs = jobs
         self.device = device
         self.progress = progress
         self.stop = stop
+        self.start_timeout = start_timeout
         self.pending: dict[Any, tuple[Unit, list[Job]]] = {}
+        self.asked: dict[str, float] = {}
 
     def run(self) -> None:
         files = self._adapter_files()
         remote = self.ray.remote(_run_unit)
-        for unit, members in self._units():
-            needed = sorted({a.weights_file for job in unit.jobs for a in job.plan.adapters} & files.keys())
-            options = {
-                "num_cpus": 1,
-                "num_gpus": 1 if self.device == "cuda" else 0,
-                "memory": TASK_BASE_MEMORY + sum(job.plan.peak_memory_bytes for job in unit.jobs),
-                "max_retries": MAX_RETRIES,
-                "retry_exceptions": list(_RETRIED),
-                "scheduling_strategy": "SPREAD",
-            }
-            ref = remote.options(**options).remote(unit, tuple(needed), *(files[name] for name in needed))
-            self.pending[ref] = (unit, members)
-        nodes, checked = 0, 0.0
+        started = _Started()
+        try:
+            for unit, members in self._units():
+                needed = sorted({a.weights_file for job in unit.jobs for a in job.plan.adapters} & files.keys())
+                asked = {
+                    "CPU": 1,
+                    "GPU": 1 if self.device == "cuda" else 0,
+                    "memory": TASK_BASE_MEMORY + sum(job.plan.peak_memory_bytes for job in unit.jobs),
+                }
+                if asked["memory"] > self.asked.get("memory", 0):
+                    self.asked = asked  # the most a task asks for
+                options = {
+                    "num_cpus": asked["CPU"],
+                    "num_gpus": asked["GPU"],
+                    "memory": asked["memory"],
+                    "max_retries": MAX_RETRIES,
+                    "retry_exceptions": list(_RETRIED),
+                    "scheduling_strategy": "SPREAD",
+                }
+                args = (unit, started.key, tuple(needed), *(files[name] for name in needed))
+                self.pending[remote.options(**options).remote(*args)] = (unit, members)
+            self._wait(started)
+        finally:
+            started.forget()
+
+    def _wait(self, started: _Started) -> None:
+        nodes, checked, begun = 0, 0.0, time.monotonic()
         while self.pending:
             ready, _ = self.ray.wait(list(self.pending), num_returns=1, timeout=0.5)
             self.stop.check()
             for ref in ready:
                 self._finished(ref, *self.pending.pop(ref))
+            waited = time.monotonic() - begun
+            started.seen = started.seen or bool(ready)
+            if not started.poll() and waited > self.start_timeout:
+                raise self._not_started()
             if time.monotonic() - checked > 5:
                 nodes = sum(1 for node in self.ray.nodes() if node.get("Alive"))
                 checked = time.monotonic()
             busy = f"{len(self.pending)} base shard{'s' if len(self.pending) != 1 else ''} in flight"
+            if not started.seen:
+                busy = f"waiting {waited:.0f} s of {self.start_timeout:g} for a node to start a task"
             self.progress.set_postfix_str(f"{busy}, {nodes} node{'s' if nodes != 1 else ''}", refresh=False)
             self.progress.refresh()
+
+    def _not_started(self) -> ClusterError:
+        """The cluster started no task in time: what it has, what a task asks, the likely cause.
+        The tasks are cancelled."""
+        for ref in self.pending:
+            self.ray.cancel(ref, force=True)
+        nodes = [node for node in self.ray.nodes() if node.get("Alive")]
+        seen = "; ".join(f"{node.get('NodeManagerAddress', '?')} ({_resources(node['Resources'])})" for node in nodes)
+        asked = _resources({key: value for key, value in self.asked.items() if value})
+        free, total = self.ray.available_resources(), self.ray.cluster_resources()
+        if not any(all(node["Resources"].get(key, 0) >= value for key, value in self.asked.items()) for node in nodes):
+            cause = "no node has what one task asks for"
+            hint = "add a node that has it (a task is one base shard, and needs the memory `plan` prints)"
+        elif free.get("CPU", 0) >= total.get("CPU", 0):
+            here = self.ray.util.get_node_ip_address()
+            cause = f"the nodes' CPUs are free, so the nodes likely cannot reach this machine (the driver, {here})"
+            hint = "run the merge on a node of the cluster, or let the nodes reach this machine's address and ports"
+        else:
+            cause = "the cluster's CPUs are busy with other work"
+            hint = "wait for it, or raise --ray-start-timeout"
+        return ClusterError(
+            f"no task started within {self.start_timeout:g} s; nodes seen: {len(nodes)}, {seen or 'none'}; "
+            f"each task asks for {asked}; likely cause: {cause}",
+            hint=hint,
+        )
 
     def _adapter_files(self) -> dict[str, Any]:
         """The adapter files sent through the object store (all of them or none), by path."""
         names = sorted({adapter.weights_file for job in self.jobs for adapter in job.plan.adapters})
         if sum(Path(name).stat().st_size for name in names) > ADAPTERS_BY_STORE:
             return {}
-        return {name: self.ray.put(Path(name).read_bytes()) for name in names}
+        return {name: self.ray.put(read_input(Path(name), ADAPTERS_BY_STORE)) for name in names}
 
     def _units(self) -> list[tuple[Unit, list[Job]]]:
         """One unit per base shard that some job still needs, with every job that needs it."""
@@ -268,17 +328,65 @@ def _absolute(plan: Plan) -> Plan:
     return replace(plan, shards=shards, adapters=adapters, output=os.path.abspath(plan.output or ""))
 
 
-def _run_unit(unit: Unit, names: tuple[str, ...], *files: bytes) -> tuple[str, list[ShardDone]]:
+def _run_unit(unit: Unit, started: str, names: tuple[str, ...], *files: bytes) -> tuple[str, list[ShardDone]]:
     """The Ray task: ``unit`` merged on this node, and the node's name for messages (also on
-    an error it raises, which reaches the driver pickled with it)."""
+    an error it raises, which reaches the driver pickled with it). It first notes that it
+    started, where the driver sees it whether or not it can reach this node (see _Started)."""
     import ray
 
     node = f"{socket.gethostname()} ({ray.util.get_node_ip_address()})"
+    _Started.note(started, node)
     try:
         return node, merge_unit(unit, dict(zip(names, files, strict=True)))
     except Exception as exc:
         exc.node = node  # type: ignore[attr-defined]
         raise
+
+
+class _Started:
+    """Whether a task of the pass has started: each task writes a key in the cluster's own
+    key-value store (the head node's, which the nodes and the driver reach whatever else they
+    cannot), and the driver looks for one about once a second. A task whose result came back
+    has started too. A cluster where nothing starts (a driver the nodes cannot reach: their
+    tasks wait for arguments only the driver holds; or no node that has what a task asks for)
+    otherwise waits without a word."""
+
+    NAMESPACE = "shardmerge"
+
+    def __init__(self) -> None:
+        from ray.experimental import internal_kv
+
+        self.kv = internal_kv
+        self.key = f"started/{uuid.uuid4().hex}/"
+        self.seen = False
+        self.polled = 0.0
+
+    def poll(self) -> bool:
+        if not self.seen and time.monotonic() - self.polled >= 1:
+            self.polled = time.monotonic()
+            self.seen = bool(self.kv._internal_kv_list(self.key, namespace=self.NAMESPACE))
+        return self.seen
+
+    def forget(self) -> None:
+        self.kv._internal_kv_del(self.key, del_by_prefix=True, namespace=self.NAMESPACE)
+
+    @classmethod
+    def note(cls, key: str, node: str) -> None:
+        """In the task: note that it started (never failing it for that)."""
+        try:
+            from ray.experimental import internal_kv
+
+            internal_kv._internal_kv_put(f"{key}{uuid.uuid4().hex}", node, namespace=cls.NAMESPACE)
+        except Exception:  # a task that cannot note it still merges; the driver sees its result
+            return
+
+
+def _resources(resources: dict[str, float]) -> str:
+    """CPU, GPU and memory of a node or a task, in words."""
+    parts = [f"{resources[key]:g} {key}" for key in ("CPU", "GPU") if resources.get(key)]
+    if resources.get("memory"):
+        parts.append(f"{resources['memory'] / 2**30:.1f} GiB memory")
+    return ", ".join(parts) or "nothing"
 
 
 def _retried(exc: BaseException) -> bool:

@@ -34,6 +34,7 @@ def execute(
     push: PushTarget | None = None,
     executor: str = "local",
     ray_address: str | None = None,
+    ray_start_timeout: float | None = None,
 ) -> MergeReport:
     """Write the merged model described by ``plan`` into ``plan.output``, resuming an earlier
     run of the same job there. ``verify_resume`` re-hashes the shards it would skip. With
@@ -46,6 +47,7 @@ def execute(
         verify_resume=verify_resume,
         executor=executor,
         ray_address=ray_address,
+        ray_start_timeout=ray_start_timeout,
     )
     if isinstance(result, BaseException):
         raise result
@@ -60,6 +62,7 @@ def run_pass(
     verify_resume: bool = False,
     executor: str = "local",
     ray_address: str | None = None,
+    ray_start_timeout: float | None = None,
 ) -> list[MergeReport | BaseException]:
     """Merge several jobs on one base in one pass over it: each base shard is read once and
     written to every job that still needs it. The jobs' plans must lay the shards out alike
@@ -69,7 +72,9 @@ def run_pass(
     if executor == "ray":
         from .cluster import run_on_cluster
 
-        return run_on_cluster(jobs, ray_address, quiet=quiet, restart=restart, verify_resume=verify_resume)
+        return run_on_cluster(
+            jobs, ray_address, ray_start_timeout, quiet=quiet, restart=restart, verify_resume=verify_resume
+        )
     try:
         device = resolve_device(jobs[0].plan.device)
     except DeviceError as exc:

@@ -20,16 +20,21 @@ from typing import Any
 from tqdm import tqdm
 
 from ..errors import JobConfigError, NoChangeError, OutputError
+from ..formats.confined import read_input
 from ..formats.jsonedit import rewrite
 from ..formats.safetensors import INDEX_NAME, render_index
 from ..output import card, lock, outdir
 from ..output import journal as journals
 from ..output.publish import Publisher, PushTarget, commit_message
+from ..planning.adapters import MAX_CONFIG_BYTES
 from ..planning.model import Plan, ShardPlan
 from .merger import TensorMerger
 
 # errno values that mean "no room": a full disk, a quota, or a file size limit.
 NO_SPACE = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# Room the free-space check keeps for a line of the index, and for the model card.
+INDEX_LINE_BYTES = 256
+CARD_BYTES = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -45,12 +50,16 @@ class MergeReport:
     commit: str | None = None  # the Hub commit, when published
     url: str | None = None
     unchanged: int = 0  # merged tensors that came out equal to the base (an update of zero)
+    # of those, tensors the adapters saved whole that hold the base's own values (PEFT saves
+    # an embedding layer whole beside LoRA on it or on its tied head): right, not a warning
+    unchanged_copies: tuple[str, ...] = ()
     non_finite_kept: tuple[str, ...] = ()  # tensors whose NaN or Inf came from the base
     # Merged weights written back quantized: how many, and over all of them together, the
     # norm of what survived requantization, Q(W + dW) - W, and of the error it added,
     # Q(W + dW) - (W + dW), each relative to the norm of the update dW; the weight that kept
     # the least of its update, and how much.
     requantized: int = 0
+    requantized_non_finite: int = 0  # requantized weights holding the base's NaN or Inf: no figures
     update_kept: float | None = None
     update_error: float | None = None
     least_kept: tuple[str, float] | None = None
@@ -93,7 +102,7 @@ def claim(job: Job, device: str, restart: bool, verify_resume: bool, quiet: bool
     plan = job.plan
     if not plan.output:
         raise JobConfigError("no output folder given", hint="pass -o OUT, or set output: in the job")
-    inputs = [Path(plan.base), *(Path(adapter.path) for adapter in plan.adapters)]
+    inputs = [Path(plan.shards[0].source).parent, *(Path(adapter.weights_file).parent for adapter in plan.adapters)]
     journals.check_output(job.folder, inputs)
     job.stack.enter_context(lock.hold(job.folder))
     journal = job.journal = journals.claim(job.folder, plan, restart=restart, device=device)
@@ -108,7 +117,7 @@ def claim(job: Job, device: str, restart: bool, verify_resume: bool, quiet: bool
     needed = [shard.size for shard in todo]
     if job.push is not None and job.push.delete_after_upload:
         needed = sorted(needed)[-2:]  # the disk holds one shard uploading, one being written
-    _check_free_space(job.folder, sum(needed))
+    _check_free_space(job.folder, sum(needed) + (0 if journal.complete else side_bytes(plan)))
     if job.publisher is not None:
         for shard in plan.shards:
             if shard.name not in job.todo:
@@ -172,6 +181,7 @@ def report(job: Job, device: str) -> MergeReport:
     written = [shard for shard in plan.shards if shard.name in job.written]
     assert job.journal is not None
     records = job.journal.shards.values()
+    kept = [name for record in records for name in record.non_finite_kept]  # NaN or Inf from the base
     return MergeReport(
         output=str(job.folder),
         shards=len(plan.shards),
@@ -184,7 +194,21 @@ def report(job: Job, device: str) -> MergeReport:
         commit=job.commit,
         url=job.publisher.url if job.publisher is not None else None,
         unchanged=sum(len(record.unchanged) for record in records),
-        non_finite_kept=tuple(name for record in records for name in record.non_finite_kept),
+        unchanged_copies=tuple(
+            tensor.name
+            for shard in plan.shards
+            for tensor in shard.tensors
+            if tensor.ops
+            and all(op.kind == "replace" for op in tensor.ops)
+            and any(tensor.name in record.unchanged for record in records)
+        ),
+        non_finite_kept=tuple(kept),
+        requantized_non_finite=sum(
+            1
+            for shard in plan.shards
+            for tensor in shard.tensors
+            if tensor.name in kept and tensor.ops and tensor.quant and tensor.dtype == tensor.src_dtype
+        ),
         **_requantization([entry for record in records for entry in record.requantized]),
     )
 
@@ -203,6 +227,14 @@ def _requantization(entries: list[tuple[str, float, float, float]]) -> dict[str,
     }
 
 
+def side_bytes(plan: Plan) -> int:
+    """What the output's other files take: the base's side files (their data: holes are not
+    copied; config.json among them), and the index and the model card (a line of the index
+    per tensor, a few KB of card)."""
+    tensors = sum(len(shard.tensors) for shard in plan.shards)
+    return sum(outdir.allocated(Path(name)) for name in plan.extra_files) + tensors * INDEX_LINE_BYTES + CARD_BYTES
+
+
 def _check_free_space(folder: Path, needed: int) -> None:
     free = shutil.disk_usage(folder).free
     if needed > free:
@@ -216,9 +248,10 @@ def _check_free_space(folder: Path, needed: int) -> None:
 def io_error(exc: OSError, job: Job) -> OutputError:
     where = exc.filename or job.folder
     if exc.errno in NO_SPACE:
-        left = sum(shard.size for shard in job.plan.shards if shard.name in job.todo) / 2**30
+        left = sum(shard.size for shard in job.plan.shards if shard.name in job.todo) + side_bytes(job.plan)
+        amount = f"{left / 2**30:.2f} GiB" if left >= 2**30 else f"{left / 2**20:.1f} MiB"
         return OutputError(
-            f"out of space ({exc.strerror}) with up to {left:.2f} GiB still to write",
+            f"out of space ({exc.strerror}) with up to {amount} still to write",
             file=where,
             hint="free some space, then run the same command again: finished shards are kept",
         )
@@ -236,7 +269,8 @@ def _finish(plan: Plan, folder: Path) -> None:
             base_card = source
         elif source.name == "config.json" and plan.config is not None:
             # only the keys the merge changes: every other byte as the base has it
-            outdir.write_bytes_atomic(final, rewrite(source.read_text(encoding="utf-8"), plan.config).encode())
+            text = read_input(source, MAX_CONFIG_BYTES).decode("utf-8")
+            outdir.write_bytes_atomic(final, rewrite(text, plan.config).encode())
         else:
             outdir.copy_atomic(source, final)
     outdir.write_bytes_atomic(folder / card.CARD_NAME, card.render(plan, base_card))

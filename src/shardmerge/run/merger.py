@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from ..errors import DeviceError, NonFiniteError
 from ..formats.checkpoint import read_checkpoint_header
+from ..formats.confined import open_input
 from ..formats.dtypes import TORCH_DTYPES
 from ..formats.fileio import open_output, pread_into
 from ..formats.quantization import QuantFormat
@@ -165,7 +166,7 @@ class AdapterReader:
 
     def __init__(self, path: str) -> None:
         self.tensors = read_checkpoint_header(Path(path)).tensors
-        self.fd = os.open(path, os.O_RDONLY)
+        self.fd = open_input(path)
 
     def shape(self, key: str, rows: tuple[int, int] | None = None) -> tuple[int, ...]:
         shape = self.tensors[key].shape
@@ -356,7 +357,7 @@ class TensorMerger:
             return None
         read = tensor.quant
         raw = self.scale_buffer.take(read.scale_end - read.scale_begin)
-        scale_fd = os.open(read.scale_source, os.O_RDONLY)
+        scale_fd = open_input(read.scale_source)
         try:
             pread_into(scale_fd, memoryview(raw.numpy()), read.scale_begin)
         finally:
@@ -757,7 +758,7 @@ class TensorMerger:
         header = shard.header_bytes()
         try:
             with ExitStack() as stack:
-                src = os.open(shard.source, os.O_RDONLY)
+                src = open_input(shard.source)
                 stack.callback(os.close, src)
                 dst, direct = open_output(tmp)
                 stack.callback(os.close, dst)
@@ -802,7 +803,12 @@ class TensorMerger:
             unchanged=tuple(name for name in names if name in self.unchanged),
             non_finite_kept=tuple(name for name in names if name in self.kept_non_finite),
             sha256=written.sha256,
-            requantized=tuple((name, *self.requantized[name]) for name in names if name in self.requantized),
+            # a weight whose NaN or Inf came from the base has no figures: reported apart
+            requantized=tuple(
+                (name, *self.requantized[name])
+                for name in names
+                if name in self.requantized and all(map(math.isfinite, self.requantized[name]))
+            ),
         )
 
 
