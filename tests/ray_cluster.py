@@ -26,21 +26,50 @@ LOOPBACK = "127.0.0.1"
 SYSTEM_CONFIG = {"health_check_period_ms": 200, "health_check_failure_threshold": 5, "health_check_timeout_ms": 500}
 
 
+def _head(root: Path, **extra: object) -> Cluster:
+    """A cluster of a head node that runs no task, its files in ``root``."""
+    args = {"num_cpus": 0, "node_ip_address": LOOPBACK, "temp_dir": str(root / "ray"), "include_dashboard": False}
+    return Cluster(initialize_head=True, head_node_args={**args, **extra})
+
+
+@contextmanager
+def _environment(**values: str | None) -> Iterator[None]:
+    """``os.environ`` with ``values`` for the block (None: without the key), as it was after."""
+    before = {key: os.environ.get(key) for key in values}
+    try:
+        for key, value in values.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        yield
+    finally:
+        for key, value in before.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextmanager
+def _root() -> Iterator[Path]:
+    """A folder for a cluster's files, removed after. Ray's socket paths must stay under 108
+    bytes: a short folder, not pytest's tmp_path. Ray notes the cluster's address in
+    RAY_TMPDIR/ray (by default /tmp/ray, which a fresh machine does not have): here instead."""
+    root = Path(tempfile.mkdtemp(prefix="smray-"))
+    try:
+        with _environment(RAY_TMPDIR=str(root)):
+            yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 class LocalCluster:
     """The cluster and the worker nodes the tests may add or remove."""
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.cluster = Cluster(
-            initialize_head=True,
-            head_node_args={
-                "num_cpus": 0,
-                "node_ip_address": LOOPBACK,
-                "temp_dir": str(root / "ray"),
-                "include_dashboard": False,
-                "_system_config": SYSTEM_CONFIG,
-            },
-        )
+        self.cluster = _head(root, _system_config=SYSTEM_CONFIG)
         self.count = 0
         for _ in range(2):
             self.add_worker()
@@ -64,24 +93,42 @@ class LocalCluster:
         return list(self.cluster.worker_nodes)
 
 
+# What a node's processes are started with so that they reach 127.0.0.1 and nothing else: their
+# gRPC connections go through a proxy at a port where nothing listens.
+_ONLY_LOOPBACK_ONE = {
+    "RAY_grpc_enable_http_proxy": "1",
+    "grpc_proxy": f"http://{LOOPBACK}:9",
+    "no_grpc_proxy": f"{LOOPBACK},localhost",
+}
+DRIVER_ADDRESS = "127.0.0.2"
+
+
+@contextmanager
+def cluster_that_cannot_reach_its_driver() -> Iterator[str]:
+    """A cluster whose worker node cannot reach the driver: a head node that runs no tasks, a
+    worker node of one CPU that reaches 127.0.0.1 only, and a node without CPUs at
+    DRIVER_ADDRESS for a driver to join (``ray.init(..., _node_ip_address=DRIVER_ADDRESS)``).
+    The driver connects and submits; a task whose arguments only it holds never starts.
+    Yields the cluster's address."""
+    with _root() as root:
+        cluster = _head(root)
+        try:
+            with _environment(**_ONLY_LOOPBACK_ONE):  # for the worker node's processes only
+                cluster.add_node(num_cpus=1, node_ip_address=LOOPBACK)
+            cluster.add_node(num_cpus=0, node_ip_address=DRIVER_ADDRESS)
+            yield str(cluster.address)
+        finally:
+            cluster.shutdown()
+
+
 @contextmanager
 def local_cluster() -> Iterator[LocalCluster]:
     """A cluster for the block; every process it started is stopped after."""
-    # Ray's socket paths must stay under 108 bytes: a short folder, not pytest's tmp_path.
-    root = Path(tempfile.mkdtemp(prefix="smray-"))
-    # Ray notes the cluster's address in RAY_TMPDIR/ray (default /tmp/ray, which a fresh
-    # machine does not have): the cluster's own folder instead.
-    before = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = str(root)
-    made = LocalCluster(root)
-    try:
-        yield made
-    finally:
-        if ray.is_initialized():
-            ray.shutdown()
-        made.cluster.shutdown()
-        shutil.rmtree(root, ignore_errors=True)
-        if before is None:
-            del os.environ["RAY_TMPDIR"]
-        else:
-            os.environ["RAY_TMPDIR"] = before
+    with _root() as root:
+        made = LocalCluster(root)
+        try:
+            yield made
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            made.cluster.shutdown()

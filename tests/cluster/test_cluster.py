@@ -23,10 +23,11 @@ from huggingface_hub import HfApi, snapshot_download
 from conftest import Base, edit_tensor, llama_config, read_output, save_adapter, save_base
 from fp8_checkpoints import fine_grained, quantize_checkpoint
 from hub_server import Fault, HubServer
-from ray_cluster import LocalCluster, local_cluster
+from ray_cluster import DRIVER_ADDRESS, LocalCluster, cluster_that_cannot_reach_its_driver, local_cluster
 from shardmerge import merge
 
-pytestmark = pytest.mark.ray
+# One cluster for the module: its tests run in one worker of a parallel run (pytest-xdist).
+pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray-cluster")]
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TOKEN = "hf_loopbackTestToken0123456789"
@@ -316,6 +317,40 @@ def test_a_cluster_that_does_not_answer_is_one_line(inputs: tuple[Base, Path, Pa
     assert done.returncode == 1
     (line,) = done.stderr.strip().splitlines()
     assert f"nothing answers at the Ray cluster address 127.0.0.1:{port}" in line and "ray start --head" in line
+    assert not list(out.glob("*.safetensors")) and not list(out.glob("*.tmp"))
+
+
+def test_a_cluster_whose_nodes_cannot_reach_the_driver_fails_in_one_line(
+    inputs: tuple[Base, Path, Path], tmp_path: Path
+) -> None:
+    """The nodes on one address, the driver on another that they cannot reach: no task ever
+    starts. After --ray-start-timeout the merge says so, with what it saw, and exits."""
+    base, adapter, _ = inputs
+    out = tmp_path / "out"
+    with cluster_that_cannot_reach_its_driver() as address:
+        driver = (
+            "import logging, sys, ray\n"
+            f"ray.init(address={address!r}, _node_ip_address={DRIVER_ADDRESS!r}, log_to_driver=False, "
+            "logging_level=logging.WARNING)\n"
+            "from shardmerge.cli import main\n"
+            "sys.exit(main(sys.argv[1:]))\n"
+        )
+        args = ["merge", base.path, adapter, "-o", out, "--executor", "ray", "--ray-start-timeout", "10"]
+        started = time.monotonic()
+        done = subprocess.run(
+            [sys.executable, "-c", driver, *map(str, args)],
+            env={**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"},
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        seconds = time.monotonic() - started
+    assert done.returncode == 1, done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("shardmerge: ")]
+    assert "no task started within 10 s; nodes seen: 3," in line and "1 CPU" in line
+    assert "each task asks for 1 CPU, " in line and "GiB memory" in line
+    assert f"the nodes likely cannot reach this machine (the driver, {DRIVER_ADDRESS})" in line
+    assert seconds < 60
     assert not list(out.glob("*.safetensors")) and not list(out.glob("*.tmp"))
 
 

@@ -534,3 +534,31 @@ def test_push_refuses_a_folder_that_is_not_a_finished_merge(
     flags = _run(_command("merge", base.path, adapter, "-o", tmp_path / "out", "--private"), hub, tmp_path / "home")
     assert flags.returncode == 2 and "private only apply with push_to_hub" in flags.stderr
     assert not hub.state.repos
+
+
+@pytest.mark.parametrize("fault", [503, "drop"], ids=["503", "reset"])
+def test_a_hub_that_keeps_failing_is_one_line_within_a_minute_and_the_merge_resumes(
+    hub: HubServer, inputs: tuple[Base, Path, Path], tmp_path: Path, fault: int | str
+) -> None:
+    """Every upload refused: one layer of retries (huggingface_hub's, 6 tries a request), no
+    retry warnings, the merge stops at the failure; then the same command publishes."""
+    _, _, reference = inputs
+    hub.state.faults.append(Fault("PUT", "/lfs-upload/", fault, times=1_000))
+    out = tmp_path / "out"
+    started = time.monotonic()
+    done = _run(_merge(hub, inputs, out), hub, tmp_path / "home")
+    seconds = time.monotonic() - started
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert f"{REPO}: uploading model-00001-of-" in line and "failed 6 times (huggingface_hub's retries)" in line
+    assert ("HTTP 503" if fault == 503 else "Server disconnected without sending a response") in line
+    assert seconds < 60
+    assert sum(1 for _, method, path, _ in hub.state.log if method == "PUT") == 6
+    hub.state.faults.clear()
+    resumed = _run(_merge(hub, inputs, out), hub, tmp_path / "home")
+    assert resumed.returncode == 0, resumed.stderr
+    assert hub.state.commits_made == 1
+    pushed = _files(_download(hub, tmp_path))
+    assert {n: d for n, d in pushed.items() if n.endswith(".safetensors")} == {
+        p.name: p.read_bytes() for p in reference.glob("*.safetensors")
+    }

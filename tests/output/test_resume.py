@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import resource
 import shutil
 import signal
@@ -159,6 +160,52 @@ def test_not_enough_free_space_fails_before_writing(job: Job, tmp_path: Path, mo
     with pytest.raises(shardmerge.OutputError, match=r"not enough free space: the merge writes 0\.\d\d GiB"):
         shardmerge.merge(base=str(job.base.path), adapters=[str(job.adapter)], output=str(tmp_path / "out"))
     assert not list((tmp_path / "out").glob("*.safetensors*"))
+
+
+def _with_side_file(job: Job, folder: Path, size: int) -> Path:
+    """A copy of the base with a side file of ``size`` random bytes, larger than any shard."""
+    shutil.copytree(job.base.path, folder)
+    (folder / "vectors.dat").write_bytes(os.urandom(size))
+    return folder
+
+
+def test_side_files_count_in_the_free_space_check(job: Job, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    base = _with_side_file(job, tmp_path / "base", 24 * 2**20)
+    shards = sum(p.stat().st_size for p in job.clean.glob("*.safetensors"))
+    real = shutil.disk_usage
+
+    def room_for_the_shards(path: object) -> object:
+        usage = real(path)
+        return type(usage)(usage.total, usage.total - shards - 2**20, shards + 2**20)
+
+    monkeypatch.setattr(shutil, "disk_usage", room_for_the_shards)
+    with pytest.raises(shardmerge.OutputError, match=r"not enough free space: the merge writes 0\.0\d GiB"):
+        shardmerge.merge(base=str(base), adapters=[str(job.adapter)], output=str(tmp_path / "out"))
+    assert not list((tmp_path / "out").glob("*.safetensors*"))
+    shardmerge.merge(base=str(job.base.path), adapters=[str(job.adapter)], output=str(tmp_path / "fits"))
+
+
+def test_a_side_file_that_does_not_fit_is_named_and_leaves_no_temp_file(job: Job, tmp_path: Path) -> None:
+    largest = max(p.stat().st_size for p in job.clean.glob("*.safetensors"))
+    base = _with_side_file(job, tmp_path / "base", 2 * largest)
+    output = tmp_path / "out"
+
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (largest + 4096, largest + 4096))
+
+    command = [SHARDMERGE, "merge", str(base), str(job.adapter), "-o", str(output), "--quiet"]
+    result = subprocess.run(command, capture_output=True, text=True, preexec_fn=small_disk, check=False)
+    assert result.returncode == 1
+    err = result.stderr.strip()
+    assert "\n" not in err
+    assert err.startswith(f"shardmerge: error: {output / 'vectors.dat'}: out of space (File too large)"), err
+    assert re.search(r"with up to \d+\.\d MiB still to write", err) and "run the same command again" in err
+    assert not list(output.glob("*.tmp")), "the partial side file was removed"
+    assert not (output / "vectors.dat").exists() and not (output / "model.safetensors.index.json").exists()
+    done = shardmerge.merge(base=str(base), adapters=[str(job.adapter)], output=str(output))
+    assert done.shards_skipped == done.shards
+    assert (output / "vectors.dat").read_bytes() == (base / "vectors.dat").read_bytes()
 
 
 def test_truncated_shard_is_redone_and_verify_catches_it(job: Job, tmp_path: Path) -> None:

@@ -502,7 +502,7 @@ BAD: dict[str, tuple[Callable[[Path, dict[str, Any]], None], str]] = {
     ),
     "mxfp4": (
         lambda folder, config: config.update(quantization_config={"quant_method": "mxfp4"}),
-        "adapter targets a F8_E4M3 tensor; only floating-point tensors can be merged",
+        "stored as F8_E4M3, as are 12 more tensors, but config.json declares MXFP4",
     ),
     "ct-int4": (
         lambda folder, config: config.update(
@@ -580,3 +580,73 @@ def test_a_quantized_kv_cache_cannot_be_dequantized(fp8: Callable[[str], Fp8Base
         shardmerge.plan(base=str(broken), adapters=[str(adapter)], dtype="bfloat16")
     assert "quantizes its KV cache" in caught.value.problems[0].one_line()
     assert shardmerge.plan(base=str(broken), adapters=[str(adapter)]).dtype == "base"
+
+
+def test_a_quantization_config_that_no_tensor_carries_is_refused(fp8: Callable[[str], Fp8Base], tmp_path: Path) -> None:
+    """An FP8 config on 16-bit weights would be kept in the output, which then loads as FP8."""
+    base = fp8("llama-fp8")
+    sixteen = Path(shutil.copytree(base.dequantized.path, tmp_path / "bf16"))
+    config = json.loads((sixteen / "config.json").read_text())
+    config["quantization_config"] = fine_grained()
+    (sixteen / "config.json").write_text(json.dumps(config))
+    adapter = save_adapter(base.dequantized, tmp_path / "adapter", seed=50, r=4, target_modules=["q_proj"])
+    done = subprocess.run(
+        [SHARDMERGE, "merge", str(sixteen), str(adapter), "-o", str(tmp_path / "out")], capture_output=True, text=True
+    )
+    assert done.returncode == 1
+    assert f"{sixteen / 'config.json'}: declares fine-grained FP8 (32x32 blocks), but no tensor" in done.stderr
+    assert not (tmp_path / "out").exists()
+    undeclared = _broken_copy(base, tmp_path / "undeclared", lambda folder, config: config.pop("quantization_config"))
+    done = subprocess.run(
+        [SHARDMERGE, "merge", str(undeclared), str(adapter), "-o", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 1
+    assert "stored as F8_E4M3, as are 12 more tensors, but config.json declares no quantization" in done.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["bitsandbytes", "gptq", "ct-nvfp4"])
+def test_a_refused_base_is_the_one_problem_reported(case: str, fp8: Callable[[str], Fp8Base], tmp_path: Path) -> None:
+    """Its reason, not a line per adapter module blaming the adapter for the base's format."""
+    base = fp8("llama-fp8")
+    adapter = save_adapter(base.dequantized, tmp_path / "adapter", seed=50, r=4, target_modules=["q_proj", "v_proj"])
+    broken = _broken_copy(base, tmp_path / "broken", BAD[case][0])
+    done = subprocess.run([SHARDMERGE, "plan", str(broken), str(adapter)], capture_output=True, text=True)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and "1 problem found" in lines[0]
+    assert len(lines) == 2 and BAD[case][1] in lines[1]
+
+
+def test_a_nan_base_scale_is_reported_apart_and_never_written_to_the_journal(
+    fp8: Callable[[str], Fp8Base], tmp_path: Path
+) -> None:
+    base = fp8("llama-fp8")
+    adapter = save_adapter(base.dequantized, tmp_path / "adapter", seed=52, r=4, target_modules=["q_proj", "up_proj"])
+
+    def nan_scale(folder: Path, config: dict[str, Any]) -> None:
+        index = json.loads((folder / "model.safetensors.index.json").read_text())
+        scale = load_file(folder / index["weight_map"][f"{Q}.weight_scale_inv"])[f"{Q}.weight_scale_inv"]
+        scale[0, 0] = float("nan")
+        edit_tensor(folder, f"{Q}.weight_scale_inv", scale)
+
+    broken = _broken_copy(base, tmp_path / "nan", nan_scale)
+    output = tmp_path / "out"
+    done = subprocess.run(
+        [SHARDMERGE, "merge", str(broken), str(adapter), "-o", str(output), "--quiet"], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    requant = next(line for line in done.stdout.splitlines() if line.startswith("  requant"))
+    assert "1 requantized weight holding NaN or Inf from the base, left out of the figures" in requant
+    assert "3 merged weights requantized: the change written is" in requant
+    assert "their updates are zero" not in requant
+    assert f"NaN or Inf kept from the base in 1 tensors: {Q}.weight" in done.stdout
+
+    def forbidden(name: str) -> None:
+        raise AssertionError(f"the journal holds {name}")
+
+    journal = json.loads((output / ".shardmerge" / "journal.json").read_text(), parse_constant=forbidden)
+    figures = [entry for record in journal["shards"].values() for entry in record["requantized"]]
+    assert len(figures) == 3 and f"{Q}.weight" not in {entry[0] for entry in figures}
+    assert verify(output).merged_checked == 4

@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 
 import shardmerge
-from conftest import Base, load_fp32, read_output, save_adapter
+from conftest import Base, llama_config, load_fp32, read_output, save_adapter, save_base, unmerged_logits
 from shardmerge.verify import verify
 
 SHARDMERGE = str(Path(sys.executable).with_name("shardmerge"))
@@ -162,3 +162,30 @@ def test_verify_against_base_and_changes_per_adapter(models: Callable[[str], Bas
     with pytest.raises(shardmerge.VerifyError) as caught:
         verify(output, against_base=True)
     assert any(f"{COPIED}: copied tensor differs from the base" in p.one_line() for p in caught.value.problems)
+
+
+def test_an_untied_head_says_what_happened_to_the_embedding_the_adapter_saved_whole(
+    models: Callable[[str], Base], tmp_path: Path
+) -> None:
+    """LoRA on the head of a tied model: PEFT saves the embedding whole, with the base's values.
+    Written as it is, which is right: said so, not reported as an update of zero."""
+    config = llama_config()
+    config.tie_word_embeddings = True
+    base = save_base(config, tmp_path / "base", torch.bfloat16, shard_kb=None)
+    adapter = save_adapter(base, tmp_path / "adapter", seed=7, r=4, target_modules=["lm_head"])
+    output = tmp_path / "out"
+    result = subprocess.run(
+        [SHARDMERGE, "merge", str(base.path), str(adapter), "-o", str(output), "--quiet"],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0 and not result.stderr
+    assert "came out equal to the base" not in result.stdout
+    assert "1 tensor saved whole in the adapter holds the base's own values (model.embed_tokens.weight)" in (
+        result.stdout
+    )
+    ids = torch.arange(24).reshape(2, 12) % config.vocab_size
+    merged = load_fp32(output).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, unmerged_logits(base, adapter, ids), rtol=2e-2, atol=2e-2)
+    assert verify(output, against_base=True).against_base == len(read_output(output))
