@@ -24,8 +24,9 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests scripts
 	$(BIN)/lint-imports
 
+# Tests in parallel on every core (at most 4): a file's module-scoped cluster stays in one worker.
 test: lint
-	$(BIN)/pytest -m "not slow"
+	$(BIN)/pytest -m "not slow" -n auto --maxprocesses 4 --dist loadgroup
 
 clean:
 	rm -rf demo build dist src/*.egg-info
