@@ -55,7 +55,19 @@ class AdapterSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: str
-    weight: float = Field(1.0, allow_inf_nan=False, strict=True)  # a finite number: not NaN, true or "0.5"
+    weight: float = Field(1.0, allow_inf_nan=False)  # a finite number
+
+    @field_validator("weight", mode="before")
+    @classmethod
+    def _number(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not true or false")
+        if isinstance(value, str):  # YAML reads 1e-1 as text: a number written as text is one
+            try:
+                return float(value)
+            except ValueError:
+                return value
+        return value
 
 
 class PushOptions(BaseModel):

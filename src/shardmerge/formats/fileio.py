@@ -8,7 +8,10 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import suppress
 from pathlib import Path
+from typing import Any
 
 import xxhash
 
@@ -39,13 +42,15 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         offset += written
 
 
-def create(path: Path, flags: int = 0) -> int:
-    """``path`` created anew for writing, never through a link: whatever has the name (a temp
-    file left by a killed run, or a link planted there) is removed first, and the file is
-    created exclusively, so a link put there meanwhile fails the open instead of being
-    followed."""
-    path.unlink(missing_ok=True)
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | flags, 0o644)
+def create(path: Path | str, flags: int = 0, *, dir_fd: int | None = None) -> int:
+    """``path`` (in folder ``dir_fd``, if given) created anew for writing, never through a link:
+    whatever has the name (a temp file left by a killed run, or a link planted there) is
+    removed first, and the file is created exclusively, so a link put there meanwhile fails
+    the open instead of being followed."""
+    with suppress(FileNotFoundError):
+        os.unlink(path, dir_fd=dir_fd)
+    flags |= os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.open(path, flags, 0o644, dir_fd=dir_fd)
 
 
 def open_output(path: Path) -> tuple[int, bool]:
@@ -73,6 +78,54 @@ def file_hashes(path: Path, *, xxh3: bool, sha256: bool) -> tuple[str | None, st
     finally:
         os.close(fd)
     return (fast.hexdigest() if fast else None, slow.hexdigest() if slow else None)
+
+
+def data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The ranges of a file's first ``size`` bytes that hold data, without its holes (where the
+    file system reports them with SEEK_DATA and SEEK_HOLE; elsewhere the whole file)."""
+    offset = 0
+    while offset < size:
+        try:
+            begin = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # nothing but a hole from here to the end
+                return
+            if exc.errno != errno.EINVAL:
+                raise
+            yield offset, size  # the file system does not say where holes are
+            return
+        end = min(os.lseek(fd, begin, os.SEEK_HOLE), size)
+        yield begin, end
+        offset = end
+
+
+def content_id(path: Path) -> str:
+    """What identifies input file ``path``'s content: its sha256; for a file with holes, the
+    sha256 of its data and where it lies (``sparse-sha256:...``), so that a sparse file of a
+    terabyte is not read through its holes at every start."""
+    fd = open_input(path)
+    try:
+        size = os.fstat(fd).st_size
+        ranges = list(data_ranges(fd, size))
+        digest = hashlib.sha256()
+        if ranges == [(0, size)] or size == 0:
+            _hash_range(fd, digest, 0, size)
+            return digest.hexdigest()
+        for begin, end in ranges:
+            digest.update(f"{begin}:{end}:".encode())
+            _hash_range(fd, digest, begin, end)
+        return f"sparse-sha256:{digest.hexdigest()}:{size}"
+    finally:
+        os.close(fd)
+
+
+def _hash_range(fd: int, digest: Any, begin: int, end: int) -> None:
+    while begin < end:
+        chunk = os.pread(fd, min(_READ_CHUNK, end - begin), begin)
+        if not chunk:
+            raise OSError(errno.EIO, "the file shrank while it was read")
+        digest.update(chunk)
+        begin += len(chunk)
 
 
 def file_sha256(path: Path) -> str:

@@ -13,6 +13,7 @@ half-present weight is a problem naming the tensor.
 from __future__ import annotations
 
 import math
+import os
 import struct
 from collections import defaultdict
 from collections.abc import Mapping
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputError, ShardmergeError
+from .confined import open_input
 from .quantization import HINT, QuantFormat
 from .safetensors import FLOAT_DTYPES, TensorInfo
 
@@ -200,10 +202,12 @@ def _read_shapes(tensors: Mapping[str, Located], problems: list[ShardmergeError]
                 )
             )
             continue
-        with path.open("rb") as file:
+        fd = open_input(path)
+        try:
             for info in infos:
-                file.seek(info.begin)
-                data = file.read(info.end - info.begin)
+                data = os.pread(fd, info.end - info.begin, info.begin)
                 rows, cols = struct.unpack("<2q" if info.dtype == "I64" else "<2i", data)
                 shapes[info.name] = (rows, cols)
+        finally:
+            os.close(fd)
     return shapes

@@ -98,21 +98,46 @@ def read_quantization(config: Mapping[str, Any], path: Path) -> QuantFormat | No
         raise InputError("quantization_config is not an object", file=path, hint=HINT)
     method = str(quantization.get("quant_method", "unknown"))
     if method == "fp8":
-        return _fine_grained(quantization, path)
-    if method == "mxfp4":
-        return mxfp4_format(quantization, path)
-    if method == "compressed-tensors":
-        if quantization.get("format") == "pack-quantized":
-            return int_format(quantization, path)
-        return _compressed_tensors(quantization, path)
-    raise InputError(f"the base is quantized with {method}, which shardmerge cannot merge into", file=path, hint=HINT)
+        fmt = _fine_grained(quantization, path)
+    elif method == "mxfp4":
+        fmt = mxfp4_format(quantization, path)
+    elif method == "compressed-tensors" and quantization.get("format") == "pack-quantized":
+        fmt = int_format(quantization, path)
+    elif method == "compressed-tensors":
+        fmt = _compressed_tensors(quantization, path)
+    else:
+        raise InputError(
+            f"the base is quantized with {method}, which shardmerge cannot merge into", file=path, hint=HINT
+        )
+    _check_ignore(fmt, path)
+    return fmt
+
+
+def _check_ignore(fmt: QuantFormat, path: Path) -> None:
+    """The ignore list's entries are names or expressions that compile, as ``ignored`` reads them."""
+    for key in fmt.ignore:
+        try:
+            re.compile(key if fmt.method in ("fp8", "mxfp4") else key.removeprefix("re:"))
+        except re.error as exc:
+            raise InputError(
+                f"ignore entry {key!r} is not a regular expression ({exc})", file=path, hint=HINT
+            ) from None
+
+
+def _positive_ints(values: object, count: int) -> bool:
+    """A list of ``count`` JSON integers above zero (``true`` is not one)."""
+    return isinstance(values, list) and len(values) == count and all(type(n) is int and n > 0 for n in values)
+
+
+def _names(entries: object, path: Path) -> tuple[str, ...]:
+    if not isinstance(entries, list) or not all(isinstance(entry, str) for entry in entries):
+        raise InputError(f"the ignore list {entries!r} is not a list of names", file=path, hint=HINT)
+    return tuple(entries)
 
 
 def _fine_grained(quantization: dict[str, Any], path: Path) -> QuantFormat:
     block = quantization.get("weight_block_size")
-    if block is not None and not (
-        isinstance(block, list) and len(block) == 2 and all(isinstance(n, int) and n > 0 for n in block)
-    ):
+    if block is not None and not _positive_ints(block, 2):
         raise InputError(f"weight_block_size {block!r} is not two positive integers", file=path, hint=HINT)
     if quantization.get("dequantize"):
         raise InputError("the fp8 config asks transformers to dequantize on load", file=path, hint=HINT)
@@ -127,7 +152,7 @@ def _fine_grained(quantization: dict[str, Any], path: Path) -> QuantFormat:
         strategy="block" if block else "tensor",
         block=(block[0], block[1]) if block else None,
         ue8m0=scale_fmt == "ue8m0",
-        ignore=tuple(str(entry) for entry in ignore),
+        ignore=_names(ignore, path),
         activations=("activation_scale",) if static else (),
     )
 
@@ -164,9 +189,7 @@ def _compressed_tensors(quantization: dict[str, Any], path: Path) -> QuantFormat
     if args.get("scale_dtype") is not None:
         raise InputError(f"scale_dtype {args['scale_dtype']!r} is not supported", file=path, hint=HINT)
     block = args.get("block_structure")
-    if strategy == "block" and not (
-        isinstance(block, list) and len(block) == 2 and all(isinstance(n, int) and n > 0 for n in block)
-    ):
+    if strategy == "block" and not _positive_ints(block, 2):
         raise InputError(f"block_structure {block!r} is not two positive integers", file=path, hint=HINT)
     activations = ("input_scale", "input_zero_point", "output_scale", "output_zero_point")
     return QuantFormat(
@@ -175,7 +198,7 @@ def _compressed_tensors(quantization: dict[str, Any], path: Path) -> QuantFormat
         strategy=strategy,
         block=(block[0], block[1]) if strategy == "block" else None,
         ue8m0=False,
-        ignore=tuple(str(entry) for entry in quantization.get("ignore") or ()),
+        ignore=_names(quantization.get("ignore") or [], path),
         activations=activations,
         kv_cache=bool(quantization.get("kv_cache_scheme")),
     )
@@ -193,7 +216,7 @@ def mxfp4_format(quantization: dict[str, Any], path: Path) -> QuantFormat:
         strategy="block",
         block=(1, 32),
         ue8m0=True,
-        ignore=tuple(str(entry) for entry in ignore),
+        ignore=_names(ignore, path),
         activations=(),
         packing="mxfp4",
         bits=4,
@@ -207,12 +230,12 @@ def int_format(quantization: dict[str, Any], path: Path) -> QuantFormat:
     (``X.weight_zero_point``)."""
     args = weight_args(quantization, path)
     bits, strategy, group = args.get("num_bits"), args.get("strategy"), args.get("group_size")
-    if args.get("type") != "int" or bits not in (4, 8):
+    if args.get("type") != "int" or type(bits) is not int or bits not in (4, 8):
         kind = f"{args.get('type')}{bits}"
         raise InputError(f"pack-quantized {kind} weights are not supported (int4 and int8 are)", file=path, hint=HINT)
     if strategy not in ("group", "channel"):
         raise InputError(f"pack-quantized weights with strategy {strategy!r} are not supported", file=path, hint=HINT)
-    if strategy == "group" and not (isinstance(group, int) and group > 0):
+    if strategy == "group" and not _positive_ints([group], 1):
         raise InputError(f"group_size {group!r} is not a positive integer", file=path, hint=HINT)
     if args.get("actorder"):
         raise InputError(f"act-ordered weights (actorder {args['actorder']!r}) are not supported", file=path, hint=HINT)
@@ -230,7 +253,7 @@ def int_format(quantization: dict[str, Any], path: Path) -> QuantFormat:
         strategy="group" if strategy == "group" else "channel",
         block=(1, group) if strategy == "group" else None,
         ue8m0=False,
-        ignore=tuple(str(entry) for entry in quantization.get("ignore") or ()),
+        ignore=_names(quantization.get("ignore") or [], path),
         activations=(),
         kv_cache=bool(quantization.get("kv_cache_scheme")),
         packing="int",

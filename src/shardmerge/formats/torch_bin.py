@@ -11,30 +11,38 @@ so the memory bound is the same as for safetensors.
 from __future__ import annotations
 
 import io
+import os
 from pathlib import Path
 from typing import Any
 
 from ..errors import SafetensorsFormatError
-from .confined import check
+from .confined import open_input
 from .safetensors import SafetensorsHeader, TensorInfo
 
 _HINT = "load it with torch and save it again with safetensors (save_pretrained(safe_serialization=True))"
 
 
 def read_bin_header(path: Path) -> SafetensorsHeader:
-    """Tensor layout of a ``torch.save`` checkpoint holding a flat dict of tensors."""
+    """Tensor layout of a ``torch.save`` checkpoint holding a flat dict of tensors, read from
+    the file input files are opened as (``confined.py``)."""
+    import torch
+
+    with os.fdopen(open_input(path), "rb") as handle:
+        try:
+            reader = torch._C.PyTorchFileReader(handle)
+        except (RuntimeError, OSError) as exc:
+            raise SafetensorsFormatError(
+                "not a PyTorch zip checkpoint (legacy or damaged file)", file=path, hint=_HINT
+            ) from exc
+        return _layout(path, reader, os.fstat(handle.fileno()).st_size)
+
+
+def _layout(path: Path, reader: Any, size: int) -> SafetensorsHeader:
     import torch
     from torch import _weights_only_unpickler
 
     from .dtypes import ST_DTYPES
 
-    check(path)
-    try:
-        reader = torch._C.PyTorchFileReader(str(path))
-    except (RuntimeError, OSError) as exc:
-        raise SafetensorsFormatError(
-            "not a PyTorch zip checkpoint (legacy or damaged file)", file=path, hint=_HINT
-        ) from exc
     records = reader.get_all_records()
     pickles = [name for name in records if name == "data.pkl" or name.endswith("/data.pkl")]
     if len(pickles) != 1:
@@ -72,7 +80,6 @@ def read_bin_header(path: Path) -> SafetensorsHeader:
         begin = reader.get_record_offset(f"{prefix}data/{key}") + tensor.storage_offset() * tensor.element_size()
         end = begin + tensor.numel() * tensor.element_size()
         tensors[name] = TensorInfo(name, ST_DTYPES[tensor.dtype], tuple(tensor.shape), begin, end)
-    size = path.stat().st_size
     for info in tensors.values():
         if info.end > size:
             raise SafetensorsFormatError(

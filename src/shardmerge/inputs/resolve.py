@@ -9,7 +9,6 @@ are already here.
 from __future__ import annotations
 
 import os
-import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,24 +96,16 @@ def _is_extra(name: str) -> bool:
 
 def _side_files(folder: Path, problems: list[ShardmergeError]) -> tuple[Path, ...]:
     """The files of the base's folder that the output copies: regular files, or links that end
-    on one inside the folder; folders (and links to folders inside it) are not copied. A link
-    out of the folder, or a FIFO, device or socket, is a problem."""
+    on one inside the folder (see ``formats/confined.py``). Folders, and links to folders or to
+    nothing, are neither read nor copied. A link to a file elsewhere, or a FIFO, device or
+    socket, is a problem."""
     found = []
     for path in sorted(folder.iterdir()):
-        if not _is_extra(path.name):
-            continue
-        mode = os.lstat(path).st_mode
-        if stat.S_ISDIR(mode) or (stat.S_ISLNK(mode) and _folder_inside(path)):
+        if not _is_extra(path.name) or os.path.isdir(path) or not os.path.exists(path):
             continue
         if _check(path, problems):
             found.append(path)
     return tuple(found)
-
-
-def _folder_inside(link: Path) -> bool:
-    """Whether ``link`` leads to a folder inside its own folder's tree."""
-    real = os.path.realpath(link)
-    return os.path.isdir(real) and any(real.startswith(root + os.sep) for root in confined.roots(link.parent))
 
 
 def _check(path: Path, problems: list[ShardmergeError]) -> bool:

@@ -102,7 +102,7 @@ def _front_matter(card: Path) -> dict[str, Any]:
     try:
         fd = open_input(card)
         try:
-            text = os.read(fd, _FRONT_MATTER_BYTES).decode()
+            text = os.read(fd, _FRONT_MATTER_BYTES).decode("utf-8", "ignore")  # a character cut at the end
         finally:
             os.close(fd)
     except (OSError, UnicodeDecodeError, InputError):

@@ -18,7 +18,7 @@ from typing import Any
 from ..config import MergeJob
 from ..errors import AdapterError, InputError, PlanError, ProblemsError, ShardmergeError
 from ..formats.confined import read_input
-from ..formats.fileio import file_sha256
+from ..formats.fileio import content_id, file_sha256
 from ..formats.jsondoc import parse
 from ..formats.packed import PackedWeight, find_packed
 from ..formats.quantization import QuantFormat, QuantizedWeight, find_quantized, read_quantization
@@ -764,7 +764,7 @@ def _inputs(
         "dtype": dtype,
         **declared,
         "base": [header_id(header) for header in headers],
-        "base_files": {path.name: file_sha256(path) for path in base.extra_files},
+        "base_files": {path.name: content_id(path) for path in base.extra_files},
         "adapters": [
             {
                 "weight": adapter.weight,

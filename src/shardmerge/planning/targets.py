@@ -21,6 +21,7 @@ from collections.abc import Collection, Iterable
 from typing import Any
 
 _LAYER = re.compile(r".*?\.[^.]*\.(?P<index>\d+)\.")
+_EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
 def targeted(config: dict[str, Any], path: str) -> bool:
@@ -43,7 +44,9 @@ def uncovered(
 ) -> list[tuple[str, list[str]]]:
     """The names of a list ``target_modules`` that modules of the base answer to (checkpoint
     names: matched by their end, which checkpoints and models share) while no module the
-    weights cover does, each with those base modules."""
+    weights cover does, each with those base modules. Experts stored one by one
+    (``experts.3.gate_proj``) do not count: transformers v5 fuses them into parameters of one
+    module, which a name in ``target_modules`` does not reach."""
     spec = config.get("target_modules")
     if not isinstance(spec, list):
         return []
@@ -55,7 +58,9 @@ def uncovered(
         modules = [
             module
             for module in base_modules
-            if (module == name or module.endswith(f".{name}")) and not _excluded(config, module)
+            if (module == name or module.endswith(f".{name}"))
+            and not _excluded(config, module)
+            and not _EXPERT.search(module)
         ]
         if modules and any(_in_layers(config, module) for module in modules):
             found.append((name, sorted(modules)))
