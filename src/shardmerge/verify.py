@@ -217,7 +217,7 @@ def _against_base(folder: Path, journal: journals.Journal, problems: list[Shardm
     compared = 0
     # Tensors an adapter saved whole with the base's own values (PEFT saves an embedding layer
     # whole beside LoRA on it or on its tied head): equal to the base, as the merge recorded.
-    copies = {name for record in journal.shards.values() for name in record.unchanged}
+    unchanged = {name for record in journal.shards.values() for name in record.unchanged}
     with ExitStack() as stack:
         for shard in plan.shards:
             if journal.deleted(shard.name):
@@ -230,7 +230,7 @@ def _against_base(folder: Path, journal: journals.Journal, problems: list[Shardm
             for tensor in shard.tensors:
                 if tensor.computed and not tensor.ops:
                     continue  # new scales, or a dequantized weight: computed from the base, not copied
-                copy = tensor.name in copies and all(op.kind == "replace" for op in tensor.ops)
+                copy = tensor.name in unchanged and all(op.kind == "replace" for op in tensor.ops)
                 if _equals_base(src, out, shard.header_size, tensor) == bool(tensor.ops) and not copy:
                     problems.append(
                         VerificationProblem(

@@ -375,7 +375,7 @@ def _changed_names(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str:
 
 
 def header_sha256(path: Path) -> str:
-    with path.open("rb") as handle:
+    with outdir.reader(path) as handle:
         prefix = handle.read(8)
         length = int.from_bytes(prefix, "little") if len(prefix) == 8 else 0
         return hashlib.sha256(prefix + handle.read(min(length, 100_000_000))).hexdigest()

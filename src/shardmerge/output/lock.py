@@ -9,12 +9,10 @@ folder are not kept apart by it.
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import json
 import os
 import socket
-import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -26,11 +24,12 @@ from ..formats.jsondoc import parse
 from . import outdir
 
 LOCK_FILE = "lock"
-STATE_DIR = ".shardmerge"
+STATE_DIR = outdir.STATE_DIR
 # A run that finds the lock taken looks again for this long before it gives up: ``verify``
 # takes a shared lock for an instant to see whether a run holds it, and must not make a run
 # that starts at that moment fail.
 _PATIENCE_SECONDS = 1.0
+_HOLDER_BYTES = 64 * 1024
 _POLL_SECONDS = 0.05
 
 
@@ -46,13 +45,13 @@ def hold(folder: Path) -> Iterator[None]:
     path = lock_path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     outdir.own_folder(path.parent)
-    fd = _open(path, os.O_RDWR | os.O_CREAT)
+    fd = outdir.open_own(path, os.O_RDWR | os.O_CREAT)
     try:
         deadline = time.monotonic() + _PATIENCE_SECONDS
         while not _try(fd, fcntl.LOCK_EX):
             if time.monotonic() > deadline:
                 raise OutputError(
-                    f"another shardmerge run ({_holder(path)}) is writing this folder",
+                    f"another shardmerge run ({_holder(fd)}) is writing this folder",
                     file=folder,
                     hint="wait for it to finish or stop it; a run that was killed leaves no lock behind",
                 )
@@ -74,27 +73,13 @@ def held_by(folder: Path) -> str | None:
     """Who holds ``folder``'s lock now, or None; takes nothing that a run could wait on."""
     path = lock_path(folder)
     try:
-        fd = _open(path, os.O_RDONLY)
+        fd = outdir.open_own(path)
     except (OSError, OutputError):
         return None
     try:
-        return None if _try(fd, fcntl.LOCK_SH) else _holder(path)
+        return None if _try(fd, fcntl.LOCK_SH) else _holder(fd)
     finally:
         os.close(fd)
-
-
-def _open(path: Path, flags: int) -> int:
-    """The lock file, opened without following a link (refused, naming it)."""
-    try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise outdir.link_error(path) from None
-        raise
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise OutputError("not a regular file, where shardmerge keeps its lock", file=path, hint="remove it")
-    return fd
 
 
 def _try(fd: int, kind: int) -> bool:
@@ -105,9 +90,10 @@ def _try(fd: int, kind: int) -> bool:
     return True
 
 
-def _holder(path: Path) -> str:
+def _holder(fd: int) -> str:
+    """Who the lock file open at ``fd`` names as its holder."""
     try:
-        holder = parse(outdir.read_own(path))
+        holder = parse(os.pread(fd, _HOLDER_BYTES, 0))
         return f"pid {holder['pid']} on {holder['host']}, started {holder['started']}: {holder['command']}"
-    except (OSError, ValueError, KeyError, TypeError, OutputError):
+    except (OSError, ValueError, KeyError, TypeError):
         return "another process"

@@ -5,8 +5,12 @@ renamed, and the folder is fsynced so the rename survives a power cut. A temp fi
 exclusively with ``O_NOFOLLOW`` (``formats/fileio.create``) and removed if its writing fails;
 the rename replaces a name, never writes through it. The output folder may be writable by
 others: a link found where shardmerge keeps its own files is refused, naming it, before
-anything is written (``check_links``), and shardmerge's own small files are read without
-following links (``read_own``).
+anything is written (``check_links``); the small files (the journal, the lock, the index,
+the card, the side files) are opened, created and renamed relative to their folder's
+descriptor, the state folder opened without following a link (``folder_fd``), so a folder
+swapped for a link after the check is not written through either; and shardmerge's own
+files are read without following links (``open_own``). Shards are written in the output
+folder by path (``fileio.open_output``), created the same way.
 """
 
 from __future__ import annotations
@@ -15,15 +19,17 @@ import errno
 import os
 import stat
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import OutputError
 from ..formats.confined import open_input
-from ..formats.fileio import create
+from ..formats.fileio import create, data_ranges
 
 TMP_SUFFIX = ".tmp"
+STATE_DIR = ".shardmerge"  # the output folder's own: the lock and the journal
+_FOLDER = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _COPY_CHUNK = 8 * 1024 * 1024
 
 
@@ -55,9 +61,12 @@ def commit(tmp: Path, final: Path) -> None:
 
 
 def link_error(path: Path) -> OutputError:
+    try:
+        what = f"a link (to {os.readlink(path)})"
+    except OSError:
+        what = "a link, or what is not a folder,"
     return OutputError(
-        f"a link (to {os.readlink(path)}) where shardmerge keeps its own file: it never writes or reads its "
-        "output through a link",
+        f"{what} where shardmerge keeps its own file: it never writes or reads its output through a link",
         file=path,
         hint="remove the link; a folder shardmerge wrote holds none",
     )
@@ -83,45 +92,79 @@ def own_folder(path: Path) -> None:
             raise OutputError("not a folder, where shardmerge keeps its state", file=path, hint="remove it") from None
 
 
-def open_own(path: Path) -> BinaryIO:
-    """A file shardmerge wrote in its output folder, opened for reading without following a
-    link (refused, naming it); FileNotFoundError where there is none."""
+@contextmanager
+def folder_fd(folder: Path) -> Iterator[int]:
+    """A descriptor of ``folder``: the output folder as given (it may be a link of the user's),
+    or the state folder in it, opened without following a link (refused, naming it). Files are
+    then opened, created and renamed relative to it, so a folder swapped for a link after it
+    was checked is never written through."""
+    if folder.name != STATE_DIR:
+        fd = os.open(folder, _FOLDER)
+    else:
+        parent = os.open(folder.parent, _FOLDER)
+        try:
+            fd = os.open(STATE_DIR, _FOLDER | os.O_NOFOLLOW, dir_fd=parent)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise link_error(folder) from None
+            raise
+        finally:
+            os.close(parent)
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise link_error(path) from None
-        raise
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def open_own(path: Path, flags: int = os.O_RDONLY) -> int:
+    """A descriptor of a file shardmerge keeps in its output folder (``flags``: read it, or with
+    ``O_RDWR | O_CREAT`` the lock), opened without following a link (refused, naming it); it
+    must be a regular file. FileNotFoundError where there is none."""
+    with folder_fd(path.parent) as folder:
+        try:
+            fd = os.open(path.name, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644, dir_fd=folder)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise link_error(path) from None
+            raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         raise OutputError("not a regular file, where shardmerge keeps its own", file=path, hint="remove it")
-    return os.fdopen(fd, "rb")
+    return fd
+
+
+def reader(path: Path) -> BinaryIO:
+    """A file of the output folder opened for reading, as ``open_own`` opens it."""
+    return os.fdopen(open_own(path), "rb")
 
 
 def read_own(path: Path) -> bytes:
-    """The bytes of a file shardmerge wrote in its output folder (see ``open_own``)."""
-    with open_own(path) as handle:
+    """The bytes of a file of the output folder, read as ``open_own`` opens it."""
+    with reader(path) as handle:
         return handle.read()
 
 
 @contextmanager
 def _writing(final: Path) -> Iterator[int]:
-    """A new temp file for ``final``, renamed into place when the block ends; on a failure it is
-    removed and the error names ``final``."""
-    tmp = tmp_path(final)
-    try:
-        fd = create(tmp)
+    """A new temp file for ``final``, renamed into place when the block ends, both in the
+    descriptor of its folder; on a failure it is removed and the error names ``final``."""
+    tmp = tmp_path(final).name
+    with folder_fd(final.parent) as folder:
         try:
-            yield fd
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        commit(tmp, final)
-    except BaseException as exc:
-        tmp.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.filename in (None, str(tmp)):
-            exc.filename = str(final)
-        raise
+            fd = create(tmp, dir_fd=folder)
+            try:
+                yield fd
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final.name, src_dir_fd=folder, dst_dir_fd=folder)
+            os.fsync(folder)
+        except BaseException as exc:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp, dir_fd=folder)
+            if isinstance(exc, OSError) and exc.filename in (None, tmp):
+                exc.filename = str(final)
+            raise
 
 
 def write_bytes_atomic(final: Path, data: bytes) -> None:
@@ -139,7 +182,7 @@ def copy_atomic(source: Path, final: Path) -> None:
     try:
         size = os.fstat(src).st_size
         with _writing(final) as dst:
-            for begin, end in _data_ranges(src, size):
+            for begin, end in data_ranges(src, size):
                 _copy_range(src, dst, begin, end)
             os.ftruncate(dst, size)
     finally:
@@ -150,23 +193,6 @@ def allocated(path: Path) -> int:
     """The bytes a copy of ``path`` takes on disk: its data, without its holes."""
     info = os.stat(path)
     return min(info.st_size, info.st_blocks * 512)
-
-
-def _data_ranges(fd: int, size: int) -> Iterator[tuple[int, int]]:
-    offset = 0
-    while offset < size:
-        try:
-            begin = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # nothing but a hole from here to the end
-                return
-            if exc.errno != errno.EINVAL:
-                raise
-            yield offset, size  # the file system does not say where holes are
-            return
-        end = min(os.lseek(fd, begin, os.SEEK_HOLE), size)
-        yield begin, end
-        offset = end
 
 
 def _copy_range(src: int, dst: int, begin: int, end: int) -> None:

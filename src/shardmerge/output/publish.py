@@ -18,16 +18,18 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from tqdm import tqdm
 
 from ..errors import HubError, OutputError, dropped, http_status
 from ..formats.fileio import file_sha256
+from ..formats.safetensors import INDEX_NAME
 from . import lock, outdir
-from .card import display
+from .card import CARD_NAME, display
 from .journal import STATE_DIR, Journal
 
 if TYPE_CHECKING:
@@ -46,6 +48,7 @@ CLIENT_TRIES = 6
 RETRY_ATTEMPTS = 5
 RETRY_FIRST_WAIT_S = 1.0
 _TRANSIENT_STATUS = {408, 429, 500, 502, 503, 504}
+_HASH_CHUNK = 8 * 2**20
 _LOGIN = "log in with `hf auth login` or set HF_TOKEN to a token that can write to this repo"
 _AGAIN = "run the same command again: what the Hub already holds is not sent again"
 
@@ -165,11 +168,21 @@ class Publisher:
         files = self._files()
         head = self._call("checking the repo", lambda: self._published(files))
         if head is None:
+            operations = self._operations(files)
+            # The other files sent first, as the shards were (huggingface_hub retries that), so
+            # that the commit sends nothing but the commit: retried here alone.
+            self._call(
+                "uploading the other files",
+                lambda: self.api.preupload_lfs_files(
+                    self.target.repo_id, additions=operations, revision=self.target.branch
+                ),
+                retried=True,
+            )
             commit = self._call(
                 "committing",
                 lambda: self.api.create_commit(
                     self.target.repo_id,
-                    operations=self._operations(files),
+                    operations=operations,
                     commit_message=self.message,
                     revision=self.target.branch,
                 ),
@@ -224,18 +237,18 @@ class Publisher:
     # The commit.
 
     def _files(self) -> dict[str, tuple[int, str, bool]]:
-        """Every file of the output: name -> (size, sha256, is a shard)."""
+        """Every file of the output, and nothing else that may lie in its folder: its shards,
+        the index, config.json, the model card and the base's other files, by name -> (size,
+        sha256, is a shard); each read without following a link."""
         journal = self._journal()
         files = {}
         for name, record in journal.shards.items():
             assert record.sha256 is not None, "every shard went through the uploader"
             files[name] = (record.size, record.sha256, True)
-        for path in sorted(self.folder.iterdir()):
-            if path.is_symlink():
-                raise outdir.link_error(path)  # never published: it may lead anywhere
-            if path.is_file() and path.name not in files and not path.name.endswith(outdir.TMP_SUFFIX):
-                data = outdir.read_own(path)
-                files[path.name] = (len(data), hashlib.sha256(data).hexdigest(), False)
+        ours = {INDEX_NAME, CARD_NAME, "config.json", *journal.inputs.get("base_files", {})}
+        for name in sorted(ours - set(files)):
+            with suppress(FileNotFoundError), outdir.reader(self.folder / name) as handle:
+                files[name] = (*_size_and_sha256(handle), False)
         for name, (_, _, shard) in files.items():
             if shard and not journal.deleted(name) and not (self.folder / name).is_file():
                 raise OutputError("shard is missing", file=self.folder / name, hint="run the merge again to redo it")
@@ -253,9 +266,10 @@ class Publisher:
                 operations.append(_already_uploaded(name, size, sha256))
             elif shard:
                 operations.append(_addition(name, self.folder / name, size, sha256))
-            else:
-                handle = outdir.open_own(self.folder / name)  # what the commit reads: never a link
-                operations.append(CommitOperationAdd(path_in_repo=name, path_or_fileobj=handle))
+            else:  # what the commit reads: the file itself, never a link
+                operations.append(
+                    CommitOperationAdd(path_in_repo=name, path_or_fileobj=outdir.reader(self.folder / name))
+                )
         return operations
 
     def _published(self, files: dict[str, tuple[int, str, bool]]) -> str | None:
@@ -275,8 +289,15 @@ class Publisher:
 
     # Errors and retries.
 
-    def _call(self, what: str, action: Callable[[], T], already_done: Callable[[], Any] | None = None) -> T:
-        return hub_call(what, self.target.repo_id, action, already_done)
+    def _call(
+        self,
+        what: str,
+        action: Callable[[], T],
+        already_done: Callable[[], Any] | None = None,
+        *,
+        retried: bool = False,
+    ) -> T:
+        return hub_call(what, self.target.repo_id, action, already_done, retried=retried)
 
     def _raise_error(self) -> None:
         if self.error is not None:
@@ -361,8 +382,10 @@ def _addition(name: str, path: Path, size: int, sha256: str) -> CommitOperationA
     from huggingface_hub import CommitOperationAdd
     from huggingface_hub.lfs import UploadInfo
 
+    # By path: huggingface_hub reads it only to send it, and the Hub refuses bytes whose sha256
+    # is not this one (a file swapped since it was written is not published).
     operation = CommitOperationAdd(path_in_repo=name, path_or_fileobj=str(path))
-    with path.open("rb") as handle:
+    with outdir.reader(path) as handle:
         sample = handle.read(512)
     operation.upload_info = UploadInfo(size=size, sample=sample, sha256=bytes.fromhex(sha256))
     return operation
@@ -380,6 +403,15 @@ def _already_uploaded(name: str, size: int, sha256: str) -> CommitOperationAdd:
     operation._upload_mode = "lfs"
     operation._is_uploaded = True
     return operation
+
+
+def _size_and_sha256(handle: BinaryIO) -> tuple[int, str]:
+    digest = hashlib.sha256()
+    size = 0
+    while chunk := handle.read(_HASH_CHUNK):
+        digest.update(chunk)
+        size += len(chunk)
+    return size, digest.hexdigest()
 
 
 def _git_blob_id(data: bytes) -> str:

@@ -354,21 +354,27 @@ class _Started:
     NAMESPACE = "shardmerge"
 
     def __init__(self) -> None:
-        from ray.experimental import internal_kv
-
-        self.kv = internal_kv
         self.key = f"started/{uuid.uuid4().hex}/"
         self.seen = False
         self.polled = 0.0
+        try:
+            from ray.experimental import internal_kv
+
+            self.kv: ModuleType | None = internal_kv
+        except ImportError:  # a Ray without it: no start is ever missed (no timeout), none seen
+            self.kv = None
 
     def poll(self) -> bool:
+        if self.kv is None:
+            return True
         if not self.seen and time.monotonic() - self.polled >= 1:
             self.polled = time.monotonic()
             self.seen = bool(self.kv._internal_kv_list(self.key, namespace=self.NAMESPACE))
         return self.seen
 
     def forget(self) -> None:
-        self.kv._internal_kv_del(self.key, del_by_prefix=True, namespace=self.NAMESPACE)
+        if self.kv is not None:
+            self.kv._internal_kv_del(self.key, del_by_prefix=True, namespace=self.NAMESPACE)
 
     @classmethod
     def note(cls, key: str, node: str) -> None:
