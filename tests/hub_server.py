@@ -82,6 +82,7 @@ class Fault:
     times: int = 1
     seconds: float = 0.0
     whole: bool = False  # only requests for a whole file (no Range header): downloads, not header reads
+    body_contains: bytes = b""  # only requests whose body holds these bytes
 
 
 class HubState:
@@ -97,10 +98,10 @@ class HubState:
         self.release = threading.Event()
         self.lock = threading.Lock()
 
-    def take_fault(self, method: str, path: str, ranged: bool) -> Fault | None:
+    def take_fault(self, method: str, path: str, ranged: bool, body: bytes = b"") -> Fault | None:
         with self.lock:
             for fault in self.faults:
-                if fault.whole and ranged:
+                if (fault.whole and ranged) or fault.body_contains not in body:
                     continue
                 if fault.times > 0 and fault.method == method and fault.path_contains in path:
                     fault.times -= 1
@@ -174,7 +175,7 @@ class Handler(BaseHTTPRequestHandler):
         url = urlsplit(self.path)
         path = unquote(url.path)
         body = self._body() if method in ("POST", "PUT") else b""
-        fault = self.state.take_fault(method, path, "Range" in self.headers)
+        fault = self.state.take_fault(method, path, "Range" in self.headers, body)
         if fault is not None and fault.action == "delay":
             time.sleep(fault.seconds)
         if fault is not None and fault.action == "drop":

@@ -64,7 +64,7 @@ def set_key(key: str, value: str) -> Callable[[str], str]:
         ("lora_alpha", "NaN", "unreadable adapter config (NaN is not a number JSON allows)"),
         ("lora_alpha", "Infinity", "unreadable adapter config (Infinity is not a number JSON allows)"),
         ("lora_alpha", '"8"', "lora_alpha must be a finite positive number, found '8'"),
-        ("lora_alpha", "1e999", "lora_alpha must be a finite positive number, found inf"),
+        ("lora_alpha", "1e999", "unreadable adapter config (1e999 is out of the range of a number)"),
         ("r", "true", "r must be a positive integer, found True"),
         ("r", "4.5", "r must be a positive integer, found 4.5"),
         ("rank_pattern", '{"q_proj": 2.5}', "rank_pattern['q_proj'] must be a positive integer, found 2.5"),
@@ -97,7 +97,9 @@ def test_a_weight_that_is_not_a_finite_number_is_refused(
     job.write_text(f"base: {base}\nadapters: [{{path: {adapter}, weight: .{weight.lstrip('-')}}}]\noutput: out\n")
     assert "adapters.0.weight: Input should be a finite number" in refused(["run", job], capsys)
     job.write_text(f"base: {base}\nadapters: [{{path: {adapter}, weight: true}}]\noutput: out\n")
-    assert "adapters.0.weight: Input should be a valid number" in refused(["run", job], capsys)
+    assert "adapters.0.weight: Value error, must be a number, not true or false" in refused(["run", job], capsys)
+    job.write_text(f"base: {base}\nadapters: [{{path: {adapter}, weight: 1e-1}}]\noutput: {tmp_path / 'tenth'}\n")
+    assert main(["run", str(job), "--quiet"]) == 0  # YAML reads 1e-1 as text
     assert not (tmp_path / "out").exists()
 
 
@@ -197,6 +199,17 @@ def test_headers_the_format_forbids_are_refused_as_safetensors_refuses_them(
             safetensors.safe_open(str(path), "pt")
     err = refused(["merge", base, adapter, "-o", tmp_path / "out"], capsys)
     assert f"{path}" in err and expected.replace("true", "True") in err.replace("true", "True")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_config_that_is_not_utf8_is_refused_when_planning(
+    base: Path, adapter: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Python's parser reads UTF-16 JSON; the config's rewrite would then fail after every shard."""
+    config = base / "config.json"
+    config.write_text(config.read_text(), encoding="utf-16")
+    err = refused(["merge", base, adapter, "-o", tmp_path / "out"], capsys)
+    assert f"{config}: unreadable config ('utf-8' codec can't decode" in err
     assert not (tmp_path / "out").exists()
 
 

@@ -76,7 +76,7 @@ def test_a_side_file_linked_to_the_process_environment_is_refused_and_nothing_is
     result = shardmerge("merge", base, adapter, "-o", out, "--quiet", "--push-to-hub", REPO, env=hub_env(hub, tmp_path))
     err = one_line(result)
     assert f"{base / 'notes.txt'}: a link to /proc/self/environ (/proc/" in err
-    assert "shardmerge follows links only inside an input's own folder" in err
+    assert "shardmerge follows links only to files inside an input's own folder" in err
     assert TOKEN not in result.stdout + err
     assert not out.exists() and not hub.state.repos and hub.state.commits_made == 0
 
@@ -117,10 +117,11 @@ def test_links_inside_the_folder_and_a_hub_cache_snapshot_are_followed(
     api = HfApi(endpoint=hub.endpoint, token=TOKEN)
     api.create_repo(REPO)
     api.upload_folder(repo_id=REPO, folder_path=base)
+    api.upload_folder(repo_id=REPO, folder_path=adapter, path_in_repo="adapters/first")
     snapshot = Path(snapshot_download(REPO, endpoint=hub.endpoint, token=TOKEN, cache_dir=tmp_path / "cache"))
     assert (snapshot / "config.json").is_symlink() and "blobs" in os.readlink(snapshot / "config.json")
     out = tmp_path / "out"
-    done = shardmerge("merge", snapshot, adapter, "-o", out, "--quiet")
+    done = shardmerge("merge", snapshot, snapshot / "adapters" / "first", "-o", out, "--quiet")
     assert done.returncode == 0, done.stderr
     assert shard_bytes(out) == shard_bytes(reference)
     assert (out / "config.json").read_bytes() == (reference / "config.json").read_bytes()
@@ -133,19 +134,32 @@ def test_links_inside_the_folder_and_a_hub_cache_snapshot_are_followed(
     assert not (inside / "template.jinja").is_symlink()
 
 
-@pytest.mark.parametrize("kind", ["fifo", "device link", "folder link"])
-def test_fifos_and_devices_are_never_read(base: Path, adapter: Path, tmp_path: Path, kind: str) -> None:
+@pytest.mark.parametrize("kind", ["fifo", "device link", "hidden file link"])
+def test_fifos_devices_and_hidden_files_are_never_read(base: Path, adapter: Path, tmp_path: Path, kind: str) -> None:
     name = base / "tokenizer.model"
     if kind == "fifo":
         os.mkfifo(name)  # opening it to read would wait for a writer forever
+        expected = "is a FIFO, not a file: shardmerge does not read it"
     elif kind == "device link":
         name.symlink_to("/dev/zero")
-    else:
-        name.symlink_to("/")
+        expected = f"a link to /dev/zero, outside {base}"
+    else:  # a clone's credentials: inside the folder, but hidden
+        (base / ".git").mkdir()
+        (base / ".git" / "config").write_text('[remote "origin"]\n\turl = https://user:hf_secret@hub.example/x\n')
+        name.symlink_to(".git/config")
+        expected = f"a link to .git/config ({base / '.git' / 'config'}), a hidden file or folder"
     err = one_line(shardmerge("merge", base, adapter, "-o", tmp_path / "out", "--quiet", timeout=60))
-    expected = "is a FIFO, not a file: shardmerge does not read it" if kind == "fifo" else "a link to /"
     assert f"{name}: {expected}" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_links_to_folders_or_to_nothing_are_neither_read_nor_copied(base: Path, adapter: Path, tmp_path: Path) -> None:
+    (base / "images").symlink_to("/", target_is_directory=True)
+    (base / "gone.txt").symlink_to(tmp_path / "nothing")
+    out = tmp_path / "out"
+    done = shardmerge("merge", base, adapter, "-o", out, "--quiet")
+    assert done.returncode == 0, done.stderr
+    assert not (out / "images").exists() and not (out / "gone.txt").exists()
 
 
 def test_a_sparse_side_file_stays_sparse(base: Path, adapter: Path, tmp_path: Path) -> None:
@@ -159,6 +173,8 @@ def test_a_sparse_side_file_stays_sparse(base: Path, adapter: Path, tmp_path: Pa
     done = shardmerge("merge", base, adapter, "-o", out, "--quiet")
     assert done.returncode == 0, done.stderr
     copy = out / "vectors.dat"
+    journal = json.loads((out / ".shardmerge" / "journal.json").read_text())
+    assert journal["inputs"]["base_files"]["vectors.dat"].startswith("sparse-sha256:"), "holes not read to plan"
     assert copy.stat().st_size == 2**30
     assert copy.stat().st_blocks * 512 < 2**20, "the holes were not written"
     with copy.open("rb") as handle:
@@ -274,6 +290,20 @@ def test_push_refuses_a_link_planted_in_the_output_and_publishes_nothing(
     err = one_line(result)
     assert f"{out / 'notes.txt'}: a link (to /proc/self/environ) where shardmerge keeps its own file" in err
     assert not hub.state.repos and TOKEN not in result.stdout + err
+
+
+def test_push_publishes_the_merge_and_nothing_else_that_lies_in_the_folder(
+    base: Path, adapter: Path, hub: HubServer, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    assert shardmerge("merge", base, adapter, "-o", out, "--quiet").returncode == 0
+    written = {path.name for path in out.iterdir() if path.is_file()}
+    (out / ".env").write_text(f"HF_TOKEN={TOKEN}\n")
+    (out / "notes.txt").write_text("dropped here by someone else")
+    done = shardmerge("push", out, REPO, "--quiet", env=hub_env(hub, tmp_path))
+    assert done.returncode == 0, done.stderr
+    head = hub.state.head(REPO, "main")
+    assert head is not None and set(head.files) == written | {".gitattributes"}
 
 
 @pytest.mark.parametrize(

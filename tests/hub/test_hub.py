@@ -562,3 +562,21 @@ def test_a_hub_that_keeps_failing_is_one_line_within_a_minute_and_the_merge_resu
     assert {n: d for n, d in pushed.items() if n.endswith(".safetensors")} == {
         p.name: p.read_bytes() for p in reference.glob("*.safetensors")
     }
+
+
+def test_the_files_sent_with_the_commit_are_retried_once_by_one_layer(
+    hub: HubServer, inputs: tuple[Base, Path, Path], tmp_path: Path
+) -> None:
+    """The shards are up; the other files' pre-upload keeps failing: huggingface_hub's 6 tries,
+    not 6 for each of shardmerge's retries of the commit."""
+    failing = Fault("POST", "/preupload/", 503, times=1_000, body_contains=b"config.json")
+    hub.state.faults.append(failing)
+    out = tmp_path / "out"
+    done = _run(_merge(hub, inputs, out), hub, tmp_path / "home")
+    assert done.returncode == 1
+    (line,) = done.stderr.strip().splitlines()
+    assert "uploading the other files failed 6 times (huggingface_hub's retries), last with HTTP 503" in line
+    assert 1_000 - failing.times == 6
+    hub.state.faults.clear()
+    assert _run(_merge(hub, inputs, out), hub, tmp_path / "home").returncode == 0
+    assert hub.state.commits_made == 1

@@ -490,6 +490,10 @@ BAD: dict[str, tuple[Callable[[Path, dict[str, Any]], None], str]] = {
         lambda folder, config: config["quantization_config"]["modules_to_not_convert"].append(Q),
         "the weight is quantized, but the config lists its module as left unquantized",
     ),
+    "ignore-not-an-expression": (
+        lambda folder, config: config["quantization_config"]["modules_to_not_convert"].append("lm_head("),
+        "ignore entry 'lm_head(' is not a regular expression",
+    ),
     "bitsandbytes": (
         lambda folder, config: config.update(
             quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}
