@@ -32,23 +32,23 @@ def _head(root: Path, **extra: object) -> Cluster:
     return Cluster(initialize_head=True, head_node_args={**args, **extra})
 
 
+def _put(values: dict[str, str | None]) -> None:
+    for key, value in values.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
 @contextmanager
 def _environment(**values: str | None) -> Iterator[None]:
     """``os.environ`` with ``values`` for the block (None: without the key), as it was after."""
     before = {key: os.environ.get(key) for key in values}
+    _put(values)
     try:
-        for key, value in values.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
         yield
     finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        _put(before)
 
 
 @contextmanager
