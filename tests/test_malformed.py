@@ -111,6 +111,11 @@ def test_plan_json_is_strict_json(base: Path, adapter: Path, capsys: pytest.Capt
 
     plan = json.loads(capsys.readouterr().out, parse_constant=forbidden)
     assert plan["adapters"][0]["weight"] == 0.5
+    # A NaN in the base's config would be printed with the output config (its dtype changes).
+    config = base / "config.json"
+    config.write_text(config.read_text().replace("{", '{"logit_scale": NaN, ', 1))
+    err = refused(["plan", base, adapter, "--json", "--dtype", "float32"], capsys)
+    assert f"{config}: unreadable config (NaN is not a number JSON allows)" in err
 
 
 def _header(path: Path) -> tuple[dict, bytes]:

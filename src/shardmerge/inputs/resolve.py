@@ -80,9 +80,7 @@ def resolve_base(name: str) -> BaseFiles:
         shards, metadata = _read_index(weights)
     else:
         shards = (weights,)
-    problems: list[ShardmergeError] = []
-    for shard in shards:
-        _check(shard, problems)
+    problems: list[ShardmergeError] = []  # the shards are checked as their headers are read
     extra = _side_files(folder, problems)
     if problems:
         raise PlanError(problems)
@@ -238,12 +236,7 @@ def resolve_adapter(name: str) -> AdapterFiles:
             file=folder,
             hint="save the adapter with PEFT's save_pretrained()",
         )
-    problems: list[ShardmergeError] = []
-    for path in (config, weights):
-        _check(path, problems)
-    if problems:
-        raise PlanError(problems)
-    return AdapterFiles(folder, config, weights, str(folder))
+    return AdapterFiles(folder, config, weights, str(folder))  # both checked as they are read
 
 
 def output_shard_name(source: Path) -> str:

@@ -20,7 +20,7 @@ from ..formats.safetensors import SafetensorsHeader
 from ..inputs.resolve import AdapterFiles
 
 PEFT_PREFIX = "base_model.model."
-# A config is a few KB; an index of 100,000 tensors a few MB.
+# The most a config (config.json, adapter_config.json) may hold: a real one is a few KB.
 MAX_CONFIG_BYTES = 64 * 2**20
 SUPPORTED_TYPES = ("LORA", "LOHA", "LOKR", "IA3", "TRAINABLE_TOKENS")
 # Config keys holding r and alpha, per adapter type.

@@ -339,7 +339,7 @@ class AdapterPlanner:
         names = []
         for entry in wanted:
             owner, _, parameter = entry.rpartition(".")
-            on_module = module.path == owner or module.path.endswith(f".{owner}")
+            on_module = targets.named(module.path, owner)
             if on_module if owner else bool(self.expert_targets(module, parameter)):
                 names.append(parameter)
         return list(dict.fromkeys(names)) or None  # a parameter named both ways counts once
@@ -542,5 +542,5 @@ def _is_feedforward(spec: object, path: str) -> bool:
     if isinstance(spec, str):
         return re.fullmatch(spec, path) is not None
     if isinstance(spec, list):
-        return any(path == name or path.endswith(f".{name}") for name in spec)
+        return any(targets.named(path, name) for name in spec)
     return False

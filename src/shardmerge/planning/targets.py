@@ -24,6 +24,12 @@ _LAYER = re.compile(r".*?\.[^.]*\.(?P<index>\d+)\.")
 _EXPERT = re.compile(r"\.experts\.\d+\.")
 
 
+def named(path: str, name: str) -> bool:
+    """Whether module ``path`` is the one a list of module names calls ``name``, as PEFT reads
+    it: the whole path, or its end after a dot."""
+    return path == name or path.endswith(f".{name}")
+
+
 def targeted(config: dict[str, Any], path: str) -> bool:
     """Whether PEFT would put an adapter layer on module ``path`` of the model by this config's
     ``target_modules`` (``all-linear`` counts every module)."""
@@ -36,7 +42,7 @@ def targeted(config: dict[str, Any], path: str) -> bool:
         return False
     if path in spec:
         return True
-    return any(path.endswith(f".{name}") for name in spec) and _in_layers(config, path)
+    return any(named(path, name) for name in spec) and _in_layers(config, path)
 
 
 def uncovered(
@@ -53,14 +59,12 @@ def uncovered(
     covered = set(covered)
     found = []
     for name in spec:
-        if any(module == name or module.endswith(f".{name}") for module in covered):
+        if any(named(module, name) for module in covered):
             continue
         modules = [
             module
             for module in base_modules
-            if (module == name or module.endswith(f".{name}"))
-            and not _excluded(config, module)
-            and not _EXPERT.search(module)
+            if named(module, name) and not _excluded(config, module) and not _EXPERT.search(module)
         ]
         if modules and any(_in_layers(config, module) for module in modules):
             found.append((name, sorted(modules)))
@@ -71,7 +75,7 @@ def _excluded(config: dict[str, Any], path: str) -> bool:
     exclude = config.get("exclude_modules")
     if isinstance(exclude, str) and re.fullmatch(exclude, path):
         return True
-    if isinstance(exclude, list) and any(path == name or path.endswith(f".{name}") for name in exclude):
+    if isinstance(exclude, list) and any(named(path, name) for name in exclude):
         return True
     saved = config.get("modules_to_save") or []
     return isinstance(saved, list) and any(

@@ -181,7 +181,7 @@ def report(job: Job, device: str) -> MergeReport:
     written = [shard for shard in plan.shards if shard.name in job.written]
     assert job.journal is not None
     records = job.journal.shards.values()
-    kept = [name for record in records for name in record.non_finite_kept]  # NaN or Inf from the base
+    kept = dict.fromkeys(name for record in records for name in record.non_finite_kept)  # NaN or Inf from the base
     return MergeReport(
         output=str(job.folder),
         shards=len(plan.shards),
