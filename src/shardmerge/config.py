@@ -19,7 +19,7 @@ from .errors import JobConfigError
 # tensor keeps the base's dtype (and quantized weights their format); the others: every
 # floating-point tensor in that dtype, quantized weights dequantized.
 OutputDtype = Literal["auto", "base", "bfloat16", "float16", "float32"]
-_DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+_DEVICE = re.compile(r"^(auto|cpu|cuda(:(0|[1-9]\d*))?)$")
 # Sizes as transformers' save_pretrained reads them: 5GB = 5 * 10^9 bytes, 2GiB = 2 * 2^30,
 # 5Gb = 5 * 10^9 bits.
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)

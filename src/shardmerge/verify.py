@@ -22,6 +22,7 @@ from .output import journal as journals
 from .output import lock, outdir
 from .planning.model import Plan, ShardPlan, TensorPlan
 from .planning.planner import COPY_CHUNK_BYTES, build_plan
+from .run.device import Device
 from .run.kernels import all_finite
 from .run.merger import TensorMerger, open_adapters
 
@@ -278,14 +279,17 @@ def _recompute(folder: Path, journal: journals.Journal, count: int, problems: li
     step = max(1, len(merged) // max(count, 1))
     sample = merged[::step][:count]
     exact = not journal.device.startswith("cuda")
+    host = Device()
     with ExitStack() as stack:
-        merger = TensorMerger(torch.device("cpu"), plan, open_adapters(plan, stack))
+        stack.enter_context(host.activate())
+        merger = TensorMerger(host, plan, open_adapters(plan, stack))
         stack.callback(merger.close)
         for shard, tensor in sample:
             src = open_input(_base_shard(plan, shard))
             stack.callback(os.close, src)
             fresh = bytearray()
             for view, buffer in merger.merge(src, tensor):
+                buffer.settle()
                 fresh += view
                 merger.sink.release(buffer)
             expected = torch.frombuffer(fresh, dtype=TORCH_DTYPES[tensor.dtype])

@@ -44,6 +44,10 @@ FORMAT_VERSION = 1
 OUTPUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 # Bytes the executor's untouched-tensor conversion works through at a time.
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
+# The largest host buffer locked (pinned) for copies to and from a GPU: merge blocks, copy
+# chunks and their outputs fit; a larger buffer (a whole tensor some ops need) is pageable, so
+# that locked memory stays bounded whatever the tensors' sizes.
+PINNED_BUFFER_BYTES = COPY_CHUNK_BYTES
 # Elements of a merged tensor worked on at once (4 MB in float32): what bounds memory, small
 # enough that a block's passes (widen, product, round, check) find it in the CPU's cache, and
 # large enough that each product still runs at full speed. Fixed, because a BLAS may round a

@@ -2,26 +2,69 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Protocol
+
 import torch
 
 from ..formats.safetensors import numel
 
 
+class Memory(Protocol):
+    """Where a buffer's bytes live: host memory (pageable or locked) or a device's."""
+
+    def empty(self, nbytes: int) -> torch.Tensor:
+        """``nbytes`` uninitialised bytes (a flat uint8 tensor)."""
+        ...
+
+    def free(self, tensor: torch.Tensor) -> None:
+        """Give back a tensor from ``empty`` (it is not used again)."""
+        ...
+
+
+class HostMemory:
+    """Plain (pageable) host memory."""
+
+    def empty(self, nbytes: int) -> torch.Tensor:
+        return torch.empty(nbytes, dtype=torch.uint8)
+
+    def free(self, tensor: torch.Tensor) -> None:
+        del tensor
+
+
+HOST = HostMemory()
+
+
 class Buffer:
     """A reusable buffer, grown to the largest request and never shrunk. Fresh tensors per
     weight would cost more than the merge: the allocator returns large blocks to the kernel,
-    and faulting them in again runs at a fraction of memory speed."""
+    and faulting them in again runs at a fraction of memory speed.
 
-    def __init__(self, device: torch.device, pinned: bool = False) -> None:
-        self.device = device
-        self.pinned = pinned
-        self.buffer = torch.empty(0, dtype=torch.uint8, device=device)
+    ``ready``: set while a device still copies into the buffer (a download in flight); whoever
+    reads the bytes calls ``settle()`` first."""
+
+    def __init__(self, memory: Memory = HOST) -> None:
+        self.memory = memory
+        self.buffer = memory.empty(0)
+        self.ready: Callable[[], None] | None = None
 
     def take(self, nbytes: int) -> torch.Tensor:
         if nbytes > self.buffer.numel():
-            self.buffer = torch.empty(0, dtype=torch.uint8, device=self.device)  # free the old one first
-            self.buffer = torch.empty(nbytes, dtype=torch.uint8, device=self.device, pin_memory=self.pinned)
+            self.memory.free(self.buffer)  # the old one first
+            self.buffer = self.memory.empty(0)
+            self.buffer = self.memory.empty(nbytes)
         return self.buffer[:nbytes]
 
     def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         return self.take(numel(shape) * dtype.itemsize).view(dtype).reshape(shape)
+
+    def settle(self) -> None:
+        """Wait until the bytes copied into the buffer have arrived."""
+        if self.ready is not None:
+            ready, self.ready = self.ready, None
+            ready()
+
+    def release(self) -> None:
+        """Give the memory back now."""
+        self.memory.free(self.buffer)
+        self.buffer = self.memory.empty(0)

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 from contextlib import ExitStack
 
-import torch
 from tqdm import tqdm
 
 from ..errors import DeviceError, ShardmergeError
 from ..output.publish import PushTarget
 from ..planning.model import Plan
+from .device import Device, resolve_device
 from .fetch import Fetcher, fetcher_for
 from .jobs import Job, MergeReport, claim, close, io_error, progress_bar, record_shard, report, step
-from .merger import TensorMerger, lean_process, open_adapters, resolve_device
+from .merger import TensorMerger, lean_process, open_adapters
 from .shared import Output, SegmentReader, write_together
 from .stop import StopRequest
 
@@ -81,14 +81,14 @@ def run_pass(
         return [exc for _ in jobs]
     try:
         with ExitStack() as stack:
+            stack.enter_context(lean_process(device))
             for job in jobs:
                 stack.callback(job.stack.close)
                 step(job, lambda job=job: _open(job, device, restart, verify_resume, quiet))
             live = [job for job in jobs if job.error is None]
-            stack.enter_context(lean_process(device))
             progress = stack.enter_context(progress_bar(live, quiet or not live))
             stop = stack.enter_context(StopRequest())
-            reader = SegmentReader(pinned=device.type == "cuda")
+            reader = SegmentReader(device.pinned)
             drop = all(job.push is not None and job.push.delete_after_upload for job in live)
             fetcher = fetcher_for(live[0].plan, drop) if live else Fetcher()
             stack.callback(fetcher.close)
@@ -113,7 +113,7 @@ def run_pass(
     return [job.error if job.error is not None else report(job, str(device)) for job in jobs]
 
 
-def _open(job: Job, device: torch.device, restart: bool, verify_resume: bool, quiet: bool) -> None:
+def _open(job: Job, device: Device, restart: bool, verify_resume: bool, quiet: bool) -> None:
     claim(job, str(device), restart, verify_resume, quiet)
     plan = job.plan
     job.merger = TensorMerger(device, plan, open_adapters(plan, job.stack), sha256=job.push is not None)

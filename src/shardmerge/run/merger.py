@@ -15,6 +15,7 @@ import os
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -31,7 +32,8 @@ from ..output import journal as journals
 from ..output import outdir
 from ..planning.model import MergeOp, Plan, QuantRead, ShardPlan, TensorPlan
 from ..planning.planner import COPY_CHUNK_BYTES, WIDEN_CHUNK
-from .buffers import Buffer
+from .buffers import HOST, Buffer, Memory
+from .device import Device, Fill
 from .kernels import all_finite, apply_lora_columns, apply_op, by_columns
 from .packed_merge import PackedMerger
 from .quant import combine, dequantize_into, largest, quantize_into, scale_columns, scale_rows, scales_for
@@ -40,38 +42,24 @@ from .stop import StopRequest
 
 
 @contextmanager
-def lean_process(device: torch.device) -> Iterator[None]:
-    """This process merges now: what the interpreter holds (torch's modules above all) is
-    frozen, so that the cyclic collector need not walk it again at each collection the
-    merge's small objects trigger (about a fifth of a second per GiB merged); on the CPU,
-    torch uses one thread. The sink's gatherer and writer threads and the kernel's I/O need a
-    core; the merge's products are small (rank r) and its conversions memory-bound: a second
-    torch thread gave the same wall time for 0.9 s more CPU per 2 GiB."""
+def lean_process(device: Device) -> Iterator[None]:
+    """This process merges on ``device`` now (see ``Device.activate``): what the interpreter
+    holds (torch's modules above all) is frozen, so that the cyclic collector need not walk
+    it again at each collection the merge's small objects trigger (about a fifth of a second
+    per GiB merged); where the arithmetic runs on the CPU, torch uses one thread. The sink's
+    gatherer and writer threads and the kernel's I/O need a core; the merge's products are
+    small (rank r) and its conversions memory-bound: a second torch thread gave the same wall
+    time for 0.9 s more CPU per 2 GiB."""
     gc.freeze()
     threads = torch.get_num_threads()
-    if device.type == "cpu":
+    if device.torch.type == "cpu":
         torch.set_num_threads(1)
     try:
-        yield
+        with device.activate():
+            yield
     finally:
         torch.set_num_threads(threads)
         gc.unfreeze()
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DeviceError(f"device {name!r} requested but CUDA is not available", hint="use --device cpu or auto")
-        index = device.index or 0
-        if index >= torch.cuda.device_count():
-            raise DeviceError(
-                f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist",
-                hint="use --device cuda:0 or auto",
-            )
-    return device
 
 
 @dataclass(frozen=True)
@@ -136,8 +124,8 @@ class _Arena:
 
     _ALIGN = 64
 
-    def __init__(self, device: torch.device) -> None:
-        self.buffer = Buffer(device)
+    def __init__(self, memory: Memory) -> None:
+        self.buffer = Buffer(memory)
         self.used = 0
 
     def reset(self, nbytes: int) -> None:
@@ -217,24 +205,24 @@ class TensorMerger:
     """Computes merged tensors: read the base tensor, apply every op in float32, round once
     (or requantize once, for a quantized weight written back in its format)."""
 
-    def __init__(
-        self, device: torch.device, plan: Plan, adapters: list[AdapterReader], *, sha256: bool = False
-    ) -> None:
-        self.device = device
+    def __init__(self, place: Device, plan: Plan, adapters: list[AdapterReader], *, sha256: bool = False) -> None:
+        self.place = place  # where the arithmetic runs, and how bytes get there and back
+        self.device = place.torch
         self.adapters = adapters
         # The merged quantized weights by name, for their new scales (written in their shard).
         self.weights = {t.name: t for shard in plan.shards for t in shard.tensors if t.quant and t.ops}
-        cuda = device.type == "cuda"
-        host = torch.device("cpu")
-        self.read_buffer = Buffer(host, pinned=cuda)
-        self.work = Buffer(device)  # the float32 value being merged
-        self.rounded = Buffer(device) if cuda else None
-        self.staging = Buffer(host)  # adapter tensors as stored, on their way to float32
-        self.whole = _Arena(device)  # the factors read once per tensor
-        self.block = _Arena(device)  # the factors read per block (replacement tensors)
+        memory = place.memory
+        self.read_buffer = Buffer()  # converted tensors' chunks and packed weights' rows
+        self.reads = place.reads(self.read_buffer)  # merged blocks, on the device
+        self.uploaded = Buffer(memory)  # a block read by the shared pass, on the device
+        self.work = Buffer(memory)  # the float32 value being merged
+        self.rounded = Buffer(memory) if place.staged else None
+        self.staging = Buffer()  # adapter tensors as stored, on their way to float32
+        self.whole = _Arena(memory)  # the factors read once per tensor
+        self.block = _Arena(memory)  # the factors read per block (replacement tensors)
         # Three output buffers: one is written, one hashed, while the next block fills the third.
         # ``sha256``: the shards are published, and the Hub names them by their sha256.
-        self.sink = ShardSink([Buffer(host, pinned=cuda) for _ in range(3)], sha256=sha256)
+        self.sink = ShardSink([Buffer(place.pinned) for _ in range(3)], sha256=sha256)
         # Tensors holding NaN or Inf that the base already held, kept as they were.
         self.kept_non_finite: set[str] = set()
         # Merged tensors whose output is the base's own values (an update of zero).
@@ -243,11 +231,11 @@ class TensorMerger:
         # requantized block is measured in (its FP8 codes, three float32 values), the base's
         # values where a block holds NaN or Inf, and the largest magnitudes of merged weights
         # (by name, for their new scales) until the shard is written.
-        self.scale_buffer = Buffer(host)
-        self.widen = Buffer(device)
-        self.codes = Buffer(device)
-        self.pieces = [Buffer(device) for _ in range(4)]
-        self.difference = Buffer(device)
+        self.scale_buffer = Buffer(HOST)
+        self.widen = Buffer(memory)
+        self.codes = Buffer(memory)
+        self.pieces = [Buffer(memory) for _ in range(4)]
+        self.difference = Buffer(memory)
         self.largest: dict[str, torch.Tensor] = {}
         # Requantized weights: squared norms of the update, what survived, the rounding error.
         self.requantized: dict[str, list[float]] = {}
@@ -267,9 +255,21 @@ class TensorMerger:
         """Size every reused buffer for the largest block of ``shards`` at once. Grown as the
         merge went, each would be freed and allocated again larger; the freed blocks stay in
         the allocator's heap, and resident memory would depend on the order of tensor sizes."""
-        needs = [self._needs(tensor) for shard in shards for tensor in shard.tensors]
-        self.packed.reserve([t for shard in shards for t in shard.tensors if t.quant and t.quant.format.packing])
+        tensors = [tensor for shard in shards for tensor in shard.tensors]
+        needs = [self._needs(tensor) for tensor in tensors]
+        try:
+            self._reserve(shards, needs)
+        except DeviceError as exc:  # out of memory: name the tensor that needs the most
+            if exc.tensor is None and needs:
+                exc.tensor = max(zip(needs, tensors, strict=True), key=lambda pair: sum(pair[0]))[1].name
+            raise
+
+    def _reserve(self, shards: tuple[ShardPlan, ...], needs: list[tuple[int, int, int, int, int, int]]) -> None:
+        tensors = [tensor for shard in shards for tensor in shard.tensors]
+        self.packed.reserve([t for t in tensors if t.quant and t.quant.format.packing])
         source, work, output, staging, whole, block = (max((need[i] for need in needs), default=0) for i in range(6))
+        blocks = max((need[0] for need, t in zip(needs, tensors, strict=True) if _read_ahead(t)), default=0)
+        others = max((need[0] for need, t in zip(needs, tensors, strict=True) if not _read_ahead(t)), default=0)
         quantized = [t for shard in shards for t in shard.tensors if t.quant and not t.quant.format.packing]
         self.scale_buffer.take(max((t.quant.scale_end - t.quant.scale_begin for t in quantized if t.quant), default=0))
         self.widen.take(4 * WIDEN_CHUNK if quantized else 0)
@@ -278,7 +278,9 @@ class TensorMerger:
         self.codes.take(piece)
         for buffer in self.pieces:
             buffer.take(4 * piece)
-        self.read_buffer.take(source)
+        self.read_buffer.take(others if self.place.staged else source)
+        self.reads.reserve(blocks)
+        self.uploaded.take(blocks if self.place.staged else 0)
         self.work.take(work)
         self.staging.take(staging)
         self.whole.reset(whole)
@@ -323,10 +325,20 @@ class TensorMerger:
         work = 0 if _columns(tensor) else 4 * count
         return (source, work, count * ITEMSIZE[tensor.dtype], staging, rooms[0], rooms[1])
 
-    def zeros(self, tensor: TensorPlan, block: Block) -> torch.Tensor:
-        """Zeros in place of a block of a resized tensor's base values, which its replacement
-        (the adapter's whole tensor, at weight 1) makes irrelevant: the merge reads none."""
-        return self.read_buffer.take(block.end - block.begin).zero_().view(TORCH_DTYPES[tensor.src_dtype])
+    def _blocks(self, fd: int, tensor: TensorPlan, blocks: list[Block]) -> Iterator[torch.Tensor]:
+        """The base's bytes of each of ``blocks`` of ``tensor`` (read from ``fd``) on the
+        device, as its source dtype; zeros for a resized tensor, whose replacement (the
+        adapter's whole tensor, at weight 1) makes the base's values irrelevant."""
+        reads: list[tuple[int, Fill]] = [
+            (block.end - block.begin, _zero if tensor.base_rows else partial(_pread, fd, block.begin))
+            for block in blocks
+        ]
+        for raw in self.reads.blocks(reads):
+            yield raw.view(TORCH_DTYPES[tensor.src_dtype])
+
+    def upload(self, source: torch.Tensor) -> torch.Tensor:
+        """A block read by the shared pass (host memory), on the device."""
+        return self.place.upload(source, self.uploaded)
 
     def read(self, fd: int, tensor: TensorPlan, begin: int, end: int) -> torch.Tensor:
         raw = self.read_buffer.take(end - begin)
@@ -342,10 +354,8 @@ class TensorMerger:
             return
         scales = self.scales(fd, tensor)  # first: finding new scales may merge the weight once
         whole = self.whole_factors(tensor)
-        for block in row_blocks(tensor):
-            source = (
-                self.read(fd, tensor, block.begin, block.end) if not tensor.base_rows else self.zeros(tensor, block)
-            )
+        blocks = row_blocks(tensor)
+        for block, source in zip(blocks, self._blocks(fd, tensor, blocks), strict=True):
             yield self.merge_block(source, tensor, block, whole, scales)
         if scales is not None and scales.streamed is not None:  # for the scales, written next
             self.largest[tensor.name] = combine(scales.streamed, scales.read.format)
@@ -379,8 +389,8 @@ class TensorMerger:
         if tensor.name not in self.largest:
             whole = self.whole_factors(tensor)
             parts = []
-            for block in row_blocks(tensor):
-                source = self.read(fd, tensor, block.begin, block.end)
+            blocks = row_blocks(tensor)
+            for block, source in zip(blocks, self._blocks(fd, tensor, blocks), strict=True):
                 value = self._merged_value(source, tensor, block, whole, scales)
                 self._check_merged(value, source, tensor, block, whole, scales)
                 parts.append(largest(value, scales.read.format))
@@ -437,7 +447,7 @@ class TensorMerger:
             self.non_finite(tensor, base, rounded, lambda: self.merge_cause(tensor, value, whole))
         if self.still_unchanged(tensor, block.first):
             if scales is None:
-                same = _same_bytes(data, source.reshape(block.shape).to(rounded.dtype))
+                same = _same_bytes(rounded, source.reshape(block.shape).to(rounded.dtype))
             else:
                 same = self._same_as_dequantized(rounded, source, block, tensor, scales)
             self.note_unchanged(tensor, same)
@@ -461,7 +471,7 @@ class TensorMerger:
         output = self.sink.acquire()
         host = output.tensor(TORCH_DTYPES[tensor.dtype], block.shape)
         target = host if self.rounded is None else self.rounded.tensor(host.dtype, block.shape)
-        base = source.reshape(block.shape).to(self.device, non_blocking=True)
+        base = source.reshape(block.shape)
         new: tuple[torch.Tensor, torch.Tensor] | None = None  # the block's new scales, where known
         if value is not None:
             self._check_merged(value, source, tensor, block, whole, scales)
@@ -494,8 +504,7 @@ class TensorMerger:
             scales.streamed.append(torch.cat(largest_values, dim=-1))
         self.check_requantized(tensor)
         if self.rounded is not None:
-            host.copy_(target, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
+            self.place.download(host, target, output)
         if self.still_unchanged(tensor, block.first):
             self.note_unchanged(tensor, same)
         return memoryview(host.view(torch.uint8).numpy()).cast("B"), output
@@ -588,7 +597,7 @@ class TensorMerger:
     ) -> bool:
         """Whether ``rounded``, a merged block, equals the base's FP8 values dequantized and
         rounded alike, compared piece by piece."""
-        base = source.reshape(block.shape).to(self.device, non_blocking=True)
+        base = source.reshape(block.shape)
         width = self._piece_shape(tensor, block)[-1]
         for first in range(0, block.shape[-1], width):
             columns = (first, min(first + width, block.shape[-1]))
@@ -609,9 +618,9 @@ class TensorMerger:
         applied."""
         value = self.work.tensor(torch.float32, block.shape)
         if scales is None:
-            value.copy_(source.reshape(block.shape), non_blocking=True)
+            value.copy_(source.reshape(block.shape))
         else:
-            quantized = source.reshape(block.shape).to(self.device, non_blocking=True)
+            quantized = source.reshape(block.shape)
             rows, offset = scales.rows(scales.base, block), scales.offset(block)
             dequantize_into(value, quantized, rows, scales.read.format, self._scratch(), offset)
         if any(factors is None for factors in whole):  # replacement tensors, read block by block
@@ -656,7 +665,7 @@ class TensorMerger:
         if scales is None:
             return source.reshape(block.shape)
         base = self.difference.tensor(torch.float32, block.shape)
-        quantized = source.reshape(block.shape).to(self.device, non_blocking=True)
+        quantized = source.reshape(block.shape)
         rows, offset = scales.rows(scales.base, block), scales.offset(block)
         return dequantize_into(base, quantized, rows, scales.read.format, self._scratch(), offset)
 
@@ -697,8 +706,7 @@ class TensorMerger:
         else:
             rounded = self.rounded.tensor(dtype, tuple(value.shape))
             rounded.copy_(value)
-            host.copy_(rounded, non_blocking=True)
-            torch.cuda.current_stream(self.device).synchronize()
+            self.place.download(host, rounded, output)
         return memoryview(host.view(torch.uint8).numpy()).cast("B"), output, host if self.rounded is None else rounded
 
     def non_finite(
@@ -771,7 +779,8 @@ class TensorMerger:
                 for tensor in shard.tensors:
                     stop.check()
                     if tensor.ops or tensor.quant or tensor.scale_of:
-                        self.write_tensor(src, tensor)
+                        with self.naming(tensor):
+                            self.write_tensor(src, tensor)
                     elif tensor.dtype == tensor.src_dtype:
                         self.sink.copy(src, tensor.src_begin, tensor.src_end - tensor.src_begin)
                     else:
@@ -790,6 +799,15 @@ class TensorMerger:
                 exc.file = str(final)
             raise
         return self.record(shard, written, header)
+
+    @contextmanager
+    def naming(self, tensor: TensorPlan) -> Iterator[None]:
+        """Out of memory while ``tensor`` is merged (a temporary of torch's): one line naming
+        it, the device and the way out."""
+        try:
+            yield
+        except torch.OutOfMemoryError as exc:
+            raise self.place.out_of_memory(exc, tensor.name) from None
 
     def record(self, shard: ShardPlan, written: Written, header: bytes) -> journals.ShardRecord:
         """The journal's record of ``shard``, as ``written``."""
@@ -810,6 +828,21 @@ class TensorMerger:
                 if name in self.requantized and all(map(math.isfinite, self.requantized[name]))
             ),
         )
+
+
+def _read_ahead(tensor: TensorPlan) -> bool:
+    """Whether ``tensor``'s blocks are read through the merger's ``reads`` (onto the device):
+    every merged or dequantized tensor but a packed weight, which reads its own rows."""
+    packed = tensor.quant is not None and bool(tensor.quant.format.packing)
+    return bool(tensor.ops or tensor.quant) and not packed and not tensor.scale_of
+
+
+def _pread(fd: int, begin: int, raw: torch.Tensor) -> None:
+    pread_into(fd, memoryview(raw.numpy()), begin)
+
+
+def _zero(raw: torch.Tensor) -> None:
+    raw.zero_()
 
 
 def _columns(tensor: TensorPlan) -> bool:
@@ -834,10 +867,10 @@ def _square(values: torch.Tensor) -> float:
     return float(torch.dot(values, values))
 
 
-def _same_bytes(output: memoryview, base: torch.Tensor) -> bool:
-    """Whether the output bytes are those of ``base`` (host memory, the output dtype), compared
+def _same_bytes(output: torch.Tensor, base: torch.Tensor) -> bool:
+    """Whether the bytes of ``output`` are those of ``base`` (same device and dtype), compared
     as the widest integers that divide them: no temporary, about 10 GB/s."""
-    ours = torch.frombuffer(output, dtype=torch.uint8)
+    ours = output.contiguous().view(-1).view(torch.uint8)
     theirs = base.contiguous().view(-1).view(torch.uint8)
     if ours.numel() != theirs.numel():
         return False

@@ -27,6 +27,7 @@ from ..formats.dtypes import TORCH_DTYPES
 from ..formats.fileio import pread_into
 from ..planning.model import MergeOp, QuantRead, TensorPlan
 from .buffers import Buffer
+from .device import Device
 from .kernels import all_finite, apply_op, for_expert
 from .packed import (
     int_dequantize,
@@ -46,6 +47,7 @@ Factors = list[list[torch.Tensor | None] | None]
 class Merger(Protocol):
     """What a packed weight's merge uses of the TensorMerger that owns it."""
 
+    place: Device
     device: torch.device
     read_buffer: Buffer
     work: Buffer
@@ -71,13 +73,14 @@ class PackedMerger:
     def __init__(self, merger: Merger) -> None:
         self.merger = merger
         self.device = merger.device
-        host = torch.device("cpu")
-        self.scales = Buffer(host)
-        self.zeros = Buffer(host)
-        self.was = Buffer(self.device)  # the base's values
-        self.update = Buffer(self.device)
-        self.unpack = Buffer(self.device)  # room to unpack and round: 6 bytes a value
-        self.scratch = Buffer(host)  # a requantized block computed only for its scales
+        memory = merger.place.memory
+        self.scales = Buffer()
+        self.zeros = Buffer()
+        self.was = Buffer(memory)  # the base's values
+        self.update = Buffer(memory)
+        self.unpack = Buffer(memory)  # room to unpack and round: 6 bytes a value
+        self.packed = Buffer(memory)  # a requantized block's codes, where the device is not the host
+        self.scratch = Buffer()  # a requantized block computed only for its scales
         # New scales and zero points of requantized weights until they are written, block by
         # block in an unnamed file (``spill``, opened when first needed) in the folder of the
         # shard being written (``folder``; a 128-expert tensor's are 66 MB): by weight name,
@@ -97,10 +100,11 @@ class PackedMerger:
     def reserve(self, tensors: list[TensorPlan]) -> None:
         for tensor in tensors:
             assert tensor.quant is not None
-            _, work, _ = self.needs(tensor)
+            source, work, _ = self.needs(tensor)
             self.was.take(work)
             if tensor.dtype == tensor.src_dtype:  # requantized: the update, for the report
                 self.update.take(work)
+                self.packed.take(source if self.merger.place.staged else 0)
             self.unpack.take(6 * work // 4)  # see _room
             experts, rows, _ = tensor.quant.matrices
             self.scales.take((tensor.quant.scale_end - tensor.quant.scale_begin) // (experts * rows) * rows)
@@ -279,7 +283,8 @@ class PackedMerger:
         update = torch.sub(value, was, out=self.update.tensor(torch.float32, tuple(was.shape)))
         output = self.merger.sink.acquire() if write else None
         host = (output or self.scratch).tensor(TORCH_DTYPES[tensor.src_dtype], tuple(source[0].shape))
-        packed = host if self.device.type == "cpu" else torch.empty_like(host, device=self.device)
+        staged = self.merger.place.staged
+        packed = self.packed.tensor(host.dtype, tuple(host.shape)) if staged else host
         if read.format.packing == "mxfp4":
             scales = torch.empty_like(source[1])
             mxfp4_quantize(value, packed.view(torch.uint8), scales, self._room(value.numel()))
@@ -290,8 +295,8 @@ class PackedMerger:
             int_pack(values, read.format.bits, packed)
             now = int_dequantize(value, values, scales, zeros)
             fresh = (scales,) if zeros is None else (scales, zeros)
-        if packed is not host:
-            host.copy_(packed)
+        if staged and output is not None:
+            self.merger.place.download(host, packed, output)
         if collect:
             self._keep(tensor.name, "scale", scales)
             if len(fresh) > 1:

@@ -28,7 +28,8 @@ from ..output import outdir
 from ..output.journal import ShardRecord
 from ..planning.model import ShardPlan, TensorPlan
 from ..planning.planner import COPY_CHUNK_BYTES
-from .merger import Buffer, TensorMerger, row_blocks
+from .buffers import Buffer, Memory
+from .merger import Block, TensorMerger, row_blocks
 from .sink import SharedBlock
 from .stop import StopRequest
 
@@ -56,10 +57,10 @@ class Output:
 class SegmentReader:
     """Reads segments of base tensors into a small pool of reused host buffers."""
 
-    def __init__(self, pinned: bool) -> None:
+    def __init__(self, memory: Memory) -> None:
         self.pool: queue.Queue[Buffer] = queue.Queue()
         for _ in range(_POOL):
-            self.pool.put(Buffer(torch.device("cpu"), pinned=pinned))
+            self.pool.put(Buffer(memory))
 
     def read(self, fd: int, begin: int, end: int) -> tuple[torch.Tensor, object]:
         buffer = self.pool.get()
@@ -138,7 +139,8 @@ def _tensor(src: int, jobs: list[tuple[Output, TensorPlan]], reader: SegmentRead
     for output, tensor in jobs:
         if output.error is None and (tensor.quant or tensor.scale_of or tensor.base_rows):
             try:
-                output.merger.write_tensor(src, tensor)
+                with output.merger.naming(tensor):
+                    output.merger.write_tensor(src, tensor)
             except Exception as exc:
                 _fail(output, exc)
     jobs = [(output, tensor) for output, tensor in jobs if not (tensor.quant or tensor.scale_of or tensor.base_rows)]
@@ -149,7 +151,8 @@ def _tensor(src: int, jobs: list[tuple[Output, TensorPlan]], reader: SegmentRead
         if tensor.ops:
             blocks[id(output)] = row_blocks(tensor)
             try:
-                wholes[id(output)] = output.merger.whole_factors(tensor)
+                with output.merger.naming(tensor):
+                    wholes[id(output)] = output.merger.whole_factors(tensor)
             except Exception as exc:
                 _fail(output, exc)
     for begin, end in _segments([tensor for _, tensor in jobs]):
@@ -161,11 +164,8 @@ def _tensor(src: int, jobs: list[tuple[Output, TensorPlan]], reader: SegmentRead
                 continue
             try:
                 if tensor.ops:
-                    for block in blocks[id(output)]:
-                        if begin <= block.begin and block.end <= end:
-                            source = _typed(raw, block.begin - begin, block.end - begin, tensor)
-                            merged = output.merger.merge_block(source, tensor, block, wholes[id(output)])
-                            output.merger.sink.write(*merged)
+                    with output.merger.naming(tensor):
+                        _merge(output, tensor, raw, begin, end, blocks[id(output)], wholes[id(output)])
                 elif tensor.dtype == tensor.src_dtype:
                     try:
                         output.merger.sink.write(memoryview(raw.numpy()).cast("B"), shared)
@@ -177,6 +177,22 @@ def _tensor(src: int, jobs: list[tuple[Output, TensorPlan]], reader: SegmentRead
             except Exception as exc:
                 _fail(output, exc)
         shared.release()
+
+
+def _merge(
+    output: Output,
+    tensor: TensorPlan,
+    raw: torch.Tensor,
+    begin: int,
+    end: int,
+    blocks: list[Block],
+    whole: list[list[torch.Tensor | None] | None],
+) -> None:
+    """The blocks of ``tensor`` that segment ``raw`` (bytes ``begin`` to ``end``) holds, merged."""
+    for block in blocks:
+        if begin <= block.begin and block.end <= end:
+            source = output.merger.upload(_typed(raw, block.begin - begin, block.end - begin, tensor))
+            output.merger.sink.write(*output.merger.merge_block(source, tensor, block, whole))
 
 
 def _convert(output: Output, tensor: TensorPlan, raw: torch.Tensor) -> None:

@@ -29,6 +29,7 @@ import xxhash
 
 from ..formats.fileio import DIRECT_IO_ALIGNMENT, pread_into, pwrite_all
 from ..planning.planner import STAGING_BUFFERS, STAGING_BYTES
+from .buffers import Buffer
 
 _Item = tuple[Any, ...]
 
@@ -181,6 +182,8 @@ class ShardSink:
                         file.stage = None
                     self._to_writer.put(("end", item[1], file.size))
                 elif self._error is None and kind == "bytes":
+                    if isinstance(item[2], Buffer):
+                        item[2].settle()  # a device's copy into it has arrived
                     self._append(file, item[1])
                 elif self._error is None:
                     self._append_range(file, item[1], item[2], item[3])

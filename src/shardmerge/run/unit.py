@@ -36,9 +36,10 @@ from ..output import outdir
 from ..output.journal import ShardRecord
 from ..output.publish import PushTarget, preupload
 from ..planning.model import AdapterSummary, Plan, ShardPlan
+from .device import resolve_device
 from .fetch import fetcher_for
 from .jobs import NO_SPACE
-from .merger import TensorMerger, lean_process, open_adapters, resolve_device
+from .merger import TensorMerger, lean_process, open_adapters
 from .shared import Output, SegmentReader, write_together
 from .stop import StopRequest
 
@@ -105,7 +106,7 @@ def merge_unit(unit: Unit, adapter_files: Mapping[str, bytes]) -> list[ShardDone
                 merger.reserve(plan.shards)
                 _folder(plan).mkdir(parents=True, exist_ok=True)
                 mergers.append(merger)
-            reader = SegmentReader(pinned=device.type == "cuda")
+            reader = SegmentReader(device.pinned)
             failed: set[int] = set()
             for name in names:
                 wanting = [
