@@ -49,7 +49,8 @@ class ShardRecord:
     format-1 journal, which has ``sha256`` instead; ``sha256`` is there once published.
     ``requantized``: for each merged weight written back in its quantized format, the squared
     norms of its update (dW), of the change that survived requantization (Q(W + dW) - W), and
-    of the rounding error (Q(W + dW) - (W + dW))."""
+    of the rounding error (Q(W + dW) - (W + dW)). ``device``: where it was computed (None in
+    a journal written before shards recorded theirs: the journal's ``device``)."""
 
     size: int
     xxh3_128: str | None
@@ -60,6 +61,7 @@ class ShardRecord:
     non_finite_kept: tuple[str, ...] = ()
     sha256: str | None = None
     requantized: tuple[tuple[str, float, float, float], ...] = ()
+    device: str | None = None
 
 
 @dataclass
@@ -109,6 +111,10 @@ class Journal:
         }
         # allow_nan=False: a journal is JSON, and NaN is not (every figure in it is finite)
         outdir.write_bytes_atomic(self.path, (json.dumps(body, indent=2, allow_nan=False) + "\n").encode())
+
+    def device_of(self, shard: str) -> str:
+        """The device finished shard ``shard`` was computed on."""
+        return self.shards[shard].device or self.device
 
     def record(self, shard: str, record: ShardRecord) -> None:
         with self.lock:
@@ -233,6 +239,7 @@ def _record(entry: dict[str, Any]) -> ShardRecord:
         *(tuple(entry.get(key, ())) for key in ("merged", "converted", "unchanged", "non_finite_kept")),
         sha256=entry.get("sha256"),
         requantized=tuple((str(n), float(d), float(k), float(e)) for n, d, k, e in entry.get("requantized", ())),
+        device=str(entry["device"]) if entry.get("device") is not None else None,
     )
     if record.xxh3_128 is None and record.sha256 is None:
         raise KeyError("xxh3_128")  # a record without a hash cannot be checked: not ours

@@ -63,6 +63,9 @@ class MergeReport:
     update_kept: float | None = None
     update_error: float | None = None
     least_kept: tuple[str, float] | None = None
+    # On a GPU: the host memory locked for its copies, and the GPU memory torch held, at most.
+    locked_bytes: int = 0
+    device_bytes: int = 0
 
 
 @dataclass
@@ -114,6 +117,8 @@ def claim(job: Job, device: str, restart: bool, verify_resume: bool, quiet: bool
         job.publisher.open(journal)
     todo = [shard for shard in plan.shards if not journal.finished(shard, rehash=verify_resume)]
     job.todo = {shard.name for shard in todo}
+    if todo:
+        _check_same_kind(journal, [shard.name for shard in plan.shards if shard.name not in job.todo], device)
     needed = [shard.size for shard in todo]
     if job.push is not None and job.push.delete_after_upload:
         needed = sorted(needed)[-2:]  # the disk holds one shard uploading, one being written
@@ -122,6 +127,21 @@ def claim(job: Job, device: str, restart: bool, verify_resume: bool, quiet: bool
         for shard in plan.shards:
             if shard.name not in job.todo:
                 job.publisher.submit(shard.name)  # finished by an earlier run, maybe not uploaded
+
+
+def _check_same_kind(journal: journals.Journal, finished: list[str], device: str) -> None:
+    """A resumed merge goes on on the kind of device its finished shards were computed on:
+    a GPU's products are not the CPU's to the last bit, and the output would mix both."""
+    kind = device.partition(":")[0]
+    others = [name for name in finished if journal.device_of(name).partition(":")[0] != kind]
+    if others:
+        began = journal.device_of(others[0])
+        raise OutputError(
+            f"this merge began on {began} ({len(others)} of its shards were computed there); resuming on {device} "
+            "would mix shards computed on two kinds of device, not the bytes of either's merge",
+            file=journal.folder,
+            hint=f"resume with --device {began.partition(':')[0]}, or --restart to merge every shard on {device}",
+        )
 
 
 def record_shard(job: Job, shard: ShardPlan, written: journals.ShardRecord, attempt: str = "") -> None:
@@ -175,7 +195,7 @@ def progress_bar(jobs: list[Job], quiet: bool) -> tqdm:
     )
 
 
-def report(job: Job, device: str) -> MergeReport:
+def report(job: Job, device: str, locked_bytes: int = 0, device_bytes: int = 0) -> MergeReport:
     plan = job.plan
     merged = sum(shard.merged for shard in plan.shards)
     written = [shard for shard in plan.shards if shard.name in job.written]
@@ -191,6 +211,8 @@ def report(job: Job, device: str) -> MergeReport:
         bytes_written=sum(shard.size for shard in written),
         seconds=time.monotonic() - job.started,
         device=device,
+        locked_bytes=locked_bytes,
+        device_bytes=device_bytes,
         commit=job.commit,
         url=job.publisher.url if job.publisher is not None else None,
         unchanged=sum(len(record.unchanged) for record in records),
