@@ -509,7 +509,7 @@ def test_verify_of_a_gpu_merge_allows_one_code_step_per_packed_value(
     """A GPU merge's products may differ in the last bit, and a requantized value then by one
     code: verify compares a packed weight code by code (an E2M1 code by its signed magnitude),
     not as one float. The journal of a CUDA merge is simulated: no GPU here."""
-    from shardmerge.verify import _within_one_step
+    from shardmerge.verify import _within_tolerance
 
     base = packed(name)
     adapter = _adapter(base, tmp_path / "adapter")
@@ -527,8 +527,8 @@ def test_verify_of_a_gpu_merge_allows_one_code_step_per_packed_value(
     far = torch.tensor([0x23, 0x8F] if name.startswith("gpt") else [0x23, 0x7F], dtype=torch.uint8)
     dtype = TORCH_DTYPES[tensor.dtype]
     words = [w.repeat(2).view(dtype) for w in (word, near, far)]  # whole stored elements
-    assert _within_one_step(words[1], words[0], tensor)  # 1 <-> 2, and for E2M1 -0 <-> +0
-    assert not _within_one_step(words[2], words[0], tensor)  # 1 -> 3: two steps
+    assert _within_tolerance(words[1], words[0], tensor)  # 1 <-> 2, and for E2M1 -0 <-> +0
+    assert not _within_tolerance(words[2], words[0], tensor)  # 1 -> 3: two steps
 
 
 @pytest.mark.parametrize("symmetric", [True, False])
