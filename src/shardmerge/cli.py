@@ -440,7 +440,12 @@ def _print_plan(plan: Plan) -> None:
     )
     for note in plan.notes:
         print(f"note    {note}")
-    print(f"memory  about {_size(plan.peak_memory_bytes)} of working memory, plus the interpreter and torch")
+    gpu = plan.gpu_memory
+    print(f"memory  about {_size(plan.peak_memory_bytes)} of working memory on the CPU, plus the interpreter and torch")
+    print(
+        f"        on a GPU: about {_size(gpu.host_bytes)} of host RAM ({_size(gpu.locked_bytes)} of it locked) "
+        f"and {_size(gpu.device_bytes)} of GPU memory"
+    )
 
 
 def _formats(tensor: TensorPlan) -> str:

@@ -193,6 +193,16 @@ class AdapterSummary:
 
 
 @dataclass(frozen=True)
+class GpuMemory:
+    """The working memory a merge on a GPU needs beyond the interpreter and torch: host RAM
+    (``locked_bytes`` of it locked for copies) and the device's own memory."""
+
+    host_bytes: int
+    locked_bytes: int
+    device_bytes: int
+
+
+@dataclass(frozen=True)
 class Plan:
     """``config`` is the output config.json when it differs from the base's (dtype, untied
     embeddings); None copies the base's file byte for byte. ``inputs`` is everything that
@@ -213,7 +223,8 @@ class Plan:
     inputs: dict[str, Any]
     fingerprint: str
     tensor_bytes: int
-    peak_memory_bytes: int
+    peak_memory_bytes: int  # merging on the CPU
+    gpu_memory: GpuMemory  # merging on a GPU
     base_repo: str | None = None  # a Hub base: its repo id (``base`` is ``repo@commit``)
     strict: bool = False  # a merge that changes no tensor is an error, not a warning
     quantization: str | None = None  # the base's weight quantization, described

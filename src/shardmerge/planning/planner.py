@@ -10,8 +10,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import mmap
 from collections import defaultdict
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from .adapters import MAX_CONFIG_BYTES, Adapter, load_adapter
 from .layouts import find_layouts
 from .model import (
     AdapterSummary,
+    GpuMemory,
     MergeOp,
     Plan,
     QuantRead,
@@ -45,9 +47,10 @@ OUTPUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 # Bytes the executor's untouched-tensor conversion works through at a time.
 COPY_CHUNK_BYTES = 16 * 1024 * 1024
 # The largest host buffer locked (pinned) for copies to and from a GPU: merge blocks, copy
-# chunks and their outputs fit; a larger buffer (a whole tensor some ops need) is pageable, so
-# that locked memory stays bounded whatever the tensors' sizes.
-PINNED_BUFFER_BYTES = COPY_CHUNK_BYTES
+# chunks and their outputs (a float16 chunk widened to float32) fit; a larger buffer (a whole
+# tensor some ops need) is pageable, so that locked memory stays bounded whatever the
+# tensors' sizes.
+PINNED_BUFFER_BYTES = 2 * COPY_CHUNK_BYTES
 # Elements of a merged tensor worked on at once (4 MB in float32): what bounds memory, small
 # enough that a block's passes (widen, product, round, check) find it in the CPU's cache, and
 # large enough that each product still runs at full speed. Fixed, because a BLAS may round a
@@ -182,6 +185,7 @@ def build_plan(job: MergeJob) -> Plan:
         fingerprint=hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest(),
         tensor_bytes=sum(t.end - t.begin for shard in shards for t in shard.tensors),
         peak_memory_bytes=_peak_memory(shards, adapters),
+        gpu_memory=_gpu_memory(shards, adapters),
         strict=job.strict,
         quantization=fmt.describe() if fmt else None,
     )
@@ -780,43 +784,101 @@ def _inputs(
     }
 
 
-def _peak_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> int:
-    """Working memory the executor needs beyond the interpreter: the largest merged block in
-    float32 (twice for DoRA, LoKr and replacements, which hold a second float32 operand), its
-    source bytes, two output buffers (one written and hashed while the next fills), the
-    adapter factors of the tensor with the most (in float32, and one as stored), and the
-    conversion and staging buffers."""
+@dataclass(frozen=True)
+class _Block:
+    """What merging one block of a tensor holds: float32 copies of ``count`` values, its
+    ``source`` bytes, its ``output`` bytes, and the adapter factors (float32, and the
+    largest as stored)."""
+
+    copies: int
+    count: int
+    source: int
+    output: int
+    factors: int
+    stored: int
+
+
+def _blocks(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> list[_Block]:
     by_index = {adapter.index: adapter for adapter in adapters}
-    worst = factors = 0
+    blocks = []
     for shard in shards:
         for tensor in shard.tensors:
-            if tensor.ops or tensor.quant:
-                rows = tensor.shape[0] if tensor.shape else 1
-                count = numel(tensor.shape) * tensor.block_rows // max(rows, 1)
-                if tensor.expert_rows:
-                    count = tensor.block_rows * tensor.shape[-1]
-                copies = 1 if all(op.kind in ("lora", "bias", "ia3", "tokens", "loha") for op in tensor.ops) else 2
-                if tensor.quant is not None:  # the scales as stored and in float32
-                    copies += 2 * (tensor.quant.scale_end - tensor.quant.scale_begin) // count
-                source = count * ITEMSIZE[tensor.src_dtype]
-                if tensor.quant is not None and tensor.quant.format.packing:
-                    # the value, the base's, the update, and the unpacking's temporaries
-                    *_, source, count = tensor.packed_block()
-                    copies = PACKED_COPIES
-                worst = max(worst, copies * 4 * count + source + 2 * count * ITEMSIZE[tensor.dtype])
-                blocked = 0 < tensor.block_rows < rows
-                read = [
-                    by_index[op.adapter].header.tensors[key]
-                    for op in tensor.ops
-                    if not (op.kind == "replace" and blocked)
-                    for key in op.keys
-                    if key
-                ]
-                stored = max((info.nbytes for info in read), default=0)
-                factors = max(factors, sum(4 * numel(info.shape) for info in read) + stored)
-    conversion = COPY_CHUNK_BYTES + 2 * 2 * COPY_CHUNK_BYTES  # a float16 chunk may widen to float32
-    # FP8: room to widen, and a requantized weight's report, worked out on about WIDEN_CHUNK
-    # elements at a time (three float32 values, the FP8 codes), up to twice that
+            if not (tensor.ops or tensor.quant):
+                continue
+            rows = tensor.shape[0] if tensor.shape else 1
+            count = numel(tensor.shape) * tensor.block_rows // max(rows, 1)
+            if tensor.expert_rows:
+                count = tensor.block_rows * tensor.shape[-1]
+            # DoRA, LoKr and replacements hold a second float32 operand
+            copies = 1 if all(op.kind in ("lora", "bias", "ia3", "tokens", "loha") for op in tensor.ops) else 2
+            if tensor.quant is not None:  # the scales as stored and in float32
+                copies += 2 * (tensor.quant.scale_end - tensor.quant.scale_begin) // count
+            source = count * ITEMSIZE[tensor.src_dtype]
+            if tensor.quant is not None and tensor.quant.format.packing:
+                # the value, the base's, the update, and the unpacking's temporaries
+                *_, source, count = tensor.packed_block()
+                copies = PACKED_COPIES
+            blocked = 0 < tensor.block_rows < rows
+            read = [
+                by_index[op.adapter].header.tensors[key]
+                for op in tensor.ops
+                if not (op.kind == "replace" and blocked)
+                for key in op.keys
+                if key
+            ]
+            factors = sum(4 * numel(info.shape) for info in read)
+            stored = max((info.nbytes for info in read), default=0)
+            blocks.append(_Block(copies, count, source, count * ITEMSIZE[tensor.dtype], factors, stored))
+    return blocks
+
+
+# A chunk of an untouched tensor converted: as read, and up to twice that (float16 widened
+# to float32) in each of two output buffers.
+_CONVERSION = COPY_CHUNK_BYTES + 2 * 2 * COPY_CHUNK_BYTES
+
+
+def _widen(shards: tuple[ShardPlan, ...]) -> int:
+    """FP8: room to widen, and a requantized weight's report, worked out on about WIDEN_CHUNK
+    elements at a time (three float32 values, the FP8 codes), up to twice that."""
     quantized = any(t.quant for shard in shards for t in shard.tensors)
-    widen = (4 + 2 * (3 * 4 + 1)) * WIDEN_CHUNK if quantized else 0
-    return max(worst, conversion) + factors + widen + STAGING_BUFFERS * STAGING_BYTES
+    return (4 + 2 * (3 * 4 + 1)) * WIDEN_CHUNK if quantized else 0
+
+
+def _peak_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> int:
+    """Working memory a merge on the CPU needs beyond the interpreter: the largest merged
+    block in float32 copies, its source bytes, two output buffers (one written and hashed
+    while the next fills), the adapter factors of the tensor with the most (in float32, and
+    one as stored), and the conversion and staging buffers."""
+    blocks = _blocks(shards, adapters)
+    worst = max((b.copies * 4 * b.count + b.source + 2 * b.output for b in blocks), default=0)
+    factors = max((b.factors + b.stored for b in blocks), default=0)
+    return max(worst, _CONVERSION) + factors + _widen(shards) + STAGING_BUFFERS * STAGING_BYTES
+
+
+def _gpu_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> GpuMemory:
+    """The same on a GPU. On the device: the float32 copies, the rounded output, the blocks
+    read ahead (two, or one too large to lock) and one uploaded by a shared pass, the factors
+    in float32, the FP8 pieces. On the host: the blocks read ahead, three output buffers,
+    the factors as stored, the conversion and staging buffers. Locked: the host buffers of at
+    most PINNED_BUFFER_BYTES that take part in copies (larger requests spill to pageable
+    buffers of their own), whole pages each."""
+    blocks = _blocks(shards, adapters)
+    sources = [b.source for b in blocks]
+    converted = any(not (t.ops or t.quant or t.scale_of) and t.dtype != t.src_dtype for s in shards for t in s.tensors)
+    outputs = [2 * COPY_CHUNK_BYTES if converted else 0, *(b.output for b in blocks)]
+    source, output = max(sources, default=0), max(outputs)
+    device = max((b.copies * 4 * b.count + b.output for b in blocks), default=0) + 3 * source
+    device += max((b.factors for b in blocks), default=0) + _widen(shards)
+    host = 2 * source + 3 * output + max((b.stored for b in blocks), default=0)
+    host += COPY_CHUNK_BYTES + STAGING_BUFFERS * STAGING_BYTES
+    locked = 2 * _pages(_lockable(sources)) + 3 * _pages(_lockable(outputs))
+    return GpuMemory(host, locked, device)
+
+
+def _lockable(sizes: list[int]) -> int:
+    """The largest of ``sizes`` that a locked buffer holds."""
+    return max((size for size in sizes if size <= PINNED_BUFFER_BYTES), default=0)
+
+
+def _pages(nbytes: int) -> int:
+    return -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from typing import Protocol
 
@@ -11,7 +12,11 @@ from ..formats.safetensors import numel
 
 
 class Memory(Protocol):
-    """Where a buffer's bytes live: host memory (pageable or locked) or a device's."""
+    """Where a buffer's bytes live: host memory (pageable or locked) or a device's; at most
+    ``largest`` bytes a buffer (more go to pageable host memory)."""
+
+    @property
+    def largest(self) -> int: ...
 
     def empty(self, nbytes: int) -> torch.Tensor:
         """``nbytes`` uninitialised bytes (a flat uint8 tensor)."""
@@ -24,6 +29,8 @@ class Memory(Protocol):
 
 class HostMemory:
     """Plain (pageable) host memory."""
+
+    largest = sys.maxsize
 
     def empty(self, nbytes: int) -> torch.Tensor:
         return torch.empty(nbytes, dtype=torch.uint8)
@@ -40,20 +47,35 @@ class Buffer:
     weight would cost more than the merge: the allocator returns large blocks to the kernel,
     and faulting them in again runs at a fraction of memory speed.
 
+    Requests larger than the memory's ``largest`` are served from a second, pageable buffer
+    (``spill``), so that the usual blocks keep their memory (locked, say) beside one whole
+    tensor that an op needs at once.
+
     ``ready``: set while a device still copies into the buffer (a download in flight); whoever
     reads the bytes calls ``settle()`` first."""
 
     def __init__(self, memory: Memory = HOST) -> None:
         self.memory = memory
         self.buffer = memory.empty(0)
+        self.spill = HOST.empty(0)
         self.ready: Callable[[], None] | None = None
 
     def take(self, nbytes: int) -> torch.Tensor:
+        if nbytes > self.memory.largest:
+            if nbytes > self.spill.numel():
+                self.spill = HOST.empty(0)  # the old one first
+                self.spill = HOST.empty(nbytes)
+            return self.spill[:nbytes]
         if nbytes > self.buffer.numel():
             self.memory.free(self.buffer)  # the old one first
             self.buffer = self.memory.empty(0)
             self.buffer = self.memory.empty(nbytes)
         return self.buffer[:nbytes]
+
+    def reserve(self, sizes: list[int]) -> None:
+        """Size the buffer for each of ``sizes`` at once."""
+        self.take(max((size for size in sizes if size <= self.memory.largest), default=0))
+        self.take(max(sizes, default=0))
 
     def tensor(self, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
         return self.take(numel(shape) * dtype.itemsize).view(dtype).reshape(shape)
@@ -63,8 +85,3 @@ class Buffer:
         if self.ready is not None:
             ready, self.ready = self.ready, None
             ready()
-
-    def release(self) -> None:
-        """Give the memory back now."""
-        self.memory.free(self.buffer)
-        self.buffer = self.memory.empty(0)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import mmap
 import queue
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -84,8 +85,8 @@ class Runtime(Protocol):
 
     def count(self) -> int: ...
     def torch_device(self, index: int) -> torch.device: ...
-    def current(self) -> int: ...
     def select(self, index: int) -> None: ...
+    def selected(self, index: int) -> Any: ...
     def open(self, index: int) -> None: ...
     def allocate(self, nbytes: int, index: int) -> torch.Tensor: ...
     def free(self, tensor: torch.Tensor) -> None: ...
@@ -111,11 +112,14 @@ class CudaRuntime:
     def torch_device(self, index: int) -> torch.device:
         return torch.device("cuda", index)
 
-    def current(self) -> int:
-        return torch.cuda.current_device()
-
     def select(self, index: int) -> None:
+        """Make ``index`` this thread's device (a thread of the merge's own)."""
         torch.cuda.set_device(index)
+
+    def selected(self, index: int) -> Any:
+        """``index`` this thread's device for a block; torch's context manager puts the
+        caller's back without making a context on it."""
+        return torch.cuda.device(index)
 
     def open(self, index: int) -> None:
         torch.cuda.set_device(index)
@@ -216,8 +220,9 @@ class Reads:
     def __init__(self, buffer: Buffer) -> None:
         self.buffer = buffer
 
-    def reserve(self, nbytes: int) -> None:
-        self.buffer.take(nbytes)
+    def reserve(self, sizes: list[int]) -> None:
+        """Room for blocks of each of ``sizes`` bytes."""
+        self.buffer.reserve(sizes)
 
     def blocks(self, reads: list[tuple[int, Fill]]) -> Iterator[torch.Tensor]:
         """Each block's bytes (on the device), in order, for ``reads``: (bytes, fill)."""
@@ -240,28 +245,22 @@ class Staged(Device):
         self.torch = runtime.torch_device(index)
         self.memory = _DeviceMemory(self)
         self.pinned = _LockedMemory(self)
-        previous = runtime.current()
         try:
-            runtime.select(index)
-            runtime.open(index)
+            with runtime.selected(index):
+                runtime.open(index)
         except RuntimeError as exc:  # busy (exclusive mode), lost, or full
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DeviceError(f"{self.name} cannot be used: {first}", hint=_WAY_OUT) from None
-        finally:
-            runtime.select(previous)
         self.compute = runtime.stream(index)
         self.copies = runtime.stream(index)
 
     @contextmanager
     def activate(self) -> Iterator[None]:
-        previous = self.runtime.current()
-        self.runtime.select(self.index)
-        try:
-            with exact_float32(), self.runtime.use(self.compute):
+        with self.runtime.selected(self.index), exact_float32(), self.runtime.use(self.compute):
+            try:
                 yield
-        finally:
-            self.runtime.finish(self.index)
-            self.runtime.select(previous)
+            finally:
+                self.runtime.finish(self.index)
 
     def reads(self, buffer: Buffer) -> Reads:
         return _ReadAhead(self)
@@ -301,6 +300,8 @@ def _tried(message: str) -> str:
 
 
 class _DeviceMemory:
+    largest = sys.maxsize
+
     def __init__(self, device: Staged) -> None:
         self.device = device
 
@@ -316,7 +317,8 @@ class _DeviceMemory:
 
 class _LockedMemory:
     """Host memory locked for copies, exactly (page-aligned mappings registered with the
-    driver), up to PINNED_BUFFER_BYTES a buffer; larger buffers are pageable."""
+    driver), up to PINNED_BUFFER_BYTES a buffer (a buffer's larger requests spill to
+    pageable memory)."""
 
     def __init__(self, device: Staged) -> None:
         self.device = device
@@ -324,9 +326,13 @@ class _LockedMemory:
         self.locked = 0
         self.peak = 0
 
+    @property
+    def largest(self) -> int:
+        return PINNED_BUFFER_BYTES
+
     def empty(self, nbytes: int) -> torch.Tensor:
-        if not 0 < nbytes <= PINNED_BUFFER_BYTES:
-            return HOST.empty(nbytes)
+        if nbytes == 0:
+            return HOST.empty(0)
         length = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
         mapping = mmap.mmap(-1, length)
         whole = torch.frombuffer(mapping, dtype=torch.uint8)
@@ -352,10 +358,11 @@ class _ReadAhead(Reads):
         self.hosts = [Buffer(device.pinned) for _ in range(2)]
         self.inbox = [Buffer(device.memory) for _ in range(2)]
 
-    def reserve(self, nbytes: int) -> None:
-        for index in range(_depth(nbytes)):
-            self.hosts[index].take(nbytes)
-            self.inbox[index].take(nbytes)
+    def reserve(self, sizes: list[int]) -> None:
+        for index in range(2):
+            ahead = [size for size in sizes if index < _depth(size)]
+            self.hosts[index].reserve(ahead)
+            self.inbox[index].reserve(ahead)
 
     def blocks(self, reads: list[tuple[int, Fill]]) -> Iterator[torch.Tensor]:
         runtime, compute = self.device.runtime, self.device.compute

@@ -7,8 +7,9 @@ real device would do asynchronously is done late, so that a missing wait shows a
 bytes: a copy to the device on a stream other than the current one happens only once
 something waits for it; a copy to the host is taken at once (later kernels may overwrite
 its source) but lands in host memory only when its event is waited for. It also keeps the
-figures a test checks: the devices each thread touched, device memory (bounded by
-``memory``, past which allocations raise torch's OutOfMemoryError), and the waits;
+figures a test checks, from the device's opening on: the devices each thread touched,
+device memory (bounded by ``memory``, past which allocations raise torch's
+OutOfMemoryError), and the waits;
 ``busy`` lists devices that refuse a context, as a GPU in exclusive mode held by another
 process does.
 """
@@ -65,11 +66,25 @@ class EmulatedRuntime:
     def select(self, index: int) -> None:
         self.local.device = index
 
+    @contextmanager
+    def selected(self, index: int) -> Any:
+        before = getattr(self.local, "device", None)
+        self.local.device = index
+        try:
+            yield
+        finally:
+            if before is None:
+                del self.local.device
+            else:
+                self.local.device = before
+
     def open(self, index: int) -> None:
         if index in self.busy:
             raise torch.AcceleratorError("CUDA error: CUDA-capable device(s) is/are busy or unavailable")
-        self.touched.add(index)
-        self.peak_bytes = sum(self.allocated.values())
+        # The figures start again, as a new process's would.
+        self.touched, self.event_waits, self.device_waits = {index}, 0, 0
+        self.allocated.clear()
+        self.peak_bytes = 0
 
     def allocate(self, nbytes: int, index: int) -> torch.Tensor:
         self.touched.add(index)

@@ -110,7 +110,8 @@ def run_pass(
         for job in jobs:
             if job.error is None:
                 job.error = io_error(exc, job) if isinstance(exc, OSError) else exc
-    return [job.error if job.error is not None else report(job, str(device)) for job in jobs]
+    memory = (device.locked_peak(), device.device_peak())
+    return [job.error if job.error is not None else report(job, str(device), *memory) for job in jobs]
 
 
 def _open(job: Job, device: Device, restart: bool, verify_resume: bool, quiet: bool) -> None:

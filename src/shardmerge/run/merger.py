@@ -267,8 +267,8 @@ class TensorMerger:
     def _reserve(self, shards: tuple[ShardPlan, ...], needs: list[tuple[int, int, int, int, int, int]]) -> None:
         tensors = [tensor for shard in shards for tensor in shard.tensors]
         self.packed.reserve([t for t in tensors if t.quant and t.quant.format.packing])
-        source, work, output, staging, whole, block = (max((need[i] for need in needs), default=0) for i in range(6))
-        blocks = max((need[0] for need, t in zip(needs, tensors, strict=True) if _read_ahead(t)), default=0)
+        source, work, _, staging, whole, block = (max((need[i] for need in needs), default=0) for i in range(6))
+        blocks = [need[0] for need, t in zip(needs, tensors, strict=True) if _read_ahead(t)]
         others = max((need[0] for need, t in zip(needs, tensors, strict=True) if not _read_ahead(t)), default=0)
         quantized = [t for shard in shards for t in shard.tensors if t.quant and not t.quant.format.packing]
         self.scale_buffer.take(max((t.quant.scale_end - t.quant.scale_begin for t in quantized if t.quant), default=0))
@@ -280,12 +280,12 @@ class TensorMerger:
             buffer.take(4 * piece)
         self.read_buffer.take(others if self.place.staged else source)
         self.reads.reserve(blocks)
-        self.uploaded.take(blocks if self.place.staged else 0)
+        self.uploaded.take(max(blocks, default=0) if self.place.staged else 0)
         self.work.take(work)
         self.staging.take(staging)
         self.whole.reset(whole)
         self.block.reset(block)
-        self.sink.reserve(output)
+        self.sink.reserve([need[2] for need in needs])
 
     def _needs(self, tensor: TensorPlan) -> tuple[int, int, int, int, int, int]:
         """Bytes ``tensor`` needs in each buffer: source, work, output, staging, and the two
@@ -827,6 +827,7 @@ class TensorMerger:
                 for name in names
                 if name in self.requantized and all(map(math.isfinite, self.requantized[name]))
             ),
+            device=self.place.name,
         )
 
 

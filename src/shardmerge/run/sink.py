@@ -107,11 +107,12 @@ class ShardSink:
         for thread in self._threads:
             thread.start()
 
-    def reserve(self, nbytes: int) -> None:
-        """Size every buffer of the pool for ``nbytes`` now (the pool must be idle)."""
+    def reserve(self, sizes: list[int]) -> None:
+        """Size every buffer of the pool for blocks of each of ``sizes`` bytes now (the pool
+        must be idle)."""
         buffers = [self._free.get() for _ in range(self._size)]
         for buffer in buffers:
-            buffer.take(nbytes)
+            buffer.reserve(sizes)
             self._free.put(buffer)
 
     def acquire(self) -> Any:
