@@ -78,11 +78,13 @@ class LocalCluster:
     def address(self) -> str:
         return str(self.cluster.address)
 
-    def add_worker(self) -> object:
+    def add_worker(self, gpu: bool = False) -> object:
+        """A node of one CPU; with ``gpu``, also one GPU that its processes emulate
+        (SHARDMERGE_EMULATE_CUDA): Ray schedules on it as on a GPU."""
         self.count += 1
-        home = self.root / f"hf-node{self.count}"
+        env = {"HF_HOME": str(self.root / f"hf-node{self.count}")} | ({"SHARDMERGE_EMULATE_CUDA": "1"} if gpu else {})
         return self.cluster.add_node(
-            num_cpus=1, node_ip_address=LOOPBACK, env_vars={"HF_HOME": str(home)}, resources={f"node{self.count}": 1}
+            num_cpus=1, num_gpus=int(gpu), node_ip_address=LOOPBACK, env_vars=env, resources={f"node{self.count}": 1}
         )
 
     def clear_caches(self) -> None:

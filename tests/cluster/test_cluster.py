@@ -159,6 +159,38 @@ def test_a_cluster_merge_is_the_local_merge(
     assert report.shards_skipped == 0 and report.bytes_written > 0
 
 
+@pytest.mark.cuda_emulated
+def test_auto_asks_for_the_clusters_gpus_and_cuda_on_a_cluster_without_any_fails_in_one_line(
+    nodes: LocalCluster, inputs: tuple[Base, Path, Path], tmp_path: Path
+) -> None:
+    """Ray hides the GPUs from a task that asks for none: ``--device auto`` asks each task for
+    one where the cluster has GPUs (here a node whose GPU its processes emulate), and merges
+    the local merge's bytes there. On a cluster without a GPU, ``--device cuda`` fails after
+    --ray-start-timeout, in one line that says why."""
+    base, adapter, reference = inputs
+    out = tmp_path / "out"
+    node = nodes.add_worker(gpu=True)
+    try:
+        report = merge(
+            base=str(base.path), adapters=[str(adapter)], output=str(out), executor="ray", ray_address=nodes.address
+        )
+    finally:
+        nodes.cluster.remove_node(node)
+    assert report.device == "cuda on a Ray cluster"
+    assert files(out) == files(reference)
+    journal = json.loads((out / ".shardmerge" / "journal.json").read_text())
+    assert {record["device"] for record in journal["shards"].values()} == {"cuda:0"}
+    args = ["merge", base.path, adapter, "-o", tmp_path / "cuda", "--executor", "ray", "--device", "cuda"]
+    started = time.monotonic()
+    done = _run([*args, "--ray-address", nodes.address, "--ray-start-timeout", "3"], nodes)
+    assert done.returncode == 1, done.stderr
+    (line,) = [line for line in done.stderr.splitlines() if line.startswith("shardmerge: ")]
+    assert "no task started within 3 s" in line and "each task asks for 1 CPU, 1 GPU, " in line
+    assert "likely cause: the cluster has no GPU, and --device cuda asks one for each task" in line
+    assert "--device auto or cpu" in line
+    assert time.monotonic() - started < 60
+
+
 def test_a_batch_on_one_base_is_each_jobs_local_merge(
     nodes: LocalCluster, inputs: tuple[Base, Path, Path], tmp_path: Path
 ) -> None:

@@ -67,11 +67,16 @@ def run_on_cluster(
     verify_resume: bool,
 ) -> list[MergeReport | BaseException]:
     """``executor.run_pass`` on a Ray cluster: the same jobs, the same results. A cluster that
-    starts no task within ``start_timeout`` seconds (None: START_TIMEOUT_S) fails the jobs."""
+    starts no task within ``start_timeout`` seconds (None: START_TIMEOUT_S) fails the jobs.
+    ``--device auto`` asks each task for a GPU where the cluster has GPUs (Ray hides the
+    GPUs from a task that asks for none): it connects first, to ask the cluster."""
     device = "cuda" if jobs[0].plan.device.startswith("cuda") else "cpu"
     try:
         ray = _import_ray()
         with ExitStack() as stack:
+            if jobs[0].plan.device == "auto":
+                _connect(ray, address, stack)
+                device = "cuda" if ray.cluster_resources().get("GPU", 0) > 0 else "cpu"
             for job in jobs:
                 stack.callback(job.stack.close)
                 stack.callback(_remove_strays, job)
@@ -167,11 +172,9 @@ class _Pass:
         try:
             for unit, members in self._units():
                 needed = sorted({a.weights_file for job in unit.jobs for a in job.plan.adapters} & files.keys())
-                asked = {
-                    "CPU": 1,
-                    "GPU": 1 if self.device == "cuda" else 0,
-                    "memory": TASK_BASE_MEMORY + sum(job.plan.peak_memory_bytes for job in unit.jobs),
-                }
+                gpu = self.device == "cuda"
+                memory = [job.plan.gpu_memory.host_bytes if gpu else job.plan.peak_memory_bytes for job in unit.jobs]
+                asked = {"CPU": 1, "GPU": 1 if gpu else 0, "memory": TASK_BASE_MEMORY + sum(memory)}
                 if asked["memory"] > self.asked.get("memory", 0):
                     self.asked = asked  # the most a task asks for
                 options = {
@@ -217,7 +220,11 @@ class _Pass:
         seen = "; ".join(f"{node.get('NodeManagerAddress', '?')} ({_resources(node['Resources'])})" for node in nodes)
         asked = _resources({key: value for key, value in self.asked.items() if value})
         free, total = self.ray.available_resources(), self.ray.cluster_resources()
-        if not any(all(node["Resources"].get(key, 0) >= value for key, value in self.asked.items()) for node in nodes):
+        fits = any(all(node["Resources"].get(key, 0) >= value for key, value in self.asked.items()) for node in nodes)
+        if self.asked.get("GPU") and not total.get("GPU"):
+            cause = "the cluster has no GPU, and --device cuda asks one for each task"
+            hint = "merge on the nodes' CPUs with --device auto or cpu, or add nodes with GPUs"
+        elif not fits:
             cause = "no node has what one task asks for"
             hint = "add a node that has it (a task is one base shard, and needs the memory `plan` prints)"
         elif free.get("CPU", 0) >= total.get("CPU", 0):
