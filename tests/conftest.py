@@ -25,6 +25,8 @@ from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, PreTrainedModel
 
+from shardmerge.planning import planner
+
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23}
 
@@ -264,3 +266,11 @@ def edit_tensor(folder: Path, name: str, value: torch.Tensor | None) -> None:
         weight_map[name] = shard.name
     save_file(tensors, shard, metadata={"format": "pt"})
     (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.fixture
+def small_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of 96 values (and packed blocks of 128): every merged tensor spans many blocks, so the read-ahead thread,
+    the two buffers it alternates and the events between them all come into play."""
+    monkeypatch.setattr(planner, "MERGE_BLOCK_ELEMENTS", 3 * 32)
+    monkeypatch.setattr(planner, "PACKED_BLOCK_ELEMENTS", 4 * 32)

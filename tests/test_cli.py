@@ -106,11 +106,14 @@ def test_plan_lists_shards_and_writes_nothing(
     )
     assert all(op["rule"] == "exact" for ops in merged.values() for op in ops)
     assert plan["peak_memory_bytes"] > 0
+    gpu = plan["gpu_memory"]
+    assert 0 < gpu["locked_bytes"] < gpu["host_bytes"] and gpu["device_bytes"] > 0
 
     assert main(["plan", str(base), str(first)]) == 0
     text = capsys.readouterr().out
     assert "model.layers.0.self_attn.q_proj.weight  <- [0] lora linear" in text
-    assert "memory  about" in text
+    assert "memory  about" in text and "of working memory on the CPU" in text
+    assert "        on a GPU: about " in text and " of it locked) and " in text and " of GPU memory" in text
     assert "total   " in text
 
 
