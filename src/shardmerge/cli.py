@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from ._version import __version__
 from .config import MergeJob, build_job, build_named, build_push, load_job_file
 from .errors import JobConfigError, ProblemsError, ShardmergeError
+from .formats.units import human_size as _size
 from .inputs import hub
 from .output.publish import PushTarget
 
@@ -472,14 +473,6 @@ def _describe(adapter: AdapterSummary) -> str:
     parts += [flag for flag, on in (("rslora", adapter.use_rslora), ("dora", adapter.use_dora)) if on]
     parts.append(f"({adapter.modules} modules, {adapter.full_tensors} full tensors)")
     return "  ".join(parts)
-
-
-def _size(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024:
-            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
-        count /= 1024
-    return f"{count:.1f} TiB"
 
 
 if __name__ == "__main__":

@@ -40,6 +40,7 @@ from typing import Any, Protocol
 import torch
 
 from ..errors import DeviceError
+from ..formats.units import human_size as size
 from ..planning.planner import PINNED_BUFFER_BYTES
 from .buffers import HOST, Buffer, Memory
 
@@ -70,14 +71,6 @@ def exact_float32() -> Iterator[None]:
     finally:
         for backend, precision in zip(backends, saved, strict=True):
             backend.fp32_precision = precision
-
-
-def size(count: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if count < 1024:
-            return f"{count:.1f} {unit}" if unit != "B" else f"{int(count)} B"
-        count /= 1024
-    return f"{count:.1f} TiB"
 
 
 class Runtime(Protocol):

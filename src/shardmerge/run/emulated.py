@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -66,17 +67,8 @@ class EmulatedRuntime:
     def select(self, index: int) -> None:
         self.local.device = index
 
-    @contextmanager
     def selected(self, index: int) -> Any:
-        before = getattr(self.local, "device", None)
-        self.local.device = index
-        try:
-            yield
-        finally:
-            if before is None:
-                del self.local.device
-            else:
-                self.local.device = before
+        return _bound(self.local, "device", index)
 
     def open(self, index: int) -> None:
         if index in self.busy:
@@ -115,14 +107,8 @@ class EmulatedRuntime:
     def stream(self, index: int) -> _Stream:
         return _Stream(index)
 
-    @contextmanager
     def use(self, stream: _Stream) -> Any:
-        before = getattr(self.local, "stream", None)
-        self.local.stream = stream
-        try:
-            yield
-        finally:
-            self.local.stream = before
+        return _bound(self.local, "stream", stream)
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, stream: _Stream, upload: bool) -> None:
         self.touched.add(self.current())
@@ -164,6 +150,21 @@ class EmulatedRuntime:
                 stream.done += 1
 
 
+@contextmanager
+def _bound(local: threading.local, name: str, value: object) -> Iterator[None]:
+    """``local.name`` is ``value`` for the block, then as it was (or unset)."""
+    before = getattr(local, name, _UNSET)
+    setattr(local, name, value)
+    try:
+        yield
+    finally:
+        if before is _UNSET:
+            delattr(local, name)
+        else:
+            setattr(local, name, before)
+
+
+_UNSET = object()
 _RUNTIME: tuple[str, EmulatedRuntime] | None = None
 
 
