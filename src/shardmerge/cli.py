@@ -339,6 +339,11 @@ def _merge(job: MergeJob, args: argparse.Namespace) -> int:
         f"{report.tensors_merged} tensors merged, {report.tensors_copied} copied, "
         f"{_size(report.bytes_written)} {_written_as(plan)}, in {report.seconds:.1f} s on {report.device}"
     )
+    if report.device_bytes:
+        print(
+            f"  memory  {_size(report.device_bytes)} of GPU memory at most, "
+            f"{_size(report.locked_bytes)} of host memory locked for copies"
+        )
     if report.url:
         print(f"  hub     {report.url} (commit {report.commit})")
     return 0

@@ -210,7 +210,9 @@ def test_a_resume_on_another_kind_of_device_is_refused(
     assert len(lines) == 1 and "this merge began on cpu" in lines[0], lines
     assert "resume with --device cpu, or --restart to merge every shard on cuda:0" in lines[0]
     assert main([*merge, "--device", "cpu"]) == 0
+    capsys.readouterr()
     assert main([*merge, "--restart"]) == 0
+    assert "of GPU memory at most, " in capsys.readouterr().out
     journal = json.loads((output / ".shardmerge" / "journal.json").read_text())
     assert {record["device"] for record in journal["shards"].values()} == {"cuda:0"}
     assert verify(output, recompute=100).recomputed > 0
