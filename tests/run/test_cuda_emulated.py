@@ -29,6 +29,7 @@ from merge_cases import CASES, llama_case
 from shardmerge.batch import run_jobs
 from shardmerge.cli import main
 from shardmerge.config import NamedJob
+from shardmerge.errors import VerifyError
 from shardmerge.planning import planner
 from shardmerge.run import device as devices
 from shardmerge.run.emulated import VARIABLE, emulated_runtime
@@ -65,6 +66,7 @@ def test_an_emulated_gpu_merge_writes_the_cpu_merges_bytes(
     assert runtime.device_waits == 1
     assert runtime.event_waits > len(journal["shards"])
     assert runtime.touched == {0}
+    assert not runtime.registered  # every locked buffer given back to the driver
     plan = shardmerge.plan(**args)
     assert 0 < report.device_bytes == runtime.peak_bytes <= plan.gpu_memory.device_bytes
     assert 0 < report.locked_bytes <= plan.gpu_memory.locked_bytes
@@ -262,6 +264,27 @@ def test_verify_recomputes_a_gpu_merge_within_the_float32_error_of_the_merge(
     assert report.recomputed > 0
     journal = json.loads((tmp_path / "gpu" / ".shardmerge" / "journal.json").read_text())
     assert all(record["device"] == "cuda:0" for record in journal["shards"].values())
+    # A GPU merge that lost one block's update is not within the tolerance.
+    with _DropsAnUpdate():
+        shardmerge.merge(**args, output=str(tmp_path / "wrong"), device="cuda")
+    with pytest.raises(VerifyError) as failed:
+        verify(tmp_path / "wrong", recompute=100)
+    (problem,) = failed.value.problems
+    assert "differs from a fresh merge of the same inputs" in str(problem)
+
+
+class _DropsAnUpdate(TorchFunctionMode):
+    """A broken GPU: the first product of the merge is never added."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dropped = False
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        if getattr(func, "__name__", "") == "addmm_" and not self.dropped:
+            self.dropped = True
+            return args[0]
+        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize(
@@ -272,6 +295,10 @@ def test_verify_recomputes_a_gpu_merge_within_the_float32_error_of_the_merge(
         ([0.0, 1.0], [-0.0, 1.0], torch.float8_e4m3fn, True),  # +0 and -0
         ([0.5, 1.0], [0.5625, 1.0], torch.float8_e4m3fn, True),  # neighbouring codes
         ([0.5, 1.0], [0.625, 1.0], torch.float8_e4m3fn, False),  # two codes apart
+        ([448.0], [float("nan")], torch.float8_e4m3fn, False),  # the NaN code beside 448's
+        ([float("inf"), 1.0, 5.0], [float("inf"), 1.0, 1.0], torch.float16, False),  # an Inf from the base
+        ([float("nan"), 1.0, 5.0], [float("nan"), 1.0, 5.0039], torch.float16, True),  # a NaN from the base
+        ([float("nan"), 1.0], [2.0, 1.0], torch.float16, False),
     ],
 )
 def test_the_gpu_tolerance(found: list[float], expected: list[float], dtype: torch.dtype, within: bool) -> None:

@@ -856,21 +856,21 @@ def _peak_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> int:
 
 
 def _gpu_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> GpuMemory:
-    """The same on a GPU. On the device: the float32 copies, the rounded output, the blocks
-    read ahead (two, or one too large to lock) and one uploaded by a shared pass, the factors
-    in float32, the FP8 pieces. On the host: the blocks read ahead, three output buffers,
-    the factors as stored, the conversion and staging buffers. Locked: the host buffers of at
-    most PINNED_BUFFER_BYTES that take part in copies (larger requests spill to pageable
-    buffers of their own), whole pages each."""
+    """The same on a GPU. On the device: the float32 copies and the rounded output of the
+    largest block, the blocks read ahead (two, the second only of blocks small enough to
+    lock), the factors in float32, the FP8 pieces; a batch's shared pass adds one block a
+    job. On the host: the blocks read ahead, three output buffers, the factors as stored,
+    the conversion and staging buffers. Locked: the host buffers of at most
+    PINNED_BUFFER_BYTES that take part in copies, whole pages each; a larger request (a whole
+    tensor an op needs at once) goes to a pageable buffer of its own beside them."""
     blocks = _blocks(shards, adapters)
     sources = [b.source for b in blocks]
     converted = any(not (t.ops or t.quant or t.scale_of) and t.dtype != t.src_dtype for s in shards for t in s.tensors)
     outputs = [2 * COPY_CHUNK_BYTES if converted else 0, *(b.output for b in blocks)]
-    source, output = max(sources, default=0), max(outputs)
-    device = max((b.copies * 4 * b.count + b.output for b in blocks), default=0) + 3 * source
-    device += max((b.factors for b in blocks), default=0) + _widen(shards)
-    host = 2 * source + 3 * output + max((b.stored for b in blocks), default=0)
-    host += COPY_CHUNK_BYTES + STAGING_BUFFERS * STAGING_BYTES
+    device = max((b.copies * 4 * b.count + b.output for b in blocks), default=0) + _widen(shards)
+    device += max(sources, default=0) + _lockable(sources) + max((b.factors for b in blocks), default=0)
+    host = 2 * _lockable(sources) + _spilled(sources) + 3 * (_lockable(outputs) + _spilled(outputs))
+    host += max((b.stored for b in blocks), default=0) + COPY_CHUNK_BYTES + STAGING_BUFFERS * STAGING_BYTES
     locked = 2 * _pages(_lockable(sources)) + 3 * _pages(_lockable(outputs))
     return GpuMemory(host, locked, device)
 
@@ -878,6 +878,12 @@ def _gpu_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> GpuMe
 def _lockable(sizes: list[int]) -> int:
     """The largest of ``sizes`` that a locked buffer holds."""
     return max((size for size in sizes if size <= PINNED_BUFFER_BYTES), default=0)
+
+
+def _spilled(sizes: list[int]) -> int:
+    """The pageable buffer beside a locked one, for the largest of ``sizes`` if too large to lock."""
+    largest = max(sizes, default=0)
+    return largest if largest > PINNED_BUFFER_BYTES else 0
 
 
 def _pages(nbytes: int) -> int:

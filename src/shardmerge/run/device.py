@@ -33,7 +33,7 @@ import queue
 import sys
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from functools import partial
 from typing import Any, Protocol
 
@@ -52,7 +52,12 @@ _WAY_OUT = "use another device with --device cuda:N, or merge on the CPU with --
 def exact_float32() -> Iterator[None]:
     """Float32 matmuls and convolutions in full float32 precision until the block ends, then
     the caller's settings again (read and written through torch's per-backend settings, so
-    that a setting made through either of torch's two interfaces is kept)."""
+    that a setting made through either of torch's two interfaces is kept; before torch 2.9,
+    which has no per-backend settings, through the older interface)."""
+    if not hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        with _exact_float32_before_2_9():
+            yield
+        return
     backends = [
         getattr(backend, kind)
         for backend, kind in (
@@ -71,6 +76,18 @@ def exact_float32() -> Iterator[None]:
     finally:
         for backend, precision in zip(backends, saved, strict=True):
             backend.fp32_precision = precision
+
+
+@contextmanager
+def _exact_float32_before_2_9() -> Iterator[None]:
+    matmul, cudnn = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    torch.set_float32_matmul_precision("highest")
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(matmul)
+        torch.backends.cudnn.allow_tf32 = cudnn
 
 
 class Runtime(Protocol):
@@ -144,7 +161,7 @@ class CudaRuntime:
             dst.copy_(src, non_blocking=True)
 
     def record(self, stream: Any) -> Any:
-        event = torch.cuda.Event()
+        event = torch.cuda.Event(blocking=True)  # a thread that waits for it sleeps
         event.record(stream)
         return event
 
@@ -200,6 +217,10 @@ class Device:
         """One line for ``exc``, an out-of-memory error met merging ``tensor``."""
         return DeviceError(f"out of memory on the CPU ({exc})", tensor=tensor, hint="free memory or use a GPU")
 
+    def failed(self, exc: BaseException, tensor: str) -> DeviceError:
+        """One line for ``exc``, a device's failure met merging ``tensor``."""
+        return DeviceError(f"{self.name} failed: {_first_line(exc)}", tensor=tensor, hint=_WAY_OUT)
+
     def locked_peak(self) -> int:
         return 0
 
@@ -242,18 +263,27 @@ class Staged(Device):
             with runtime.selected(index):
                 runtime.open(index)
         except RuntimeError as exc:  # busy (exclusive mode), lost, or full
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise DeviceError(f"{self.name} cannot be used: {first}", hint=_WAY_OUT) from None
+            raise DeviceError(f"{self.name} cannot be used: {_first_line(exc)}", hint=_WAY_OUT) from None
         self.compute = runtime.stream(index)
         self.copies = runtime.stream(index)
 
     @contextmanager
     def activate(self) -> Iterator[None]:
+        """Until the block ends: device N current in this thread, its compute stream current,
+        full float32. At the end, everything queued finished and the locked memory given back
+        to the driver (a sticky CUDA error met then does not hide the one that ended the merge)."""
+        assert isinstance(self.pinned, _LockedMemory)
         with self.runtime.selected(self.index), exact_float32(), self.runtime.use(self.compute):
             try:
                 yield
-            finally:
+            except BaseException:
+                with suppress(RuntimeError):
+                    self.runtime.finish(self.index)
+                raise
+            else:
                 self.runtime.finish(self.index)
+            finally:
+                self.pinned.close()
 
     def reads(self, buffer: Buffer) -> Reads:
         return _ReadAhead(self)
@@ -266,7 +296,13 @@ class Staged(Device):
 
     def download(self, host: torch.Tensor, value: torch.Tensor, buffer: Buffer) -> None:
         self.runtime.copy(host, value, self.compute, upload=False)
-        buffer.ready = partial(self.runtime.synchronize, self.runtime.record(self.compute))
+        buffer.ready = partial(self._arrived, self.runtime.record(self.compute))
+
+    def _arrived(self, event: Any) -> None:
+        """Wait for ``event`` from whichever thread (the sink's gatherer): with device N
+        current there, so that the wait makes no context on device 0."""
+        self.runtime.select(self.index)
+        self.runtime.synchronize(event)
 
     def out_of_memory(self, exc: BaseException, tensor: str | None = None, nbytes: int | None = None) -> DeviceError:
         free, total = self.runtime.memory(self.index)
@@ -281,6 +317,11 @@ class Staged(Device):
 
     def device_peak(self) -> int:
         return self.runtime.peak(self.index)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _tried(message: str) -> str:
@@ -301,7 +342,7 @@ class _DeviceMemory:
     def empty(self, nbytes: int) -> torch.Tensor:
         try:
             return self.device.runtime.allocate(nbytes, self.device.index)
-        except torch.OutOfMemoryError as exc:
+        except torch.cuda.OutOfMemoryError as exc:
             raise self.device.out_of_memory(exc, nbytes=nbytes) from None
 
     def free(self, tensor: torch.Tensor) -> None:
@@ -318,6 +359,7 @@ class _LockedMemory:
         self.mappings: dict[int, tuple[mmap.mmap, torch.Tensor]] = {}
         self.locked = 0
         self.peak = 0
+        self.lock = threading.Lock()
 
     @property
     def largest(self) -> int:
@@ -329,17 +371,27 @@ class _LockedMemory:
         length = -(-nbytes // mmap.PAGESIZE) * mmap.PAGESIZE
         mapping = mmap.mmap(-1, length)
         whole = torch.frombuffer(mapping, dtype=torch.uint8)
-        self.device.runtime.register(whole)
-        self.mappings[whole.data_ptr()] = (mapping, whole)
-        self.locked += length
-        self.peak = max(self.peak, self.locked)
+        with self.lock:
+            self.device.runtime.register(whole)
+            self.mappings[whole.data_ptr()] = (mapping, whole)
+            self.locked += length
+            self.peak = max(self.peak, self.locked)
         return whole[:nbytes]
 
     def free(self, tensor: torch.Tensor) -> None:
-        entry = self.mappings.pop(tensor.data_ptr(), None)
-        if entry is not None:
-            self.device.runtime.unregister(entry[1])
-            self.locked -= len(entry[0])
+        with self.lock:
+            entry = self.mappings.pop(tensor.data_ptr(), None)
+            if entry is not None:
+                self.device.runtime.unregister(entry[1])
+                self.locked -= len(entry[0])
+
+    def close(self) -> None:
+        """Unlock every buffer (before its memory is unmapped, whenever that is)."""
+        with self.lock:
+            for _, whole in self.mappings.values():
+                self.device.runtime.unregister(whole)
+            self.mappings.clear()
+            self.locked = 0
 
 
 class _ReadAhead(Reads):
@@ -363,8 +415,11 @@ class _ReadAhead(Reads):
         ahead: queue.Queue[tuple[torch.Tensor, Any] | BaseException] = queue.Queue()
         freed: queue.Queue[Any] = queue.Queue()  # the compute stream is done with a block
         stop = threading.Event()
+        # The device buffers may still be read by the last tensor's kernels: the first
+        # uploads wait for them.
+        begun = runtime.record(compute)
         thread = threading.Thread(
-            target=self._read, args=(reads, depth, ahead, freed, stop), name="shardmerge-reader", daemon=True
+            target=self._read, args=(reads, depth, begun, ahead, freed, stop), name="shardmerge-reader", daemon=True
         )
         thread.start()
         try:
@@ -385,6 +440,7 @@ class _ReadAhead(Reads):
         self,
         reads: list[tuple[int, Fill]],
         depth: int,
+        begun: Any,
         ahead: queue.Queue[tuple[torch.Tensor, Any] | BaseException],
         freed: queue.Queue[Any],
         stop: threading.Event,
@@ -393,6 +449,7 @@ class _ReadAhead(Reads):
         uploads: list[Any] = []
         try:
             runtime.select(self.device.index)  # this thread's current device: N, never 0
+            runtime.wait(copies, begun)
             for number, (nbytes, fill) in enumerate(reads):
                 slot = number % depth
                 if number >= depth:

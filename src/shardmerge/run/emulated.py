@@ -9,7 +9,7 @@ something waits for it; a copy to the host is taken at once (later kernels may o
 its source) but lands in host memory only when its event is waited for. It also keeps the
 figures a test checks, from the device's opening on: the devices each thread touched,
 device memory (bounded by ``memory``, past which allocations raise torch's
-OutOfMemoryError), and the waits;
+OutOfMemoryError), the host memory locked, and the waits;
 ``busy`` lists devices that refuse a context, as a GPU in exclusive mode held by another
 process does.
 """
@@ -50,6 +50,7 @@ class EmulatedRuntime:
         self.lock = threading.Lock()
         self.local = threading.local()
         self.touched: set[int] = set()  # devices a context was made on
+        self.registered: set[int] = set()  # host memory locked now, by address
         self.allocated: dict[int, int] = {}  # live bytes by tensor address
         self.peak_bytes = 0
         self.event_waits = 0
@@ -100,9 +101,11 @@ class EmulatedRuntime:
 
     def register(self, memory: torch.Tensor) -> None:
         self.touched.add(self.current())  # the driver locks memory in the current context
+        self.registered.add(memory.data_ptr())
 
     def unregister(self, memory: torch.Tensor) -> None:
         self.touched.add(self.current())
+        self.registered.remove(memory.data_ptr())
 
     def stream(self, index: int) -> _Stream:
         return _Stream(index)
@@ -123,10 +126,12 @@ class EmulatedRuntime:
         return (stream, stream.issued)
 
     def wait(self, stream: _Stream, event: tuple[_Stream, int]) -> None:
+        self.touched.add(self.current())
         self.event_waits += 1
         self._until(*event)
 
     def synchronize(self, event: tuple[_Stream, int]) -> None:
+        self.touched.add(self.current())  # a wait binds the thread's current device's context
         self.event_waits += 1
         self._until(*event)
 

@@ -214,7 +214,7 @@ class TensorMerger:
         memory = place.memory
         self.read_buffer = Buffer()  # converted tensors' chunks and packed weights' rows
         self.reads = place.reads(self.read_buffer)  # merged blocks, on the device
-        self.uploaded = Buffer(memory)  # a block read by the shared pass, on the device
+        self.uploaded = Buffer(memory)  # a block read by a shared pass, on the device (grown there)
         self.work = Buffer(memory)  # the float32 value being merged
         self.rounded = Buffer(memory) if place.staged else None
         self.staging = Buffer()  # adapter tensors as stored, on their way to float32
@@ -280,7 +280,6 @@ class TensorMerger:
             buffer.take(4 * piece)
         self.read_buffer.take(others if self.place.staged else source)
         self.reads.reserve(blocks)
-        self.uploaded.take(max(blocks, default=0) if self.place.staged else 0)
         self.work.take(work)
         self.staging.take(staging)
         self.whole.reset(whole)
@@ -806,8 +805,13 @@ class TensorMerger:
         it, the device and the way out."""
         try:
             yield
-        except torch.OutOfMemoryError as exc:
+        except torch.cuda.OutOfMemoryError as exc:  # torch.OutOfMemoryError, by its older name
             raise self.place.out_of_memory(exc, tensor.name) from None
+        except DeviceError as exc:  # a buffer grown for this tensor
+            exc.tensor = exc.tensor or tensor.name
+            raise
+        except _ACCELERATOR_ERROR as exc:  # a CUDA library's failure (cuBLAS, say)
+            raise self.place.failed(exc, tensor.name) from None
 
     def record(self, shard: ShardPlan, written: Written, header: bytes) -> journals.ShardRecord:
         """The journal's record of ``shard``, as ``written``."""
@@ -829,6 +833,10 @@ class TensorMerger:
             ),
             device=self.place.name,
         )
+
+
+# What torch raises for a failed CUDA call since 2.8 (a RuntimeError before, left as it is).
+_ACCELERATOR_ERROR: type[BaseException] | tuple[()] = getattr(torch, "AcceleratorError", ())
 
 
 def _read_ahead(tensor: TensorPlan) -> bool:

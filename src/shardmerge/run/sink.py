@@ -194,6 +194,7 @@ class ShardSink:
                 if kind == "bytes" and isinstance(item[2], SharedBlock):
                     item[2].release()
                 elif kind == "bytes" and item[2] is not None:
+                    item[2].settle()  # reused only once no copy into it is in flight
                     self._free.put(item[2])
         self._to_writer.put(None)
 
