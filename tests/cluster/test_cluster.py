@@ -25,6 +25,7 @@ from fp8_checkpoints import fine_grained, quantize_checkpoint
 from hub_server import Fault, HubServer
 from ray_cluster import DRIVER_ADDRESS, LocalCluster, cluster_that_cannot_reach_its_driver, local_cluster
 from shardmerge import merge
+from shardmerge.errors import ClusterError
 
 # One cluster for the module: its tests run in one worker of a parallel run (pytest-xdist).
 pytestmark = [pytest.mark.ray, pytest.mark.xdist_group("ray-cluster")]
@@ -180,11 +181,18 @@ def test_auto_asks_for_the_clusters_gpus_and_cuda_on_a_cluster_without_any_fails
     assert files(out) == files(reference)
     journal = json.loads((out / ".shardmerge" / "journal.json").read_text())
     assert {record["device"] for record in journal["shards"].values()} == {"cuda:0"}
-    args = ["merge", base.path, adapter, "-o", tmp_path / "cuda", "--executor", "ray", "--device", "cuda"]
     started = time.monotonic()
-    done = _run([*args, "--ray-address", nodes.address, "--ray-start-timeout", "3"], nodes)
-    assert done.returncode == 1, done.stderr
-    (line,) = [line for line in done.stderr.splitlines() if line.startswith("shardmerge: ")]
+    with pytest.raises(ClusterError) as failed:
+        merge(
+            base=str(base.path),
+            adapters=[str(adapter)],
+            output=str(tmp_path / "cuda"),
+            device="cuda",
+            executor="ray",
+            ray_address=nodes.address,
+            ray_start_timeout=3,
+        )
+    line = failed.value.one_line()
     assert "no task started within 3 s" in line and "each task asks for 1 CPU, 1 GPU, " in line
     assert "likely cause: the cluster has no GPU, and --device cuda asks one for each task" in line
     assert "--device auto or cpu" in line
