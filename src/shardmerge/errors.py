@@ -103,7 +103,7 @@ class OutputError(ShardmergeError):
 
 
 class DeviceError(ShardmergeError):
-    """The requested compute device is not available."""
+    """The requested compute device is not available, cannot be used, or ran out of memory."""
 
 
 class HubError(ShardmergeError):
