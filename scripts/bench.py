@@ -15,7 +15,10 @@ called, untimed), the order of the commands alternates (A B C, C B A, ...), and 
 gives medians, the ratio to cp+sync, and CPU seconds (user + system) per GiB of shards, which
 are far steadier than wall times on a shared machine. Run as root, the bench also times every
 command with the page cache dropped first (a cold cache), in a second table; ``--no-cold``
-skips it. Peak RSS is each child's own ``ru_maxrss``. ``--sweep 4,8`` repeats the run for each
+skips it. Peak RSS is each child's own ``ru_maxrss``; CPU time is shown in user and kernel
+mode apart too. The first line names the machine (CPU model, cores and the vector features
+that decide the arithmetic's speed, the kernel, the file system of the work folder), since
+figures from different machines differ by more than any change measured on one. ``--sweep 4,8`` repeats the run for each
 layer count, to show how memory grows with the model; ``--batch N`` times N adapters merged by
 one batch file (one pass over the base) against N separate merges. ``--fp8`` stores the
 preset's linear weights in fine-grained FP8 (128x128 blocks, float32 ``weight_scale_inv``,
@@ -43,6 +46,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import platform
 import shutil
 import statistics
 import subprocess
@@ -290,8 +294,13 @@ def _numel(dims: tuple[int, ...]) -> int:
 @dataclass(frozen=True)
 class Sample:
     wall: float  # seconds
-    cpu: float  # user + system seconds
+    user: float  # CPU seconds in user mode
+    system: float  # CPU seconds in the kernel
     rss: int  # peak resident bytes
+
+    @property
+    def cpu(self) -> float:
+        return self.user + self.system
 
 
 def timed(command: list[str]) -> Sample:
@@ -302,7 +311,7 @@ def timed(command: list[str]) -> Sample:
     seconds = time.perf_counter() - started
     if os.waitstatus_to_exitcode(status) != 0:
         raise SystemExit(f"command failed: {' '.join(command)}")
-    return Sample(seconds, usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024)
+    return Sample(seconds, usage.ru_utime, usage.ru_stime, usage.ru_maxrss * 1024)
 
 
 def alternate(
@@ -475,12 +484,16 @@ def table(samples: dict[str, list[Sample]], size: int) -> dict[str, float]:
     """Print the medians of each command; returns the median wall times."""
     wall = {name: statistics.median(s.wall for s in runs) for name, runs in samples.items()}
     cpu = {name: statistics.median(s.cpu for s in runs) for name, runs in samples.items()}
+    user = {name: statistics.median(s.user for s in runs) for name, runs in samples.items()}
+    system = {name: statistics.median(s.system for s in runs) for name, runs in samples.items()}
     rss = {name: max(s.rss for s in runs) for name, runs in samples.items()}
-    print(f"{'':12} {'wall s':>8} {'x cp+sync':>10} {'x cp':>6} {'CPU s':>7} {'peak RSS':>10}")
+    heads = f"{'wall s':>8} {'x cp+sync':>10} {'x cp':>6} {'CPU s':>7} {'user s':>7} {'kernel s':>8} {'peak RSS':>10}"
+    print(f"{'':12} {heads}")
     for name in samples:
         memory = f"{rss[name] / 2**20:7.0f} MB" if name not in ("cp", "cp+sync") else ""
         ratios = f"{wall[name] / wall['cp+sync']:10.2f} {wall[name] / wall['cp']:6.2f}"
-        print(f"{name:12} {wall[name]:8.2f} {ratios} {cpu[name]:7.2f} {memory:>10}")
+        times = f"{cpu[name]:7.2f} {user[name]:7.2f} {system[name]:8.2f}"
+        print(f"{name:12} {wall[name]:8.2f} {ratios} {times} {memory:>10}")
     less = wall["shardmerge"] - wall["start-up"]
     per_gib = (cpu["shardmerge"] - cpu["start-up"]) / (size / 2**30)
     print(
@@ -488,6 +501,31 @@ def table(samples: dict[str, list[Sample]], size: int) -> dict[str, float]:
         f"({less / wall['cp']:.2f} x cp alone); CPU {per_gib:.2f} s per GiB of shards"
     )
     return wall
+
+
+def machine(work: Path) -> str:
+    """The machine the figures were measured on: CPU model, cores and the flags that decide
+    the arithmetic's speed, the kernel, and the file system of the work folder."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    model = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    wanted = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16")
+    mounts = (
+        [line.split() for line in Path("/proc/mounts").read_text().splitlines()]
+        if Path("/proc/mounts").exists()
+        else []
+    )
+    where = str(work.resolve())
+    mount = max(
+        (fields for fields in mounts if where == fields[1] or where.startswith(fields[1].rstrip("/") + "/")),
+        key=lambda fields: len(fields[1]),
+        default=["?", "?", "?"],
+    )
+    features = " ".join(flag for flag in wanted if flag in flags) or "no AVX2"
+    return (
+        f"machine: {model}, {os.cpu_count()} cores ({features}); "
+        f"kernel {platform.release()}; work folder on {mount[2]} ({mount[0]} at {mount[1]})"
+    )
 
 
 def report(result: Result, repeats: int) -> None:
@@ -547,6 +585,7 @@ def main() -> None:
     if args.generate:
         generate(Shape(**json.loads(args.generate)), args.workdir)
         return
+    print(machine(args.workdir))
     preset = replace(PRESETS["gpt-oss" if args.mxfp4 else args.preset], fp8=args.fp8, mxfp4=args.mxfp4)
     if args.layers:
         preset = replace(preset, layers=args.layers)
