@@ -439,6 +439,20 @@ def test_a_format_1_journal_resumes_and_its_sha256_is_checked(job: Job, tmp_path
     _verify(output)
 
 
+@pytest.mark.parametrize("device", ["tpu", "cuda:01", "cuda;rm", 0])
+def test_a_journal_naming_no_device_is_unreadable(device: object, job: Job, tmp_path: Path) -> None:
+    """verify's tolerance and the resume check go by each shard's device: a journal naming
+    anything but cpu, cuda or cuda:N is not shardmerge's."""
+    output = tmp_path / "out"
+    shutil.copytree(job.clean, output)
+    path = output / ".shardmerge" / "journal.json"
+    body = json.loads(path.read_text())
+    next(iter(body["shards"].values()))["device"] = device
+    path.write_text(json.dumps(body))
+    with pytest.raises(shardmerge.OutputError, match=r"unreadable journal \(device .* is not cpu, cuda or cuda:N\)"):
+        journals.load(output)
+
+
 def test_a_journal_of_a_newer_format_is_refused_in_one_line(job: Job, tmp_path: Path) -> None:
     output = tmp_path / "out"
     shutil.copytree(job.clean, output)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 import threading
@@ -205,7 +206,7 @@ def load(folder: Path) -> Journal | None:
             fingerprint=body["fingerprint"],
             inputs=body["inputs"],
             job=body["job"],
-            device=body.get("device", "cpu"),
+            device=_device(body.get("device", "cpu")),
             shards={name: _record(r) for name, r in body["shards"].items()},
             complete=bool(body.get("complete")),
             push=PushState(**body["push"]) if body.get("push") else None,
@@ -231,6 +232,17 @@ def _regular(path: Path) -> bool:
         return False
 
 
+_DEVICE = re.compile(r"(cpu|cuda(:(0|[1-9][0-9]*))?)")
+
+
+def _device(value: object) -> str:
+    """A device the journal names: ``cpu``, ``cuda`` or ``cuda:N`` (verify's tolerance and the
+    resume check go by it), else a ValueError."""
+    if not isinstance(value, str) or not _DEVICE.fullmatch(value):
+        raise ValueError(f"device {value!r} is not cpu, cuda or cuda:N")
+    return value
+
+
 def _record(entry: dict[str, Any]) -> ShardRecord:
     record = ShardRecord(
         entry["size"],
@@ -239,7 +251,7 @@ def _record(entry: dict[str, Any]) -> ShardRecord:
         *(tuple(entry.get(key, ())) for key in ("merged", "converted", "unchanged", "non_finite_kept")),
         sha256=entry.get("sha256"),
         requantized=tuple((str(n), float(d), float(k), float(e)) for n, d, k, e in entry.get("requantized", ())),
-        device=str(entry["device"]) if entry.get("device") is not None else None,
+        device=_device(entry["device"]) if entry.get("device") is not None else None,
     )
     if record.xxh3_128 is None and record.sha256 is None:
         raise KeyError("xxh3_128")  # a record without a hash cannot be checked: not ours

@@ -258,19 +258,18 @@ class TensorMerger:
         tensors = [tensor for shard in shards for tensor in shard.tensors]
         needs = [self._needs(tensor) for tensor in tensors]
         try:
-            self._reserve(shards, needs)
+            self._reserve(tensors, needs)
         except DeviceError as exc:  # out of memory: name the tensor that needs the most
             if exc.tensor is None and needs:
                 exc.tensor = max(zip(needs, tensors, strict=True), key=lambda pair: sum(pair[0]))[1].name
             raise
 
-    def _reserve(self, shards: tuple[ShardPlan, ...], needs: list[tuple[int, int, int, int, int, int]]) -> None:
-        tensors = [tensor for shard in shards for tensor in shard.tensors]
+    def _reserve(self, tensors: list[TensorPlan], needs: list[tuple[int, int, int, int, int, int]]) -> None:
         self.packed.reserve([t for t in tensors if t.quant and t.quant.format.packing])
         source, work, _, staging, whole, block = (max((need[i] for need in needs), default=0) for i in range(6))
         blocks = [need[0] for need, t in zip(needs, tensors, strict=True) if _read_ahead(t)]
         others = max((need[0] for need, t in zip(needs, tensors, strict=True) if not _read_ahead(t)), default=0)
-        quantized = [t for shard in shards for t in shard.tensors if t.quant and not t.quant.format.packing]
+        quantized = [t for t in tensors if t.quant and not t.quant.format.packing]
         self.scale_buffer.take(max((t.quant.scale_end - t.quant.scale_begin for t in quantized if t.quant), default=0))
         self.widen.take(4 * WIDEN_CHUNK if quantized else 0)
         merged = [t for t in quantized if t.ops]
@@ -801,8 +800,9 @@ class TensorMerger:
 
     @contextmanager
     def naming(self, tensor: TensorPlan) -> Iterator[None]:
-        """Out of memory while ``tensor`` is merged (a temporary of torch's): one line naming
-        it, the device and the way out."""
+        """A device's failure while ``tensor`` is merged (out of memory in one of torch's
+        temporaries or a grown buffer, a CUDA library's error): one line naming the tensor, the
+        device and the way out."""
         try:
             yield
         except torch.cuda.OutOfMemoryError as exc:  # torch.OutOfMemoryError, by its older name
