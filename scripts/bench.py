@@ -152,9 +152,9 @@ def generate(shape: Shape, folder: Path) -> None:
     import torch
     from safetensors.torch import save_file
 
-    from shardmerge.formats.quantization import read_quantization
-    from shardmerge.run.packed import mxfp4_quantize
-    from shardmerge.run.quant import largest, quantize_into, scales_for
+    from shardmerge.codecs import read_quantization
+    from shardmerge.run.codecs.fp8 import largest, quantize_into, scales_for
+    from shardmerge.run.codecs.mxfp4 import mxfp4_quantize
 
     quantization = {"quant_method": "fp8", "weight_block_size": [FP8_BLOCK, FP8_BLOCK], "activation_scheme": "dynamic"}
     fmt = read_quantization({"quantization_config": quantization}, folder) if shape.fp8 else None

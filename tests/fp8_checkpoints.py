@@ -18,8 +18,8 @@ from safetensors.torch import save_file
 from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
 
 from conftest import Base, read_output_like_base, save_in_two_shards
-from shardmerge.formats.quantization import QuantFormat, read_quantization
-from shardmerge.run.quant import largest, quantize_into, scales_for
+from shardmerge.codecs import QuantFormat, read_quantization
+from shardmerge.run.codecs.fp8 import largest, quantize_into, scales_for
 
 # Modules a quantizer leaves in 16 bits besides the head: the MoE router, and one projection
 # listed by name, as users' checkpoints do.

@@ -26,8 +26,9 @@ from transformers import GptOssConfig
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
 from conftest import Base, read_output_like_base, save_in_two_shards
-from shardmerge.formats.quantization import QuantFormat, read_quantization
-from shardmerge.run.packed import int_pack, int_quantize, mxfp4_quantize, pack_zero_rows
+from shardmerge.codecs import QuantFormat, read_quantization
+from shardmerge.run.codecs.int_packed import int_pack, int_quantize, pack_zero_rows
+from shardmerge.run.codecs.mxfp4 import mxfp4_quantize
 
 LEFT_16_BIT = "model.layers.1.self_attn.o_proj"
 

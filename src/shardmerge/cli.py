@@ -460,13 +460,11 @@ def _formats(tensor: TensorPlan) -> str:
         return f"{tensor.src_dtype} scales -> recomputed for the requantized {tensor.scale_of}"
     quant = tensor.quant
     assert quant is not None
-    scale_dtype = "E8M0" if quant.format.packing == "mxfp4" else quant.scale_dtype
-    scale = f"{scale_dtype} {quant.scale.rpartition('.')[2]}"
-    stored = {"mxfp4": "MXFP4", "int": f"INT{quant.format.bits}"}.get(quant.format.packing or "", tensor.src_dtype)
-    read = f"{stored} x {scale}{' with zero points' if quant.zero else ''}"
-    if quant.format.packing:
+    companions = tuple((companion.name, companion.dtype) for companion in quant.companions)
+    stored, read = quant.format.codec.label(quant.format, tensor.src_dtype, companions)
+    if quant.format.packed:
         read += f" ({'x'.join(map(str, quant.values))}{', the transpose of the model' if quant.transposed else ''})"
-    if tensor.dtype == tensor.src_dtype:
+    if tensor.requantized:
         return f"{read} -> dequantized, merged in float32, requantized to {stored} with new scales"
     return f"{read} -> dequantized in float32, written in {tensor.dtype}"
 

@@ -21,10 +21,13 @@ from .inputs import hub
 from .output import journal as journals
 from .output import lock, outdir
 from .planning.model import Plan, ShardPlan, TensorPlan
-from .planning.planner import COPY_CHUNK_BYTES, build_plan
+from .planning.planner import build_plan
+from .run.codecs import kernel_of
 from .run.device import Device
+from .run.factors import open_adapters
 from .run.kernels import all_finite
-from .run.merger import TensorMerger, open_adapters
+from .run.merger import TensorMerger
+from .tuning import COPY_CHUNK_BYTES
 
 
 @dataclass(frozen=True)
@@ -328,14 +331,8 @@ def _within_tolerance(found: torch.Tensor, expected: torch.Tensor, tensor: Tenso
     FP8 NaN code only where the CPU has one."""
     if found.numel() == 0 or found.shape != expected.shape:
         return found.shape == expected.shape
-    fmt = tensor.quant.format if tensor.quant is not None else None
-    if fmt is not None and fmt.packing and tensor.dtype == tensor.src_dtype:
-        ours, theirs = (_packed_codes(values, fmt.bits, fmt.packing == "mxfp4") for values in (found, expected))
-        return bool((ours - theirs).abs().max() <= 1)
-    if expected.is_floating_point() and expected.element_size() == 1:  # FP8
-        nan = (found.isnan() | expected.isnan()) & (found.view(torch.uint8) != expected.view(torch.uint8))
-        ours, theirs = (_signed_magnitude(values.view(torch.uint8)) for values in (found, expected))
-        return bool((ours - theirs).abs().max() <= 1) and not bool(nan.any())
+    if tensor.quant is not None and tensor.requantized:
+        return kernel_of(tensor.quant.format).within_one_step(tensor.quant.format, found, expected)
     return _within_float_tolerance(found, expected)
 
 
@@ -349,19 +346,3 @@ def _within_float_tolerance(found: torch.Tensor, expected: torch.Tensor) -> bool
     close = (ours - theirs).abs() <= ulp + FLOAT32_ERROR * rms
     exact = (ours == theirs) | (ours.isnan() & theirs.isnan())
     return bool(torch.where(theirs.isfinite() & ours.isfinite(), close, exact).all())
-
-
-def _signed_magnitude(codes: torch.Tensor) -> torch.Tensor:
-    """One-byte float codes (sign bit, then magnitude) as integers in the order of their
-    values: neighbouring values one apart, +0 and -0 both 0."""
-    wide = codes.to(torch.int16)
-    return torch.where(wide >= 128, -(wide & 127), wide)
-
-
-def _packed_codes(values: torch.Tensor, bits: int, signed_magnitude: bool) -> torch.Tensor:
-    """The ``bits``-wide codes packed in ``values``, in order (element i at bits i * bits)."""
-    data = values.contiguous().view(torch.uint8).to(torch.int16)
-    codes = torch.stack((data & 15, data >> 4), dim=-1).view(-1) if bits == 4 else data
-    if signed_magnitude:
-        codes = torch.where(codes >= 8, -(codes & 7), codes)
-    return codes

@@ -46,8 +46,8 @@ from fp8_checkpoints import (
     library_dequantize,
     quantize_checkpoint,
 )
-from shardmerge.formats.quantization import QuantFormat
-from shardmerge.run.quant import dequantize_into, largest, quantize_into, scales_for, widen_into
+from shardmerge.codecs import QuantFormat
+from shardmerge.run.codecs.fp8 import dequantize_into, largest, quantize_into, scales_for, widen_into
 from shardmerge.verify import verify
 
 SHARDMERGE = str(Path(sys.executable).with_name("shardmerge"))
@@ -331,13 +331,14 @@ def test_blocks_of_rows_match_whole_tensors(
     PEFT's merge within one unit in the last place, and FP8 codes within one step of the
     whole tensors' (scales to float32 rounding)."""
     from shardmerge.planning import planner
-    from shardmerge.run import merger, quant
+    from shardmerge.run import gridded
+    from shardmerge.run.codecs import fp8 as quant
 
     base = fp8(name)
     adapter = save_adapter(base.dequantized, tmp_path / "adapter", seed=52, r=4, target_modules=LINEAR)
     shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(tmp_path / "whole"), dtype=dtype)
     monkeypatch.setattr(planner, "MERGE_BLOCK_ELEMENTS", 5 * 48)
-    for module in (merger, quant):  # and pieces of 32 columns (one scale block) where merged by columns
+    for module in (gridded, quant):  # and pieces of 32 columns (one scale block) where merged by columns
         monkeypatch.setattr(module, "WIDEN_CHUNK", 64)
     plan = shardmerge.plan(base=str(base.path), adapters=[str(adapter)], dtype=dtype)
     assert len([t for shard in plan.shards for t in shard.tensors if 0 < t.block_rows < t.shape[0] and t.quant]) >= 5

@@ -47,9 +47,10 @@ from packed_checkpoints import (
     reference_mxfp4,
 )
 from planning.test_architectures import olmoe_config
+from shardmerge.codecs import read_quantization
 from shardmerge.formats.dtypes import TORCH_DTYPES
-from shardmerge.formats.quantization import read_quantization
-from shardmerge.run.packed import int_dequantize, int_pack, int_quantize, int_values, mxfp4_values, zero_rows
+from shardmerge.run.codecs.int_packed import int_dequantize, int_pack, int_quantize, int_values, zero_rows
+from shardmerge.run.codecs.mxfp4 import mxfp4_values
 from shardmerge.verify import verify
 
 SHARDMERGE = str(Path(sys.executable).with_name("shardmerge"))

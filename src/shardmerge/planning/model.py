@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from ..formats.quantization import QuantFormat
+from ..codecs.base import QuantFormat, QuantizedWeight
 from ..formats.safetensors import TensorInfo, encode_header
 
 
@@ -59,33 +60,42 @@ class Stored:
 
 @dataclass(frozen=True)
 class QuantRead:
-    """How a quantized weight is read: its format, and its scale tensor in the base (name,
-    file, absolute offsets, dtype and shape). Packed formats also give ``zero`` (packed zero
-    points of an asymmetric scheme), ``values``, the shape of the values as stored
-    ([experts,] rows, columns), and ``transposed``: whether the model's parameter (and the
-    adapter's delta) is their transpose, expert by expert."""
+    """How a quantized weight is read: its format, the companion tensors it is read with (its
+    scale first, then any its codec reads beside it, such as zero points), ``values``, the
+    shape of the values as stored ([experts,] rows, columns), and ``transposed``: whether the
+    model's parameter (and the adapter's delta) is their transpose, expert by expert."""
 
     format: QuantFormat
-    scale: str
-    scale_source: str
-    scale_begin: int
-    scale_end: int
-    scale_dtype: str
-    scale_shape: tuple[int, ...]
-    zero: Stored | None = None
+    companions: tuple[Stored, ...]
     values: tuple[int, ...] = ()
     transposed: bool = False
 
     @classmethod
-    def of(cls, fmt: QuantFormat, scale: TensorInfo, file: Path, **packed: Any) -> QuantRead:
-        """The read of a weight whose scale tensor is ``scale``, in ``file``."""
-        return cls(fmt, scale.name, str(file), scale.begin, scale.end, scale.dtype, scale.shape, **packed)
+    def of(cls, fmt: QuantFormat, weight: QuantizedWeight) -> QuantRead:
+        """The read of a weight the codec found."""
+        companions = tuple(Stored.of(info, file) for info, file in weight.companions)
+        return cls(fmt, companions, weight.shape, weight.transposed)
+
+    @property
+    def scale(self) -> Stored:
+        return self.companions[0]
 
     @property
     def matrices(self) -> tuple[int, int, int]:
-        """Experts (1 for a matrix), rows and columns of a packed weight's values as stored."""
+        """Experts (1 for a matrix), rows and columns of the values as stored."""
         values = self.values
         return (1, values[0], values[1]) if len(values) == 2 else (values[0], values[1], values[2])
+
+
+class Action(str, Enum):
+    """What is done to a tensor, decided once by the planner."""
+
+    COPY = "copy"  # its bytes, as they are
+    CONVERT = "convert"  # its values, in another float dtype
+    MERGE = "merge"  # a float tensor, every op applied in float32, rounded once
+    DEQUANTIZE = "dequantize"  # a quantized weight read through its scales (merged if it has ops)
+    REQUANTIZE = "requantize"  # a quantized weight merged, then quantized again in its format
+    RESCALE = "rescale"  # a companion (scales, zero points) of a requantized weight, recomputed
 
 
 @dataclass(frozen=True)
@@ -97,7 +107,8 @@ class TensorPlan:
     whose values are recomputed from that merged weight. ``scales_follow``: the new scales of
     a requantized weight come after it in the shard, found block by block as it is written.
     ``base_rows``: the tensor is wholly replaced by an adapter's, which has another number of
-    rows than the base's ``base_rows`` (added tokens); the base's values are not read."""
+    rows than the base's ``base_rows`` (added tokens); the base's values are not read.
+    ``action``: what is done to it (see Action)."""
 
     name: str
     shape: tuple[int, ...]
@@ -108,6 +119,7 @@ class TensorPlan:
     begin: int
     end: int
     ops: tuple[MergeOp, ...]
+    action: Action
     block_rows: int = 0  # rows merged at a time; the whole tensor where the ops need it
     quant: QuantRead | None = None
     scale_of: str | None = None
@@ -121,7 +133,7 @@ class TensorPlan:
         assert self.quant is not None
         experts, stored_rows, cols = self.quant.matrices
         row_bytes = (self.src_end - self.src_begin) // (experts * stored_rows)
-        flipped = self.quant.transposed and self.dtype != self.src_dtype
+        flipped = self.quant.transposed and self.action is not Action.REQUANTIZE
         rows, cols = (cols, stored_rows) if flipped else (stored_rows, cols)
         block = min(rows, self.block_rows)
         return rows, cols, flipped, stored_rows * row_bytes if flipped else block * row_bytes, block * cols
@@ -141,7 +153,16 @@ class TensorPlan:
     @property
     def computed(self) -> bool:
         """Whether the output values are computed (merged, dequantized or rescaled), not copied."""
-        return bool(self.ops) or self.quant is not None or self.scale_of is not None
+        return self.action not in (Action.COPY, Action.CONVERT)
+
+    @property
+    def requantized(self) -> bool:
+        return self.action is Action.REQUANTIZE
+
+    @property
+    def packed(self) -> bool:
+        """A weight of a packed format, merged one matrix's rows at a time."""
+        return self.quant is not None and self.quant.format.packed
 
 
 def row_separable(op: MergeOp) -> bool:

@@ -16,25 +16,34 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from ..codecs import QuantFormat, QuantizedWeight, read_quantization, registered
 from ..config import MergeJob
 from ..errors import AdapterError, InputError, PlanError, ProblemsError, ShardmergeError
 from ..formats.confined import read_input
 from ..formats.fileio import content_id, file_sha256
 from ..formats.jsondoc import parse
-from ..formats.packed import PackedWeight, find_packed
-from ..formats.quantization import QuantFormat, QuantizedWeight, find_quantized, read_quantization
 from ..formats.safetensors import FLOAT_DTYPES, ITEMSIZE, SafetensorsHeader, TensorInfo, numel
 from ..inputs.resolve import BaseFiles, output_shard_name, resolve_adapter, resolve_base
+from ..tuning import (
+    COPY_CHUNK_BYTES,
+    MERGE_BLOCK_ELEMENTS,
+    PACKED_BLOCK_ELEMENTS,
+    PACKED_COPIES,
+    PINNED_BUFFER_BYTES,
+    STAGING_BUFFERS,
+    STAGING_BYTES,
+    WIDEN_CHUNK,
+)
 from .adapters import MAX_CONFIG_BYTES, Adapter, load_adapter
 from .layouts import find_layouts
 from .model import (
+    Action,
     AdapterSummary,
     GpuMemory,
     MergeOp,
     Plan,
     QuantRead,
     ShardPlan,
-    Stored,
     TensorPlan,
     encode_shard_header,
     row_separable,
@@ -44,32 +53,6 @@ from .tied import TiedEmbeddings, find_tied, split_uses
 
 FORMAT_VERSION = 1
 OUTPUT_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
-# Bytes the executor's untouched-tensor conversion works through at a time.
-COPY_CHUNK_BYTES = 16 * 1024 * 1024
-# The largest host buffer locked (pinned) for copies to and from a GPU: merge blocks, copy
-# chunks and their outputs (a float16 chunk widened to float32) fit; a larger buffer (a whole
-# tensor some ops need) is pageable, so that locked memory stays bounded whatever the
-# tensors' sizes.
-PINNED_BUFFER_BYTES = 2 * COPY_CHUNK_BYTES
-# Elements of a merged tensor worked on at once (4 MB in float32): what bounds memory, small
-# enough that a block's passes (widen, product, round, check) find it in the CPU's cache, and
-# large enough that each product still runs at full speed. Fixed, because a BLAS may round a
-# product of another shape differently in the last bit (it does for products of a few rows),
-# and a resumed merge must give the same bytes as an uninterrupted one. 4M-element blocks
-# gave the same bytes for every adapter kind; 1M saves a tenth of the CPU time.
-MERGE_BLOCK_ELEMENTS = 1024 * 1024
-# The same for a packed weight (MXFP4, packed integers), whose blocks hold three float32
-# copies and the room to unpack and round them: a quarter as many, for the same memory.
-PACKED_BLOCK_ELEMENTS = 256 * 1024
-# The writer's staging buffers: every byte of a shard passes through one on its way to the
-# file (written with direct I/O where possible) and the hashes.
-STAGING_BYTES = 8 * 1024 * 1024
-STAGING_BUFFERS = 3
-# float32 copies of a block a packed weight's merge holds at most: the merged value, the
-# base's, the update, and the room to unpack and round (6 bytes a value).
-PACKED_COPIES = 5
-# FP8 values widened to float32 at a time: their int16 room (1 MiB) stays in the CPU's cache.
-WIDEN_CHUNK = 256 * 1024
 
 
 def build_plan(job: MergeJob) -> Plan:
@@ -95,8 +78,7 @@ def build_plan(job: MergeJob) -> Plan:
     tensors = {name: info for header in headers for name, info in header.tensors.items()}
     located = {name: (info, header.path) for header in headers for name, info in header.tensors.items()}
     layouts = find_layouts(config, job.conv1d_modules)
-    quantized = find_quantized(fmt, located, problems) if fmt and not fmt.packing else {}
-    packed = find_packed(fmt, located, problems, transposed=layouts.experts_transposed) if fmt and fmt.packing else {}
+    quantized = fmt.codec.find(fmt, located, problems, transposed=layouts.experts_transposed) if fmt else {}
     if format_read:
         _check_declared(fmt, located, base.folder / "config.json", problems)
     if fmt and fmt.kv_cache and dtype != "base":
@@ -114,9 +96,10 @@ def build_plan(job: MergeJob) -> Plan:
     virtual_head = tied.virtual_head(tensors) if tied else None
     targets = {**tensors, virtual_head.name: virtual_head} if virtual_head else dict(tensors)
     # A packed weight is merged under the model's name for it, which no stored tensor has.
-    for name, weight in packed.items():
-        info = weight.packed[0]
-        targets[name] = TensorInfo(name, info.dtype, weight.model_shape, info.begin, info.end)
+    for name, weight in quantized.items():
+        info = weight.weight[0]
+        if name != info.name:
+            targets[name] = TensorInfo(name, info.dtype, weight.model_shape, info.begin, info.end)
     ops: dict[str, list[MergeOp]] = defaultdict(list)
     vocab = _vocab_sizes(config)
     # Tensors resized by an adapter (added tokens), their new shapes, and the adapter that
@@ -134,11 +117,11 @@ def build_plan(job: MergeJob) -> Plan:
     if tied is not None:
         _resize_tied(tied, ops, resized, resizer)
     _check_resized(resized, resizer, ops, targets, set(tensors) if not untie else set(targets), adapters, problems)
-    _check_targets(headers, targets, ops, {*quantized, *packed}, problems)
+    _check_targets(headers, targets, ops, set(quantized), problems)
     if problems:
         raise PlanError(problems)
     extra: dict[Path, list[TensorInfo]] = defaultdict(list)
-    notes = _notes(ops, layouts.source) + _quantization_notes(fmt, {*quantized, *packed}, ops, dtype)
+    notes = _notes(ops, layouts.source) + _quantization_notes(fmt, set(quantized), ops, dtype)
     rows = {shape[0] for shape in resized.values()}
     if resized:
         before = sorted({targets[name].shape[0] for name in resized})
@@ -154,7 +137,6 @@ def build_plan(job: MergeJob) -> Plan:
     out_dtype = OUTPUT_DTYPES.get(dtype)
     inputs = _inputs(job, dtype, base, headers, adapters)
     quant = _QuantLayout(fmt, quantized, ops, tensors, dequantize=out_dtype is not None)
-    quant.add_packed(packed, ops)
     for name, weight_file in quant.moved.items():
         extra[weight_file].append(tensors[name])
     resize = {name: (targets[name].shape[0], shape) for name, shape in resized.items()}
@@ -231,14 +213,8 @@ def _read_config(base: BaseFiles, problems: list[ShardmergeError]) -> dict[str, 
     return config if isinstance(config, dict) else None
 
 
-# How the tensors of each quantized format show in a header: the format that reads them (None:
-# none shardmerge reads), in words, and the test.
-_STORED_AS = (
-    ("fp8", "F8_E4M3", lambda name, info: info.dtype == "F8_E4M3"),
-    (None, "F8_E5M2", lambda name, info: info.dtype == "F8_E5M2"),
-    ("mxfp4", "MXFP4 blocks", lambda name, info: info.dtype == "U8" and name.endswith("_blocks")),
-    ("int", "packed integers", lambda name, info: info.dtype == "I32" and name.endswith(".weight_packed")),
-)
+# Tensors stored in a format no codec reads, in words, and the test.
+_UNREAD = (("F8_E5M2", lambda name, info: info.dtype == "F8_E5M2"),)
 
 
 def _check_declared(
@@ -247,8 +223,10 @@ def _check_declared(
     """A config's quantization must be the checkpoint's: a declared format that no tensor is
     stored in, or tensors stored in a format the config does not declare, are refused (the
     output would carry a false quantization_config, or tensors whose scales cannot be known)."""
-    declared = (fmt.packing or "fp8") if fmt else None
-    stored = {kind: [name for name, (info, _) in located.items() if test(name, info)] for kind, _, test in _STORED_AS}
+    declared = fmt.codec.name if fmt else None
+    kinds = [(codec.name, codec.stored_as, codec.is_stored) for codec in registered()]
+    kinds += [(None, what, test) for what, test in _UNREAD]
+    stored = {kind: [name for name, (info, _) in located.items() if test(name, info)] for kind, _, test in kinds}
     if fmt is not None and not stored.get(declared):
         problems.append(
             InputError(
@@ -258,7 +236,7 @@ def _check_declared(
                 "16-bit, or download the checkpoint again",
             )
         )
-    for kind, what, _ in _STORED_AS:
+    for kind, what, _ in kinds:
         names = stored[kind]
         if names and kind != declared:
             said = f"declares {fmt.describe()}" if fmt else "declares no quantization"
@@ -333,37 +311,24 @@ class _QuantLayout:
         self.rename: dict[str, tuple[str, tuple[int, ...]]] = {}
         if fmt is None:
             return
-        for name, found in quantized.items():
-            if dequantize or ops.get(name):
-                self.reads[name] = QuantRead.of(fmt, found.scale, found.scale_file)
-            module = name.rpartition(".")[0]
-            if dequantize:
-                self.drop.add(found.scale.name)
-                self.drop.update(key for key in (f"{module}.{suffix}" for suffix in fmt.activations) if key in tensors)
-            elif ops.get(name):
-                self.scale_of[found.scale.name] = name
-                if found.scale_file != found.weight_file:
-                    self.moved[found.scale.name] = found.weight_file
-
-    def add_packed(self, packed: dict[str, PackedWeight], ops: dict[str, list[MergeOp]]) -> None:
-        """Lay out packed weights: a dequantized one under the model's name and shape, without
-        its companions; a merged one requantized in place, its scale (and zero points) computed
-        from it and moved into its shard."""
-        for name, weight in packed.items():
-            info, file = weight.packed
-            if not (self.dequantize or ops.get(name)):
+        for name, weight in quantized.items():
+            info, file = weight.weight
+            if not (dequantize or ops.get(name)):
                 continue
-            assert self.fmt is not None
-            zero = None if weight.zero is None else Stored.of(*weight.zero)
-            read = QuantRead.of(self.fmt, *weight.scale, zero=zero, values=weight.shape, transposed=weight.transposed)
-            if self.dequantize:
+            read = QuantRead.of(fmt, weight)
+            if dequantize:  # under the model's name and shape, without its companions
                 self.reads[name] = read
-                self.rename[info.name] = (name, weight.model_shape)
+                if (name, weight.model_shape) != (info.name, info.shape):
+                    self.rename[info.name] = (name, weight.model_shape)
+                module = name.rpartition(".")[0]
                 self.drop.update(weight.stored[1:])
+                self.drop.update(key for key in (f"{module}.{suffix}" for suffix in fmt.activations) if key in tensors)
                 continue
+            # requantized in place, its companions computed from it and moved into its shard
             self.reads[info.name] = read
-            self.model_name[info.name] = name
-            for companion, where in (weight.scale, weight.zero) if weight.zero else (weight.scale,):
+            if name != info.name:
+                self.model_name[info.name] = name
+            for companion, where in weight.companions:
                 self.scale_of[companion.name] = info.name
                 if where != file:
                     self.moved[companion.name] = file
@@ -456,6 +421,7 @@ def _layout(
         tensor_ops = tuple(ops.get(quant.model_name.get(info.name, info.name), ()))
         read = quant.reads.get(info.name)
         requantized = dtypes[info.name] == info.dtype
+        action = _action(info, dtypes[info.name], tensor_ops, read, quant.scale_of.get(info.name))
         tensors.append(
             TensorPlan(
                 info.name,
@@ -467,8 +433,9 @@ def _layout(
                 offset,
                 offset + size,
                 tensor_ops,
+                action,
                 _packed_rows(read, tensor_ops, requantized)
-                if read is not None and read.format.packing
+                if read is not None and read.format.packed
                 else _block_rows(info.shape, tensor_ops, read, requantized=requantized),
                 read,
                 quant.scale_of.get(info.name),
@@ -572,7 +539,7 @@ def _scales_last(
         return infos, set()
     behind: dict[str, list[TensorInfo]] = defaultdict(list)
     for info in moved:
-        if quant.reads[quant.scale_of[info.name]].format.packing:
+        if quant.reads[quant.scale_of[info.name]].format.packed:
             behind[quant.scale_of[info.name]].append(info)
     order = []
     for info in infos:
@@ -585,6 +552,19 @@ def _scales_last(
             return infos, set()
         offset += numel(info.shape) * ITEMSIZE[dtypes[info.name]]
     return order, {quant.scale_of[info.name] for info in moved}
+
+
+def _action(
+    info: TensorInfo, dtype: str, ops: tuple[MergeOp, ...], read: QuantRead | None, scale_of: str | None
+) -> Action:
+    """What is done to a tensor of the output: see Action."""
+    if scale_of is not None:
+        return Action.RESCALE
+    if read is not None:
+        return Action.REQUANTIZE if dtype == info.dtype else Action.DEQUANTIZE
+    if ops:
+        return Action.MERGE
+    return Action.COPY if dtype == info.dtype else Action.CONVERT
 
 
 def _block_rows(shape: tuple[int, ...], ops: tuple[MergeOp, ...], read: QuantRead | None, *, requantized: bool) -> int:
@@ -812,9 +792,9 @@ def _blocks(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> list[_Blo
             # DoRA, LoKr and replacements hold a second float32 operand
             copies = 1 if all(op.kind in ("lora", "bias", "ia3", "tokens", "loha") for op in tensor.ops) else 2
             if tensor.quant is not None:  # the scales as stored and in float32
-                copies += 2 * (tensor.quant.scale_end - tensor.quant.scale_begin) // count
+                copies += 2 * (tensor.quant.scale.end - tensor.quant.scale.begin) // count
             source = count * ITEMSIZE[tensor.src_dtype]
-            if tensor.quant is not None and tensor.quant.format.packing:
+            if tensor.packed:
                 # the value, the base's, the update, and the unpacking's temporaries
                 *_, source, count = tensor.packed_block()
                 copies = PACKED_COPIES
@@ -865,7 +845,7 @@ def _gpu_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> GpuMe
     tensor an op needs at once) goes to a pageable buffer of its own beside them."""
     blocks = _blocks(shards, adapters)
     sources = [b.source for b in blocks]
-    converted = any(not (t.ops or t.quant or t.scale_of) and t.dtype != t.src_dtype for s in shards for t in s.tensors)
+    converted = any(t.action is Action.CONVERT for s in shards for t in s.tensors)
     outputs = [2 * COPY_CHUNK_BYTES if converted else 0, *(b.output for b in blocks)]
     device = max((b.copies * 4 * b.count + b.output for b in blocks), default=0) + _widen(shards)
     device += max(sources, default=0) + _lockable(sources) + max((b.factors for b in blocks), default=0)

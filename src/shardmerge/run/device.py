@@ -41,7 +41,7 @@ import torch
 
 from ..errors import DeviceError
 from ..formats.units import human_size as size
-from ..planning.planner import PINNED_BUFFER_BYTES
+from ..tuning import PINNED_BUFFER_BYTES
 from .buffers import HOST, Buffer, Memory
 
 Fill = Callable[[torch.Tensor], None]  # fills a flat uint8 tensor with a block's bytes

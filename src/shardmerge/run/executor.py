@@ -18,9 +18,11 @@ from ..errors import DeviceError, ShardmergeError
 from ..output.publish import PushTarget
 from ..planning.model import Plan
 from .device import Device, resolve_device
+from .factors import open_adapters
 from .fetch import Fetcher, fetcher_for
 from .jobs import Job, MergeReport, claim, close, io_error, progress_bar, record_shard, report, step
-from .merger import TensorMerger, lean_process, open_adapters
+from .merger import TensorMerger, lean_process
+from .shard_writer import write_shard
 from .shared import Output, SegmentReader, write_together
 from .stop import StopRequest
 
@@ -129,7 +131,7 @@ def _write(jobs: list[Job], index: int, reader: SegmentReader, progress: tqdm, s
         job = jobs[0]
         shard = job.plan.shards[index]
         assert job.merger is not None
-        step(job, lambda: record_shard(job, shard, job.merger.write_shard(shard, job.folder, progress, stop)))  # type: ignore[union-attr]
+        step(job, lambda: record_shard(job, shard, write_shard(job.merger, shard, job.folder, progress, stop)))  # type: ignore[union-attr]
         return
     outputs = [Output(job.merger, job.plan.shards[index], job.folder) for job in jobs]  # type: ignore[arg-type]
     write_together(outputs, reader, progress, stop)

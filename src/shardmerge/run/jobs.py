@@ -226,10 +226,7 @@ def report(job: Job, device: str, locked_bytes: int = 0, device_bytes: int = 0) 
         ),
         non_finite_kept=tuple(kept),
         requantized_non_finite=sum(
-            1
-            for shard in plan.shards
-            for tensor in shard.tensors
-            if tensor.name in kept and tensor.ops and tensor.quant and tensor.dtype == tensor.src_dtype
+            1 for shard in plan.shards for tensor in shard.tensors if tensor.name in kept and tensor.requantized
         ),
         **_requantization([entry for record in records for entry in record.requantized]),
     )

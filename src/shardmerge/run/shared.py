@@ -26,10 +26,12 @@ from ..formats.fileio import open_output, pread_into
 from ..formats.safetensors import ITEMSIZE
 from ..output import outdir
 from ..output.journal import ShardRecord
-from ..planning.model import ShardPlan, TensorPlan
-from ..planning.planner import COPY_CHUNK_BYTES
+from ..planning.model import Action, ShardPlan, TensorPlan
+from ..tuning import COPY_CHUNK_BYTES
+from .blocks import Block, row_blocks
 from .buffers import Buffer, Memory
-from .merger import Block, TensorMerger, row_blocks
+from .merger import TensorMerger
+from .shard_writer import record
 from .sink import SharedBlock
 from .stop import StopRequest
 
@@ -114,7 +116,7 @@ def _end(output: Output) -> None:
         os.posix_fadvise(output.dst, 0, 0, os.POSIX_FADV_DONTNEED)
         os.close(output.dst)
         output.dst = -1
-        output.record = output.merger.record(output.shard, written, output.header)
+        output.record = record(output.merger, output.shard, written, output.header)
     except Exception as exc:
         _fail(output, exc)
 
@@ -132,18 +134,23 @@ def _fail(output: Output, exc: BaseException | None) -> None:
         exc.file = str(output.folder / output.shard.name)
 
 
+def _own_reads(tensor: TensorPlan) -> bool:
+    """Whether ``tensor`` is read on its own, not from the shared segments."""
+    return tensor.action in (Action.DEQUANTIZE, Action.REQUANTIZE, Action.RESCALE) or bool(tensor.base_rows)
+
+
 def _tensor(src: int, jobs: list[tuple[Output, TensorPlan]], reader: SegmentReader) -> None:
     # Quantized weights and their new scales need reads of their own (the scales, a first
     # pass over a requantized weight), and a resized tensor none; every other tensor shares
     # the segments read here.
     for output, tensor in jobs:
-        if output.error is None and (tensor.quant or tensor.scale_of or tensor.base_rows):
+        if output.error is None and _own_reads(tensor):
             try:
                 with output.merger.naming(tensor):
                     output.merger.write_tensor(src, tensor)
             except Exception as exc:
                 _fail(output, exc)
-    jobs = [(output, tensor) for output, tensor in jobs if not (tensor.quant or tensor.scale_of or tensor.base_rows)]
+    jobs = [(output, tensor) for output, tensor in jobs if not _own_reads(tensor)]
     if not jobs:
         return
     wholes, blocks = {}, {}
@@ -157,7 +164,7 @@ def _tensor(src: int, jobs: list[tuple[Output, TensorPlan]], reader: SegmentRead
                 _fail(output, exc)
     for begin, end in _segments([tensor for _, tensor in jobs]):
         raw, buffer = reader.read(src, begin, end)
-        verbatim = [(o, t) for o, t in jobs if o.error is None and not t.ops and t.dtype == t.src_dtype]
+        verbatim = [(o, t) for o, t in jobs if o.error is None and t.action is Action.COPY]
         shared = SharedBlock(buffer, reader.pool, len(verbatim) + 1)
         for output, tensor in jobs:
             if output.error is not None:
@@ -166,7 +173,7 @@ def _tensor(src: int, jobs: list[tuple[Output, TensorPlan]], reader: SegmentRead
                 if tensor.ops:
                     with output.merger.naming(tensor):
                         _merge(output, tensor, raw, begin, end, blocks[id(output)], wholes[id(output)])
-                elif tensor.dtype == tensor.src_dtype:
+                elif tensor.action is Action.COPY:
                     try:
                         output.merger.sink.write(memoryview(raw.numpy()).cast("B"), shared)
                     except BaseException:

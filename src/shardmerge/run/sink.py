@@ -28,7 +28,7 @@ import numpy as np
 import xxhash
 
 from ..formats.fileio import DIRECT_IO_ALIGNMENT, pread_into, pwrite_all
-from ..planning.planner import STAGING_BUFFERS, STAGING_BYTES
+from ..tuning import STAGING_BUFFERS, STAGING_BYTES
 from .buffers import Buffer
 
 _Item = tuple[Any, ...]

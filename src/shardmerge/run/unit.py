@@ -37,9 +37,11 @@ from ..output.journal import ShardRecord
 from ..output.publish import PushTarget, preupload
 from ..planning.model import AdapterSummary, Plan, ShardPlan
 from .device import resolve_device
+from .factors import open_adapters
 from .fetch import fetcher_for
 from .jobs import NO_SPACE
-from .merger import TensorMerger, lean_process, open_adapters
+from .merger import TensorMerger, lean_process
+from .shard_writer import write_shard
 from .shared import Output, SegmentReader, write_together
 from .stop import StopRequest
 
@@ -176,9 +178,7 @@ def base_files(shard: ShardPlan) -> set[str]:
     files = {shard.source}
     for tensor in shard.tensors:
         if tensor.quant is not None:
-            files.add(tensor.quant.scale_source)
-            if tensor.quant.zero is not None:
-                files.add(tensor.quant.zero.source)
+            files.update(companion.source for companion in tensor.quant.companions)
     return files
 
 
@@ -188,11 +188,11 @@ def relocated(shard: ShardPlan, files: Mapping[str, str]) -> ShardPlan:
     for tensor in shard.tensors:
         read = tensor.quant
         if read is not None:
-            zero = read.zero
-            if zero is not None:
-                zero = dataclasses.replace(zero, source=files.get(zero.source, zero.source))
-            read = dataclasses.replace(read, scale_source=files.get(read.scale_source, read.scale_source), zero=zero)
-            tensor = dataclasses.replace(tensor, quant=read)
+            companions = tuple(
+                dataclasses.replace(companion, source=files.get(companion.source, companion.source))
+                for companion in read.companions
+            )
+            tensor = dataclasses.replace(tensor, quant=dataclasses.replace(read, companions=companions))
         tensors.append(tensor)
     return dataclasses.replace(shard, source=files.get(shard.source, shard.source), tensors=tuple(tensors))
 
@@ -205,7 +205,7 @@ def _write(outputs: list[Output], reader: SegmentReader) -> None:
     if len(outputs) == 1:
         output = outputs[0]
         try:
-            output.record = output.merger.write_shard(output.shard, output.folder, progress, stop, output.attempt)
+            output.record = write_shard(output.merger, output.shard, output.folder, progress, stop, output.attempt)
         except ShardmergeError as exc:
             output.error = exc
         except OSError as exc:

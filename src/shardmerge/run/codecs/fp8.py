@@ -1,5 +1,5 @@
-"""FP8 arithmetic: dequantize a block of rows to float32, and quantize a merged block back
-the way the format's own reference quantizer does.
+"""FP8 arithmetic (fine-grained and compressed-tensors): dequantize a block of rows to
+float32, and quantize a merged block back the way the format's own reference quantizer does.
 
 Scales are applied per scale block through views of the value, never expanded to the
 value's size. A block of rows always starts at a multiple of the format's block height, so
@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.quantization import FP8_MAX, QuantFormat
-from ..planning.planner import WIDEN_CHUNK
+from ...codecs.base import QuantFormat
+from ...codecs.fp8 import COMPRESSED, FP8_MAX
+from ...tuning import WIDEN_CHUNK
+from .base import nonzero, register, signed_magnitude
 
 
 def scale_rows(fmt: QuantFormat, first: int, last: int) -> tuple[int, int] | None:
@@ -127,7 +129,7 @@ def scales_for(largest_values: torch.Tensor, fmt: QuantFormat, dtype: torch.dtyp
     values below about 1e-5 with float16 scales), which would write NaN and 448 in place of
     its values, the smallest normal ``dtype`` number is stored instead."""
     amax = largest_values.float()
-    if fmt.method == "compressed-tensors":
+    if divides(fmt):
         scale = amax / FP8_MAX
         scale = torch.where(scale == 0, torch.finfo(torch.float32).eps, scale)
         stored = nonzero(scale.to(dtype))
@@ -143,15 +145,10 @@ def scales_for(largest_values: torch.Tensor, fmt: QuantFormat, dtype: torch.dtyp
     return stored, 1.0 / stored.float()
 
 
-def nonzero(stored: torch.Tensor) -> torch.Tensor:
-    """``stored`` scales, the smallest normal number of their dtype where they are 0."""
-    return torch.where(stored > 0, stored, torch.finfo(stored.dtype).tiny)
-
-
 def quantize_into(out: torch.Tensor, value: torch.Tensor, factor: torch.Tensor, fmt: QuantFormat) -> torch.Tensor:
     """``out`` (float8_e4m3fn) = ``value`` scaled by ``factor`` (the scale rows covering its
     rows), clamped to +-448 and rounded to nearest. ``value`` is scaled in place."""
-    _per_scale(value, factor, fmt, divide=fmt.method == "compressed-tensors")
+    _per_scale(value, factor, fmt, divide=divides(fmt))
     return out.copy_(value.clamp_(-FP8_MAX, FP8_MAX))
 
 
@@ -184,3 +181,52 @@ def _column_parts(value: torch.Tensor, width: int) -> list[torch.Tensor]:
     if rest:
         parts.append(value[..., full * width :])
     return parts
+
+
+def divides(fmt: QuantFormat) -> bool:
+    """Whether values are divided by the stored scale before rounding (compressed-tensors),
+    rather than multiplied by its reciprocal (fine-grained)."""
+    return fmt.method == COMPRESSED
+
+
+class Fp8Kernel:
+    """FP8's arithmetic over whole rows (the merge's own driver works on scale-block pieces
+    of them with the functions above)."""
+
+    name = "fp8"
+
+    def dequantize(
+        self,
+        fmt: QuantFormat,
+        out: torch.Tensor,
+        stored: torch.Tensor,
+        companions: tuple[torch.Tensor, ...],
+        room: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        return dequantize_into(out, stored, companions[0], fmt, room)
+
+    def quantize(
+        self,
+        fmt: QuantFormat,
+        value: torch.Tensor,
+        stored: torch.Tensor,
+        scale_dtype: torch.dtype,
+        room: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        scale, factor = scales_for(largest(value, fmt), fmt, scale_dtype)
+        quantize_into(stored, value, factor, fmt)
+        return (scale,)
+
+    def written(self, fmt: QuantFormat, companions: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        return companions
+
+    def within_one_step(self, fmt: QuantFormat, found: torch.Tensor, expected: torch.Tensor) -> bool:
+        """Codes within one step by signed magnitude; a NaN code only where ``expected`` has
+        the same one."""
+        ours, theirs = found.view(torch.uint8), expected.view(torch.uint8)
+        nan = (found.isnan() | expected.isnan()) & (ours != theirs)
+        close = (signed_magnitude(ours, 128) - signed_magnitude(theirs, 128)).abs().max() <= 1
+        return bool(close) and not bool(nan.any())
+
+
+KERNEL = register(Fp8Kernel())
