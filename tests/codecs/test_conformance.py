@@ -188,6 +188,8 @@ def test_its_weights_are_found_with_their_companions_and_half_present_ones_refus
     assert weight.stored == tuple(stored)
     assert (math.prod(weight.shape[:-1]), weight.shape[-1]) == case.shape
     names = list(stored)
+    scale = stored[names[1]]  # the scale grid the format declares
+    assert scale.numel() == 1 if fmt.strategy == "tensor" else fmt.scale_shape(weight.shape) == tuple(scale.shape)
     for missing in names[1:]:
         problems = _problems(fmt, {k: v for k, v in stored.items() if k != missing}, tmp_path / "part.safetensors")
         assert problems, missing

@@ -155,8 +155,9 @@ class Codec(Protocol):
         (None: unknown)."""
         ...
 
-    def label(self, fmt: QuantFormat, stored_dtype: str, scale_dtype: str) -> tuple[str, str]:
-        """What ``plan`` calls the stored values and the scales."""
+    def label(self, fmt: QuantFormat, stored_dtype: str, companions: tuple[tuple[str, str], ...]) -> tuple[str, str]:
+        """What ``plan`` calls the stored values, and what they are read with: from the
+        stored dtype and the companions' (name, dtype) pairs."""
         ...
 
 

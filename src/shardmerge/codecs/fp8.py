@@ -16,6 +16,7 @@ from ..errors import InputError, ShardmergeError
 from ..formats.safetensors import TensorInfo
 from .base import (
     HINT,
+    IGNORED,
     INCOMPLETE,
     Located,
     QuantFormat,
@@ -133,7 +134,7 @@ class Fp8:
             grain = f"weight {list(weight.shape)} in {self.describe(fmt)}"
             return f"scale shape {list(scale.shape)} does not match the {grain}: expected {list(expected)}"
         if self.ignored(fmt, module):
-            return "the weight is quantized, but the config lists its module as left unquantized"
+            return IGNORED
         return None
 
 

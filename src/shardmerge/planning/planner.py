@@ -224,8 +224,8 @@ def _check_declared(
     stored in, or tensors stored in a format the config does not declare, are refused (the
     output would carry a false quantization_config, or tensors whose scales cannot be known)."""
     declared = fmt.codec.name if fmt else None
-    kinds = [(codec.name, codec.stored_as, codec.is_stored) for codec in registered()]
-    kinds += [(None, what, test) for what, test in _UNREAD]
+    first, *others = [(codec.name, codec.stored_as, codec.is_stored) for codec in registered()]
+    kinds = [first, *[(None, what, test) for what, test in _UNREAD], *others]
     stored = {kind: [name for name, (info, _) in located.items() if test(name, info)] for kind, _, test in kinds}
     if fmt is not None and not stored.get(declared):
         problems.append(
@@ -302,11 +302,9 @@ class _QuantLayout:
         self.scale_of: dict[str, str] = {}
         self.moved: dict[str, Path] = {}
         self.drop: set[str] = set()
-        self.dequantize = dequantize
-        self.fmt = fmt
-        # Packed weights: the stored tensor read for a weight, by output name, and the model's
-        # name of a requantized one (its ops are planned under that name); the name and shape
-        # a dequantized one takes.
+        # Weights stored under another name or shape than the model's (packed ones): the
+        # model's name of a requantized one (its ops are planned under that name), and the
+        # name and shape a dequantized one takes.
         self.model_name: dict[str, str] = {}
         self.rename: dict[str, tuple[str, tuple[int, ...]]] = {}
         if fmt is None:
@@ -589,7 +587,8 @@ def _packed_rows(read: QuantRead, ops: tuple[MergeOp, ...], requantized: bool) -
     *_, rows, cols = read.values
     if read.transposed and not requantized:
         rows, cols = cols, rows
-        step = 32
+        assert read.format.block is not None
+        step = read.format.block[1]
     else:
         step = read.format.row_step() if requantized else 1
     if not all(row_separable(op) or op.kind == "lora" for op in ops):

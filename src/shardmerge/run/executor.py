@@ -130,8 +130,9 @@ def _write(jobs: list[Job], index: int, reader: SegmentReader, progress: tqdm, s
     if len(jobs) == 1:
         job = jobs[0]
         shard = job.plan.shards[index]
-        assert job.merger is not None
-        step(job, lambda: record_shard(job, shard, write_shard(job.merger, shard, job.folder, progress, stop)))  # type: ignore[union-attr]
+        merger = job.merger
+        assert merger is not None
+        step(job, lambda: record_shard(job, shard, write_shard(merger, shard, job.folder, progress, stop)))
         return
     outputs = [Output(job.merger, job.plan.shards[index], job.folder) for job in jobs]  # type: ignore[arg-type]
     write_together(outputs, reader, progress, stop)

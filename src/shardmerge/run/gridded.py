@@ -26,7 +26,9 @@ from ..planning.model import QuantRead, TensorPlan
 from ..tuning import WIDEN_CHUNK
 from .blocks import Block, read_blocks, row_blocks
 from .buffers import HOST, Buffer
+from .codecs import kernel_of
 from .codecs.fp8 import (
+    KERNEL,
     combine,
     dequantize_into,
     largest,
@@ -119,7 +121,7 @@ class GridMerger:
         """The scales of quantized weight ``tensor``, read from ``fd``: the base's, and the new
         ones if it is requantized."""
         read = tensor.quant
-        assert read is not None
+        assert read is not None and kernel_of(read.format) is KERNEL, "only FP8 is merged on its grid here"
         raw = self.scale_buffer.take(read.scale.end - read.scale.begin)
         scale_fd = open_input(read.scale.source)
         try:
@@ -212,6 +214,7 @@ class GridMerger:
             new = self._block_scales(scales, block, value)
         elif scales.streamed is None:
             new = self._block_scales(scales, block, None)
+        context.requantized.setdefault(tensor.name, [0.0, 0.0, 0.0])  # figures even with no columns
         largest_values = []
         same = context.still_unchanged(tensor, block.first)
         width = _piece_shape(tensor, block)[-1]

@@ -44,7 +44,7 @@ class PackedMerger:
         self.weights = weights  # the requantized weights by name, for their companions
         self.device = context.device
         memory = context.place.memory
-        self.companions = [Buffer(), Buffer()]  # a block's scales, and its other companion's words
+        self.companions: list[Buffer] = []  # a block's companions as stored, one buffer each
         self.was = Buffer(memory)  # the base's values
         self.update = Buffer(memory)
         self.unpack = Buffer(memory)  # room to unpack and round: 6 bytes a value
@@ -78,13 +78,14 @@ class PackedMerger:
             self.unpack.take(6 * work // 4)  # see _room
             experts, rows, _ = read.matrices
             height = min(rows, tensor.block_rows)
+            self.companions += [Buffer() for _ in range(len(read.companions) - len(self.companions))]
             for index, companion in enumerate(read.companions):
                 # the scales of a whole matrix (a transposed one is read whole); the others'
                 # rows covering a block's, one more where they start mid-row
                 lines = companion.shape[-2]
                 if index:
                     lines = min(lines, -(-height * lines // rows) + 1)
-                self.companions[min(index, 1)].take(lines * _row_bytes(companion, experts))
+                self.companions[index].take(lines * _row_bytes(companion, experts))
 
     def merge(self, fd: int, tensor: TensorPlan, *, write: bool = True) -> Iterator[tuple[memoryview, Buffer]]:
         """The output bytes of packed weight ``tensor`` read from ``fd``, block by block."""
@@ -300,6 +301,7 @@ class _Files:
 
     def __init__(self, read: QuantRead, buffers: list[Buffer], device: torch.device) -> None:
         self.read = read
+        buffers += [Buffer() for _ in range(len(read.companions) - len(buffers))]  # one a companion
         self.buffers = buffers
         self.device = device
         self.fds: list[int] = []
@@ -319,6 +321,6 @@ class _Files:
         experts = self.read.matrices[0]
         row_bytes = _row_bytes(companion, experts)
         first = (expert * companion.shape[-2] if len(companion.shape) > 2 else 0) + lines[0]
-        raw = self.buffers[min(index, 1)].take((lines[1] - lines[0]) * row_bytes)
+        raw = self.buffers[index].take((lines[1] - lines[0]) * row_bytes)
         pread_into(self.fds[index], memoryview(raw.numpy()), companion.begin + first * row_bytes)
         return raw.view(TORCH_DTYPES[companion.dtype]).view(lines[1] - lines[0], -1).to(self.device)
