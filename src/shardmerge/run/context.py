@@ -12,7 +12,9 @@ from collections.abc import Callable
 import torch
 
 from ..errors import NonFiniteError
+from ..formats.dtypes import TORCH_DTYPES
 from ..planning.model import TensorPlan
+from .blocks import Block
 from .buffers import Buffer
 from .device import Device
 from .factors import Factors
@@ -33,7 +35,9 @@ class MergeContext:
         self.rounded = Buffer(memory) if place.staged else None
         # Three output buffers: one is written, one hashed, while the next block fills the third.
         # ``sha256``: the shards are published, and the Hub names them by their sha256.
-        self.sink = ShardSink([Buffer(place.pinned) for _ in range(3)], sha256=sha256)
+        # On the host, the sink gathers in the caller's thread, and rounds straight into its
+        # staging buffers (``round_into_sink``); a device's downloads need its gatherer thread.
+        self.sink = ShardSink([Buffer(place.pinned) for _ in range(3)], sha256=sha256, inline=not place.staged)
         # Tensors holding NaN or Inf that the base already held, kept as they were.
         self.kept_non_finite: set[str] = set()
         # Merged tensors whose output is the base's own values (an update of zero).
@@ -53,6 +57,35 @@ class MergeContext:
             rounded.copy_(value)
             self.place.download(host, rounded, output)
         return memoryview(host.view(torch.uint8).numpy()).cast("B"), output, host if self.rounded is None else rounded
+
+    def round_into_sink(
+        self, value: torch.Tensor, source: torch.Tensor, tensor: TensorPlan, block: Block, whole: Factors
+    ) -> None:
+        """``value``, block ``block`` of float tensor ``tensor`` merged from ``source``,
+        rounded once straight into the sink's staging buffers (no copy of the rounded bytes),
+        piece by piece of the staging buffers it spans; each piece checked as
+        ``rounded_bytes``'s output is: for NaN or Inf (the block rounded again to say where,
+        only then), and against the base's bytes while the tensor may be unchanged."""
+        dtype = TORCH_DTYPES[tensor.dtype]
+        flat, base = value.view(-1), source.reshape(-1)
+        compare = self.still_unchanged(tensor, block.first)
+        checks = [True, compare]  # every value finite so far; the base's bytes so far
+
+        def put(offset: int, room: memoryview) -> None:
+            first = offset // dtype.itemsize
+            out = torch.frombuffer(room, dtype=dtype)
+            out.copy_(flat[first : first + out.numel()])
+            checks[0] = checks[0] and all_finite(out)
+            checks[1] = checks[1] and same_bytes(out, base[first : first + out.numel()].to(dtype))
+
+        self.sink.fill(flat.numel() * dtype.itemsize, put)
+        if not checks[0]:
+            rounded = value.to(dtype)
+            self.non_finite(
+                tensor, source.reshape(block.shape), rounded, lambda: self.merge_cause(tensor, value, whole)
+            )
+        if compare:
+            self.note_unchanged(tensor, checks[1])
 
     def non_finite(
         self, tensor: TensorPlan, base: torch.Tensor, output: torch.Tensor, cause: Callable[[], str]

@@ -50,7 +50,9 @@ def lean_process(device: Device) -> Iterator[None]:
     if device.torch.type == "cpu":
         torch.set_num_threads(1)
     try:
-        with device.activate():
+        # No autograd bookkeeping: every view a block takes (a dozen a block) would carry its
+        # metadata, and every in-place op bump its version.
+        with device.activate(), torch.no_grad():
             yield
     finally:
         torch.set_num_threads(threads)
@@ -154,10 +156,12 @@ class TensorMerger:
         """The factors of ``tensor``'s ops read once (see ``AdapterFactors.whole``)."""
         return self.factors.whole(tensor)
 
-    def merge(self, fd: int, tensor: TensorPlan) -> Iterator[tuple[memoryview, Buffer]]:
+    def merge(self, fd: int, tensor: TensorPlan, *, write: bool = False) -> Iterator[tuple[memoryview, Buffer]]:
         """The output bytes of ``tensor``, read from the source file ``fd``, block by block:
         blocks of rows where every op allows it, else the whole tensor. Each block comes in a
-        buffer of the sink's pool that goes back to it once written and hashed."""
+        buffer of the sink's pool that goes back to it once written and hashed. With
+        ``write``, a float block the sink can take as it is rounded goes there directly
+        instead (see ``MergeContext.round_into_sink``)."""
         if tensor.packed:
             yield from self.packed.merge(fd, tensor)
             return
@@ -165,8 +169,12 @@ class TensorMerger:
         scales = self.grid.scales(fd, tensor) if tensor.quant is not None else None
         whole = self.factors.whole(tensor)
         blocks = row_blocks(tensor)
+        itemsize = TORCH_DTYPES[tensor.dtype].itemsize
         for block, source in zip(blocks, read_blocks(self.context.reads, fd, tensor, blocks), strict=True):
-            yield self.merge_block(source, tensor, block, whole, scales)
+            if write and scales is None and self.sink.aligned(itemsize):
+                self.context.round_into_sink(self._value(source, tensor, block, whole), source, tensor, block, whole)
+            else:
+                yield self.merge_block(source, tensor, block, whole, scales)
         if scales is not None:  # for the scales, written next
             self.grid.finish(tensor, scales)
 
@@ -178,8 +186,7 @@ class TensorMerger:
         if scales is not None:
             return self.grid.merge_block(step)
         context = self.context
-        value = context.work.tensor(torch.float32, block.shape).copy_(step.source)
-        value = self.factors.apply(value, tensor, whole, block.span)
+        value = self._value(source, tensor, block, whole)
         data, output, rounded = context.rounded_bytes(value, TORCH_DTYPES[tensor.dtype])
         if not all_finite(rounded):
             context.non_finite(tensor, step.source, rounded, lambda: context.merge_cause(tensor, value, whole))
@@ -187,10 +194,15 @@ class TensorMerger:
             context.note_unchanged(tensor, same_bytes(rounded, step.source.to(rounded.dtype)))
         return data, output
 
+    def _value(self, source: torch.Tensor, tensor: TensorPlan, block: Block, whole: Factors) -> torch.Tensor:
+        """The float32 value of a float tensor's block: its base values, every op applied."""
+        value = self.context.work.tensor(torch.float32, block.shape).copy_(source.reshape(block.shape))
+        return self.factors.apply(value, tensor, whole, block.span)
+
     def write_tensor(self, src: int, tensor: TensorPlan) -> None:
         """Write a computed tensor: merged, dequantized or requantized, or a new companion."""
         if tensor.action is not Action.RESCALE:
-            for block in self.merge(src, tensor):
+            for block in self.merge(src, tensor, write=True):
                 self.sink.write(*block)
             return
         assert tensor.scale_of is not None

@@ -1,7 +1,7 @@
-"""Where a shard's bytes go once computed: a gatherer thread and a writer thread, in order.
+"""Where a shard's bytes go once computed: a gatherer and a writer thread, in order.
 
 The caller (reading and merging tensors) hands over blocks of bytes and ranges of the source
-file to copy. The gatherer collects them in a few page-aligned staging buffers (a copied range
+file to copy. The gatherer (on the host, the caller's own thread: see ``inline``) collects them in a few page-aligned staging buffers (a copied range
 is read straight into one); the writer writes each full buffer with direct I/O where the file
 system allows it (the bytes go from the buffer to the disk, not through the page cache, which
 costs a copy per byte and, on a machine short of free memory, reclaim), then hashes it: the
@@ -17,7 +17,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import hashlib
-import mmap
 import os
 import queue
 import threading
@@ -29,7 +28,7 @@ import xxhash
 
 from ..formats.fileio import DIRECT_IO_ALIGNMENT, pread_into, pwrite_all
 from ..tuning import STAGING_BUFFERS, STAGING_BYTES
-from .buffers import Buffer
+from .buffers import Buffer, huge_pages
 
 _Item = tuple[Any, ...]
 
@@ -65,7 +64,7 @@ class _File:
     direct: bool
     size: int = 0  # bytes handed over so far
     written: int = 0  # bytes written to the file (with direct I/O, whole blocks)
-    stage: mmap.mmap | None = None  # the staging buffer being filled
+    stage: memoryview | None = None  # the staging buffer being filled
     fill: int = 0
 
 
@@ -88,22 +87,27 @@ class SharedBlock:
 
 
 class ShardSink:
-    def __init__(self, buffers: list[Any], *, sha256: bool = False) -> None:
+    def __init__(self, buffers: list[Any], *, sha256: bool = False, inline: bool = False) -> None:
+        """``inline``: no gatherer thread; what it would do is done in the caller's thread as
+        each item is handed over, and ``fill`` lets the caller compute bytes straight into the
+        staging buffers (no copy). For the CPU device, whose bytes are ready when handed over;
+        a staged device's downloads need the gatherer to wait for them."""
         self._sha256 = sha256
+        self._inline = inline
+        self._file = _File(-1, direct=False)
         self._free: queue.Queue[Any] = queue.Queue()
         self._size = len(buffers)
         for buffer in buffers:
             self._free.put(buffer)
-        self._stages: queue.Queue[mmap.mmap] = queue.Queue()
+        self._stages: queue.Queue[memoryview] = queue.Queue()
         for _ in range(STAGING_BUFFERS):
-            self._stages.put(mmap.mmap(-1, STAGING_BYTES))  # page-aligned, as direct I/O needs
+            self._stages.put(huge_pages(STAGING_BYTES))  # page-aligned, as direct I/O needs
         self._to_gatherer: queue.Queue[_Item | None] = queue.Queue()
         self._to_writer: queue.Queue[_Item | None] = queue.Queue()
         self._error: BaseException | None = None  # the file's first error, from either thread
-        self._threads = [
-            threading.Thread(target=self._gather_loop, name="shardmerge-gatherer", daemon=True),
-            threading.Thread(target=self._write_loop, name="shardmerge-writer", daemon=True),
-        ]
+        self._threads = [threading.Thread(target=self._write_loop, name="shardmerge-writer", daemon=True)]
+        if not inline:
+            self._threads.append(threading.Thread(target=self._gather_loop, name="shardmerge-gatherer", daemon=True))
         for thread in self._threads:
             thread.start()
 
@@ -142,7 +146,7 @@ class ShardSink:
         """Wait until everything handed over is written and hashed; the file's size and hashes,
         or the first error met writing it."""
         reply: queue.Queue[Any] = queue.Queue()
-        self._to_gatherer.put(("end", reply))
+        self._send(("end", reply))
         result = reply.get()
         if isinstance(result, BaseException):
             raise result
@@ -151,18 +155,44 @@ class ShardSink:
     def discard(self) -> None:
         """Wait until everything handed over is done with, whatever happened to it."""
         reply: queue.Queue[Any] = queue.Queue()
-        self._to_gatherer.put(("end", reply))
+        self._send(("end", reply))
         reply.get()
 
     def close(self) -> None:
-        self._to_gatherer.put(None)
+        if self._inline:
+            self._to_writer.put(None)
+        else:
+            self._to_gatherer.put(None)
         for thread in self._threads:
             thread.join()
+
+    def aligned(self, itemsize: int) -> bool:
+        """Whether ``fill`` can be given values of ``itemsize`` bytes now: the sink is inline
+        and no value would straddle two staging buffers."""
+        return self._inline and self._error is None and self._file.fill % itemsize == 0
+
+    def fill(self, nbytes: int, put: Any) -> None:
+        """Append ``nbytes`` computed by ``put(offset, room)`` straight into the staging
+        buffers: ``room`` (a writable memoryview) is to receive the bytes from ``offset`` on;
+        called once per staging buffer the bytes span (inline sinks only, see ``aligned``)."""
+        file, done = self._file, 0
+        while done < nbytes:
+            room = self._room(file)
+            count = min(len(room), nbytes - done)
+            put(done, room[:count])
+            done += count
+            self._filled(file, count)
 
     def _put(self, item: _Item) -> None:
         if self._error is not None:
             raise self._error  # fail fast: the shard is lost already
-        self._to_gatherer.put(item)
+        self._send(item)
+
+    def _send(self, item: _Item) -> None:
+        if self._inline:
+            self._handle(item)
+        else:
+            self._to_gatherer.put(item)
 
     def _fail(self, exc: BaseException) -> None:
         if self._error is None:
@@ -171,32 +201,36 @@ class ShardSink:
     # The gatherer thread.
 
     def _gather_loop(self) -> None:
-        file = _File(-1, direct=False)
         while (item := self._to_gatherer.get()) is not None:
-            kind = item[0]
-            try:
-                if kind == "start":
-                    file = _File(item[1], item[2])
-                elif kind == "end":
-                    if file.stage is not None:  # the last, partial buffer
-                        self._to_writer.put(("stage", file, file.stage, file.fill, True))
-                        file.stage = None
-                    self._to_writer.put(("end", item[1], file.size))
-                elif self._error is None and kind == "bytes":
-                    if isinstance(item[2], Buffer):
-                        item[2].settle()  # a device's copy into it has arrived
-                    self._append(file, item[1])
-                elif self._error is None:
-                    self._append_range(file, item[1], item[2], item[3])
-            except BaseException as exc:  # handed to the caller by digest()
-                self._fail(exc)
-            finally:
-                if kind == "bytes" and isinstance(item[2], SharedBlock):
-                    item[2].release()
-                elif kind == "bytes" and item[2] is not None:
-                    item[2].settle()  # reused only once no copy into it is in flight
-                    self._free.put(item[2])
+            self._handle(item)
         self._to_writer.put(None)
+
+    def _handle(self, item: _Item) -> None:
+        """One item handed over: gathered (in the gatherer thread, or inline)."""
+        file = self._file
+        kind = item[0]
+        try:
+            if kind == "start":
+                self._file = _File(item[1], item[2])
+            elif kind == "end":
+                if file.stage is not None:  # the last, partial buffer
+                    self._to_writer.put(("stage", file, file.stage, file.fill, True))
+                    file.stage = None
+                self._to_writer.put(("end", item[1], file.size))
+            elif self._error is None and kind == "bytes":
+                if isinstance(item[2], Buffer):
+                    item[2].settle()  # a device's copy into it has arrived
+                self._append(file, item[1])
+            elif self._error is None:
+                self._append_range(file, item[1], item[2], item[3])
+        except BaseException as exc:  # handed to the caller by digest()
+            self._fail(exc)
+        finally:
+            if kind == "bytes" and isinstance(item[2], SharedBlock):
+                item[2].release()
+            elif kind == "bytes" and item[2] is not None:
+                item[2].settle()  # reused only once no copy into it is in flight
+                self._free.put(item[2])
 
     def _room(self, file: _File) -> memoryview:
         """The free part of the staging buffer being filled (taking a fresh one if need be)."""
@@ -250,7 +284,7 @@ class ShardSink:
             finally:
                 self._stages.put(stage)
 
-    def _write(self, file: _File, stage: mmap.mmap, fill: int, last: bool) -> None:
+    def _write(self, file: _File, stage: memoryview, fill: int, last: bool) -> None:
         """Write a staging buffer's ``fill`` bytes. Direct I/O writes whole blocks: the last,
         partial one is padded with zeros, then the file cut to its size."""
         length = fill
