@@ -1,15 +1,17 @@
 """Where a shard's bytes go once computed: a gatherer and a writer thread, in order.
 
 The caller (reading and merging tensors) hands over blocks of bytes and ranges of the source
-file to copy. The gatherer (on the host, the caller's own thread: see ``inline``) collects them in a few page-aligned staging buffers (a copied range
-is read straight into one); the writer writes each full buffer with direct I/O where the file
-system allows it (the bytes go from the buffer to the disk, not through the page cache, which
-costs a copy per byte and, on a machine short of free memory, reclaim), then hashes it: the
-shard's xxh3-128 for the journal (about 25 GB/s on one core) and, when the shard will be
-published, its sha256 (the Hub's LFS object id, about 1.7 GB/s). Hashing and writing release
-the GIL. So reading, merging, gathering, writing and hashing overlap, and no shard is read back
-to hash it. The caller's buffers return to their pool once gathered; the staging buffers once
-written and hashed: the two pools bound the memory in flight.
+file to copy. The gatherer (on the host, the caller's own thread: see ``inline``) collects
+them in a few page-aligned staging buffers (a copied range is read straight into one, and a
+merged block can be rounded straight into one: ``fill``); the writer writes each full buffer
+with direct I/O where the file system allows it (the bytes go from the buffer to the disk,
+not through the page cache, which costs a copy per byte and, on a machine short of free
+memory, reclaim), then hashes it: the shard's xxh3-128 for the journal (about 25 GB/s on one
+core) and, when the shard will be published, its sha256 (the Hub's LFS object id, about
+1.7 GB/s). Hashing and writing release the GIL. So reading, merging, gathering, writing and
+hashing overlap, and no shard is read back to hash it. The caller's buffers return to their
+pool once gathered; the staging buffers once written and hashed: the two pools bound the
+memory in flight.
 """
 
 from __future__ import annotations
