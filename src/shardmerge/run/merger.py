@@ -42,7 +42,7 @@ def lean_process(device: Device) -> Iterator[None]:
     holds (torch's modules above all) is frozen, so that the cyclic collector need not walk
     it again at each collection the merge's small objects trigger (about a fifth of a second
     per GiB merged); where the arithmetic runs on the CPU, torch uses one thread. The sink's
-    gatherer and writer threads and the kernel's I/O need a core; the merge's products are
+    writer thread, its hashes and the kernel's I/O need a core; the merge's products are
     small (rank r) and its conversions memory-bound: a second torch thread gave the same wall
     time for 0.9 s more CPU per 2 GiB."""
     gc.freeze()
