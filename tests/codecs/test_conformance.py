@@ -283,3 +283,22 @@ def _ours(fmt: QuantFormat, case: Case, stored: Stored) -> torch.Tensor:
         ]
     out = torch.empty(case.shape)
     return kernel.dequantize(fmt, out, weight, tuple(companions))
+
+
+@pytest.mark.parametrize("shape", [(0, 32), (-24, 32), (24, 0)])
+def test_a_packed_weight_shape_that_is_not_two_positive_numbers_is_refused(
+    shape: tuple[int, int], tmp_path: Path
+) -> None:
+    """``weight_shape`` is data read from the shard: a weight of no rows or columns (whose
+    stored tensors are empty too) would divide by zero when its rows are read."""
+    case = CASES["int"][0]
+    fmt = _format(case, tmp_path)
+    rows, cols = shape
+    stored = {
+        "m.weight_packed": torch.zeros(max(rows, 0), max(cols, 0) * fmt.bits // 32, dtype=torch.int32),
+        "m.weight_scale": torch.zeros(max(rows, 0), max(cols, 0) // 8, dtype=torch.bfloat16),
+        "m.weight_shape": torch.tensor(shape, dtype=torch.int64),
+    }
+    problems = _problems(fmt, stored, tmp_path / "empty.safetensors")
+    assert [problem.tensor for problem in problems] == ["m.weight_packed"]
+    assert "weight_shape" in str(problems[0])

@@ -175,6 +175,8 @@ class IntPacked:
         if packed[0].dtype != "I32" or len(packed[0].shape) != 2:
             return f"weight_packed must be a matrix of I32, not {packed[0].dtype} {list(packed[0].shape)}"
         rows, cols = shape
+        if rows <= 0 or cols <= 0:
+            return f"weight_shape {[rows, cols]} is not two positive integers"
         expected = (rows, math.ceil(cols * fmt.bits / 32))
         if packed[0].shape != expected:
             return (
