@@ -18,9 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from compressed_tensors.compressors import PackedQuantizationCompressor
+from compressed_tensors.compressors import NVFP4PackedCompressor, PackedQuantizationCompressor
+from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-from compressed_tensors.quantization.utils import calculate_qparams
+from compressed_tensors.quantization.lifecycle.forward import dequantize
+from compressed_tensors.quantization.quant_scheme import NVFP4A16
+from compressed_tensors.quantization.utils import calculate_qparams, generate_gparam
 from safetensors.torch import save_file
 from transformers import GptOssConfig
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
@@ -75,6 +78,19 @@ def int_config(bits: int = 4, symmetric: bool = True, group: int | None = 8) -> 
     }
 
 
+def nvfp4_config() -> dict[str, Any]:
+    """compressed-tensors' NVFP4A16 preset, as a checkpoint's config stores it."""
+    weights = NVFP4A16["weights"].model_dump()
+    return {
+        "quant_method": "compressed-tensors",
+        "format": "nvfp4-pack-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None}},
+        "ignore": ["lm_head", "re:.*mlp.gate$", LEFT_16_BIT],
+        "kv_cache_scheme": None,
+    }
+
+
 def mxfp4_checkpoint(source: Path, folder: Path) -> PackedBase:
     """gpt-oss's experts of the bfloat16 checkpoint ``source`` in MXFP4, as the MXFP4 releases
     store them: ``X_blocks`` and ``X_scales`` in the [experts, out, in] order."""
@@ -110,6 +126,25 @@ def int_checkpoint(source: Path, folder: Path, quantization: dict[str, Any]) -> 
     def apart(weight: str) -> tuple[str, set[str]]:
         module = weight.removesuffix(".weight")
         return module, {f"{module}.weight_scale", f"{module}.weight_zero_point"}
+
+    return _pack(source, folder, quantization, pack, apart)
+
+
+def nvfp4_checkpoint(source: Path, folder: Path) -> PackedBase:
+    """The Linear weights of the bfloat16 checkpoint ``source`` compressed by compressed-tensors'
+    NVFP4 rules and compressor."""
+    quantization = nvfp4_config()
+
+    def pack(fmt: QuantFormat, name: str, value: torch.Tensor) -> Packed | None:
+        module = name.removesuffix(".weight")
+        if not (value.dim() == 2 and name.endswith("_proj.weight") and ".layers." in name) or fmt.ignored(module):
+            return None
+        packed = reference_nvfp4(value.float())
+        return {f"{module}.{key}": tensor for key, tensor in packed.items()}, library_nvfp4_values(packed)
+
+    def apart(weight: str) -> tuple[str, set[str]]:
+        module = weight.removesuffix(".weight")
+        return module, {f"{module}.weight_scale", f"{module}.weight_global_scale"}
 
     return _pack(source, folder, quantization, pack, apart)
 
@@ -191,6 +226,38 @@ def ours_int(value: torch.Tensor, fmt: QuantFormat) -> dict[str, torch.Tensor]:
     words = torch.empty(value.shape[0], math.ceil(value.shape[1] * fmt.bits / 32), dtype=torch.int32)
     out = {"weight_packed": int_pack(values, fmt.bits, words), "weight_scale": scale}
     return out | ({} if zero is None else {"weight_zero_point": pack_zero_rows(zero, fmt.bits)})
+
+
+def _nvfp4_scheme() -> QuantizationScheme:
+    return QuantizationScheme(targets=["Linear"], weights=NVFP4A16["weights"])
+
+
+def reference_nvfp4(value: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``value`` (float32) compressed by compressed-tensors' NVFP4 rules: the global scale of
+    the tensor's range (``generate_gparam``), a minmax observer's group scales under it
+    (``calculate_qparams``), then its NVFP4 compressor."""
+    scheme = _nvfp4_scheme()
+    args = scheme.weights
+    assert args is not None and args.group_size is not None
+    scale_of_scales = generate_gparam(value.amin(), value.amax())
+    grouped = value.reshape(value.shape[0], -1, args.group_size)
+    scale, _ = calculate_qparams(grouped.amin(-1), grouped.amax(-1), args, global_scale=scale_of_scales)
+    state = {"weight": value, "weight_scale": scale, "weight_global_scale": scale_of_scales}
+    return dict(NVFP4PackedCompressor.compress(state, scheme))
+
+
+def library_nvfp4_values(packed: dict[str, torch.Tensor]) -> torch.Tensor:
+    """compressed-tensors' NVFP4 decompressor, in float32 (its own unpacks to bfloat16)."""
+    state = dict(packed) | {"weight_scale": packed["weight_scale"].float()}
+    rows, half = packed["weight_packed"].shape
+    unpacked = unpack_fp4_from_uint8(packed["weight_packed"], rows, 2 * half, dtype=torch.float32)
+    return dequantize(
+        x_q=unpacked,
+        scale=state["weight_scale"],
+        args=_nvfp4_scheme().weights,
+        global_scale=packed["weight_global_scale"],
+        dtype=torch.float32,
+    )
 
 
 def reference_mxfp4(value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

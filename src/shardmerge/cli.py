@@ -329,6 +329,13 @@ def _merge(job: MergeJob, args: argparse.Namespace) -> int:
             print(f"  note    {_count(zero, 'merged tensor')} came out equal to the base (an update of zero)")
     if report.requantized or report.requantized_non_finite:
         print(f"  requant {_requantized(report)}")
+    survived = _survived(report)
+    if survived is not None and survived < 0.5:
+        print(
+            f"shardmerge: warning: requantized to {plan.quantization}, the merged weights keep {survived:.0%} of "
+            "the adapters' update: a 16-bit output (--dtype bfloat16) keeps all of it, an FP8 base most of it",
+            file=sys.stderr,
+        )
     if report.non_finite_kept:
         print(
             f"  note    NaN or Inf kept from the base in {len(report.non_finite_kept)} tensors: "
@@ -379,7 +386,18 @@ def _requantized(report: MergeReport) -> str:
     )
     if report.least_kept is not None:
         line += f"; least kept: {report.least_kept[0]} ({report.least_kept[1]:.1%})"
+    survived = _survived(report)
+    if survived is not None:
+        line += f"; {survived:.1%} of the update survived (the change written, projected onto it)"
     return line
+
+
+def _survived(report: MergeReport) -> float | None:
+    """The part of the update that survived requantization: <Q(W+dW)-W, dW> / |dW|^2, from the
+    figures' norms (kept K and error E over |dW|: (K^2 + 1 - E^2) / 2)."""
+    if report.update_kept is None or report.update_error is None:
+        return None
+    return (report.update_kept**2 + 1 - report.update_error**2) / 2
 
 
 def _cmd_push(args: argparse.Namespace) -> int:

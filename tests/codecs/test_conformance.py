@@ -1,7 +1,8 @@
 """What every registered codec must pass, each against its format's own library: transformers'
 FP8 code and compressed-tensors for FP8, the MXFP4 definition (OpenAI's reference quantizer,
 element by element) and transformers' MXFP4 decoder, compressed-tensors' packer and
-decompressor for packed integers. A codec registered without cases here fails the first test.
+decompressor for packed integers, its NVFP4 rules and compressor for NVFP4. A codec
+registered without cases here fails the first test.
 
 For each codec and each of its formats: its configs are read by it alone; the tensors a
 checkpoint stores are found with their companions, and a weight missing one is refused by
@@ -14,8 +15,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -27,12 +29,23 @@ from safetensors.torch import save_file
 from transformers.integrations.finegrained_fp8 import Fp8Quantize, _dequantize_fp8_weight
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
+from bnb_checkpoints import KINDS, bnb_config, library_bnb_values, reference_bnb
 from fp8_checkpoints import compressed_tensors, fine_grained
-from packed_checkpoints import int_config, library_int_values, mxfp4_config, reference_int, reference_mxfp4
-from shardmerge.codecs import QuantFormat, read_quantization, registered
+from packed_checkpoints import (
+    int_config,
+    library_int_values,
+    library_nvfp4_values,
+    mxfp4_config,
+    nvfp4_config,
+    reference_int,
+    reference_mxfp4,
+    reference_nvfp4,
+)
+from shardmerge.codecs import QuantFormat, QuantizedWeight, read_quantization, registered
 from shardmerge.errors import InputError, ShardmergeError
 from shardmerge.formats.safetensors import read_header
 from shardmerge.run import codecs as kernels
+from shardmerge.run.codecs.base import PackedReader
 
 Stored = dict[str, torch.Tensor]
 
@@ -140,19 +153,51 @@ def _int_cases() -> list[Case]:
     return cases
 
 
+def _nvfp4_store(value: torch.Tensor) -> Stored:
+    packed = reference_nvfp4(value)
+    return {f"m.{key}": packed[key] for key in ("weight_packed", "weight_scale", "weight_global_scale")}
+
+
+def _nvfp4_values(stored: Stored) -> torch.Tensor:
+    return library_nvfp4_values({k.removeprefix("m."): v for k, v in stored.items()})
+
+
+def _nvfp4_refused() -> list[dict[str, Any]]:
+    weights = nvfp4_config()["config_groups"]["group_0"]["weights"]
+    return [
+        nvfp4_config() | {"config_groups": {"g": {"weights": weights | changed}}}
+        for changed in ({"group_size": 32}, {"symmetric": False}, {"scale_dtype": "torch.bfloat16"})
+    ]
+
+
 # Every registered codec's cases, by codec name.
 CASES: dict[str, list[Case]] = {
     "fp8": _fp8_cases(),
     "mxfp4": [Case("experts", mxfp4_config(), (16, 64), _mxfp4_store, _mxfp4_values, model="m")],
     "int": _int_cases(),
+    "nvfp4": [Case("groups", nvfp4_config(), (24, 64), _nvfp4_store, _nvfp4_values)],
+    # 40 x 512: 320 blocks of 64 values, more than one nested block of 256
+    "bnb": [
+        Case(
+            kind, bnb_config(kind), (40, 512), partial(reference_bnb, kind=kind), partial(library_bnb_values, kind=kind)
+        )
+        for kind in KINDS
+    ],
 }
 ALL = [pytest.param(codec, case, id=f"{codec}-{case.name}") for codec, cases in CASES.items() for case in cases]
+WRITTEN = [param for param in ALL if next(c for c in registered() if c.name == param.values[0]).writes]
 
 # Configs each codec must refuse, one line naming the file.
 REFUSED = {
     "fp8": [fine_grained(weight_block_size=[0, 128]), compressed_tensors("group")],
     "mxfp4": [mxfp4_config() | {"dequantize": True}],
     "int": [int_config(3), int_config(4) | {"config_groups": {"group_0": {"weights": {"type": "int", "num_bits": 4}}}}],
+    "nvfp4": _nvfp4_refused(),
+    "bnb": [
+        {"quant_method": "bitsandbytes"},
+        bnb_config("nf4") | {"bnb_4bit_quant_type": "int4"},
+        bnb_config("nf4") | {"bnb_4bit_quant_storage": "bfloat16"},
+    ],
 }
 
 
@@ -166,7 +211,7 @@ def test_its_configs_are_read_by_it_alone(codec: str, case: Case, tmp_path: Path
     claims = [known.name for known in registered() if known.claims(case.config)]
     assert claims == [codec]
     fmt = read_quantization({"quantization_config": case.config}, tmp_path / "config.json")
-    assert fmt is not None and fmt.codec.name == codec and kernels.kernel_of(fmt).name == codec
+    assert fmt is not None and fmt.codec.name == codec and kernels.registered()[codec].name == codec
     assert fmt.describe()
     for refused in REFUSED[codec]:
         with pytest.raises(InputError) as caught:
@@ -190,7 +235,7 @@ def test_its_weights_are_found_with_their_companions_and_half_present_ones_refus
     names = list(stored)
     scale = stored[names[1]]  # the scale grid the format declares
     assert scale.numel() == 1 if fmt.strategy == "tensor" else fmt.scale_shape(weight.shape) == tuple(scale.shape)
-    for missing in names[1:]:
+    for missing in [info.name for info, _ in weight.companions]:
         problems = _problems(fmt, {k: v for k, v in stored.items() if k != missing}, tmp_path / "part.safetensors")
         assert problems, missing
         assert all(problem.tensor in names for problem in problems), missing
@@ -200,11 +245,12 @@ def test_its_weights_are_found_with_their_companions_and_half_present_ones_refus
 def test_dequantize_reads_the_reference_bytes_as_the_library_does(codec: str, case: Case, tmp_path: Path) -> None:
     fmt = _format(case, tmp_path)
     stored = case.store(_sample(case))
-    values = _ours(fmt, case, stored)
-    assert torch.equal(values, case.values(stored))
+    found = _find(fmt, stored, tmp_path / "whole.safetensors")[case.model]
+    values = _ours(fmt, case, stored, found)
+    assert torch.equal(values.view(torch.int32), case.values(stored).view(torch.int32))
 
 
-@pytest.mark.parametrize(("codec", "case"), ALL)
+@pytest.mark.parametrize(("codec", "case"), WRITTEN)
 def test_quantize_writes_the_reference_bytes(codec: str, case: Case, tmp_path: Path) -> None:
     fmt = _format(case, tmp_path)
     value = _sample(case)
@@ -222,7 +268,7 @@ def test_quantize_writes_the_reference_bytes(codec: str, case: Case, tmp_path: P
         assert torch.equal(ours.reshape(theirs.shape).view(torch.uint8), theirs.view(torch.uint8)), name
 
 
-@pytest.mark.parametrize(("codec", "case"), ALL)
+@pytest.mark.parametrize(("codec", "case"), WRITTEN)
 def test_codes_are_told_within_one_step(codec: str, case: Case, tmp_path: Path) -> None:
     fmt = _format(case, tmp_path)
     weight = next(iter(case.store(_sample(case)).values()))
@@ -254,7 +300,7 @@ def _save(stored: Stored, path: Path) -> dict[str, tuple[Any, Path]]:
     return {name: (info, path) for name, info in read_header(path).tensors.items()}
 
 
-def _find(fmt: QuantFormat, stored: Stored, path: Path) -> dict[str, Any]:
+def _find(fmt: QuantFormat, stored: Stored, path: Path) -> dict[str, QuantizedWeight]:
     problems: list[ShardmergeError] = []
     found = fmt.codec.find(fmt, _save(stored, path), problems, transposed=True)
     assert not problems, problems
@@ -267,22 +313,22 @@ def _problems(fmt: QuantFormat, stored: Stored, path: Path) -> list[ShardmergeEr
     return problems
 
 
-def _ours(fmt: QuantFormat, case: Case, stored: Stored) -> torch.Tensor:
-    """Our kernel's float32 values of ``stored``, rows by columns, its companions read row by
-    row as the merge reads them."""
-    kernel = kernels.kernel_of(fmt)
-    names = list(stored)
-    weight = stored[names[0]].reshape(case.shape[0], -1)
-    companions = [stored[name] for name in names[1:]]
+def _ours(fmt: QuantFormat, case: Case, stored: Stored, found: QuantizedWeight) -> torch.Tensor:
+    """Our kernel's float32 values of ``stored``, rows by columns, the companions the codec
+    ``found`` read row by row as the merge reads them (a vector's elements are its rows)."""
+    kernel = kernels.registered()[fmt.codec.name]
+    weight = stored[found.weight[0].name].reshape(case.shape[0], -1)
+    companions = [stored[info.name] for info, _ in found.companions]
     if fmt.packed:
-        companions = [c.reshape(-1, c.shape[-1]) for c in companions if c.dtype != torch.int64]
+        lines = [c.reshape(-1, 1) if c.dim() < 2 else c.reshape(-1, c.shape[-1]) for c in companions]
+
+        def read(index: int, span: tuple[int, int] | None) -> torch.Tensor:
+            return lines[index] if span is None else lines[index][span[0] : span[1]]
+
         rows = (0, case.shape[0])
-        read = kernel.companion_rows  # type: ignore[attr-defined]
-        companions = [
-            read(fmt, i, rows, lambda index, span: companions[index][span[0] : span[1]]) for i in range(len(companions))
-        ]
-    out = torch.empty(case.shape)
-    return kernel.dequantize(fmt, out, weight, tuple(companions))
+        reader = cast(PackedReader, kernel)
+        companions = [reader.companion_rows(fmt, index, rows, read) for index in range(len(lines))]
+    return kernel.dequantize(fmt, torch.empty(case.shape), weight, tuple(companions))
 
 
 @pytest.mark.parametrize("shape", [(0, 32), (-24, 32), (24, 0)])

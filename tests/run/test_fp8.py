@@ -495,11 +495,9 @@ BAD: dict[str, tuple[Callable[[Path, dict[str, Any]], None], str]] = {
         lambda folder, config: config["quantization_config"]["modules_to_not_convert"].append("lm_head("),
         "ignore entry 'lm_head(' is not a regular expression",
     ),
-    "bitsandbytes": (
-        lambda folder, config: config.update(
-            quantization_config={"quant_method": "bitsandbytes", "load_in_4bit": True}
-        ),
-        "the base is quantized with bitsandbytes, which shardmerge cannot merge into",
+    "hqq": (
+        lambda folder, config: config.update(quantization_config={"quant_method": "hqq", "nbits": 4}),
+        "the base is quantized with hqq, which shardmerge cannot merge into",
     ),
     "gptq": (
         lambda folder, config: config.update(quantization_config={"quant_method": "gptq", "bits": 4}),
@@ -519,7 +517,8 @@ BAD: dict[str, tuple[Callable[[Path, dict[str, Any]], None], str]] = {
         lambda folder, config: config.update(
             quantization_config={**compressed_tensors("channel"), "format": "nvfp4-pack-quantized"}
         ),
-        "compressed-tensors format 'nvfp4-pack-quantized' is not supported",
+        "nvfp4-pack-quantized weights of type, bits, strategy and group ['float', 8, 'channel', None] are not "
+        "supported",
     ),
 }
 
@@ -612,7 +611,7 @@ def test_a_quantization_config_that_no_tensor_carries_is_refused(fp8: Callable[[
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("case", ["bitsandbytes", "gptq", "ct-nvfp4"])
+@pytest.mark.parametrize("case", ["hqq", "gptq", "ct-nvfp4"])
 def test_a_refused_base_is_the_one_problem_reported(case: str, fp8: Callable[[str], Fp8Base], tmp_path: Path) -> None:
     """Its reason, not a line per adapter module blaming the adapter for the base's format."""
     base = fp8("llama-fp8")

@@ -41,16 +41,21 @@ from packed_checkpoints import (
     int_checkpoint,
     int_config,
     library_int_values,
+    library_nvfp4_values,
     mxfp4_checkpoint,
+    nvfp4_checkpoint,
+    nvfp4_config,
     ours_int,
     reference_int,
     reference_mxfp4,
+    reference_nvfp4,
 )
 from planning.test_architectures import olmoe_config
 from shardmerge.codecs import read_quantization
 from shardmerge.formats.dtypes import TORCH_DTYPES
 from shardmerge.run.codecs.int_packed import int_dequantize, int_pack, int_quantize, int_values, zero_rows
 from shardmerge.run.codecs.mxfp4 import mxfp4_values
+from shardmerge.run.codecs.nvfp4 import nvfp4_values
 from shardmerge.verify import verify
 
 SHARDMERGE = str(Path(sys.executable).with_name("shardmerge"))
@@ -70,6 +75,7 @@ BASES: dict[str, tuple[Callable[[], object], dict[str, Any] | None]] = {
     "olmoe-int4": (olmoe_config, int_config(4, symmetric=True, group=8)),
     "olmoe-int4-asym": (olmoe_config, int_config(4, symmetric=False, group=8)),
     "llama-int8-channel-asym": (_odd_llama, int_config(8, symmetric=False, group=None)),
+    "llama-nvfp4": (llama_config, nvfp4_config()),
 }
 
 
@@ -84,11 +90,12 @@ def packed(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], PackedBa
             config, quantization = BASES[name]
             source = save_base(config(), root / f"{name}-bf16", torch.bfloat16, seed=3)
             folder = root / name
-            built[name] = (
-                mxfp4_checkpoint(source.path, folder)
-                if quantization is None
-                else int_checkpoint(source.path, folder, quantization)
-            )
+            if quantization is None:
+                built[name] = mxfp4_checkpoint(source.path, folder)
+            elif quantization["format"] == "nvfp4-pack-quantized":
+                built[name] = nvfp4_checkpoint(source.path, folder)
+            else:
+                built[name] = int_checkpoint(source.path, folder, quantization)
         return built[name]
 
     return get
@@ -113,7 +120,7 @@ def _stored(base: PackedBase, name: str) -> dict[str, torch.Tensor]:
     module = name.removesuffix(".weight")
     return {
         key: tensors[f"{module}.{key}"]
-        for key in ("weight_packed", "weight_scale", "weight_zero_point")
+        for key in ("weight_packed", "weight_scale", "weight_zero_point", "weight_global_scale")
         if f"{module}.{key}" in tensors
     }
 
@@ -139,6 +146,15 @@ def test_fixtures_are_what_the_reference_quantizers_write_and_read_back_as_the_l
             assert torch.equal(stored["scales"].reshape(scales.shape), scales), weight
             ours = mxfp4_values(torch.empty(rows.shape), blocks, scales)
             assert torch.equal(ours.view(experts, outputs, inputs).transpose(1, 2), dequantized[weight]), weight
+            continue
+        if base.fmt.packing == "nvfp4":
+            expected = reference_nvfp4(source[weight].float())
+            assert stored.keys() == expected.keys()
+            for key, value in expected.items():
+                assert torch.equal(stored[key].view(torch.uint8), value.view(torch.uint8)), (weight, key)
+            ours = nvfp4_values(torch.empty(source[weight].shape), *stored.values())
+            assert torch.equal(ours, library_nvfp4_values(expected)), weight
+            assert torch.equal(ours, dequantized[weight]), weight
             continue
         expected = reference_int(source[weight].float(), base.quantization)
         assert stored.keys() == expected.keys() - {"weight_shape"}
@@ -246,6 +262,9 @@ def test_requantized_output_is_the_reference_quantization_of_the_merge(
             inputs = value.shape[1]
             blocks, scales = reference_mxfp4(value.transpose(1, 2).reshape(-1, inputs))
             expected = {f"{weight}_blocks": blocks, f"{weight}_scales": scales}
+        elif base.fmt.packing == "nvfp4":
+            module = weight.removesuffix(".weight")
+            expected = {f"{module}.{key}": tensor for key, tensor in reference_nvfp4(value).items()}
         else:
             module = weight.removesuffix(".weight")
             expected = {f"{module}.{key}": tensor for key, tensor in reference_int(value, base.quantization).items()}
@@ -339,10 +358,25 @@ BAD: dict[str, tuple[str, Callable[[Path, dict[str, Any]], None], str]] = {
         ),
         "32 columns are not a whole number of groups of 64",
     ),
-    "nvfp4": (
+    "int-declared-nvfp4": (
         "olmoe-int4",
         lambda folder, config: config["quantization_config"].update(format="nvfp4-pack-quantized"),
-        "compressed-tensors format 'nvfp4-pack-quantized' is not supported",
+        "nvfp4-pack-quantized weights of type, bits, strategy and group ['int', 4, 'group', 8] are not supported",
+    ),
+    "nvfp4-missing-global-scale": (
+        "llama-nvfp4",
+        lambda folder, config: edit_tensor(folder, f"{Q}.weight_global_scale", None),
+        f"{Q}.weight_packed: an NVFP4 weight without its weight_global_scale",
+    ),
+    "nvfp4-misshapen-scale": (
+        "llama-nvfp4",
+        lambda folder, config: edit_tensor(folder, f"{Q}.weight_scale", torch.zeros(32, 1, dtype=torch.float8_e4m3fn)),
+        f"{Q}.weight_packed: weight_scale F8_E4M3 [32, 1] does not match: expected F8_E4M3 [32, 2]",
+    ),
+    "nvfp4-two-global-scales": (
+        "llama-nvfp4",
+        lambda folder, config: edit_tensor(folder, f"{Q}.weight_global_scale", torch.ones(2)),
+        "weight_global_scale must be one F32 number, not F32 [2]",
     ),
 }
 

@@ -13,13 +13,16 @@ registered codec.
 from __future__ import annotations
 
 import math
+import os
 import re
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 from ..errors import InputError, ShardmergeError
+from ..formats.confined import open_input
 from ..formats.safetensors import TensorInfo
 
 HINT = "merge into the 16-bit release of the base model"
@@ -112,12 +115,14 @@ class Codec(Protocol):
     """One quantized format (or family of formats read alike), registered once.
 
     name: what ``plan`` calls what is stored. packed: several values share a stored element.
+    writes: a merged weight can be written back in the format (else outputs are 16-bit).
     stored_as: how its tensors show in a header, in words. Every method is pure: no torch, no
-    reading but the few bytes ``find`` needs (packed integers' shapes).
+    reading but the few bytes ``find`` needs (packed integers' shapes, quantization states).
     """
 
     name: str
     packed: bool
+    writes: bool
     stored_as: str
 
     def claims(self, quantization: Mapping[str, Any]) -> bool:
@@ -131,6 +136,10 @@ class Codec(Protocol):
     def owns(self, fmt: QuantFormat) -> bool: ...
 
     def describe(self, fmt: QuantFormat) -> str: ...
+
+    def keeps(self, fmt: QuantFormat) -> str:
+        """What a requantized update keeps, in words (for ``plan``)."""
+        ...
 
     def scale_shape(self, fmt: QuantFormat, shape: tuple[int, ...]) -> tuple[int, ...]: ...
 
@@ -195,6 +204,8 @@ def read_quantization(config: Mapping[str, Any], path: Path) -> QuantFormat | No
     claims = [codec for codec in _REGISTRY if codec.claims(quantization)]
     if not claims:
         method = str(quantization.get("quant_method", "unknown"))
+        if "format" in quantization:
+            method += f" (format {quantization['format']!r})"
         raise InputError(
             f"the base is quantized with {method}, which shardmerge cannot merge into", file=path, hint=HINT
         )
@@ -251,3 +262,32 @@ def weight_args(quantization: dict[str, Any], path: Path) -> dict[str, Any]:
     if any(args != weights[0] for args in weights):
         raise InputError("compressed-tensors config_groups quantize weights in different ways", file=path, hint=HINT)
     return weights[0]
+
+
+def small_values(wanted: Sequence[Located], problems: list[ShardmergeError], what: str) -> dict[str, bytes]:
+    """The bytes of small tensors a codec reads while planning (packed weights' shapes,
+    quantization states), each shard opened once. A shard not on disk (a Hub base's, whose
+    headers alone are read before the merge) is one problem, ``what`` it holds: the weights
+    cannot be told without its data."""
+    by_file: dict[Path, list[TensorInfo]] = defaultdict(list)
+    for info, path in wanted:
+        by_file[path].append(info)
+    values: dict[str, bytes] = {}
+    for path, infos in by_file.items():
+        if not path.is_file():
+            problems.append(
+                InputError(
+                    f"{what}, which is not downloaded",
+                    file=path,
+                    tensor=infos[0].name,
+                    hint="download the base (hf download REPO --local-dir DIR) and merge from that folder",
+                )
+            )
+            continue
+        fd = open_input(path)
+        try:
+            for info in infos:
+                values[info.name] = os.pread(fd, info.end - info.begin, info.begin)
+        finally:
+            os.close(fd)
+    return values

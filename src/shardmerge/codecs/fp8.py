@@ -36,17 +36,18 @@ WEIGHT_DTYPE = "F8_E4M3"
 SCALE_DTYPES = frozenset({"F32", "BF16", "F16"})
 FINE_GRAINED = "fp8"
 COMPRESSED = "compressed-tensors"
-PACKED_FORMAT = "pack-quantized"  # compressed-tensors' integers: another codec's
+FORMATS = ("float-quantized", "naive-quantized")  # compressed-tensors' FP8 formats
 
 
 class Fp8:
     name = "fp8"
     packed = False
+    writes = True
     stored_as = WEIGHT_DTYPE
 
     def claims(self, quantization: Mapping[str, Any]) -> bool:
         method = quantization.get("quant_method")
-        return method == FINE_GRAINED or (method == COMPRESSED and quantization.get("format") != PACKED_FORMAT)
+        return method == FINE_GRAINED or (method == COMPRESSED and quantization.get("format") in FORMATS)
 
     def read(self, quantization: dict[str, Any], path: Path) -> QuantFormat:
         if quantization.get("quant_method") == FINE_GRAINED:
@@ -55,6 +56,9 @@ class Fp8:
 
     def owns(self, fmt: QuantFormat) -> bool:
         return fmt.packing is None and fmt.method in (FINE_GRAINED, COMPRESSED)
+
+    def keeps(self, fmt: QuantFormat) -> str:
+        return "FP8 has 3 bits of mantissa, so an update below about 1/16 of a weight's magnitude is rounded away"
 
     def describe(self, fmt: QuantFormat) -> str:
         grain = f"{fmt.block[0]}x{fmt.block[1]} blocks" if fmt.block else f"per {fmt.strategy}"
@@ -161,14 +165,6 @@ def _fine_grained(quantization: dict[str, Any], path: Path) -> QuantFormat:
 
 
 def _compressed_tensors(quantization: dict[str, Any], path: Path) -> QuantFormat:
-    fmt = quantization.get("format")
-    if fmt not in ("float-quantized", "naive-quantized"):
-        raise InputError(
-            f"compressed-tensors format {fmt!r} is not supported (float-quantized FP8 and pack-quantized INT4/INT8 "
-            "are)",
-            file=path,
-            hint=HINT,
-        )
     args = weight_args(quantization, path)
     if args.get("type") != "float" or args.get("num_bits") != 8:
         kind = f"{args.get('type')}{args.get('num_bits')}"

@@ -9,15 +9,12 @@ problem naming the tensor.
 from __future__ import annotations
 
 import math
-import os
 import struct
-from collections import defaultdict
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, ShardmergeError
-from ..formats.confined import open_input
 from ..formats.safetensors import FLOAT_DTYPES, TensorInfo
 from .base import (
     HINT,
@@ -32,6 +29,7 @@ from .base import (
     positive_ints,
     problem,
     register,
+    small_values,
     weight_args,
 )
 
@@ -44,6 +42,7 @@ _SUFFIXES = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point
 class IntPacked:
     name = "int"
     packed = True
+    writes = True
     stored_as = "packed integers"
 
     def claims(self, quantization: Mapping[str, Any]) -> bool:
@@ -93,6 +92,13 @@ class IntPacked:
 
     def owns(self, fmt: QuantFormat) -> bool:
         return fmt.packing == PACKING
+
+    def keeps(self, fmt: QuantFormat) -> str:
+        steps = (1 << fmt.bits) - 1
+        return (
+            f"INT{fmt.bits} has {steps} steps a group, so an update below half a step (1/{2 * steps} of its range) "
+            "is rounded away"
+        )
 
     def describe(self, fmt: QuantFormat) -> str:
         grain = f"groups of {fmt.block[1]}" if fmt.block else "per channel"
@@ -204,33 +210,16 @@ class IntPacked:
 
 
 def _read_shapes(tensors: Mapping[str, Located], problems: list[ShardmergeError]) -> dict[str, tuple[int, int]]:
-    """The two integers of every ``weight_shape`` tensor (16 bytes at most each), each shard
-    opened once. A shard not on disk (a Hub base's, whose headers alone are read before the
-    merge) is one problem: the shapes cannot be told without its data."""
-    by_file: dict[Path, list[TensorInfo]] = defaultdict(list)
-    for name, (info, path) in tensors.items():
-        if name.endswith(".weight_shape") and info.dtype in ("I64", "I32") and info.shape == (2,):
-            by_file[path].append(info)
+    """The two integers of every ``weight_shape`` tensor (16 bytes at most each)."""
+    wanted = [
+        located
+        for name, located in tensors.items()
+        if name.endswith(".weight_shape") and located[0].dtype in ("I64", "I32") and located[0].shape == (2,)
+    ]
     shapes: dict[str, tuple[int, int]] = {}
-    for path, infos in by_file.items():
-        if not path.is_file():
-            problems.append(
-                InputError(
-                    "the shapes of packed weights are stored in this shard, which is not downloaded",
-                    file=path,
-                    tensor=infos[0].name,
-                    hint="download the base (hf download REPO --local-dir DIR) and merge from that folder",
-                )
-            )
-            continue
-        fd = open_input(path)
-        try:
-            for info in infos:
-                data = os.pread(fd, info.end - info.begin, info.begin)
-                rows, cols = struct.unpack("<2q" if info.dtype == "I64" else "<2i", data)
-                shapes[info.name] = (rows, cols)
-        finally:
-            os.close(fd)
+    for name, raw in small_values(wanted, problems, "the shapes of packed weights are stored in this shard").items():
+        rows, cols = struct.unpack("<2q" if len(raw) == 16 else "<2i", raw)
+        shapes[name] = (rows, cols)
     return shapes
 
 

@@ -34,6 +34,7 @@ BLOCK = 32  # values a scale covers
 class Mxfp4:
     name = "mxfp4"
     packed = True
+    writes = True
     stored_as = "MXFP4 blocks"
 
     def claims(self, quantization: Mapping[str, Any]) -> bool:
@@ -57,6 +58,12 @@ class Mxfp4:
 
     def owns(self, fmt: QuantFormat) -> bool:
         return fmt.packing == METHOD
+
+    def keeps(self, fmt: QuantFormat) -> str:
+        return (
+            "E2M1 has 1 bit of mantissa, so an update below about a quarter of a weight's magnitude is rounded "
+            "away: often most of a LoRA update"
+        )
 
     def describe(self, fmt: QuantFormat) -> str:
         return "MXFP4 (32-value blocks, E8M0 scales)"

@@ -62,7 +62,7 @@ def build_plan(job: MergeJob) -> Plan:
     config = _read_config(base, problems)
     fmt = _read_format(config, base, problems)
     format_read = not problems
-    dtype = ("base" if fmt else "bfloat16") if job.dtype == "auto" else job.dtype
+    dtype = ("base" if fmt and fmt.codec.writes else "bfloat16") if job.dtype == "auto" else job.dtype
     headers = _read_base_headers(base, problems)
     adapter_problems: list[ShardmergeError] = []
     adapters = []
@@ -80,7 +80,16 @@ def build_plan(job: MergeJob) -> Plan:
     layouts = find_layouts(config, job.conv1d_modules)
     quantized = fmt.codec.find(fmt, located, problems, transposed=layouts.experts_transposed) if fmt else {}
     if format_read:
-        _check_declared(fmt, located, base.folder / "config.json", problems)
+        claimed = {name for weight in quantized.values() for name in weight.stored}
+        _check_declared(fmt, located, claimed, base.folder / "config.json", problems)
+    if fmt and not fmt.codec.writes and dtype == "base":
+        problems.append(
+            InputError(
+                f"{fmt.describe()} weights cannot be written back in their format",
+                file=base.folder / "config.json",
+                hint="merge with --dtype bfloat16 (auto does): transformers quantizes a 16-bit model again on load",
+            )
+        )
     if fmt and fmt.kv_cache and dtype != "base":
         problems.append(
             InputError(
@@ -95,10 +104,11 @@ def build_plan(job: MergeJob) -> Plan:
     tied = find_tied(config, tensors)
     virtual_head = tied.virtual_head(tensors) if tied else None
     targets = {**tensors, virtual_head.name: virtual_head} if virtual_head else dict(tensors)
-    # A packed weight is merged under the model's name for it, which no stored tensor has.
+    # A packed weight is merged under the model's name and shape for it, which its stored
+    # tensor does not have.
     for name, weight in quantized.items():
         info = weight.weight[0]
-        if name != info.name:
+        if (name, weight.model_shape) != (info.name, info.shape):
             targets[name] = TensorInfo(name, info.dtype, weight.model_shape, info.begin, info.end)
     ops: dict[str, list[MergeOp]] = defaultdict(list)
     vocab = _vocab_sizes(config)
@@ -122,6 +132,7 @@ def build_plan(job: MergeJob) -> Plan:
         raise PlanError(problems)
     extra: dict[Path, list[TensorInfo]] = defaultdict(list)
     notes = _notes(ops, layouts.source) + _quantization_notes(fmt, set(quantized), ops, dtype)
+    notes += _trained_against(adapters, fmt)
     rows = {shape[0] for shape in resized.values()}
     if resized:
         before = sorted({targets[name].shape[0] for name in resized})
@@ -198,6 +209,32 @@ def _notes(ops: dict[str, list[MergeOp]], layout_source: str) -> tuple[str, ...]
     return tuple(notes)
 
 
+def _trained_against(adapters: list[Adapter], fmt: QuantFormat | None) -> tuple[str, ...]:
+    """Where an adapter's config names a bitsandbytes model (by its name: QLoRA releases say
+    ``bnb``) and the base is 16-bit, or the reverse: which base it was trained against. Merging
+    into the dequantized bitsandbytes weights reproduces the trained model; the 16-bit weights
+    add back the quantization error it was trained around."""
+    notes = []
+    quantized = fmt is not None and fmt.method == "bitsandbytes"
+    for adapter in adapters:
+        name = adapter.config.get("base_model_name_or_path")
+        if not isinstance(name, str) or not name:
+            continue
+        named = "bnb" in name.lower() or "bitsandbytes" in name.lower()
+        if named and not quantized:
+            notes.append(
+                f"adapter [{adapter.index}] was trained against {name}, a bitsandbytes model: this 16-bit base adds "
+                f"back the quantization error it was trained around; merging into {name} reproduces the trained model"
+            )
+        elif quantized and not named:
+            notes.append(
+                f"adapter [{adapter.index}] was trained against {name}, a 16-bit model by its name: this bitsandbytes "
+                f"base adds the quantization error to it, unless it was trained on {name} loaded in 4 bits (QLoRA), "
+                "which this base reproduces"
+            )
+    return tuple(notes)
+
+
 def _read_config(base: BaseFiles, problems: list[ShardmergeError]) -> dict[str, Any] | None:
     path = base.folder / "config.json"
     if not path.is_file():
@@ -218,15 +255,24 @@ _UNREAD = (("F8_E5M2", lambda name, info: info.dtype == "F8_E5M2"),)
 
 
 def _check_declared(
-    fmt: QuantFormat | None, located: dict[str, tuple[TensorInfo, Path]], config: Path, problems: list[ShardmergeError]
+    fmt: QuantFormat | None,
+    located: dict[str, tuple[TensorInfo, Path]],
+    claimed: set[str],
+    config: Path,
+    problems: list[ShardmergeError],
 ) -> None:
     """A config's quantization must be the checkpoint's: a declared format that no tensor is
     stored in, or tensors stored in a format the config does not declare, are refused (the
-    output would carry a false quantization_config, or tensors whose scales cannot be known)."""
+    output would carry a false quantization_config, or tensors whose scales cannot be known).
+    ``claimed``: the tensors of the weights the declared format found (an NVFP4 weight's FP8
+    scales are its own, not FP8 weights)."""
     declared = fmt.codec.name if fmt else None
     first, *others = [(codec.name, codec.stored_as, codec.is_stored) for codec in registered()]
     kinds = [first, *[(None, what, test) for what, test in _UNREAD], *others]
-    stored = {kind: [name for name, (info, _) in located.items() if test(name, info)] for kind, _, test in kinds}
+    stored: dict[str | None, list[str]] = {}
+    for kind, _, test in kinds:
+        mine = kind == declared
+        stored[kind] = [n for n, (info, _) in located.items() if test(n, info) and (mine or n not in claimed)]
     if fmt is not None and not stored.get(declared):
         problems.append(
             InputError(
@@ -266,9 +312,10 @@ def _quantization_notes(
         return ()
     merged = sum(1 for name in quantized if ops.get(name))
     if dtype != "base":
+        why = "" if fmt.codec.writes else " (bitsandbytes weights are not written back: transformers quantizes on load)"
         return (
             f"base in {fmt.describe()}: its {len(quantized)} quantized weights are dequantized in float32 and "
-            f"written in {dtype}, without their scales; config.json loses its quantization_config",
+            f"written in {dtype}{why}, without their scales; config.json loses its quantization_config",
         )
     notes = [
         f"base in {fmt.describe()}, kept: {merged} merged weights are requantized once, as the format's own "
@@ -276,8 +323,8 @@ def _quantization_notes(
     ]
     if merged:
         notes.append(
-            "requantizing loses the part of an update smaller than about half a step of the format; the summary "
-            "reports how much of each update survived (--dtype bfloat16 keeps all of it)"
+            f"requantizing keeps what the format can hold: {fmt.codec.keeps(fmt)}; the summary reports how much "
+            "of each update survived (--dtype bfloat16 keeps all of it)"
         )
     return tuple(notes)
 

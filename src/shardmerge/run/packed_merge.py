@@ -28,8 +28,7 @@ from ..formats.dtypes import TORCH_DTYPES
 from ..formats.fileio import pread_into
 from ..planning.model import QuantRead, Stored, TensorPlan
 from .buffers import Buffer
-from .codecs import kernel_of
-from .codecs.base import PackedKernel
+from .codecs.base import PackedKernel, PackedReader, reader_of
 from .context import MergeContext
 from .factors import AdapterFactors, Factors
 from .kernels import all_finite
@@ -82,7 +81,7 @@ class PackedMerger:
             for index, companion in enumerate(read.companions):
                 # the scales of a whole matrix (a transposed one is read whole); the others'
                 # rows covering a block's, one more where they start mid-row
-                lines = companion.shape[-2]
+                lines = _lines(companion)
                 if index:
                     lines = min(lines, -(-height * lines // rows) + 1)
                 self.companions[index].take(lines * _row_bytes(companion, experts))
@@ -91,7 +90,7 @@ class PackedMerger:
         """The output bytes of packed weight ``tensor`` read from ``fd``, block by block."""
         read = tensor.quant
         assert read is not None
-        weight = _Weight(fd, tensor, self.factors.whole(tensor), cast(PackedKernel, kernel_of(read.format)))
+        weight = _Weight(fd, tensor, self.factors.whole(tensor), reader_of(read.format))
         experts, _, _ = read.matrices
         rows, _, flipped, _, _ = tensor.packed_block()
         step = max(1, tensor.block_rows)
@@ -104,6 +103,8 @@ class PackedMerger:
         if collect:
             self.new[tensor.name] = defaultdict(list)
         with _Files(read, self.companions, self.device) as files:
+            if tensor.requantized and weight.writer.whole_scale:
+                weight.largest = self._largest(weight, files)
             for expert in range(experts):
                 stored = self._read_expert(weight, files, expert) if flipped else None
                 for first in range(0, rows, step):
@@ -175,7 +176,7 @@ class PackedMerger:
         """The companions of one expert's stored rows ``span``, as the kernel takes them."""
         read = weight.read
 
-        def rows(index: int, lines: tuple[int, int]) -> torch.Tensor:
+        def rows(index: int, lines: tuple[int, int] | None) -> torch.Tensor:
             return files.rows(index, expert, lines)
 
         return tuple(weight.kernel.companion_rows(read.format, i, span, rows) for i in range(len(read.companions)))
@@ -228,6 +229,23 @@ class PackedMerger:
             context.note_unchanged(tensor, torch.equal(rounded, base.to(rounded.dtype)))
         return data, output
 
+    def _largest(self, weight: _Weight, files: _Files) -> torch.Tensor:
+        """The largest magnitude of the merged weight, merging it once without writing."""
+        tensor, read, context = weight.tensor, weight.read, self.context
+        experts, rows, _ = read.matrices
+        largest = torch.zeros((), device=self.device)
+        for expert in range(experts):
+            for first in range(0, rows, max(1, tensor.block_rows)):
+                span = (first, min(rows, first + max(1, tensor.block_rows)))
+                was, _ = self._base(weight, files, expert, span)
+                value = context.work.tensor(torch.float32, tuple(was.shape)).copy_(was)
+                value = self.factors.apply(value, tensor, weight.whole, span, (expert, read.transposed))
+                if not all_finite(value):
+                    cause = lambda piece=value: context.merge_cause(tensor, piece, weight.whole)  # noqa: E731
+                    context.non_finite(tensor, was, value, cause)
+                largest = torch.maximum(largest, torch.maximum(value.amax(), value.amin().neg()))
+        return largest
+
     def _requantized(
         self, weight: _Weight, files: _Files, expert: int, span: tuple[int, int], write: bool, collect: bool
     ) -> Iterator[tuple[memoryview, Buffer]]:
@@ -245,13 +263,15 @@ class PackedMerger:
         staged = context.place.staged
         packed = self.packed.tensor(host.dtype, tuple(host.shape)) if staged else host
         scale_dtype = TORCH_DTYPES[read.scale.dtype]
-        fresh = weight.kernel.quantize(read.format, value, packed, scale_dtype, self._room(value.numel()))
+        room = self._room(value.numel())
+        fresh = weight.writer.quantize(read.format, value, packed, scale_dtype, room, weight.largest)
         now = weight.kernel.dequantize(read.format, value, packed, fresh, self._room(value.numel()))
         if staged and output is not None:
             context.place.download(host, packed, output)
         if collect:
-            for index, rows in enumerate(weight.kernel.written(read.format, fresh)):
-                self._keep(tensor.name, index, rows)
+            for index, rows in enumerate(weight.writer.written(read.format, fresh)):
+                if not (self.new[tensor.name][index] and _lines(read.companions[index]) == 1):  # a weight's own: once
+                    self._keep(tensor.name, index, rows)
         if not write:
             return
         assert output is not None
@@ -262,15 +282,22 @@ class PackedMerger:
         yield memoryview(host.view(torch.uint8).numpy()).cast("B"), output
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Weight:
     """A packed weight being merged: its source file, its plan, the factors of its ops read
-    once, and its codec's arithmetic."""
+    once, its codec's arithmetic, and where a scale covers the whole weight, the merged
+    weight's largest magnitude."""
 
     fd: int
     tensor: TensorPlan
     whole: Factors
-    kernel: PackedKernel
+    kernel: PackedReader
+    largest: torch.Tensor | None = None
+
+    @property
+    def writer(self) -> PackedKernel:
+        """The kernel of a requantized weight (its codec writes: the planner says so)."""
+        return cast(PackedKernel, self.kernel)
 
     @property
     def read(self) -> QuantRead:
@@ -278,10 +305,17 @@ class _Weight:
         return self.tensor.quant
 
 
+def _lines(companion: Stored) -> int:
+    """The rows of a companion (of one expert's matrix where it has experts): a vector's
+    elements are its rows, one number is one row."""
+    shape = companion.shape
+    return shape[-2] if len(shape) > 1 else shape[0] if shape else 1
+
+
 def _row_bytes(companion: Stored, experts: int) -> int:
-    """Bytes of one row of a companion (of one expert's matrix where it has experts)."""
-    rows = companion.shape[-2] if len(companion.shape) > 1 else 1
-    return (companion.end - companion.begin) // (experts * rows if len(companion.shape) > 2 else rows)
+    """Bytes of one row of a companion (see ``_lines``)."""
+    lines = _lines(companion)
+    return (companion.end - companion.begin) // (experts * lines if len(companion.shape) > 2 else lines)
 
 
 def _columns(
@@ -315,12 +349,14 @@ class _Files:
         for fd in self.fds:
             os.close(fd)
 
-    def rows(self, index: int, expert: int, lines: tuple[int, int]) -> torch.Tensor:
-        """Rows ``lines`` of companion ``index`` (of ``expert``'s matrix), as stored."""
+    def rows(self, index: int, expert: int, lines: tuple[int, int] | None) -> torch.Tensor:
+        """Rows ``lines`` of companion ``index`` (of ``expert``'s matrix; None: all), as stored."""
         companion = self.read.companions[index]
+        if lines is None:
+            lines = (0, _lines(companion))
         experts = self.read.matrices[0]
         row_bytes = _row_bytes(companion, experts)
-        first = (expert * companion.shape[-2] if len(companion.shape) > 2 else 0) + lines[0]
+        first = (expert * _lines(companion) if len(companion.shape) > 2 else 0) + lines[0]
         raw = self.buffers[index].take((lines[1] - lines[0]) * row_bytes)
         pread_into(self.fds[index], memoryview(raw.numpy()), companion.begin + first * row_bytes)
         return raw.view(TORCH_DTYPES[companion.dtype]).view(lines[1] - lines[0], -1).to(self.device)

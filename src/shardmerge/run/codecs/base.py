@@ -5,21 +5,24 @@ A kernel turns stored values and their companions (scales, zero points) into flo
 exactly, and float32 values back into stored values and new companions the way the format's
 own reference quantizer does. Companions come in the order the planner found them (the scale
 first) and in the layout ``dequantize`` takes; ``written`` gives them as the file stores them.
+A format that is only read (its codec does not write: bitsandbytes) has a ``PackedReader``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from ...codecs.base import QuantFormat, codec_of
 
-# Reads rows ``span`` of companion ``index`` as stored (of the expert being merged).
-RowReader = Callable[[int, tuple[int, int]], torch.Tensor]
+# Reads rows ``span`` of companion ``index`` as stored (of the expert being merged), or all
+# of them for None. A vector's rows are its elements.
+RowReader = Callable[[int, tuple[int, int] | None], torch.Tensor]
 
 
+@runtime_checkable
 class Kernel(Protocol):
     """One codec's arithmetic. ``name``: the registered codec's."""
 
@@ -60,8 +63,22 @@ class Kernel(Protocol):
         ...
 
 
-class PackedKernel(Kernel, Protocol):
-    """A kernel of a packed format, merged one matrix's rows at a time."""
+@runtime_checkable
+class PackedReader(Protocol):
+    """How a packed format is read, one matrix's rows at a time."""
+
+    name: str
+
+    def dequantize(
+        self,
+        fmt: QuantFormat,
+        out: torch.Tensor,
+        stored: torch.Tensor,
+        companions: tuple[torch.Tensor, ...],
+        room: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """As ``Kernel.dequantize``."""
+        ...
 
     def companion_rows(self, fmt: QuantFormat, index: int, span: tuple[int, int], read: RowReader) -> torch.Tensor:
         """Companion ``index`` of the weight's rows ``span``, in the layout ``dequantize``
@@ -69,23 +86,53 @@ class PackedKernel(Kernel, Protocol):
         ...
 
 
-_KERNELS: dict[str, Kernel] = {}
+class PackedKernel(PackedReader, Kernel, Protocol):
+    """A kernel of a packed format, merged one matrix's rows at a time. ``whole_scale``: a
+    scale covers the whole weight (NVFP4's global scale), so ``quantize`` takes the merged
+    weight's largest magnitude, found in a pass before its first block is quantized."""
+
+    whole_scale: bool
+
+    def quantize(
+        self,
+        fmt: QuantFormat,
+        value: torch.Tensor,
+        stored: torch.Tensor,
+        scale_dtype: torch.dtype,
+        room: torch.Tensor | None = None,
+        largest: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, ...]:
+        """As ``Kernel.quantize``; ``largest``: the merged weight's largest magnitude where
+        ``whole_scale`` (None: ``value`` is the whole weight)."""
+        ...
 
 
-def register(kernel: Kernel) -> Kernel:
+_KERNELS: dict[str, Kernel | PackedReader] = {}
+
+
+def register(kernel: Kernel | PackedReader) -> Kernel | PackedReader:
     if kernel.name in _KERNELS:
         raise ValueError(f"a kernel named {kernel.name!r} is registered already")
     _KERNELS[kernel.name] = kernel
     return kernel
 
 
-def registered() -> dict[str, Kernel]:
+def registered() -> dict[str, Kernel | PackedReader]:
     return dict(_KERNELS)
 
 
 def kernel_of(fmt: QuantFormat) -> Kernel:
-    """The arithmetic of the codec that read ``fmt``."""
-    return _KERNELS[codec_of(fmt).name]
+    """The arithmetic of the codec that read ``fmt``, which writes its format."""
+    kernel = _KERNELS[codec_of(fmt).name]
+    assert isinstance(kernel, Kernel), f"{kernel.name} is read only"
+    return kernel
+
+
+def reader_of(fmt: QuantFormat) -> PackedReader:
+    """How the packed format ``fmt`` is read."""
+    kernel = _KERNELS[codec_of(fmt).name]
+    assert isinstance(kernel, PackedReader), f"{kernel.name} is not packed"
+    return kernel
 
 
 def nonzero(stored: torch.Tensor) -> torch.Tensor:

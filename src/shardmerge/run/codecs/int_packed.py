@@ -97,6 +97,7 @@ def pack_zero_rows(zero: torch.Tensor, bits: int) -> torch.Tensor:
 
 class IntKernel:
     name = "int"
+    whole_scale = False
 
     def dequantize(
         self,
@@ -116,6 +117,7 @@ class IntKernel:
         stored: torch.Tensor,
         scale_dtype: torch.dtype,
         room: torch.Tensor | None = None,
+        largest: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         values, scales, zeros = int_quantize(value, fmt, scale_dtype)
         int_pack(values, fmt.bits, stored)

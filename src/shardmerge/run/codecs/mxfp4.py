@@ -15,28 +15,25 @@ import torch
 
 from ...codecs.base import QuantFormat
 from ...codecs.mxfp4 import BLOCK
-from .base import RowReader, register, signed_magnitude
+from . import e2m1
+from .base import RowReader, register
 
-# E2M1 magnitudes by code. The midpoints between neighbours (0.25, 0.75, 1.25, 1.75, 2.5,
-# 3.5, 5) are all quarters, so the code of a magnitude m is that of floor(4 m), exactly (a tie
-# rounds up): _CODES[i] for i = floor(4 m), up to 24 (6 and above).
-E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
-E2M1_SIGNED = E2M1 + tuple(-v for v in E2M1)  # codes 8 to 15: the sign bit set
+# The midpoints between E2M1 magnitudes (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5) are all
+# quarters, so the code of a magnitude m is that of floor(4 m), exactly (a tie rounds up):
+# _CODES[i] for i = floor(4 m), up to 24 (6 and above).
 _CODES = tuple(sum(i >= 4 * mid for mid in (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)) for i in range(25))
 # 2^(s - 127) for every scale byte s, exact.
 _POWERS = tuple(math.ldexp(1.0, s - 127) for s in range(256))
 
 
-_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+_TABLES: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """On ``device``: the two values of every byte (float32 pairs seen as float64 words), the
-    power of every scale byte, and the code of every quarter (see ``_CODES``)."""
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """On ``device``: the power of every scale byte, and the code of every quarter (see
+    ``_CODES``)."""
     if device not in _TABLES:
-        pairs = torch.tensor([(E2M1_SIGNED[c & 15], E2M1_SIGNED[c >> 4]) for c in range(256)], dtype=torch.float32)
         _TABLES[device] = (
-            pairs.view(torch.float64).view(-1).to(device),
             torch.tensor(_POWERS, dtype=torch.float32, device=device),
             torch.tensor(_CODES, dtype=torch.uint8, device=device),
         )
@@ -48,14 +45,8 @@ def mxfp4_values(
 ) -> torch.Tensor:
     """``out`` (float32 [rows, 32 * n]) = the values of ``blocks`` (uint8 [rows, 16 * n]) with
     ``scales`` (uint8 [rows, n]), exactly. ``scratch``: room (uint8) for 2 bytes a value."""
-    pairs, powers, _ = _tables(out.device)
-    count = blocks.numel()
-    if scratch is None:
-        scratch = torch.empty(4 * count, dtype=torch.uint8, device=out.device)
-    index = scratch[: 4 * count].view(torch.int32).view(blocks.shape).copy_(blocks)
-    # a byte's two values at once: each pair of float32 read and written as one 8-byte word
-    torch.index_select(pairs, 0, index.view(-1), out=out.view(-1).view(torch.float64))
-    powers = powers[scales.int()]
+    e2m1.byte_values(out, blocks, scratch)
+    powers = _tables(out.device)[0][scales.int()]
     out.view(*scales.shape, 32).mul_(powers.unsqueeze(-1))
     return out
 
@@ -80,16 +71,15 @@ def mxfp4_quantize(
     groups.mul_(torch.where(rounded > 0, 1.0 / rounded, 0.0).unsqueeze(-1))
     torch.signbit(value, out=signs)
     quarters.copy_(value.abs_().mul_(4.0).clamp_(max=24.0))  # floor: a magnitude is never negative
-    table = _tables(value.device)[2]
+    table = _tables(value.device)[1]
     torch.index_select(table, 0, quarters.view(-1), out=codes.view(-1))
     codes.bitwise_or_(signs.view(torch.uint8).bitwise_left_shift_(3))
-    pairs = codes.view(*blocks.shape, 2)
-    pairs[..., 1].bitwise_left_shift_(4)
-    torch.bitwise_or(pairs[..., 0], pairs[..., 1], out=blocks)
+    e2m1.pack(codes, blocks)
 
 
 class Mxfp4Kernel:
     name = "mxfp4"
+    whole_scale = False
 
     def dequantize(
         self,
@@ -108,6 +98,7 @@ class Mxfp4Kernel:
         stored: torch.Tensor,
         scale_dtype: torch.dtype,
         room: torch.Tensor | None = None,
+        largest: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, ...]:
         rows, cols = value.shape
         scales = torch.empty(rows, cols // BLOCK, dtype=torch.uint8, device=value.device)
@@ -121,14 +112,7 @@ class Mxfp4Kernel:
         return read(index, span)
 
     def within_one_step(self, fmt: QuantFormat, found: torch.Tensor, expected: torch.Tensor) -> bool:
-        ours, theirs = (signed_magnitude(_nibbles(values), 8) for values in (found, expected))
-        return bool((ours - theirs).abs().max() <= 1)
-
-
-def _nibbles(values: torch.Tensor) -> torch.Tensor:
-    """The 4-bit codes of ``values``, in order (the even element in the low nibble)."""
-    data = values.contiguous().view(torch.uint8)
-    return torch.stack((data & 15, data >> 4), dim=-1).view(-1)
+        return e2m1.within_one_step(found, expected)
 
 
 KERNEL = register(Mxfp4Kernel())
