@@ -27,9 +27,12 @@ dequantized to bfloat16. ``--preset gpt-oss`` is a gpt-oss-shaped model (hidden 
 intermediate size 2880, 8 fused experts a layer, stored [experts, in, out] as the -BF16
 releases store them) with LoRA of rank 16 on attention and on both expert parameters;
 ``--mxfp4`` stores its experts in MXFP4 as the gpt-oss releases do, and times the merge
-requantized to MXFP4 and dequantized to bfloat16. ``--executor ray --nodes N`` starts a Ray
-cluster of N one-CPU worker nodes on this machine (on 127.0.0.1) and times the same merge by
-the local executor and by ``--executor ray`` on it.
+requantized to MXFP4 and dequantized to bfloat16. ``--nvfp4`` stores the preset's linear
+weights in compressed-tensors NVFP4 (times the merge kept in NVFP4 and dequantized to
+bfloat16), ``--bnb4`` in bitsandbytes NF4 with double quantization (a QLoRA base, merged to
+bfloat16); both also time the merge into the same model in bfloat16 ("16-bit base").
+``--executor ray --nodes N`` starts a Ray cluster of N one-CPU worker nodes on this machine
+(on 127.0.0.1) and times the same merge by the local executor and by ``--executor ray`` on it.
 
     python scripts/bench.py                       # default model, 5 runs of each command
     python scripts/bench.py --preset 70b-slice    # a 70B model's largest tensors
@@ -38,6 +41,8 @@ the local executor and by ``--executor ray`` on it.
     python scripts/bench.py --fp8                 # the same model with FP8 linear weights
     python scripts/bench.py --preset gpt-oss      # fused experts in bfloat16
     python scripts/bench.py --mxfp4               # the same model with MXFP4 experts
+    python scripts/bench.py --nvfp4               # NVFP4 linear weights, beside the 16-bit merge
+    python scripts/bench.py --bnb4                # a bitsandbytes NF4 base, beside the 16-bit merge
     python scripts/bench.py --executor ray --nodes 2   # local executor against a 2-node Ray cluster
 """
 
@@ -57,6 +62,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 HEAD_DIM = 128
@@ -87,6 +93,8 @@ class Shape:
     fp8: bool = False
     experts: int = 0  # gpt-oss's fused experts a layer (0: a Llama)
     mxfp4: bool = False
+    nvfp4: bool = False  # linear weights in compressed-tensors NVFP4
+    bnb4: bool = False  # linear weights in bitsandbytes NF4, double-quantized (a QLoRA base)
 
     @property
     def name(self) -> str:
@@ -99,11 +107,24 @@ class Shape:
             + (f"-x{self.adapters}" if self.adapters > 1 else "")
             + ("-fp8" if self.fp8 else "")
             + ("-mxfp4" if self.mxfp4 else "")
+            + ("-nvfp4" if self.nvfp4 else "")
+            + ("-bnb4" if self.bnb4 else "")
         )
 
     @property
     def quantized(self) -> str:
-        return ", FP8 linear weights" if self.fp8 else ", MXFP4 experts" if self.mxfp4 else ""
+        kinds = {
+            "fp8": ", FP8 linear weights",
+            "mxfp4": ", MXFP4 experts",
+            "nvfp4": ", NVFP4 linear weights",
+            "bnb4": ", bitsandbytes NF4 linear weights (double-quantized)",
+        }
+        return next((text for kind, text in kinds.items() if getattr(self, kind)), "")
+
+    @property
+    def sixteen_bit(self) -> Shape:
+        """The same model in bfloat16."""
+        return replace(self, fp8=False, mxfp4=False, nvfp4=False, bnb4=False)
 
 
 DEFAULT = Shape(layers=4, hidden=4096, intermediate=11008, vocab=32000, shards=5, rank=16, key_value_heads=32)
@@ -158,7 +179,12 @@ def generate(shape: Shape, folder: Path) -> None:
     from shardmerge.run.codecs.mxfp4 import mxfp4_quantize
 
     quantization = {"quant_method": "fp8", "weight_block_size": [FP8_BLOCK, FP8_BLOCK], "activation_scheme": "dynamic"}
+    if shape.nvfp4:
+        quantization = NVFP4_CONFIG
+    if shape.bnb4:
+        quantization = BNB4_CONFIG
     fmt = read_quantization({"quantization_config": quantization}, folder) if shape.fp8 else None
+    quantize = _linear_quantizer(shape)
     base, adapter = folder / "base", folder / "adapter"
     base.mkdir(parents=True)
     adapter.mkdir(parents=True)
@@ -178,9 +204,11 @@ def generate(shape: Shape, folder: Path) -> None:
                     names += [(f"{prefix}.{module}", (shape.experts, inputs, outputs))]
                 names += [(f"{prefix}.{module}_bias", (shape.experts, outputs))]
     names += [("model.norm.weight", (shape.hidden,)), ("lm_head.weight", (shape.vocab, shape.hidden))]
-    quantized = {name for name, dims in names if fmt and len(dims) == 2 and "_proj" in name}
+    quantized = {name for name, dims in names if (fmt or quantize) and len(dims) == 2 and "_proj" in name}
 
     def nbytes_of(name: str, dims: tuple[int, ...]) -> int:
+        if name in quantized and quantize is not None:
+            return _numel(dims) // 2
         return (1 if name in quantized or name.endswith(("_blocks", "_scales")) else 2) * _numel(dims)
 
     total = sum(nbytes_of(name, dims) for name, dims in names)
@@ -212,7 +240,9 @@ def generate(shape: Shape, folder: Path) -> None:
                 tensors[name.removesuffix("_blocks") + "_scales"] = scales.view(dims[:3])
                 continue
             value = torch.randn(dims, generator=generator) * 0.02
-            if fmt is not None and name in quantized:
+            if quantize is not None and name in quantized:
+                tensors.update(quantize(name.removesuffix(".weight"), value))
+            elif fmt is not None and name in quantized:
                 stored, factor = scales_for(largest(value, fmt), fmt, torch.float32)
                 tensors[name] = quantize_into(torch.empty(dims, dtype=torch.float8_e4m3fn), value, factor, fmt)
                 tensors[name.removesuffix("weight") + "weight_scale_inv"] = stored
@@ -235,7 +265,7 @@ def generate(shape: Shape, folder: Path) -> None:
         "torch_dtype": "bfloat16",
         "tie_word_embeddings": False,
     }
-    if fmt is not None:
+    if fmt is not None or quantize is not None:
         config["quantization_config"] = quantization
     if shape.experts:
         config |= {
@@ -283,6 +313,61 @@ def generate(shape: Shape, folder: Path) -> None:
         other.mkdir()
         save_file({key: value * (1 + number) for key, value in lora.items()}, other / "adapter_model.safetensors")
         (other / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
+
+
+NVFP4_CONFIG = {
+    "quant_method": "compressed-tensors",
+    "format": "nvfp4-pack-quantized",
+    "config_groups": {
+        "group_0": {
+            "targets": ["Linear"],
+            "weights": {
+                "num_bits": 4, "type": "float", "symmetric": True, "group_size": 16, "strategy": "tensor_group",
+                "dynamic": False, "scale_dtype": "torch.float8_e4m3fn",
+            },
+        }
+    },
+    "ignore": ["lm_head"],
+}  # fmt: skip
+BNB4_CONFIG = {
+    "quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4",
+    "bnb_4bit_use_double_quant": True, "bnb_4bit_compute_dtype": "bfloat16", "bnb_4bit_quant_storage": "uint8",
+}  # fmt: skip
+
+
+def _linear_quantizer(shape: Shape) -> Callable[[str, Any], dict[str, Any]] | None:
+    """The stored tensors of a module's linear weight in NVFP4 (shardmerge's quantizer, which
+    the tests hold to compressed-tensors') or bitsandbytes NF4 (bitsandbytes' own)."""
+    import torch
+
+    if shape.nvfp4:
+        from shardmerge.codecs import read_quantization
+        from shardmerge.run.codecs import kernel_of
+
+        fmt = read_quantization({"quantization_config": NVFP4_CONFIG}, Path("config.json"))
+        assert fmt is not None
+        kernel = kernel_of(fmt)
+
+        def nvfp4(module: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+            packed = torch.empty(value.shape[0], value.shape[1] // 2, dtype=torch.uint8)
+            scales, scale_of_scales = kernel.quantize(fmt, value, packed, torch.float8_e4m3fn)
+            return {
+                f"{module}.weight_packed": packed,
+                f"{module}.weight_scale": scales,
+                f"{module}.weight_global_scale": scale_of_scales,
+            }
+
+        return nvfp4
+    if shape.bnb4:
+        from bitsandbytes import functional as bnb
+
+        def nf4(module: str, value: torch.Tensor) -> dict[str, torch.Tensor]:
+            packed, state = bnb.quantize_4bit(value.bfloat16(), quant_type="nf4", compress_statistics=True)
+            parts = {f"{module}.weight.{key}": tensor for key, tensor in state.as_dict(packed=True).items()}
+            return {f"{module}.weight": packed, **parts}
+
+        return nf4
+    return None
 
 
 def _numel(dims: tuple[int, ...]) -> int:
@@ -395,8 +480,11 @@ def run(shape: Shape, work: Path, repeats: int, *, peft: bool, cold: bool, devic
     data, size, commands, out = made.data, made.size, dict(made.commands), made.data / "out"
     base = data / "base"
     shardmerge = commands["shardmerge"][0]
-    if shape.fp8 or shape.mxfp4:  # the default keeps the format; also time the dequantized output
+    if shape.fp8 or shape.mxfp4 or shape.nvfp4:  # the default keeps the format; also the dequantized output
         commands["to-bf16"] = [*commands["shardmerge"], "--dtype", "bfloat16"]
+    if shape.nvfp4 or shape.bnb4:  # the 16-bit merge of the same model, beside it
+        plain = prepare(shape.sixteen_bit, work) / "base"
+        commands["16-bit base"] = [*commands["shardmerge"][:2], str(plain), *commands["shardmerge"][3:]]
     if peft:
         commands["peft"] = [sys.executable, "-c", PEFT_MERGE, str(base), str(data / "adapter"), str(out)]
 
@@ -568,7 +656,8 @@ def report(result: Result, repeats: int) -> None:
 
 
 def model_bytes(shape: Shape) -> int:
-    linear = sum(out * inp for out, inp in linear_shapes(shape).values()) * (1 if shape.fp8 else 2)
+    per = 1 if shape.fp8 else 0.5 if shape.nvfp4 or shape.bnb4 else 2  # bytes a linear weight's value
+    linear = int(sum(out * inp for out, inp in linear_shapes(shape).values()) * per)
     return 2 * (2 * shape.vocab * shape.hidden + shape.hidden + shape.layers * shape.hidden * 2) + shape.layers * linear
 
 
@@ -584,6 +673,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=0, metavar="N", help="time N adapters: one batch vs N merges")
     parser.add_argument("--fp8", action="store_true", help="the preset's model with FP8 linear weights")
     parser.add_argument("--mxfp4", action="store_true", help="the gpt-oss preset with MXFP4 experts")
+    parser.add_argument("--nvfp4", action="store_true", help="the preset's model with NVFP4 linear weights")
+    parser.add_argument("--bnb4", action="store_true", help="the preset's model in bitsandbytes NF4 (QLoRA base)")
     parser.add_argument("--executor", choices=["local", "ray"], default="local")
     parser.add_argument("--nodes", type=int, default=2, help="with --executor ray: worker nodes of the local cluster")
     parser.add_argument("--workdir", type=Path, default=Path("bench-data"))
@@ -593,7 +684,8 @@ def main() -> None:
         generate(Shape(**json.loads(args.generate)), args.workdir)
         return
     print(machine(args.workdir))
-    preset = replace(PRESETS["gpt-oss" if args.mxfp4 else args.preset], fp8=args.fp8, mxfp4=args.mxfp4)
+    kinds = {"fp8": args.fp8, "mxfp4": args.mxfp4, "nvfp4": args.nvfp4, "bnb4": args.bnb4}
+    preset = replace(PRESETS["gpt-oss" if args.mxfp4 else args.preset], **kinds)
     if args.layers:
         preset = replace(preset, layers=args.layers)
     if args.executor == "ray":
