@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import torch
 from peft import LoraConfig
+from safetensors.torch import load_file, save_file
 from transformers import GptOssForCausalLM, Mxfp4Config
 
 import shardmerge
@@ -584,3 +585,38 @@ def test_a_group_too_small_for_a_float16_scale_packs_no_nan(symmetric: bool) -> 
     quantization = int_config(4, symmetric=symmetric, group=8)
     reference = reference_int(value[:, 8:].contiguous(), quantization, torch.float16)  # the other group
     assert torch.equal(unpacked[:, 8:], int_values(reference["weight_packed"], 4, 8))
+
+
+def test_a_4_bit_output_says_how_much_of_the_update_survived_and_warns_below_half(
+    packed: Callable[[str], PackedBase], tmp_path: Path
+) -> None:
+    """The part of the update that survived NVFP4 requantization, <Q(W+dW) - W, dW> / |dW|^2
+    over every requantized weight, computed here from the outputs read by compressed-tensors,
+    is the one the summary prints; under half, a warning recommends a 16-bit output."""
+    base = packed("llama-nvfp4")
+    adapter = _adapter(base, tmp_path / "adapter")
+    weights = adapter / "adapter_model.safetensors"
+    small = {name: value * (0.02 if "lora_B" in name else 1.0) for name, value in load_file(weights).items()}
+    save_file(small, weights)  # an update of about a hundredth of the weights, as trained ones are
+    exact, output = tmp_path / "float32", tmp_path / "out"
+    shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(exact), dtype="float32")
+    done = subprocess.run(
+        [SHARDMERGE, "merge", str(base.path), str(adapter), "-o", str(output)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    merged, before, ours = read_output(exact), read_output_like_base(base.dequantized.path), read_output(output)
+    along = update = 0.0
+    for weight in base.quantized:
+        delta = merged[weight].double() - before[weight].double()
+        if not delta.any():
+            continue
+        module = weight.removesuffix(".weight")
+        stored = {key: ours[f"{module}.{key}"] for key in ("weight_packed", "weight_scale", "weight_global_scale")}
+        kept = library_nvfp4_values(stored).double() - before[weight].double()
+        along += float((kept * delta).sum())
+        update += float((delta * delta).sum())
+    survived = along / update
+    assert f"{survived:.1%} of the update survived" in done.stdout, done.stdout
+    assert survived < 0.5, "a rank-4 update on 4-bit weights mostly rounds away"
+    assert "warning: requantized to compressed-tensors NVFP4" in done.stderr
+    assert "a 16-bit output (--dtype bfloat16) keeps all of it" in done.stderr

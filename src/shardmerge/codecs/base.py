@@ -26,6 +26,7 @@ from ..formats.confined import open_input
 from ..formats.safetensors import TensorInfo
 
 HINT = "merge into the 16-bit release of the base model"
+MIXED = "mixed-precision"  # compressed-tensors: a format a config group
 INCOMPLETE = "the checkpoint is incomplete or not in the format its config declares"
 IGNORED = "the weight is quantized, but the config lists its module as left unquantized"
 Located = tuple[TensorInfo, Path]
@@ -211,6 +212,72 @@ def read_quantization(config: Mapping[str, Any], path: Path) -> QuantFormat | No
         )
     assert len(claims) == 1, [codec.name for codec in claims]
     return claims[0].read(quantization, path)
+
+
+@dataclass(frozen=True)
+class Declaration:
+    """One way a config quantizes weights: a format, and for one config group of a
+    compressed-tensors ``mixed-precision`` config, the group's name and targets (none: the
+    format covers every module)."""
+
+    format: QuantFormat
+    group: str | None = None
+    targets: tuple[str, ...] = ()
+
+    def rank(self, module: str) -> int:
+        """How closely the targets name ``module``, in compressed-tensors' precedence: 3 by
+        its exact name, 2 by a regular expression (``re:``), 1 by a class name (``Linear``,
+        which a checkpoint cannot confirm: any module), 0 not at all."""
+        if self.group is None:
+            return 1
+        rank = 0
+        for target in self.targets:
+            if target == module:
+                return 3
+            if target.startswith("re:") and re.match(target[3:], module):
+                rank = 2
+            elif rank < 1 and target[:1].isupper() and "." not in target:
+                rank = 1
+        return rank
+
+    def describe(self) -> str:
+        if self.group is None:
+            return self.format.describe()
+        return f"{self.format.describe()} for config group {self.group} ({', '.join(self.targets)})"
+
+
+def read_declarations(config: Mapping[str, Any], path: Path) -> tuple[Declaration, ...]:
+    """What the base's config.json declares: nothing for an unquantized base, one format, or
+    for a compressed-tensors ``mixed-precision`` config one a config group, each read by the
+    codec that claims the group's own ``format``. An InputError for anything no codec reads."""
+    quantization = config.get("quantization_config")
+    if not (isinstance(quantization, dict) and quantization.get("format") == MIXED):
+        fmt = read_quantization(config, path)
+        return () if fmt is None else (Declaration(fmt),)
+    if quantization.get("quant_method") != "compressed-tensors":
+        raise InputError("only compressed-tensors configs declare mixed-precision formats", file=path, hint=HINT)
+    groups = quantization.get("config_groups")
+    if not isinstance(groups, dict) or not groups:
+        raise InputError("a mixed-precision config without config_groups", file=path, hint=HINT)
+    declarations = []
+    for name, group in groups.items():
+        if not isinstance(group, dict) or not isinstance(group.get("format"), str) or group["format"] == MIXED:
+            raise InputError(f"config group {name} names no format of its own", file=path, hint=HINT)
+        targets = group.get("targets")
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+            raise InputError(f"config group {name} has no list of targets", file=path, hint=HINT)
+        for target in targets:
+            try:
+                re.compile(target.removeprefix("re:"))
+            except re.error as exc:
+                raise InputError(
+                    f"target {target!r} is not a regular expression ({exc})", file=path, hint=HINT
+                ) from None
+        single = {**quantization, "format": group["format"], "config_groups": {name: group}}
+        fmt = read_quantization({"quantization_config": single}, path)
+        assert fmt is not None
+        declarations.append(Declaration(fmt, str(name), tuple(targets)))
+    return tuple(declarations)
 
 
 def positive_ints(values: object, count: int) -> bool:

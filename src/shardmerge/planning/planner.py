@@ -16,7 +16,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..codecs import QuantFormat, QuantizedWeight, read_quantization, registered
 from ..config import MergeJob
 from ..errors import AdapterError, InputError, PlanError, ProblemsError, ShardmergeError
 from ..formats.confined import read_input
@@ -49,6 +48,7 @@ from .model import (
     row_separable,
 )
 from .module_ops import AdapterPlanner
+from .quantized import QuantLayout, check_declared, find_quantized, quantization_notes, read_declared
 from .tied import TiedEmbeddings, find_tied, split_uses
 
 FORMAT_VERSION = 1
@@ -60,9 +60,10 @@ def build_plan(job: MergeJob) -> Plan:
     base = resolve_base(job.base)
     problems: list[ShardmergeError] = []  # of the base: where there are any, the adapters are not matched
     config = _read_config(base, problems)
-    fmt = _read_format(config, base, problems)
+    declared = read_declared(config, base.folder / "config.json", problems)
     format_read = not problems
-    dtype = ("base" if fmt and fmt.codec.writes else "bfloat16") if job.dtype == "auto" else job.dtype
+    kept = bool(declared) and all(declaration.format.codec.writes for declaration in declared)
+    dtype = ("base" if kept else "bfloat16") if job.dtype == "auto" else job.dtype
     headers = _read_base_headers(base, problems)
     adapter_problems: list[ShardmergeError] = []
     adapters = []
@@ -78,19 +79,19 @@ def build_plan(job: MergeJob) -> Plan:
     tensors = {name: info for header in headers for name, info in header.tensors.items()}
     located = {name: (info, header.path) for header in headers for name, info in header.tensors.items()}
     layouts = find_layouts(config, job.conv1d_modules)
-    quantized = fmt.codec.find(fmt, located, problems, transposed=layouts.experts_transposed) if fmt else {}
+    quantization = find_quantized(declared, located, problems, transposed=layouts.experts_transposed)
+    quantized = quantization.weights
     if format_read:
-        claimed = {name for weight in quantized.values() for name in weight.stored}
-        _check_declared(fmt, located, claimed, base.folder / "config.json", problems)
-    if fmt and not fmt.codec.writes and dtype == "base":
+        check_declared(quantization, located, base.folder / "config.json", problems)
+    if declared and not quantization.writes and dtype == "base":
         problems.append(
             InputError(
-                f"{fmt.describe()} weights cannot be written back in their format",
+                f"{quantization.describe()} weights cannot be written back in their format",
                 file=base.folder / "config.json",
                 hint="merge with --dtype bfloat16 (auto does): transformers quantizes a 16-bit model again on load",
             )
         )
-    if fmt and fmt.kv_cache and dtype != "base":
+    if quantization.kv_cache and dtype != "base":
         problems.append(
             InputError(
                 "the base quantizes its KV cache, which a dequantized output cannot keep",
@@ -131,8 +132,8 @@ def build_plan(job: MergeJob) -> Plan:
     if problems:
         raise PlanError(problems)
     extra: dict[Path, list[TensorInfo]] = defaultdict(list)
-    notes = _notes(ops, layouts.source) + _quantization_notes(fmt, set(quantized), ops, dtype)
-    notes += _trained_against(adapters, fmt)
+    notes = _notes(ops, layouts.source) + quantization_notes(quantization, ops, dtype)
+    notes += _trained_against(adapters, quantization.bitsandbytes)
     rows = {shape[0] for shape in resized.values()}
     if resized:
         before = sorted({targets[name].shape[0] for name in resized})
@@ -147,7 +148,7 @@ def build_plan(job: MergeJob) -> Plan:
         ops.pop(virtual_head.name, None)
     out_dtype = OUTPUT_DTYPES.get(dtype)
     inputs = _inputs(job, dtype, base, headers, adapters)
-    quant = _QuantLayout(fmt, quantized, ops, tensors, dequantize=out_dtype is not None)
+    quant = QuantLayout(quantization, ops, tensors, dequantize=out_dtype is not None)
     for name, weight_file in quant.moved.items():
         extra[weight_file].append(tensors[name])
     resize = {name: (targets[name].shape[0], shape) for name, shape in resized.items()}
@@ -169,7 +170,7 @@ def build_plan(job: MergeJob) -> Plan:
             config,
             dtype,
             untie,
-            dequantized=fmt is not None and out_dtype is not None,
+            dequantized=bool(declared) and out_dtype is not None,
             vocab={targets[name].shape[0]: shape[0] for name, shape in resized.items()},
         ),
         index_metadata={k: v for k, v in (base.index_metadata or {}).items() if k != "total_size"} or None,
@@ -180,7 +181,7 @@ def build_plan(job: MergeJob) -> Plan:
         peak_memory_bytes=_peak_memory(shards, adapters),
         gpu_memory=_gpu_memory(shards, adapters),
         strict=job.strict,
-        quantization=fmt.describe() if fmt else None,
+        quantization=quantization.describe(),
     )
 
 
@@ -209,13 +210,12 @@ def _notes(ops: dict[str, list[MergeOp]], layout_source: str) -> tuple[str, ...]
     return tuple(notes)
 
 
-def _trained_against(adapters: list[Adapter], fmt: QuantFormat | None) -> tuple[str, ...]:
+def _trained_against(adapters: list[Adapter], quantized: bool) -> tuple[str, ...]:
     """Where an adapter's config names a bitsandbytes model (by its name: QLoRA releases say
     ``bnb``) and the base is 16-bit, or the reverse: which base it was trained against. Merging
     into the dequantized bitsandbytes weights reproduces the trained model; the 16-bit weights
     add back the quantization error it was trained around."""
     notes = []
-    quantized = fmt is not None and fmt.method == "bitsandbytes"
     for adapter in adapters:
         name = adapter.config.get("base_model_name_or_path")
         if not isinstance(name, str) or not name:
@@ -250,135 +250,6 @@ def _read_config(base: BaseFiles, problems: list[ShardmergeError]) -> dict[str, 
     return config if isinstance(config, dict) else None
 
 
-# Tensors stored in a format no codec reads, in words, and the test.
-_UNREAD = (("F8_E5M2", lambda name, info: info.dtype == "F8_E5M2"),)
-
-
-def _check_declared(
-    fmt: QuantFormat | None,
-    located: dict[str, tuple[TensorInfo, Path]],
-    claimed: set[str],
-    config: Path,
-    problems: list[ShardmergeError],
-) -> None:
-    """A config's quantization must be the checkpoint's: a declared format that no tensor is
-    stored in, or tensors stored in a format the config does not declare, are refused (the
-    output would carry a false quantization_config, or tensors whose scales cannot be known).
-    ``claimed``: the tensors of the weights the declared format found (an NVFP4 weight's FP8
-    scales are its own, not FP8 weights)."""
-    declared = fmt.codec.name if fmt else None
-    first, *others = [(codec.name, codec.stored_as, codec.is_stored) for codec in registered()]
-    kinds = [first, *[(None, what, test) for what, test in _UNREAD], *others]
-    stored: dict[str | None, list[str]] = {}
-    for kind, _, test in kinds:
-        mine = kind == declared
-        stored[kind] = [n for n, (info, _) in located.items() if test(n, info) and (mine or n not in claimed)]
-    if fmt is not None and not stored.get(declared):
-        problems.append(
-            InputError(
-                f"declares {fmt.describe()}, but no tensor of the checkpoint is stored in it",
-                file=config,
-                hint="the config does not belong to these weights: remove its quantization_config if they are "
-                "16-bit, or download the checkpoint again",
-            )
-        )
-    for kind, what, _ in kinds:
-        names = stored[kind]
-        if names and kind != declared:
-            said = f"declares {fmt.describe()}" if fmt else "declares no quantization"
-            more = f", as are {len(names) - 1} more tensors" if len(names) > 1 else ""
-            problems.append(
-                InputError(
-                    f"stored as {what}{more}, but config.json {said}",
-                    file=located[names[0]][1],
-                    tensor=names[0],
-                    hint="the config does not belong to these weights; merge into the 16-bit release of the base",
-                )
-            )
-
-
-def _read_format(config: dict[str, Any] | None, base: BaseFiles, problems: list[ShardmergeError]) -> QuantFormat | None:
-    try:
-        return read_quantization(config or {}, base.folder / "config.json")
-    except ShardmergeError as exc:
-        problems.append(exc)
-        return None
-
-
-def _quantization_notes(
-    fmt: QuantFormat | None, quantized: set[str], ops: dict[str, list[MergeOp]], dtype: str
-) -> tuple[str, ...]:
-    if fmt is None:
-        return ()
-    merged = sum(1 for name in quantized if ops.get(name))
-    if dtype != "base":
-        why = "" if fmt.codec.writes else " (bitsandbytes weights are not written back: transformers quantizes on load)"
-        return (
-            f"base in {fmt.describe()}: its {len(quantized)} quantized weights are dequantized in float32 and "
-            f"written in {dtype}{why}, without their scales; config.json loses its quantization_config",
-        )
-    notes = [
-        f"base in {fmt.describe()}, kept: {merged} merged weights are requantized once, as the format's own "
-        f"quantizer does, with new scales; the other {len(quantized) - merged} are copied with their scales"
-    ]
-    if merged:
-        notes.append(
-            f"requantizing keeps what the format can hold: {fmt.codec.keeps(fmt)}; the summary reports how much "
-            "of each update survived (--dtype bfloat16 keeps all of it)"
-        )
-    return tuple(notes)
-
-
-class _QuantLayout:
-    """Where a quantized base changes the layout: the weights read through their scales
-    (``reads``), scale tensors recomputed from a merged weight (``scale_of``), those of them
-    moved into their weight's shard (``moved``: the shard's file), and tensors that a
-    dequantized output leaves out (``drop``: scales and static activation scales). A new
-    scale always lies in its weight's shard: both are written in one pass, so a shard redone
-    alone (on another device, say) cannot pair a weight with scales of another merge."""
-
-    def __init__(
-        self,
-        fmt: QuantFormat | None,
-        quantized: dict[str, QuantizedWeight],
-        ops: dict[str, list[MergeOp]],
-        tensors: dict[str, TensorInfo],
-        dequantize: bool,
-    ) -> None:
-        self.reads: dict[str, QuantRead] = {}
-        self.scale_of: dict[str, str] = {}
-        self.moved: dict[str, Path] = {}
-        self.drop: set[str] = set()
-        # Weights stored under another name or shape than the model's (packed ones): the
-        # model's name of a requantized one (its ops are planned under that name), and the
-        # name and shape a dequantized one takes.
-        self.model_name: dict[str, str] = {}
-        self.rename: dict[str, tuple[str, tuple[int, ...]]] = {}
-        if fmt is None:
-            return
-        for name, weight in quantized.items():
-            info, file = weight.weight
-            if not (dequantize or ops.get(name)):
-                continue
-            read = QuantRead.of(fmt, weight)
-            if dequantize:  # under the model's name and shape, without its companions
-                self.reads[name] = read
-                if (name, weight.model_shape) != (info.name, info.shape):
-                    self.rename[info.name] = (name, weight.model_shape)
-                module = name.rpartition(".")[0]
-                self.drop.update(weight.stored[1:])
-                self.drop.update(key for key in (f"{module}.{suffix}" for suffix in fmt.activations) if key in tensors)
-                continue
-            # requantized in place, its companions computed from it and moved into its shard
-            self.reads[info.name] = read
-            if name != info.name:
-                self.model_name[info.name] = name
-            for companion, where in weight.companions:
-                self.scale_of[companion.name] = info.name
-                if where != file:
-                    self.moved[companion.name] = file
-
-
 def _read_base_headers(base: BaseFiles, problems: list[ShardmergeError]) -> list[SafetensorsHeader]:
     headers: list[SafetensorsHeader] = []
     seen: dict[str, Path] = {}
@@ -406,7 +277,7 @@ def _check_targets(
     headers: list[SafetensorsHeader],
     targets: dict[str, TensorInfo],
     ops: dict[str, list[MergeOp]],
-    quantized: dict[str, QuantizedWeight],
+    quantized: set[str],
     problems: list[ShardmergeError],
 ) -> None:
     shards = {name: header.path for header in headers for name in header.tensors}
@@ -427,7 +298,7 @@ def _layout(
     extra: list[TensorInfo],
     ops: dict[str, list[MergeOp]],
     out_dtype: str | None,
-    quant: _QuantLayout,
+    quant: QuantLayout,
     resize: dict[str, tuple[int, tuple[int, ...]]],
 ) -> ShardPlan:
     """Lay out one output shard: the base's tensor order, new dtypes (None: the base's),
@@ -562,7 +433,7 @@ def _resharded(shards: tuple[ShardPlan, ...], max_bytes: int) -> tuple[ShardPlan
 
 
 def _scales_last(
-    infos: list[TensorInfo], dtypes: dict[str, str], quant: _QuantLayout
+    infos: list[TensorInfo], dtypes: dict[str, str], quant: QuantLayout
 ) -> tuple[list[TensorInfo], set[str]]:
     """Move the new scales of requantized weights (of the same shard) behind their weights,
     so that each weight is written first and its scales found block by block as it is,
