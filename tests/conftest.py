@@ -14,6 +14,9 @@ import os
 os.environ["HF_HUB_DISABLE_XET"] = "1"
 
 import json
+import shutil
+import subprocess
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -250,6 +253,29 @@ def forget_shard(output: Path, number: int) -> None:
 
 def shard_bytes(folder: Path) -> dict[str, bytes]:
     return {path.name: path.read_bytes() for path in folder.glob("*.safetensors")}
+
+
+def merge_broken_copy(
+    base: Path, adapter: Path, change: Callable[[Path, dict], None], folder: Path, *options: str
+) -> tuple[subprocess.CompletedProcess[str], Path]:
+    """A copy of ``base`` in ``folder``, changed by ``change`` (given the copy and its config,
+    which is written back), merged with ``adapter`` by the command line: the finished
+    process and its output folder."""
+    broken = folder / "broken"
+    shutil.copytree(base, broken)
+    config = json.loads((broken / "config.json").read_text())
+    change(broken, config)
+    (broken / "config.json").write_text(json.dumps(config))
+    output = folder / "out"
+    command = [str(Path(sys.executable).with_name("shardmerge")), "merge", str(broken), str(adapter), "-o", str(output)]
+    return subprocess.run([*command, *options], capture_output=True, text=True), output
+
+
+def assert_refused(done: subprocess.CompletedProcess[str], message: str, output: Path) -> None:
+    """A merge that failed, saying ``message``, with no shard written."""
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr
+    assert not output.exists() or not any(output.iterdir())
 
 
 def edit_tensor(folder: Path, name: str, value: torch.Tensor | None) -> None:

@@ -5,8 +5,6 @@ rounded once to bfloat16; the bad inputs are one line each."""
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,9 +19,11 @@ from bnb_checkpoints import bnb_checkpoint
 from conftest import (
     Base,
     assert_matches_saved,
+    assert_refused,
     assert_same_logits,
     edit_tensor,
     llama_config,
+    merge_broken_copy,
     peft_reference,
     read_output_like_base,
     save_adapter,
@@ -153,16 +153,6 @@ def test_bad_bitsandbytes_inputs_are_one_line_and_nothing_is_written(
     kind, change, message = BAD[case]
     base = bnb_base(kind)
     adapter = _adapter(base, tmp_path / "adapter")
-    broken = tmp_path / "broken"
-    shutil.copytree(base.path, broken)
-    config = json.loads((broken / "config.json").read_text())
-    change(broken, config)
-    (broken / "config.json").write_text(json.dumps(config))
-    output = tmp_path / "out"
-    extra = ["--dtype", "base"] if case == "dtype-base" else []
-    done = subprocess.run(
-        [SHARDMERGE, "merge", str(broken), str(adapter), "-o", str(output), *extra], capture_output=True, text=True
-    )
-    assert done.returncode != 0
-    assert message in done.stderr, done.stderr
-    assert not output.exists() or not any(output.glob("*.safetensors"))
+    options = ("--dtype", "base") if case == "dtype-base" else ()
+    done, output = merge_broken_copy(base.path, adapter, change, tmp_path, *options)
+    assert_refused(done, message, output)

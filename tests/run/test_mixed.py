@@ -1,13 +1,12 @@
-"""A mixed-format base: a compressed-tensors ``mixed-precision`` config whose groups give the MLP
-(the experts of a MoE, here a Llama's) NVFP4 and every other linear layer FP8, both stored by
-compressed-tensors' own quantizers. Each tensor is read in the format of the group whose
-targets name it most closely, whatever its dtype (an NVFP4 weight's scales are FP8-E4M3)."""
+"""A mixed-format base, as DeepSeek-style releases ship them: a compressed-tensors
+``mixed-precision`` config whose groups give a Qwen3-MoE's routed experts (stored one tensor
+per expert) NVFP4 and every other linear layer FP8, both stored by compressed-tensors' own
+quantizers. Each tensor is read in the format of the group whose targets name it most
+closely, whatever its dtype (an NVFP4 weight's scales are FP8-E4M3)."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -18,14 +17,17 @@ from compressed_tensors.quantization import QuantizationArgs
 from compressed_tensors.quantization.lifecycle.forward import dequantize as ct_dequantize
 from compressed_tensors.quantization.lifecycle.forward import quantize as ct_quantize
 from compressed_tensors.quantization.utils import calculate_qparams
+from peft import LoraConfig
 from safetensors.torch import save_file
+from transformers import Qwen3MoeConfig
 
 import shardmerge
 from conftest import (
     Base,
     assert_matches_saved,
+    assert_refused,
     assert_same_logits,
-    llama_config,
+    merge_broken_copy,
     peft_reference,
     read_output,
     read_output_like_base,
@@ -38,7 +40,7 @@ from fp8_checkpoints import compressed_tensors
 from packed_checkpoints import library_nvfp4_values, nvfp4_config, reference_nvfp4
 
 SHARDMERGE = str(Path(sys.executable).with_name("shardmerge"))
-MLP = r"re:.*mlp\.(gate|up|down)_proj$"
+EXPERTS = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
 FP8_WEIGHTS = compressed_tensors("channel")["config_groups"]["group_0"]["weights"]
 
 
@@ -50,9 +52,9 @@ def mixed_config(fp8_targets: list[str] | None = None, nvfp4_targets: list[str] 
         "quantization_status": "compressed",
         "config_groups": {
             "group_0": {"targets": fp8_targets or ["Linear"], "weights": FP8_WEIGHTS, "format": "float-quantized"},
-            "group_1": {"targets": nvfp4_targets or [MLP], "weights": nvfp4, "format": "nvfp4-pack-quantized"},
+            "group_1": {"targets": nvfp4_targets or [EXPERTS], "weights": nvfp4, "format": "nvfp4-pack-quantized"},
         },
-        "ignore": ["lm_head"],
+        "ignore": ["lm_head", "re:.*mlp.gate$"],
         "kv_cache_scheme": None,
     }
 
@@ -74,7 +76,12 @@ def library_fp8_values(stored: dict[str, torch.Tensor]) -> torch.Tensor:
 def mixed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Base]:
     """The mixed base (two shards), and its values as the libraries read them, in float32."""
     root = tmp_path_factory.mktemp("mixed")
-    source = save_base(llama_config(), root / "bf16", torch.bfloat16, seed=7)
+    config = Qwen3MoeConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )  # fmt: skip
+    source = save_base(config, root / "bf16", torch.bfloat16, seed=7)
     out: dict[str, torch.Tensor] = {}
     values: dict[str, torch.Tensor] = {}
     for name, value in read_output_like_base(source.path).items():
@@ -82,13 +89,13 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Base]:
         if not (value.dim() == 2 and name.endswith("_proj.weight")):
             out[name], values[name] = value, value.float()
             continue
-        mlp = ".mlp." in name
-        stored = (reference_nvfp4 if mlp else reference_fp8)(value.float())
+        expert = ".experts." in name
+        stored = (reference_nvfp4 if expert else reference_fp8)(value.float())
         out.update({f"{module}.{key}": tensor for key, tensor in stored.items()})
-        values[name] = (library_nvfp4_values if mlp else library_fp8_values)(stored)
+        values[name] = (library_nvfp4_values if expert else library_fp8_values)(stored)
     folder = root / "mixed"
     folder.mkdir()
-    apart = "model.layers.0.mlp.down_proj"
+    apart = "model.layers.0.mlp.experts.1.down_proj"
     save_in_two_shards(out, folder, {f"{apart}.weight_scale", f"{apart}.weight_global_scale"}, apart)
     config = json.loads((source.path / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps(config | {"quantization_config": mixed_config()}))
@@ -100,7 +107,10 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Base]:
 
 
 def _adapter(base: Base, folder: Path) -> Path:
-    return save_adapter(base, folder, seed=17, r=4, lora_alpha=8, target_modules=["q_proj", "gate_proj", "down_proj"])
+    """LoRA on attention and on the fused experts (PEFT's ``target_parameters``), which the
+    checkpoint stores one tensor per expert."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=["mlp.experts.down_proj"])
+    return save_adapter(base, folder, seed=17, config=config)
 
 
 def test_a_mixed_base_is_read_by_group_and_merges_exactly(mixed: tuple[Path, Base], tmp_path: Path) -> None:
@@ -108,7 +118,7 @@ def test_a_mixed_base_is_read_by_group_and_merges_exactly(mixed: tuple[Path, Bas
     adapter = _adapter(dequantized, tmp_path / "adapter")
     plan = shardmerge.plan(base=str(path), adapters=[str(adapter)], dtype="bfloat16")
     formats = {t.name: t.quant.format.codec.name for shard in plan.shards for t in shard.tensors if t.quant}
-    assert formats["model.layers.0.mlp.down_proj.weight"] == "nvfp4"
+    assert formats["model.layers.0.mlp.experts.1.down_proj.weight"] == "nvfp4"
     assert formats["model.layers.0.self_attn.q_proj.weight"] == "fp8"
     assert set(formats.values()) == {"nvfp4", "fp8"}
     output = tmp_path / "out"
@@ -131,14 +141,14 @@ def test_a_mixed_base_kept_in_its_formats_is_each_librarys_quantization_of_the_m
     merged, ours, theirs = read_output(exact), read_output(output), read_output(path)
     assert ours.keys() == theirs.keys()
     changed = set()
-    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.gate_proj", "model.layers.0.mlp.down_proj"):
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.experts.2.down_proj"):
         value = merged[f"{name}.weight"]
-        expected = (reference_nvfp4 if ".mlp." in name else reference_fp8)(value)
+        expected = (reference_nvfp4 if ".experts." in name else reference_fp8)(value)
         for key, tensor in expected.items():
             assert torch.equal(ours[f"{name}.{key}"].view(torch.uint8), tensor.view(torch.uint8)), (name, key)
             changed.add(f"{name}.{key}")
     for name in theirs.keys() - changed:
-        if not any(target in name for target in ("q_proj", "gate_proj", "down_proj")):
+        if not any(target in name for target in ("q_proj", "down_proj")):
             assert torch.equal(ours[name].view(torch.uint8), theirs[name].view(torch.uint8)), name
 
 
@@ -149,8 +159,8 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "no-group": (
         mixed_config(fp8_targets=[r"re:.*self_attn.*"], nvfp4_targets=[r"re:.*gate_proj$"]),
-        "down_proj.weight_packed: stored as NVFP4 values, as are 3 more tensors, but no config group of config.json "
-        "declares that format for its module",
+        "stored as NVFP4 values, as are 15 more tensors, but no config group of config.json declares that format "
+        "for its module",
     ),
     "group-without-format": (
         mixed_config() | {"config_groups": {"group_0": {"targets": ["Linear"], "weights": FP8_WEIGHTS}}},
@@ -165,15 +175,8 @@ def test_declarations_that_overlap_or_leave_a_tensor_out_are_refused(
 ) -> None:
     path, dequantized = mixed
     adapter = _adapter(dequantized, tmp_path / "adapter")
-    broken = tmp_path / "broken"
-    shutil.copytree(path, broken)
     quantization, message = BAD[case]
-    config = json.loads((broken / "config.json").read_text())
-    (broken / "config.json").write_text(json.dumps(config | {"quantization_config": quantization}))
-    output = tmp_path / "out"
-    done = subprocess.run(
-        [SHARDMERGE, "merge", str(broken), str(adapter), "-o", str(output)], capture_output=True, text=True
+    done, output = merge_broken_copy(
+        path, adapter, lambda _, config: config.update(quantization_config=quantization), tmp_path
     )
-    assert done.returncode != 0
-    assert message in done.stderr, done.stderr
-    assert not output.exists() or not any(output.glob("*.safetensors"))
+    assert_refused(done, message, output)

@@ -7,7 +7,6 @@ and the bad inputs."""
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -23,10 +22,12 @@ from transformers import GptOssForCausalLM, Mxfp4Config
 import shardmerge
 from conftest import (
     assert_matches_saved,
+    assert_refused,
     assert_same_logits,
     edit_tensor,
     forget_shard,
     llama_config,
+    merge_broken_copy,
     peft_reference,
     read_output,
     read_output_like_base,
@@ -389,18 +390,8 @@ def test_bad_packed_inputs_are_one_line_and_nothing_is_written(
     name, change, message = BAD[case]
     base = packed(name)
     adapter = _adapter(base, tmp_path / "adapter")
-    broken = tmp_path / "broken"
-    shutil.copytree(base.path, broken)
-    config = json.loads((broken / "config.json").read_text())
-    change(broken, config)
-    (broken / "config.json").write_text(json.dumps(config))
-    output = tmp_path / "out"
-    done = subprocess.run(
-        [SHARDMERGE, "merge", str(broken), str(adapter), "-o", str(output)], capture_output=True, text=True
-    )
-    assert done.returncode != 0
-    assert message in done.stderr, done.stderr
-    assert not output.exists() or not any(output.iterdir())
+    done, output = merge_broken_copy(base.path, adapter, change, tmp_path)
+    assert_refused(done, message, output)
 
 
 def test_16_bit_weights_beside_packed_ones_stay_16_bit(packed: Callable[[str], PackedBase]) -> None:
@@ -620,3 +611,26 @@ def test_a_4_bit_output_says_how_much_of_the_update_survived_and_warns_below_hal
     assert survived < 0.5, "a rank-4 update on 4-bit weights mostly rounds away"
     assert "warning: requantized to compressed-tensors NVFP4" in done.stderr
     assert "a 16-bit output (--dtype bfloat16) keeps all of it" in done.stderr
+
+
+def test_nvfp4_scales_found_before_their_weight_are_the_reference_quantizers(
+    packed: Callable[[str], PackedBase], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where a shard's alignment keeps a requantized weight's new scales ahead of it, they are
+    found in a pass that does not write (the global scale's largest magnitude found once for
+    both), and are what compressed-tensors writes for the float32 merge."""
+    from shardmerge.planning import planner
+
+    monkeypatch.setattr(planner, "_scales_last", lambda infos, dtypes, quant: (infos, set()))
+    base = packed("llama-nvfp4")
+    adapter = _adapter(base, tmp_path / "adapter")
+    plan = shardmerge.plan(base=str(base.path), adapters=[str(adapter)])
+    assert not any(t.scales_follow for shard in plan.shards for t in shard.tensors)
+    exact, output = tmp_path / "float32", tmp_path / "out"
+    shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(exact), dtype="float32")
+    shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output))
+    merged, ours = read_output(exact), read_output(output)
+    for weight in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+        module = weight.removesuffix(".weight")
+        for key, tensor in reference_nvfp4(merged[weight]).items():
+            assert torch.equal(ours[f"{module}.{key}"].view(torch.uint8), tensor.view(torch.uint8)), (weight, key)

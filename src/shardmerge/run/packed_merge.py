@@ -57,6 +57,10 @@ class PackedMerger:
         self.spill: BinaryIO | None = None
         self.new: dict[str, dict[int, list[tuple[int, int]]]] = {}
         self.written: set[str] = set()
+        # The merged weights' largest magnitudes where a scale covers a whole weight, found in
+        # a first pass and kept until the shard ends (a weight merged twice, once for its
+        # companions, needs it twice).
+        self.largest: dict[str, torch.Tensor] = {}
 
     def needs(self, tensor: TensorPlan) -> tuple[int, int, int]:
         """Bytes of source, float32 work and output a block of ``tensor`` needs at most."""
@@ -104,7 +108,9 @@ class PackedMerger:
             self.new[tensor.name] = defaultdict(list)
         with _Files(read, self.companions, self.device) as files:
             if tensor.requantized and weight.writer.whole_scale:
-                weight.largest = self._largest(weight, files)
+                if tensor.name not in self.largest:
+                    self.largest[tensor.name] = self._largest(weight, files)
+                weight.largest = self.largest[tensor.name]
             for expert in range(experts):
                 stored = self._read_expert(weight, files, expert) if flipped else None
                 for first in range(0, rows, step):
@@ -139,6 +145,7 @@ class PackedMerger:
         self.close()
         self.new.clear()
         self.written.clear()
+        self.largest.clear()
         self.folder = folder
 
     def close(self) -> None:
