@@ -132,14 +132,24 @@ def int_checkpoint(source: Path, folder: Path, quantization: dict[str, Any]) -> 
 
 def nvfp4_checkpoint(source: Path, folder: Path) -> PackedBase:
     """The Linear weights of the bfloat16 checkpoint ``source`` compressed by compressed-tensors'
-    NVFP4 rules and compressor."""
+    NVFP4 rules and compressor, the parts of a fused layer sharing a global scale as
+    llm-compressor makes them."""
     quantization = nvfp4_config()
+    fmt = read_quantization({"quantization_config": quantization}, source / "config.json")
+    assert fmt is not None
+
+    def quantized(name: str, value: torch.Tensor) -> bool:
+        module = name.removesuffix(".weight")
+        return value.dim() == 2 and name.endswith("_proj.weight") and ".layers." in name and not fmt.ignored(module)
+
+    tensors = read_output_like_base(source)
+    scales = shared_global_scales({name: value.float() for name, value in tensors.items() if quantized(name, value)})
 
     def pack(fmt: QuantFormat, name: str, value: torch.Tensor) -> Packed | None:
         module = name.removesuffix(".weight")
-        if not (value.dim() == 2 and name.endswith("_proj.weight") and ".layers." in name) or fmt.ignored(module):
+        if name not in scales:
             return None
-        packed = reference_nvfp4(value.float())
+        packed = reference_nvfp4(value.float(), scales[name])
         return {f"{module}.{key}": tensor for key, tensor in packed.items()}, library_nvfp4_values(packed)
 
     def apart(weight: str) -> tuple[str, set[str]]:
@@ -232,18 +242,46 @@ def _nvfp4_scheme() -> QuantizationScheme:
     return QuantizationScheme(targets=["Linear"], weights=NVFP4A16["weights"])
 
 
-def reference_nvfp4(value: torch.Tensor) -> dict[str, torch.Tensor]:
+def reference_nvfp4(value: torch.Tensor, scale_of_scales: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """``value`` (float32) compressed by compressed-tensors' NVFP4 rules: the global scale of
-    the tensor's range (``generate_gparam``), a minmax observer's group scales under it
-    (``calculate_qparams``), then its NVFP4 compressor."""
+    the tensor's range (``generate_gparam``) unless given, a minmax observer's group scales
+    under it (``calculate_qparams``), then its NVFP4 compressor."""
     scheme = _nvfp4_scheme()
     args = scheme.weights
     assert args is not None and args.group_size is not None
-    scale_of_scales = generate_gparam(value.amin(), value.amax())
+    if scale_of_scales is None:
+        scale_of_scales = generate_gparam(value.amin(), value.amax())
     grouped = value.reshape(value.shape[0], -1, args.group_size)
     scale, _ = calculate_qparams(grouped.amin(-1), grouped.amax(-1), args, global_scale=scale_of_scales)
     state = {"weight": value, "weight_scale": scale, "weight_global_scale": scale_of_scales}
     return dict(NVFP4PackedCompressor.compress(state, scheme))
+
+
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def shared_global_scales(values: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The global scale of each weight (float32 values by name) as llm-compressor gives
+    them: each weight's own (``generate_gparam``), then for the parts of a layer vLLM fuses
+    (a module's q, k and v projections; its gate and up projections) the smallest of theirs
+    (``update_fused_layer_weight_global_scales``)."""
+    own = {name: generate_gparam(value.amin(), value.amax()) for name, value in values.items()}
+    shared = dict(own)
+    for names in fused_parts(list(values)):
+        smallest = torch.min(torch.cat([own[name] for name in names]))
+        shared.update({name: smallest.reshape(1).clone() for name in names})
+    return shared
+
+
+def fused_parts(names: list[str]) -> list[list[str]]:
+    """The weights among ``names`` that vLLM fuses into one layer, group by group."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for name in names:
+        parent, _, leaf = name.removesuffix(".weight").rpartition(".")
+        for index, fused in enumerate(FUSED):
+            if leaf in fused:
+                groups.setdefault((parent, index), []).append(name)
+    return [group for group in groups.values() if len(group) > 1]
 
 
 def library_nvfp4_values(packed: dict[str, torch.Tensor]) -> torch.Tensor:

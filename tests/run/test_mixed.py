@@ -37,7 +37,7 @@ from conftest import (
     saved_reference,
 )
 from fp8_checkpoints import compressed_tensors
-from packed_checkpoints import library_nvfp4_values, nvfp4_config, reference_nvfp4
+from packed_checkpoints import library_nvfp4_values, nvfp4_config, reference_nvfp4, shared_global_scales
 
 SHARDMERGE = str(Path(sys.executable).with_name("shardmerge"))
 EXPERTS = r"re:.*mlp\.experts\.\d+\.(gate|up|down)_proj$"
@@ -84,13 +84,16 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Base]:
     source = save_base(config, root / "bf16", torch.bfloat16, seed=7)
     out: dict[str, torch.Tensor] = {}
     values: dict[str, torch.Tensor] = {}
-    for name, value in read_output_like_base(source.path).items():
+    tensors = read_output_like_base(source.path)
+    # each expert's gate and up projections share a global scale, as llm-compressor gives them
+    scales = shared_global_scales({n: v.float() for n, v in tensors.items() if ".experts." in n and v.dim() == 2})
+    for name, value in tensors.items():
         module = name.removesuffix(".weight")
         if not (value.dim() == 2 and name.endswith("_proj.weight")):
             out[name], values[name] = value, value.float()
             continue
         expert = ".experts." in name
-        stored = (reference_nvfp4 if expert else reference_fp8)(value.float())
+        stored = reference_nvfp4(value.float(), scales[name]) if expert else reference_fp8(value.float())
         out.update({f"{module}.{key}": tensor for key, tensor in stored.items()})
         values[name] = (library_nvfp4_values if expert else library_fp8_values)(stored)
     folder = root / "mixed"
@@ -143,7 +146,7 @@ def test_a_mixed_base_kept_in_its_formats_is_each_librarys_quantization_of_the_m
     changed = set()
     for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.experts.2.down_proj"):
         value = merged[f"{name}.weight"]
-        expected = (reference_nvfp4 if ".experts." in name else reference_fp8)(value)
+        expected = reference_nvfp4(value) if ".experts." in name else reference_fp8(value)
         for key, tensor in expected.items():
             assert torch.equal(ours[f"{name}.{key}"].view(torch.uint8), tensor.view(torch.uint8)), (name, key)
             changed.add(f"{name}.{key}")

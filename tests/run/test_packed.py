@@ -39,6 +39,7 @@ from conftest import (
 from packed_checkpoints import (
     LEFT_16_BIT,
     PackedBase,
+    fused_parts,
     gpt_oss_config,
     int_checkpoint,
     int_config,
@@ -51,6 +52,7 @@ from packed_checkpoints import (
     reference_int,
     reference_mxfp4,
     reference_nvfp4,
+    shared_global_scales,
 )
 from planning.test_architectures import olmoe_config
 from shardmerge.codecs import read_quantization
@@ -150,7 +152,8 @@ def test_fixtures_are_what_the_reference_quantizers_write_and_read_back_as_the_l
             assert torch.equal(ours.view(experts, outputs, inputs).transpose(1, 2), dequantized[weight]), weight
             continue
         if base.fmt.packing == "nvfp4":
-            expected = reference_nvfp4(source[weight].float())
+            scales = shared_global_scales({w: source[w].float() for w in base.quantized})
+            expected = reference_nvfp4(source[weight].float(), scales[weight])
             assert stored.keys() == expected.keys()
             for key, value in expected.items():
                 assert torch.equal(stored[key].view(torch.uint8), value.view(torch.uint8)), (weight, key)
@@ -257,7 +260,18 @@ def test_requantized_output_is_the_reference_quantization_of_the_merge(
     changed = [weight for weight in base.quantized if not torch.equal(merged[weight], before[weight])]
     assert 0 < len(changed) < len(base.quantized), "the adapter changes some packed weights and leaves others"
     written = set()
-    for weight in changed:
+    # NVFP4: the parts of a fused layer share a global scale, so the unmerged parts of a layer
+    # whose other parts are merged (k beside q and v, up beside gate) are requantized with it.
+    shared = shared_global_scales({w: merged[w] for w in base.quantized}) if base.fmt.packing == "nvfp4" else {}
+    siblings = {
+        part
+        for group in fused_parts(list(base.quantized))
+        if shared and set(group) & set(changed)
+        for part in group
+        if part not in changed
+    }
+    assert bool(siblings) == (base.fmt.packing == "nvfp4")
+    for weight in [*changed, *sorted(siblings)]:
         value = merged[weight]
         stored = _stored(base, weight)
         if base.fmt.packing == "mxfp4":
@@ -266,19 +280,19 @@ def test_requantized_output_is_the_reference_quantization_of_the_merge(
             expected = {f"{weight}_blocks": blocks, f"{weight}_scales": scales}
         elif base.fmt.packing == "nvfp4":
             module = weight.removesuffix(".weight")
-            expected = {f"{module}.{key}": tensor for key, tensor in reference_nvfp4(value).items()}
+            expected = {f"{module}.{key}": t for key, t in reference_nvfp4(value, shared[weight]).items()}
         else:
             module = weight.removesuffix(".weight")
             expected = {f"{module}.{key}": tensor for key, tensor in reference_int(value, base.quantization).items()}
         for name_, tensor in expected.items():
             assert torch.equal(ours[name_].reshape(tensor.shape), tensor), name_
             written.add(name_)
-        assert not all(torch.equal(ours[n], theirs[n]) for n in expected), "requantized, not copied"
+        assert weight in siblings or not all(torch.equal(ours[n], theirs[n]) for n in expected), "not copied"
         assert len(stored) <= len(expected)
     for name_ in theirs.keys() - written:
         if not any(key in name_ for key in ("q_proj", "v_proj", "gate_proj", "down_proj.weight")):
             assert torch.equal(ours[name_], theirs[name_]), name_
-    assert report.requantized == len(changed)
+    assert report.requantized == len(changed), "the figures are the merged weights'"
 
 
 # --- bad inputs ---------------------------------------------------------------------------
@@ -630,7 +644,8 @@ def test_nvfp4_scales_found_before_their_weight_are_the_reference_quantizers(
     shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(exact), dtype="float32")
     shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output))
     merged, ours = read_output(exact), read_output(output)
-    for weight in ("model.layers.0.self_attn.q_proj.weight", "model.layers.1.mlp.down_proj.weight"):
+    shared = shared_global_scales({w: merged[w] for w in base.quantized})
+    for weight in ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.k_proj.weight"):
         module = weight.removesuffix(".weight")
-        for key, tensor in reference_nvfp4(merged[weight]).items():
+        for key, tensor in reference_nvfp4(merged[weight], shared[weight]).items():
             assert torch.equal(ours[f"{module}.{key}"].view(torch.uint8), tensor.view(torch.uint8)), (weight, key)

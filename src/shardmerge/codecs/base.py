@@ -96,7 +96,9 @@ class QuantizedWeight:
     """One quantized weight: ``name``, the model's name for it, and ``model_shape``, its shape
     there; ``shape``, its values as stored ([experts,] rows, columns; the model's transpose
     where ``transposed``); the stored ``weight``, the ``companions`` it is read with (its
-    scale first), and the tensors a dequantized output drops beside them (``extra``)."""
+    scale first), and the tensors a dequantized output drops beside them (``extra``).
+    ``shares``: the stored weights (its own among them) that must share its scale of the whole
+    weight, requantized together where one of them is merged."""
 
     name: str
     model_shape: tuple[int, ...]
@@ -105,6 +107,7 @@ class QuantizedWeight:
     weight: Located
     companions: tuple[Located, ...]
     extra: tuple[str, ...] = ()
+    shares: tuple[str, ...] = ()
 
     @property
     def stored(self) -> tuple[str, ...]:

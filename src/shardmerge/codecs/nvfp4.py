@@ -8,6 +8,7 @@ carried over with the format and dropped with it.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ PACKING = "nvfp4"
 GROUP = 16  # values a scale covers
 SCALE_DTYPES = (None, "float8_e4m3fn", "torch.float8_e4m3fn")
 _SUFFIXES = ("weight_packed", "weight_scale", "weight_global_scale")
+FUSED = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))  # vLLM's fused layers
 
 
 class Nvfp4:
@@ -129,7 +131,7 @@ class Nvfp4:
             found[f"{module}.weight"] = QuantizedWeight(
                 f"{module}.weight", shape, shape, False, packed, (scale, scale_of_scales)
             )
-        return found
+        return _fused(found)
 
     def label(self, fmt: QuantFormat, stored_dtype: str, companions: tuple[tuple[str, str], ...]) -> tuple[str, str]:
         (scale, dtype), (scale_of_scales, _) = companions
@@ -153,6 +155,25 @@ class Nvfp4:
         if self.ignored(fmt, module):
             return IGNORED
         return None
+
+
+def _fused(found: dict[str, QuantizedWeight]) -> dict[str, QuantizedWeight]:
+    """The weights that inference engines fuse into one matrix (a module's q, k and v
+    projections, its gate and up projections), which must share one global scale: vLLM
+    reads a fused layer with the largest of its parts' global scales, and llm-compressor
+    gives them the smallest of theirs."""
+    groups: dict[tuple[str, int], list[str]] = {}
+    for name in found:
+        parent, _, leaf = name.removesuffix(".weight").rpartition(".")
+        for index, fused in enumerate(FUSED):
+            if leaf in fused:
+                groups.setdefault((parent, index), []).append(name)
+    for parts in groups.values():
+        if len(parts) > 1:
+            stored = tuple(sorted(found[name].weight[0].name for name in parts))
+            for name in parts:
+                found[name] = replace(found[name], shares=stored)
+    return found
 
 
 CODEC = register(Nvfp4())

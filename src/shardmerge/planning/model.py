@@ -59,22 +59,45 @@ class Stored:
 
 
 @dataclass(frozen=True)
+class Member:
+    """A quantized weight that shares another's scale of the whole weight (the parts of a
+    layer that serving engines fuse, in NVFP4): its stored values and companions, read to find
+    the largest magnitude of every part before any is requantized."""
+
+    weight: Stored
+    companions: tuple[Stored, ...]
+
+    @classmethod
+    def of(cls, weight: QuantizedWeight) -> Member:
+        companions = tuple(Stored.of(info, file) for info, file in weight.companions)
+        return cls(Stored.of(*weight.weight), companions)
+
+    @property
+    def files(self) -> set[str]:
+        return {self.weight.source, *(companion.source for companion in self.companions)}
+
+
+@dataclass(frozen=True)
 class QuantRead:
     """How a quantized weight is read: its format, the companion tensors it is read with (its
     scale first, then any its codec reads beside it, such as zero points), ``values``, the
-    shape of the values as stored ([experts,] rows, columns), and ``transposed``: whether the
-    model's parameter (and the adapter's delta) is their transpose, expert by expert."""
+    shape of the values as stored ([experts,] rows, columns), ``transposed``: whether the
+    model's parameter (and the adapter's delta) is their transpose, expert by expert, and
+    ``shares``: the weights it must share its scale of the whole weight with, itself among
+    them (none: its own)."""
 
     format: QuantFormat
     companions: tuple[Stored, ...]
     values: tuple[int, ...] = ()
     transposed: bool = False
+    shares: tuple[Member, ...] = ()
 
     @classmethod
-    def of(cls, fmt: QuantFormat, weight: QuantizedWeight) -> QuantRead:
-        """The read of a weight the codec found."""
+    def of(cls, fmt: QuantFormat, weight: QuantizedWeight, members: tuple[QuantizedWeight, ...] = ()) -> QuantRead:
+        """The read of a weight the codec found, and of the ``members`` it shares its scale
+        of the whole weight with (itself among them)."""
         companions = tuple(Stored.of(info, file) for info, file in weight.companions)
-        return cls(fmt, companions, weight.shape, weight.transposed)
+        return cls(fmt, companions, weight.shape, weight.transposed, tuple(Member.of(m) for m in members))
 
     @property
     def scale(self) -> Stored:

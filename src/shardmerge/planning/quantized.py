@@ -158,6 +158,12 @@ def check_declared(
             )
 
 
+def sharing_merged(quantization: Quantization, ops: Mapping[str, list[MergeOp]]) -> set[str]:
+    """The stored weights that share a scale of the whole weight with a merged one (fused
+    layers' NVFP4 global scale): requantized with it, whether merged or not."""
+    return {stored for name, weight in quantization.weights.items() if ops.get(name) for stored in weight.shares}
+
+
 def quantization_notes(quantization: Quantization, ops: Mapping[str, list[MergeOp]], dtype: str) -> tuple[str, ...]:
     """What the plan says of each declared format: dequantized, or kept and what a
     requantized update keeps in it."""
@@ -173,9 +179,18 @@ def quantization_notes(quantization: Quantization, ops: Mapping[str, list[MergeO
                 f"written in {dtype}{why}, without their scales; config.json loses its quantization_config"
             )
             continue
+        shared = sharing_merged(quantization, ops)
+        siblings = sum(1 for name in names if not ops.get(name) and quantization.weights[name].weight[0].name in shared)
         notes.append(
             f"base in {declaration.describe()}, kept: {merged} merged weights are requantized once, as the format's "
-            f"own quantizer does, with new scales; the other {len(names) - merged} are copied with their scales"
+            f"own quantizer does, with new scales; the other {len(names) - merged - siblings} are copied with their "
+            "scales"
+            + (
+                f", and {siblings} that serving engines fuse with a merged one (q, k and v; gate and up) are "
+                "requantized with the global scale they must share"
+                if siblings
+                else ""
+            )
         )
         if merged:
             notes.append(
@@ -209,12 +224,14 @@ class QuantLayout:
         # name and shape a dequantized one takes.
         self.model_name: dict[str, str] = {}
         self.rename: dict[str, tuple[str, tuple[int, ...]]] = {}
+        shared = sharing_merged(quantization, ops)
+        by_stored = {weight.weight[0].name: weight for weight in quantization.weights.values()}
         for name, weight in quantization.weights.items():
             info, file = weight.weight
-            if not (dequantize or ops.get(name)):
+            if not (dequantize or ops.get(name) or info.name in shared):
                 continue
             fmt = quantization.format_of(name)
-            read = QuantRead.of(fmt, weight)
+            read = QuantRead.of(fmt, weight, () if dequantize else tuple(by_stored[m] for m in weight.shares))
             if dequantize:  # under the model's name and shape, without its companions
                 self.reads[name] = read
                 if (name, weight.model_shape) != (info.name, info.shape):

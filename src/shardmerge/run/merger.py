@@ -86,7 +86,7 @@ class TensorMerger:
         self.factors = AdapterFactors(place.memory, adapters)
         self.uploaded = Buffer(place.memory)  # a block read by a shared pass, on the device (grown there)
         # The merged quantized weights by name, for their new companions (written in their shard).
-        weights = {t.name: t for shard in plan.shards for t in shard.tensors if t.quant and t.ops}
+        weights = {t.name: t for shard in plan.shards for t in shard.tensors if t.quant and t.requantized}
         self.weights = weights
         self.grid = GridMerger(self.context, self.factors)
         self.packed = PackedMerger(self.context, self.factors, weights)

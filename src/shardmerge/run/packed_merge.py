@@ -13,6 +13,7 @@ model's parameter.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections import defaultdict
@@ -57,10 +58,10 @@ class PackedMerger:
         self.spill: BinaryIO | None = None
         self.new: dict[str, dict[int, list[tuple[int, int]]]] = {}
         self.written: set[str] = set()
-        # The merged weights' largest magnitudes where a scale covers a whole weight, found in
-        # a first pass and kept until the shard ends (a weight merged twice, once for its
-        # companions, needs it twice).
-        self.largest: dict[str, torch.Tensor] = {}
+        # The merged weights' largest magnitudes where a scale covers a whole weight (or the
+        # weights that share it), found in a first pass and kept until the shard ends (a
+        # weight merged twice, once for its companions, needs it twice).
+        self.largest: dict[tuple[str, ...], torch.Tensor] = {}
 
     def needs(self, tensor: TensorPlan) -> tuple[int, int, int]:
         """Bytes of source, float32 work and output a block of ``tensor`` needs at most."""
@@ -108,9 +109,10 @@ class PackedMerger:
             self.new[tensor.name] = defaultdict(list)
         with _Files(read, self.companions, self.device) as files:
             if tensor.requantized and weight.writer.whole_scale:
-                if tensor.name not in self.largest:
-                    self.largest[tensor.name] = self._largest(weight, files)
-                weight.largest = self.largest[tensor.name]
+                key = tuple(member.weight.name for member in read.shares) or (tensor.name,)
+                if key not in self.largest:
+                    self.largest[key] = self._largest(weight, files)
+                weight.largest = self.largest[key]
             for expert in range(experts):
                 stored = self._read_expert(weight, files, expert) if flipped else None
                 for first in range(0, rows, step):
@@ -237,6 +239,28 @@ class PackedMerger:
         return data, output
 
     def _largest(self, weight: _Weight, files: _Files) -> torch.Tensor:
+        """The largest magnitude of the merged weight, or of every weight it must share its
+        scale of the whole weight with (each merged if it has ops), merging each once without
+        writing; the weight's own factors read again after the others'."""
+        shares = weight.read.shares
+        if not shares:
+            return self._largest_of(weight, files)
+        largest = torch.zeros((), device=self.device)
+        for member in shares:
+            plan = self.weights[member.weight.name]
+            assert plan.quant is not None
+            tensor = dataclasses.replace(plan, quant=dataclasses.replace(plan.quant, companions=member.companions))
+            fd = open_input(member.weight.source)
+            try:
+                other = _Weight(fd, tensor, self.factors.whole(tensor), weight.kernel)
+                with _Files(other.read, self.companions, self.device) as theirs:
+                    largest = torch.maximum(largest, self._largest_of(other, theirs))
+            finally:
+                os.close(fd)
+        weight.whole = self.factors.whole(weight.tensor)
+        return largest
+
+    def _largest_of(self, weight: _Weight, files: _Files) -> torch.Tensor:
         """The largest magnitude of the merged weight, merging it once without writing."""
         tensor, read, context = weight.tensor, weight.read, self.context
         experts, rows, _ = read.matrices
@@ -282,7 +306,8 @@ class PackedMerger:
         if not write:
             return
         assert output is not None
-        context.measure(tensor, update, now.sub_(was))
+        if tensor.ops:  # not a weight requantized only for the scale it shares with a merged one
+            context.measure(tensor, update, now.sub_(was))
         if context.still_unchanged(tensor, expert * read.matrices[1] + span[0]):
             same = all(torch.equal(mine, theirs) for mine, theirs in zip((packed, *fresh), source, strict=True))
             context.note_unchanged(tensor, same)

@@ -35,7 +35,7 @@ from ..inputs import hub
 from ..output import outdir
 from ..output.journal import ShardRecord
 from ..output.publish import PushTarget, preupload
-from ..planning.model import AdapterSummary, Plan, ShardPlan
+from ..planning.model import AdapterSummary, Member, Plan, ShardPlan, Stored
 from .device import resolve_device
 from .factors import open_adapters
 from .fetch import fetcher_for
@@ -179,6 +179,8 @@ def base_files(shard: ShardPlan) -> set[str]:
     for tensor in shard.tensors:
         if tensor.quant is not None:
             files.update(companion.source for companion in tensor.quant.companions)
+            for member in tensor.quant.shares:
+                files.update(member.files)
     return files
 
 
@@ -188,11 +190,16 @@ def relocated(shard: ShardPlan, files: Mapping[str, str]) -> ShardPlan:
     for tensor in shard.tensors:
         read = tensor.quant
         if read is not None:
-            companions = tuple(
-                dataclasses.replace(companion, source=files.get(companion.source, companion.source))
-                for companion in read.companions
+
+            def moved(stored: Stored) -> Stored:
+                return dataclasses.replace(stored, source=files.get(stored.source, stored.source))
+
+            companions = tuple(moved(companion) for companion in read.companions)
+            shares = tuple(
+                Member(moved(member.weight), tuple(moved(companion) for companion in member.companions))
+                for member in read.shares
             )
-            tensor = dataclasses.replace(tensor, quant=dataclasses.replace(read, companions=companions))
+            tensor = dataclasses.replace(tensor, quant=dataclasses.replace(read, companions=companions, shares=shares))
         tensors.append(tensor)
     return dataclasses.replace(shard, source=files.get(shard.source, shard.source), tensors=tuple(tensors))
 
