@@ -331,9 +331,10 @@ def _merge(job: MergeJob, args: argparse.Namespace) -> int:
         print(f"  requant {_requantized(report)}")
     survived = _survived(report)
     if survived is not None and survived < 0.5:
+        fp8 = "" if "FP8 (" in str(plan.quantization) else ", an FP8 base most of it"
         print(
             f"shardmerge: warning: requantized to {plan.quantization}, the merged weights keep {survived:.0%} of "
-            "the adapters' update: a 16-bit output (--dtype bfloat16) keeps all of it, an FP8 base most of it",
+            f"the adapters' update: a 16-bit output (--dtype bfloat16) keeps all of it{fp8}",
             file=sys.stderr,
         )
     if report.non_finite_kept:

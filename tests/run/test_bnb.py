@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import shardmerge
-from bnb_checkpoints import bnb_checkpoint
+from bnb_checkpoints import bnb_checkpoint, bnb_config
 from conftest import (
     Base,
     assert_matches_saved,
@@ -137,6 +137,16 @@ BAD: dict[str, tuple[str, Callable[[Path, dict[str, Any]], None], str]] = {
         "nf4-double",
         lambda folder, config: edit_tensor(folder, f"{Q}.weight.nested_absmax", None),
         "disagree on nesting",
+    ),
+    "int8-weights-declared-4-bit": (
+        "int8",
+        lambda folder, config: config.update(quantization_config=bnb_config("nf4")),
+        f"{Q}.weight: an 8-bit bitsandbytes weight, but the config declares 4 bits",
+    ),
+    "4-bit-weights-declared-8-bit": (
+        "fp4",
+        lambda folder, config: config.update(quantization_config=bnb_config("int8")),
+        f"{Q}.weight: a 4-bit bitsandbytes tensor, but the config declares 8 bits",
     ),
     "int8-misshapen-scb": (
         "int8",

@@ -165,6 +165,11 @@ BAD: dict[str, tuple[dict[str, Any], str]] = {
         "stored as NVFP4 values, as are 15 more tensors, but no config group of config.json declares that format "
         "for its module",
     ),
+    "group-covering-nothing-of-its-format": (
+        mixed_config(fp8_targets=["lm_head"]),
+        "compressed-tensors FP8 (per channel) for config group group_0 (lm_head), but no tensor it covers is stored "
+        "in it",
+    ),
     "group-without-format": (
         mixed_config() | {"config_groups": {"group_0": {"targets": ["Linear"], "weights": FP8_WEIGHTS}}},
         "config group group_0 names no format of its own",

@@ -164,6 +164,8 @@ def _find_4bit(
         )
     for name, located in tensors.items():
         module = name.rpartition(".weight")[0]
+        if name.endswith(".weight") and located[0].dtype == "I8":
+            problem(problems, "an 8-bit bitsandbytes weight, but the config declares 4 bits", located, HINT)
         if name.endswith(".weight") and located[0].dtype == "U8" and f"{module}{suffix}" not in tensors:
             problem(problems, f"bitsandbytes 4-bit values without their {suffix[len('.weight.') :]}", located)
     return found
@@ -229,6 +231,8 @@ def _find_int8(
     raw = small_values(formats, problems, "the formats of bitsandbytes weights are stored in this shard")
     for name, located in sorted(tensors.items()):
         module = name.rpartition(".")[0]
+        if (name.endswith(".weight") and located[0].dtype == "U8") or STATE in name:
+            problem(problems, "a 4-bit bitsandbytes tensor, but the config declares 8 bits", located, HINT)
         if name.endswith(".SCB") and f"{module}.weight" not in tensors:
             problem(problems, "row scales (SCB) without their weight", located, INCOMPLETE)
         if not (name.endswith(".weight") and located[0].dtype == "I8"):

@@ -125,12 +125,14 @@ def check_declared(
     claimed = {name for weight in quantization.weights.values() for name in weight.stored}
     first, *others = [(codec.name, codec.stored_as, codec.is_stored) for codec in registered()]
     kinds = [first, *[(None, what, test) for what, test in _UNREAD], *others]
-    for declaration in declared:
+    for index, declaration in enumerate(declared):
         codec = declaration.format.codec
-        if not any(codec.is_stored(name, info) for name, (info, _) in located.items()):
+        mine = [(name, info) for name, (info, _) in located.items() if quantization.owner.get(name) == index]
+        if not any(codec.is_stored(name, info) for name, info in mine):
             problems.append(
                 InputError(
-                    f"declares {declaration.describe()}, but no tensor of the checkpoint is stored in it",
+                    f"declares {declaration.describe()}, but no tensor "
+                    f"{'it covers' if declaration.group else 'of the checkpoint'} is stored in it",
                     file=config,
                     hint="the config does not belong to these weights: remove its quantization_config if they are "
                     "16-bit, or download the checkpoint again",

@@ -14,6 +14,7 @@ model's parameter.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tempfile
 from collections import defaultdict
@@ -301,7 +302,7 @@ class PackedMerger:
             context.place.download(host, packed, output)
         if collect:
             for index, rows in enumerate(weight.writer.written(read.format, fresh)):
-                if not (self.new[tensor.name][index] and _lines(read.companions[index]) == 1):  # a weight's own: once
+                if not (self.new[tensor.name][index] and math.prod(read.companions[index].shape) == 1):  # once
                     self._keep(tensor.name, index, rows)
         if not write:
             return
@@ -309,7 +310,8 @@ class PackedMerger:
         if tensor.ops:  # not a weight requantized only for the scale it shares with a merged one
             context.measure(tensor, update, now.sub_(was))
         if context.still_unchanged(tensor, expert * read.matrices[1] + span[0]):
-            same = all(torch.equal(mine, theirs) for mine, theirs in zip((packed, *fresh), source, strict=True))
+            pairs = zip((packed, *fresh), source, strict=True)
+            same = all(torch.equal(mine.flatten(), theirs.flatten()) for mine, theirs in pairs)
             context.note_unchanged(tensor, same)
         yield memoryview(host.view(torch.uint8).numpy()).cast("B"), output
 
