@@ -258,3 +258,24 @@ def test_legacy_pickle_base_is_refused(
     code, lines = run_cli(["plan", str(legacy), str(adapter)], capsys)
     assert code != 0
     assert "not a PyTorch zip checkpoint" in "\n".join(lines)
+
+
+@pytest.mark.parametrize("given", ["folder", "file"])
+def test_a_gguf_base_is_refused_for_its_root_cause(
+    given: str, adapter: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """llama.cpp's GGUF, given as its folder or its file: one line naming the file and the way
+    out, not a missing safetensors file nor a Hub lookup."""
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    model = folder / "model-Q4_K_M.gguf"
+    model.write_bytes(b"GGUF\x03\x00\x00\x00")
+    base = folder if given == "folder" else model
+    code, lines = run_cli(["merge", str(base), str(adapter), "-o", str(tmp_path / "out")], capsys)
+    assert code != 0
+    assert lines == [
+        f"shardmerge: error: {model}: the base is a GGUF file, which shardmerge does not read (merge into the "
+        "model's safetensors release, then convert the merged model to GGUF)"
+    ]
+    assert not (tmp_path / "out").exists()

@@ -27,7 +27,7 @@ from huggingface_hub import HfApi, snapshot_download
 from conftest import Base, llama_config, save_adapter, save_base
 from fp8_checkpoints import fine_grained, quantize_checkpoint
 from hub_server import Fault, HubServer
-from packed_checkpoints import int_checkpoint, int_config
+from packed_checkpoints import int_checkpoint, int_config, nvfp4_checkpoint
 from shardmerge.output import journal as journals
 
 TOKEN = "hf_loopbackTestToken0123456789"
@@ -264,6 +264,22 @@ def test_push_publishes_a_finished_merge_to_a_branch(
     again = _run(push, hub, home)
     assert again.returncode == 0, again.stderr
     assert hub.state.uploads == uploads and hub.state.commits_made == 1
+
+
+def test_an_nvfp4_merge_published_as_it_runs_is_the_local_merge(hub: HubServer, tmp_path: Path) -> None:
+    """Kept in NVFP4, its new scales in their weights' shards, as the local merge writes them."""
+    source = save_base(llama_config(), tmp_path / "bf16", torch.bfloat16, seed=3)
+    base = nvfp4_checkpoint(source.path, tmp_path / "nvfp4")
+    adapter = save_adapter(base.dequantized, tmp_path / "adapter", seed=9, r=4, target_modules=["q_proj", "gate_proj"])
+    local, out = tmp_path / "local", tmp_path / "out"
+    subprocess.run(_command("merge", base.path, adapter, "-o", local, "--quiet"), check=True)
+    done = _run(
+        _command("merge", base.path, adapter, "-o", out, "--quiet", "--push-to-hub", REPO), hub, tmp_path / "home"
+    )
+    assert done.returncode == 0, done.stderr
+    pushed = {name: data for name, data in _files(_download(hub, tmp_path)).items() if name.endswith(".safetensors")}
+    assert pushed == {p.name: p.read_bytes() for p in local.glob("*.safetensors")}
+    assert hub.state.commits_made == 1
 
 
 # The command with hashlib.sha256 counted: how many times each digest was taken.

@@ -31,6 +31,7 @@ from conftest import (
     saved_reference,
 )
 from shardmerge.planning import planner
+from shardmerge.verify import verify
 
 SHARDMERGE = str(Path(sys.executable).with_name("shardmerge"))
 Q = "model.layers.0.self_attn.q_proj"
@@ -83,6 +84,7 @@ def test_output_is_peft_on_the_bitsandbytes_values_in_bfloat16(
     assert "quantization_config" not in json.loads((output / "config.json").read_text())
     assert_matches_saved(output, expected, torch.bfloat16)
     assert_same_logits(output, reference, torch.bfloat16)
+    assert verify(output, recompute=100, against_base=True).recomputed >= 4
 
 
 def test_the_fixture_loads_through_transformers_as_bitsandbytes_reads_it(

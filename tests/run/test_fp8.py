@@ -499,6 +499,14 @@ BAD: dict[str, tuple[Callable[[Path, dict[str, Any]], None], str]] = {
         lambda folder, config: config.update(quantization_config={"quant_method": "hqq", "nbits": 4}),
         "the base is quantized with hqq, which shardmerge cannot merge into",
     ),
+    "awq": (
+        lambda folder, config: config.update(quantization_config={"quant_method": "awq", "bits": 4}),
+        "the base is quantized with awq, which shardmerge cannot merge into",
+    ),
+    "torchao": (
+        lambda folder, config: config.update(quantization_config={"quant_method": "torchao", "quant_type": {}}),
+        "the base is quantized with torchao, which shardmerge cannot merge into",
+    ),
     "gptq": (
         lambda folder, config: config.update(quantization_config={"quant_method": "gptq", "bits": 4}),
         "the base is quantized with gptq, which shardmerge cannot merge into",

@@ -416,7 +416,7 @@ def test_16_bit_weights_beside_packed_ones_stay_16_bit(packed: Callable[[str], P
 # --- resume, verify and batch ----------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["gpt-oss-mxfp4", "olmoe-int4-asym", "llama-int8-channel-asym"])
+@pytest.mark.parametrize("name", ["gpt-oss-mxfp4", "olmoe-int4-asym", "llama-int8-channel-asym", "llama-nvfp4"])
 @pytest.mark.parametrize("redo", [0, 1])
 def test_resume_redoes_either_shard_alike_and_verify_recomputes(
     name: str, redo: int, packed: Callable[[str], PackedBase], tmp_path: Path
@@ -450,11 +450,12 @@ def _stored_names(base: PackedBase, weight: str) -> list[str]:
     if base.fmt.packing == "mxfp4":
         return [f"{weight}_blocks", f"{weight}_scales"]
     module = weight.removesuffix(".weight")
-    names = [f"{module}.{key}" for key in ("weight_packed", "weight_scale", "weight_zero_point")]
+    keys = ("weight_packed", "weight_scale", "weight_zero_point", "weight_global_scale")
+    names = [f"{module}.{key}" for key in keys]
     return [n for n in names if n in json.loads((base.path / "model.safetensors.index.json").read_text())["weight_map"]]
 
 
-@pytest.mark.parametrize("name", ["gpt-oss-mxfp4", "olmoe-int4-asym"])
+@pytest.mark.parametrize("name", ["gpt-oss-mxfp4", "olmoe-int4-asym", "llama-nvfp4"])
 def test_a_batch_pass_over_a_packed_base_writes_what_single_merges_write(
     name: str, packed: Callable[[str], PackedBase], tmp_path: Path
 ) -> None:

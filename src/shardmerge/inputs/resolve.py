@@ -60,6 +60,15 @@ class AdapterFiles:
 
 def resolve_base(name: str) -> BaseFiles:
     folder = Path(name).expanduser()
+    gguf = [folder] if folder.is_file() and folder.suffix == ".gguf" else []
+    if folder.is_dir() and not any((folder / entry).is_file() for entry in _WEIGHT_ENTRY_POINTS):
+        gguf = sorted(folder.glob("*.gguf"))
+    if gguf:  # llama.cpp's inference format, quantized for inference, not for merging
+        raise InputError(
+            "the base is a GGUF file, which shardmerge does not read",
+            file=gguf[0],
+            hint="merge into the model's safetensors release, then convert the merged model to GGUF",
+        )
     if not folder.is_dir() and is_hub_id(name):
         return _hub_base(name)
     if not folder.is_dir():
