@@ -17,7 +17,7 @@ import pytest
 import torch
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
-from transformers import GptOssForCausalLM, Mxfp4Config
+from transformers import AutoModelForCausalLM, CompressedTensorsConfig, GptOssForCausalLM, Mxfp4Config
 
 import shardmerge
 from conftest import (
@@ -186,6 +186,27 @@ def test_the_mxfp4_fixture_loads_through_transformers_as_its_dequantized_values(
     expected = read_output_like_base(base.dequantized.path)
     for weight in base.quantized:
         assert torch.equal(state[weight].float(), expected[weight]), weight
+
+
+def test_the_nvfp4_fixture_and_a_merge_kept_in_nvfp4_load_through_transformers(
+    packed: Callable[[str], PackedBase], tmp_path: Path
+) -> None:
+    """transformers decompresses both (compressed-tensors, in bfloat16) into the values they
+    stand for: the fixture's dequantized copy, and the merge's own bytes read by the library."""
+    base = packed("llama-nvfp4")
+    adapter = _adapter(base, tmp_path / "adapter")
+    output = tmp_path / "out"
+    shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(output))
+    ours = read_output(output)
+    expected = read_output_like_base(base.dequantized.path)
+    for folder, values in ((base.path, expected), (output, None)):
+        config = CompressedTensorsConfig(run_compressed=False)
+        state = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config).state_dict()
+        for weight in base.quantized:
+            module = weight.removesuffix(".weight")
+            keys = ("weight_packed", "weight_scale", "weight_global_scale")
+            value = values[weight] if values else library_nvfp4_values({k: ours[f"{module}.{k}"] for k in keys})
+            assert torch.equal(state[weight], value.bfloat16()), (folder.name, weight)
 
 
 # --- dequantized output: PEFT on the dequantized model is the reference ------------------
