@@ -483,6 +483,8 @@ def _formats(tensor: TensorPlan) -> str:
     stored, read = quant.format.codec.label(quant.format, tensor.src_dtype, companions)
     if quant.format.packed:
         read += f" ({'x'.join(map(str, quant.values))}{', the transpose of the model' if quant.transposed else ''})"
+    if tensor.requantized and not tensor.ops:
+        return f"{read} -> dequantized, requantized to {stored} with the scale it shares with a merged weight"
     if tensor.requantized:
         return f"{read} -> dequantized, merged in float32, requantized to {stored} with new scales"
     return f"{read} -> dequantized in float32, written in {tensor.dtype}"

@@ -527,6 +527,12 @@ def test_a_batch_pass_over_a_packed_base_writes_what_single_merges_write(
             "model.layers.0.self_attn.q_proj.weight_packed  INT4 x BF16 weight_scale with zero points (32x32) -> "
             "dequantized, merged in float32, requantized to INT4 with new scales",
         ),
+        (
+            "llama-nvfp4",
+            "auto",
+            "model.layers.0.self_attn.k_proj.weight_packed  NVFP4 x F8_E4M3 weight_scale / weight_global_scale (16x32)"
+            " -> dequantized, requantized to NVFP4 with the scale it shares with a merged weight",
+        ),
     ],
 )
 def test_the_plan_says_what_is_read_and_written(
