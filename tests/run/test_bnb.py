@@ -25,6 +25,7 @@ from conftest import (
     llama_config,
     merge_broken_copy,
     peft_reference,
+    read_output,
     read_output_like_base,
     save_adapter,
     save_base,
@@ -114,6 +115,13 @@ def test_the_plan_says_which_base_a_qlora_adapter_was_trained_against(
     assert any("trained against org/m, a 16-bit model by its name" in note for note in quantized.notes)
 
 
+def _edit_state(folder: Path, name: str, **changes: object) -> None:
+    """Change keys of a quantization state (JSON in uint8), as a writer of the file could."""
+    stored = read_output(folder)[name]
+    state = json.loads(bytes(stored.tolist())) | changes
+    edit_tensor(folder, name, torch.tensor(list(json.dumps(state).encode()), dtype=torch.uint8))
+
+
 BAD: dict[str, tuple[str, Callable[[Path, dict[str, Any]], None], str]] = {
     "dtype-base": ("fp4", lambda folder, config: None, "weights cannot be written back in their format"),
     "missing-absmax": (
@@ -129,6 +137,18 @@ BAD: dict[str, tuple[str, Callable[[Path, dict[str, Any]], None], str]] = {
             torch.tensor(list(b'{"quant_type": '), dtype=torch.uint8),
         ),
         "the quantization state does not parse",
+    ),
+    "state-too-large": (
+        "fp4",
+        lambda folder, config: edit_tensor(
+            folder, f"{Q}.weight.quant_state.bitsandbytes__fp4", torch.full((5000,), 32, dtype=torch.uint8)
+        ),
+        "the quantization state holds 5000 bytes, more than the 4096 a state of a few keys takes",
+    ),
+    "nested-offset-beyond-float32": (
+        "nf4-double",
+        lambda folder, config: _edit_state(folder, f"{Q}.weight.quant_state.bitsandbytes__nf4", nested_offset=1e39),
+        "nested blocks of 256 with offset 1e+39 are not supported",
     ),
     "state-of-another-type": (
         "fp4",

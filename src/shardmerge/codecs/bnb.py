@@ -43,6 +43,7 @@ NESTED = (".weight.nested_absmax", ".weight.nested_quant_map")
 HINT = "merge with --dtype bfloat16 (auto does), or into the 16-bit release of the base model"
 MAX_STATE_BYTES = 4096  # a quantization state is a JSON object of a few keys
 NESTED_BLOCK = 256  # absmax values a nested scale covers
+FLOAT32_MAX = 3.4028234663852886e38
 
 
 class Bnb:
@@ -135,7 +136,7 @@ def _find_4bit(
     for name, located in tensors.items():
         if STATE in name and name not in states:
             problem(problems, f"a quantization state of another type than the config's {fmt.packing}", located, HINT)
-    wanted = [located for located in states.values() if located[0].dtype == "U8" and located[0].shape]
+    wanted = [located for located in states.values() if _state_problem(located[0]) is None]
     raw = small_values(wanted, problems, "the quantization states of bitsandbytes weights are stored in this shard")
     for state_name, state in sorted(states.items()):
         module = state_name[: -len(suffix)]
@@ -146,8 +147,9 @@ def _find_4bit(
             problem(problems, f"a bitsandbytes 4-bit weight without its {', '.join(missing)}", state, INCOMPLETE)
             continue
         if state_name not in raw:
-            if state[0].dtype != "U8" or not state[0].shape or state[0].end - state[0].begin > MAX_STATE_BYTES:
-                problem(problems, "the quantization state is not a JSON object in U8", state, HINT)
+            wrong = _state_problem(state[0])
+            if wrong:
+                problem(problems, wrong, state, HINT)
             continue
         weight, absmax, quant_map = parts.values()
         assert weight is not None and absmax is not None and quant_map is not None
@@ -169,6 +171,17 @@ def _find_4bit(
         if name.endswith(".weight") and located[0].dtype == "U8" and f"{module}{suffix}" not in tensors:
             problem(problems, f"bitsandbytes 4-bit values without their {suffix[len('.weight.') :]}", located)
     return found
+
+
+def _state_problem(info: TensorInfo) -> str | None:
+    """What keeps a quantization state from being read: its dtype, or its size (it is read
+    into memory while planning, and its size is the file's writer's to choose)."""
+    if info.dtype != "U8" or len(info.shape) != 1:
+        return f"the quantization state is {info.dtype} {list(info.shape)}, not JSON in a vector of U8"
+    size = info.end - info.begin
+    if size > MAX_STATE_BYTES:
+        return f"the quantization state holds {size} bytes, more than the {MAX_STATE_BYTES} a state of a few keys takes"
+    return None
 
 
 def _state(
@@ -208,7 +221,8 @@ def _state(
         return f"absmax {absmax.dtype} {list(absmax.shape)} does not match: expected {wanted}"
     if has_nested:
         offset = state.get("nested_offset")
-        if state.get("nested_blocksize") != NESTED_BLOCK or type(offset) not in (int, float):
+        finite = type(offset) in (int, float) and abs(offset) <= FLOAT32_MAX  # added in float32
+        if state.get("nested_blocksize") != NESTED_BLOCK or not finite:
             return f"nested blocks of {state.get('nested_blocksize')!r} with offset {offset!r} are not supported"
         scales, codes = (part[0] for part in nested if part is not None)
         if scales.dtype != "F32" or scales.shape != (math.ceil(blocks / NESTED_BLOCK),):
