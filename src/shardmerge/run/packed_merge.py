@@ -263,18 +263,12 @@ class PackedMerger:
 
     def _largest_of(self, weight: _Weight, files: _Files) -> torch.Tensor:
         """The largest magnitude of the merged weight, merging it once without writing."""
-        tensor, read, context = weight.tensor, weight.read, self.context
-        experts, rows, _ = read.matrices
+        experts, rows, _ = weight.read.matrices
+        step = max(1, weight.tensor.block_rows)
         largest = torch.zeros((), device=self.device)
         for expert in range(experts):
-            for first in range(0, rows, max(1, tensor.block_rows)):
-                span = (first, min(rows, first + max(1, tensor.block_rows)))
-                was, _ = self._base(weight, files, expert, span)
-                value = context.work.tensor(torch.float32, tuple(was.shape)).copy_(was)
-                value = self.factors.apply(value, tensor, weight.whole, span, (expert, read.transposed))
-                if not all_finite(value):
-                    cause = lambda piece=value: context.merge_cause(tensor, piece, weight.whole)  # noqa: E731
-                    context.non_finite(tensor, was, value, cause)
+            for first in range(0, rows, step):
+                _, value, _ = self._merged(weight, files, expert, (first, min(rows, first + step)))
                 largest = torch.maximum(largest, torch.maximum(value.amax(), value.amin().neg()))
         return largest
 
@@ -282,14 +276,13 @@ class PackedMerger:
         self, weight: _Weight, files: _Files, expert: int, span: tuple[int, int], write: bool, collect: bool
     ) -> Iterator[tuple[memoryview, Buffer]]:
         """Stored rows ``span`` of one expert merged and requantized (nothing yielded unless
-        ``write``); with ``collect``, their new companions kept for their tensors; measured."""
-        tensor, whole, read, context = weight.tensor, weight.whole, weight.read, self.context
-        was, source = self._base(weight, files, expert, span)
-        value = context.work.tensor(torch.float32, tuple(was.shape)).copy_(was)
-        value = self.factors.apply(value, tensor, whole, span, (expert, read.transposed))
-        if not all_finite(value):
-            context.non_finite(tensor, was, value, lambda: context.merge_cause(tensor, value, whole))
-        update = torch.sub(value, was, out=self.update.tensor(torch.float32, tuple(was.shape)))
+        ``write``); with ``collect``, their new companions kept for their tensors; measured
+        where written and merged (a weight requantized only for the scale it shares with a
+        merged one has no update to measure)."""
+        tensor, read, context = weight.tensor, weight.read, self.context
+        was, value, source = self._merged(weight, files, expert, span)
+        measured = write and bool(tensor.ops)
+        update = torch.sub(value, was, out=self.update.tensor(torch.float32, tuple(was.shape))) if measured else None
         output = context.sink.acquire() if write else None
         host = (output or self.scratch).tensor(TORCH_DTYPES[tensor.src_dtype], tuple(source[0].shape))
         staged = context.place.staged
@@ -297,7 +290,9 @@ class PackedMerger:
         scale_dtype = TORCH_DTYPES[read.scale.dtype]
         room = self._room(value.numel())
         fresh = weight.writer.quantize(read.format, value, packed, scale_dtype, room, weight.largest)
-        now = weight.kernel.dequantize(read.format, value, packed, fresh, self._room(value.numel()))
+        if update is not None:
+            now = weight.kernel.dequantize(read.format, value, packed, fresh, self._room(value.numel()))
+            context.measure(tensor, update, now.sub_(was))
         if staged and output is not None:
             context.place.download(host, packed, output)
         if collect:
@@ -307,13 +302,25 @@ class PackedMerger:
         if not write:
             return
         assert output is not None
-        if tensor.ops:  # not a weight requantized only for the scale it shares with a merged one
-            context.measure(tensor, update, now.sub_(was))
         if context.still_unchanged(tensor, expert * read.matrices[1] + span[0]):
             pairs = zip((packed, *fresh), source, strict=True)
             same = all(torch.equal(mine.flatten(), theirs.flatten()) for mine, theirs in pairs)
             context.note_unchanged(tensor, same)
         yield memoryview(host.view(torch.uint8).numpy()).cast("B"), output
+
+    def _merged(
+        self, weight: _Weight, files: _Files, expert: int, span: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...]]:
+        """Stored rows ``span`` of one expert: the base's float32 values, the merged values
+        (in the work buffer, checked finite but for the base's own NaN and Inf), and what they
+        were read from."""
+        tensor, whole, context = weight.tensor, weight.whole, self.context
+        was, source = self._base(weight, files, expert, span)
+        value = context.work.tensor(torch.float32, tuple(was.shape)).copy_(was)
+        value = self.factors.apply(value, tensor, whole, span, (expert, weight.read.transposed))
+        if not all_finite(value):
+            context.non_finite(tensor, was, value, lambda: context.merge_cause(tensor, value, whole))
+        return was, value, source
 
 
 @dataclass
