@@ -95,8 +95,9 @@ def _parser() -> argparse.ArgumentParser:
         "--dtype",
         choices=["auto", "base", "bfloat16", "float16", "float32"],
         default="auto",
-        help="output dtype: auto (default) keeps a quantized base's format and writes any other base in "
-        "bfloat16; base keeps every tensor's dtype and format; the others dequantize and convert",
+        help="output dtype: auto (default) keeps every tensor's dtype and a quantized base's format (a "
+        "bitsandbytes base's weights are written in bfloat16, and only they); base keeps every tensor's dtype and "
+        "format; bfloat16, float16 and float32 convert every floating-point tensor, dequantizing first",
     )
     inputs.add_argument(
         "--max-shard-size",

@@ -15,9 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from .errors import JobConfigError
 
-# auto: a quantized base keeps its quantization, any other one gives bfloat16; base: every
-# tensor keeps the base's dtype (and quantized weights their format); the others: every
-# floating-point tensor in that dtype, quantized weights dequantized.
+# auto: every tensor keeps its dtype and quantized weights their format, except a format that
+# cannot be written back (bitsandbytes), whose weights are written in bfloat16; base: every
+# tensor keeps its dtype (and quantized weights their format, or the plan is refused); the
+# others: every floating-point tensor in that dtype, quantized weights dequantized.
 OutputDtype = Literal["auto", "base", "bfloat16", "float16", "float32"]
 _DEVICE = re.compile(r"^(auto|cpu|cuda(:(0|[1-9]\d*))?)$")
 # Sizes as transformers' save_pretrained reads them: 5GB = 5 * 10^9 bytes, 2GiB = 2 * 2^30,

@@ -62,7 +62,9 @@ def build_plan(job: MergeJob) -> Plan:
     config = _read_config(base, problems)
     declared = read_declared(config, base.folder / "config.json", problems)
     format_read = not problems
-    kept = bool(declared) and all(declaration.format.codec.writes for declaration in declared)
+    # auto keeps every tensor's dtype and format, except a format that cannot be written
+    # back: its weights are dequantized to bfloat16, every other tensor still keeps its dtype.
+    kept = all(declaration.format.codec.writes for declaration in declared)
     dtype = ("base" if kept else "bfloat16") if job.dtype == "auto" else job.dtype
     headers = _read_base_headers(base, problems)
     adapter_problems: list[ShardmergeError] = []
@@ -152,7 +154,8 @@ def build_plan(job: MergeJob) -> Plan:
     for name, weight_file in quant.moved.items():
         extra[weight_file].append(tensors[name])
     resize = {name: (targets[name].shape[0], shape) for name, shape in resized.items()}
-    shards = tuple(_layout(header, extra[header.path], ops, out_dtype, quant, resize) for header in headers)
+    keep = job.dtype == "auto"
+    shards = tuple(_layout(header, extra[header.path], ops, out_dtype, quant, resize, keep) for header in headers)
     _check_unique_names(shards)
     if job.max_shard_size is not None:
         shards = _resharded(shards, job.max_shard_size)
@@ -300,9 +303,11 @@ def _layout(
     out_dtype: str | None,
     quant: QuantLayout,
     resize: dict[str, tuple[int, tuple[int, ...]]],
+    keep_floats: bool,
 ) -> ShardPlan:
-    """Lay out one output shard: the base's tensor order, new dtypes (None: the base's),
-    contiguous offsets, without the tensors a dequantized output drops.
+    """Lay out one output shard: the base's tensor order, new dtypes (None: the base's; with
+    ``keep_floats``, only for the dequantized weights), contiguous offsets, without the tensors
+    a dequantized output drops.
 
     Tensors are grouped by descending item size (stable, so the base order holds within a
     group), as safetensors does, which keeps every tensor aligned to its item size. An extra
@@ -324,10 +329,10 @@ def _layout(
         for info in infos
         if info.name not in quant.drop and (info.name not in quant.moved or quant.moved[info.name] == header.path)
     ]
-    dtypes = {
-        info.name: out_dtype if out_dtype and (info.dtype in FLOAT_DTYPES or info.name in quant.reads) else info.dtype
-        for info in infos
+    converted = {
+        info.name for info in infos if info.name in quant.reads or (info.dtype in FLOAT_DTYPES and not keep_floats)
     }
+    dtypes = {info.name: out_dtype if out_dtype and info.name in converted else info.dtype for info in infos}
     infos.sort(key=lambda info: -ITEMSIZE[dtypes[info.name]])
     infos, follow = _scales_last(infos, dtypes, quant)
     tensors = []
