@@ -190,6 +190,12 @@ FAMILIES: dict[str, Family] = {
         published=_renamed(_qwen_vl_published),
     ),
     "qwen3-vl": Family(tf.Qwen3VLForConditionalGeneration, _qwen3vl, _lora("all-linear"), ("visual", "layers")),
+    "qwen3-vl-conv3d": Family(
+        tf.Qwen3VLForConditionalGeneration,
+        _qwen3vl,
+        _lora(["patch_embed.proj", "qkv", "q_proj"]),
+        ("patch_embed.proj", "visual.blocks.0.attn.qkv", "q_proj"),
+    ),
     "qwen3": Family(
         tf.Qwen3ForCausalLM, lambda: tf.Qwen3Config(**SMALL, head_dim=8), _lora(ATTENTION + MLP), ("layers",)
     ),

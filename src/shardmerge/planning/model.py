@@ -22,7 +22,8 @@ class MergeOp:
     keys: the adapter tensors the op reads, in the order the kernel takes them ("" where an
     optional factor is absent). layout: how the update lies against the base tensor:
     ``linear`` (out, in), ``conv1d`` (in, out), ``embedding`` (num_embeddings, dim),
-    ``experts-out-in`` / ``experts-in-out`` (a fused 3-D expert tensor), ``full``, ``bias``.
+    ``experts-out-in`` / ``experts-in-out`` (a fused 3-D expert tensor), ``conv`` (a
+    convolution's (out, in, *kernel), read as the matrix (out, in * kernel)), ``full``, ``bias``.
     expert / experts / rows: for an adapter on fused MoE experts merged into one expert's
     tensor, the expert, the number of experts, and the rows of that expert's update that
     belong to this tensor (gate or up half). indices: rows replaced by trainable tokens.

@@ -225,15 +225,18 @@ class AdapterPlanner:
         wrong = [role for role in roles if len(module.shapes[role]) != dims]
         if wrong:
             self.error(
-                f"{len(module.shapes[wrong[0]])}-D {wrong[0]}: LoRA on convolutions is not supported",
+                f"{len(module.shapes[wrong[0]])}-D {wrong[0]}: only LoRA and DoRA are merged on convolutions",
                 module.keys[wrong[0]],
-                "only Linear, Conv1D, Embedding and MoE expert layers can be merged",
+                "only Linear, Conv1D, Embedding and MoE expert layers take other adapter types",
             )
             return False
         return True
 
     def lora(self, module: AdapterModule) -> None:
         a_role, b_role = ("embedding_A", "embedding_B") if module.is_embedding else ("lora_A", "lora_B")
+        if not module.is_embedding and len(module.shapes.get("lora_A", ())) > 2:
+            self.conv_lora(module)
+            return
         if not self.require(module, (a_role, b_role)):
             return
         a_key, b_key = module.keys[a_role], module.keys[b_role]
@@ -270,6 +273,57 @@ class AdapterPlanner:
             self.error("use_dora is set but the module has no lora_magnitude_vector", a_key)
             return
         self.add(mapping, kind, keys, layout, module.path)
+        if "lora_B_bias" in module.keys:
+            self.bias_update(module, "bias", module.keys["lora_B_bias"], module.shapes["lora_B_bias"])
+
+    def conv_lora(self, module: AdapterModule) -> None:
+        """LoRA (or DoRA) on a convolution, as PEFT's Conv1d/2d/3d layers make it: A is a
+        convolution (r, in, *kernel), B a 1x1 one (out, r, 1, ...), and the update is B @ A on
+        the weight read as the matrix (out, in * kernel). PEFT merges no grouped convolution."""
+        if not self.require(module, ("lora_A", "lora_B"), dims=len(module.shapes["lora_A"])):
+            return
+        a_key, b_key = module.keys["lora_A"], module.keys["lora_B"]
+        a_shape, b_shape = module.shapes["lora_A"], module.shapes["lora_B"]
+        mapping = self.target(f"{module.path}.weight", a_key)
+        if mapping is None:
+            return
+        base = self.tensor(mapping)
+        grouped = len(base.shape) == len(a_shape) and base.shape[1] and a_shape[1] % base.shape[1] == 0
+        if grouped and a_shape[1] != base.shape[1]:
+            self.error(
+                f"LoRA on a grouped convolution ({a_shape[1] // base.shape[1]} groups), {base.name!r} "
+                f"{list(base.shape)}: PEFT does not merge it either",
+                a_key,
+                "leave this module out of target_modules, or keep the adapter unmerged",
+            )
+            return
+        out_in = (b_shape[0], *a_shape[1:])
+        if any(size != 1 for size in b_shape[2:]) or base.shape != out_in:
+            self.error(
+                f"shape mismatch: A {list(a_shape)} and B {list(b_shape)} give a convolution update of "
+                f"{list(out_in)}, base tensor {base.name!r} is {list(base.shape)}",
+                a_key,
+                "the adapter belongs to another model, or to another size of it",
+            )
+            return
+        if not self.check_rank(module, {"A": a_shape[0], "B": b_shape[1]}):
+            return
+        kind, keys = "lora", (a_key, b_key)
+        magnitude = module.keys.get("magnitude")
+        if magnitude is not None:
+            # PEFT keeps a convolution's DoRA magnitude as (1, out, 1, ...).
+            expected = (1, b_shape[0], *(1,) * (len(base.shape) - 2))
+            if module.shapes["magnitude"] != expected:
+                self.error(
+                    f"shape mismatch: DoRA magnitude has {list(module.shapes['magnitude'])}, expected {list(expected)}",
+                    magnitude,
+                )
+                return
+            kind, keys = "dora", (a_key, b_key, magnitude)
+        elif self.adapter.config.get("use_dora"):
+            self.error("use_dora is set but the module has no lora_magnitude_vector", a_key)
+            return
+        self.add(mapping, kind, keys, "conv", module.path)
         if "lora_B_bias" in module.keys:
             self.bias_update(module, "bias", module.keys["lora_B_bias"], module.shapes["lora_B_bias"])
 

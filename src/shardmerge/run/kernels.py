@@ -50,6 +50,13 @@ def apply_op(
                 left, right = _factors(for_expert(op, expert), lora_a, lora_b)
                 value[expert].addmm_(left, right, alpha=op.scale * op.weight)
             return value
+        if op.layout == "conv":
+            # A convolution's weight (out, in, *kernel) as the matrix (out, in * kernel): A is
+            # (r, in, *kernel), B (out, r, 1, ...), and DoRA's magnitude (1, out, 1, ...).
+            matrices = [lora_a.reshape(lora_a.shape[0], -1), lora_b.reshape(lora_b.shape[0], -1)]
+            magnitude = [tensors[2].reshape(-1)] if op.kind == "dora" and tensors[2] is not None else []
+            apply_op(value.view(value.shape[0], -1), replace(op, layout="linear"), [*matrices, *magnitude], rows)
+            return value
         left, right = _factors(op, lora_a, lora_b)
         if rows is not None:
             left = left[rows[0] : rows[1]]
