@@ -166,6 +166,47 @@ def _nemotron_h() -> object:
     )  # fmt: skip
 
 
+def _deepseek_v4() -> object:
+    return tf.DeepseekV4Config(
+        vocab_size=96, hidden_size=32, moe_intermediate_size=16, num_hidden_layers=2, num_attention_heads=4,
+        head_dim=16, q_lora_rank=16, n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, o_groups=2,
+        o_lora_rank=16, index_n_heads=2, index_head_dim=8, index_topk=4, max_position_embeddings=64,
+        num_nextn_predict_layers=0, sliding_window=8, hc_mult=2,
+    )  # fmt: skip
+
+
+def _granite_hybrid() -> object:
+    return tf.GraniteMoeHybridConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48,
+        layer_types=["mamba", "attention"], mamba_n_heads=4, mamba_d_head=16, mamba_d_state=8, mamba_n_groups=1,
+        max_position_embeddings=64,
+    )  # fmt: skip
+
+
+def _qwen3vl_moe() -> object:
+    text = dict(
+        **SMALL, head_dim=8, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+        rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True},
+    )  # fmt: skip
+    vision = dict(
+        depth=1, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=32, patch_size=14,
+        spatial_merge_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0],
+    )  # fmt: skip
+    return tf.Qwen3VLMoeConfig(text_config=text, vision_config=vision)
+
+
+def _experts_in_out(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Qwen3-VL-MoE's published checkpoints store the fused experts [experts, in, out]."""
+    return {
+        name: value.transpose(1, 2).contiguous()
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj"))
+        else value
+        for name, value in tensors.items()
+    }
+
+
+EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 VISION = ["fc1", "fc2", "out_proj", "qkv", "proj", "linear_fc1", "linear_fc2", "attn.proj"]
 FAMILIES: dict[str, Family] = {
     "gemma3-text": Family(
@@ -224,6 +265,34 @@ FAMILIES: dict[str, Family] = {
         _lora(["q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", "o_proj", *MLP]),
         ("q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj", ".experts."),
         extra={"model.layers.2.eh_proj.weight": (32, 64), "model.layers.2.enorm.weight": (32,)},
+    ),
+    "deepseek-v4": Family(
+        tf.DeepseekV4ForCausalLM,
+        _deepseek_v4,
+        _lora(["q_a_proj", "q_b_proj", "kv_proj", "o_b_proj"], EXPERTS),
+        ("attn.wq_a", "attn.wq_b", "attn.wkv", "attn.wo_b", "ffn.experts.3.w1", "ffn.experts.3.w3", "ffn.experts.0.w2"),
+    ),
+    "granite-4.0-hybrid": Family(
+        tf.GraniteMoeHybridForCausalLM,
+        _granite_hybrid,
+        _lora(
+            ["in_proj", "out_proj", *ATTENTION, "input_linear", "output_linear"],
+            ["experts.gate_up_proj", "experts.down_proj"],
+        ),
+        ("block_sparse_moe.input_linear", "block_sparse_moe.output_linear", "shared_mlp.input_linear", "mamba.in_proj"),
+    ),
+    "qwen3-vl-moe": Family(
+        tf.Qwen3VLMoeForConditionalGeneration,
+        _qwen3vl_moe,
+        _lora(["q_proj", "v_proj", "qkv"], EXPERTS),
+        ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "visual"),
+    ),
+    "qwen3-vl-moe-published": Family(
+        tf.Qwen3VLMoeForConditionalGeneration,
+        _qwen3vl_moe,
+        _lora(["q_proj", "v_proj", "qkv"], EXPERTS),
+        ("mlp.experts.gate_up_proj", "mlp.experts.down_proj", "visual"),
+        published=_experts_in_out,
     ),
     "phi3": Family(
         tf.Phi3ForCausalLM, lambda: tf.Phi3Config(**SMALL, pad_token_id=0), _lora("all-linear"), ("qkv_proj",)

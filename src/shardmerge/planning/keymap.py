@@ -155,8 +155,14 @@ def candidates(name: str) -> dict[str, str]:
     return found
 
 
-def map_name(name: str, base_names: Collection[str]) -> Mapping:
+def map_name(name: str, base_names: Collection[str], renamed: dict[str, str] | None = None) -> Mapping:
+    """The base tensor ``name`` maps to. ``renamed``: the model's names of base tensors that
+    transformers' conversion rules rename on load (see ``conversions``), to their own names."""
     hits = {target: rule for target, rule in candidates(name).items() if target in base_names}
+    for target, rule in candidates(name).items():
+        stored = (renamed or {}).get(target)
+        if stored is not None and stored in base_names:
+            hits.setdefault(stored, "transformers-rules" if rule == "exact" else f"{rule}+transformers-rules")
     if len(hits) == 1:
         ((target, rule),) = hits.items()
         return Mapping(target, rule)

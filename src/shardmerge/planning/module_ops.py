@@ -8,14 +8,15 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import AdapterError, ShardmergeError
 from ..formats.safetensors import TensorInfo
 from . import targets
 from .adapters import Adapter, AdapterModule, FullTensor
-from .keymap import Mapping, closest_names, map_name
+from .conversions import CheckpointNames
+from .keymap import Mapping, candidates, closest_names, map_name
 from .layouts import CONV1D_HINT, Layouts
 from .model import MergeOp
 
@@ -38,6 +39,7 @@ class AdapterPlanner:
     problems: list[ShardmergeError]
     suggestions: int = 0
     vocab_sizes: frozenset[int] = frozenset()  # the config's vocab_size values
+    names: CheckpointNames = field(default_factory=CheckpointNames)  # the base's tensors under the model's names
 
     def __post_init__(self) -> None:
         self.ops: dict[str, list[MergeOp]] = defaultdict(list)
@@ -49,11 +51,23 @@ class AdapterPlanner:
     def error(self, message: str, tensor: str, hint: str | None = None) -> None:
         self.problems.append(AdapterError(message, file=self.file, tensor=tensor, hint=hint))
 
+    def find(self, name: str) -> Mapping:
+        return map_name(name, self.base, self.names.renamed)
+
     def target(self, name: str, key: str) -> Mapping | None:
         """The base tensor for adapter name ``name``, or None with the problem recorded."""
-        mapping = map_name(name, self.base)
+        mapping = self.find(name)
         if mapping.target is not None:
             return mapping
+        converted = next((self.names.converted[c] for c in candidates(name) if c in self.names.converted), None)
+        if converted is not None:
+            self.error(
+                f"{name!r} is built from checkpoint tensors such as {converted.source!r} by transformers' "
+                f"{converted.operations} when it loads them ({self.names.rules}); shardmerge does not invert that",
+                key,
+                "leave this module out of the adapter, or merge into a checkpoint that stores the model's own tensors",
+            )
+            return None
         if mapping.candidates:
             self.error(
                 f"maps to more than one base tensor: {', '.join(mapping.candidates)}",
@@ -455,7 +469,7 @@ class AdapterPlanner:
         """Where ``module.parameter`` lives in the checkpoint: (experts, [(tensor, rows)...],
         fused (out, in), layout of a fused 3-D tensor or None for per-expert tensors)."""
         found = []
-        fused = map_name(f"{module.path}.{parameter}", self.base)
+        fused = self.find(f"{module.path}.{parameter}")
         shape = self.base[fused.target].shape if fused.target is not None else ()
         if len(shape) == 2:  # a plain 2-D parameter: PEFT treats it as one Linear weight
             found.append((1, [(fused, shape[0])], (shape[0], shape[1]), "linear"))
@@ -463,7 +477,8 @@ class AdapterPlanner:
             # The orientation PEFT's delta takes, from the architecture; from the shapes only
             # where it is unknown (a square expert fits both: refused as ambiguous).
             experts, first, second = shape
-            transposed = self.layouts.experts_transposed
+            # A layout the conversion rules decide for this checkpoint comes first.
+            transposed = self.names.transposed.get(fused.target or "", self.layouts.experts_transposed)
             if transposed is not True:
                 found.append((experts, [(fused, first)], (first, second), "experts-out-in"))
             if transposed is not False:
@@ -472,7 +487,7 @@ class AdapterPlanner:
             parts: list[tuple[Mapping, int]] = []
             expert = 0
             while True:
-                mappings = [map_name(f"{module.path}.{expert}.{name}.weight", self.base) for name in names]
+                mappings = [self.find(f"{module.path}.{expert}.{name}.weight") for name in names]
                 if any(mapping.target is None for mapping in mappings):
                     break
                 shapes = [self.tensor(mapping).shape for mapping in mappings]
@@ -568,7 +583,7 @@ class AdapterPlanner:
         if layout is None:
             return
         self.add(mapping, "ia3", (key,), layout, module.path)
-        if not feedforward and map_name(f"{module.path}.bias", self.base).target is not None:
+        if not feedforward and self.find(f"{module.path}.bias").target is not None:
             self.bias_update(module, "ia3", key, shape)
 
     def tokens(self, module: AdapterModule) -> None:

@@ -34,6 +34,7 @@ from ..tuning import (
     WIDEN_CHUNK,
 )
 from .adapters import MAX_CONFIG_BYTES, Adapter, load_adapter
+from .conversions import checkpoint_names
 from .layouts import find_layouts
 from .model import (
     Action,
@@ -119,8 +120,9 @@ def build_plan(job: MergeJob) -> Plan:
     # resized each: later adapters see (and are checked against) the resized tensor.
     resized: dict[str, tuple[int, ...]] = {}
     resizer: dict[str, int] = {}
+    names = checkpoint_names(config, {name: info.shape for name, info in targets.items()}, layouts.experts_transposed)
     for adapter in adapters:
-        planner = AdapterPlanner(adapter, targets, layouts, problems, vocab_sizes=frozenset(vocab))
+        planner = AdapterPlanner(adapter, targets, layouts, problems, vocab_sizes=frozenset(vocab), names=names)
         planner.resized.update(resized)
         for name, tensor_ops in planner.plan().items():
             ops[name].extend(tensor_ops)
@@ -135,6 +137,7 @@ def build_plan(job: MergeJob) -> Plan:
         raise PlanError(problems)
     extra: dict[Path, list[TensorInfo]] = defaultdict(list)
     notes = _notes(ops, layouts.source) + quantization_notes(quantization, ops, dtype)
+    notes += tuple(note for note in (names.note(),) if note)
     notes += _trained_against(adapters, quantization.bitsandbytes)
     rows = {shape[0] for shape in resized.values()}
     if resized:
