@@ -186,7 +186,7 @@ def test_output_of_another_job_is_refused_and_the_same_job_resumes(
 
     code, lines = run_cli(["merge", str(base), str(adapter), "-o", str(output), "--dtype", "float16"], capsys)
     assert code != 0
-    assert "output folder holds an earlier merge with other inputs: dtype changed from bfloat16 to float16" in lines[0]
+    assert "output folder holds an earlier merge with other inputs: dtype changed from base to float16" in lines[0]
     assert "--restart" in lines[0]
 
     assert main(["merge", str(base), str(adapter), "-o", str(output), "--quiet"]) == 0

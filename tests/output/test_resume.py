@@ -271,7 +271,7 @@ def test_changed_adapter_or_dtype_is_refused_and_restart_starts_over(job: Job, t
     with pytest.raises(shardmerge.OutputError) as caught:
         shardmerge.merge(adapters=[str(reconfigured)], **args)
     assert caught.value.message.endswith("other inputs: adapter 0 changed: config")
-    with pytest.raises(shardmerge.OutputError, match="dtype changed from bfloat16 to float32"):
+    with pytest.raises(shardmerge.OutputError, match="dtype changed from base to float32"):
         shardmerge.merge(adapters=[str(job.adapter)], dtype="float32", **args)
     with pytest.raises(shardmerge.OutputError, match=r"adapter 0 changed: weight 1\.0 -> 0\.5"):
         shardmerge.merge(adapters=[{"path": str(job.adapter), "weight": 0.5}], **args)

@@ -15,6 +15,8 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
+from .custom_code import CustomCode
+
 # Module names that are transformers' ``Conv1D``, per model type. Every other module of a
 # model type that transformers implements is ``nn.Linear``: the tests check both against
 # transformers' own modelling code.
@@ -70,17 +72,23 @@ class Layouts:
     # Whether a fused gate_up_proj interleaves gate and up (see INTERLEAVED_GATE_UP); None
     # when the architecture is unknown.
     gate_up_interleaved: bool | None = None
+    # Where ``conv1d`` is None: module names (a path's last part) that the base's custom
+    # modelling code builds one way only, and whether that is Conv1D.
+    custom: dict[str, bool | None] | None = None
 
     def is_conv1d(self, path: str) -> bool | None:
         """Whether module ``path`` is a Conv1D; None when nothing says."""
         if self.conv1d is None:
-            return None
+            return (self.custom or {}).get(path.rpartition(".")[2])
         return any(path == name or path.endswith(f".{name}") for name in self.conv1d)
 
 
-def find_layouts(config: dict[str, Any] | None, conv1d_modules: list[str] | None) -> Layouts:
+def find_layouts(
+    config: dict[str, Any] | None, conv1d_modules: list[str] | None, code: CustomCode | None = None
+) -> Layouts:
     """The layouts of the base described by ``config`` (None without a config.json), or the
-    Conv1D modules the job declares (the experts' layouts still from the config)."""
+    Conv1D modules the job declares (the experts' layouts still from the config); for custom
+    modelling code, what its files (``code``) say."""
     known = _known_model_types(config)
     experts: dict[str, Any] = {}
     if isinstance(known, set):
@@ -92,7 +100,12 @@ def find_layouts(config: dict[str, Any] | None, conv1d_modules: list[str] | None
         named = ", ".join(conv1d_modules) or "none"
         return Layouts(tuple(conv1d_modules), f"conv1d_modules of the job ({named})", **experts)
     if isinstance(known, str):
-        return Layouts(None, "", known)
+        if code is not None and code.files and not code.unread:
+            files = ", ".join(code.files)
+            source = f"custom modelling code {files}, read and not run"
+            why = f"{known}, and its files ({files}, read and not run) do not build it one way only"
+            return Layouts(None, source, why, custom=code.modules)
+        return Layouts(None, "", f"{known}; {code.unread}" if code is not None and code.unread else known)
     names = tuple(dict.fromkeys(name for kind in sorted(known) for name in CONV1D_MODULES.get(kind, ())))
     return Layouts(names, f"config.json model_type {', '.join(sorted(known))}", **experts)
 

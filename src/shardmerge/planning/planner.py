@@ -35,6 +35,7 @@ from ..tuning import (
 )
 from .adapters import MAX_CONFIG_BYTES, Adapter, load_adapter
 from .conversions import checkpoint_names
+from .custom_code import read_custom_code
 from .layouts import find_layouts
 from .model import (
     Action,
@@ -81,7 +82,8 @@ def build_plan(job: MergeJob) -> Plan:
             adapters.append(adapter)
     tensors = {name: info for header in headers for name, info in header.tensors.items()}
     located = {name: (info, header.path) for header in headers for name, info in header.tensors.items()}
-    layouts = find_layouts(config, job.conv1d_modules)
+    code = read_custom_code(base.folder, config) if config and config.get("auto_map") else None
+    layouts = find_layouts(config, job.conv1d_modules, code)
     quantization = find_quantized(declared, located, problems, transposed=layouts.experts_transposed)
     quantized = quantization.weights
     if format_read:
@@ -138,6 +140,8 @@ def build_plan(job: MergeJob) -> Plan:
     extra: dict[Path, list[TensorInfo]] = defaultdict(list)
     notes = _notes(ops, layouts.source) + quantization_notes(quantization, ops, dtype)
     notes += tuple(note for note in (names.note(),) if note)
+    if layouts.custom is not None:
+        notes += (f"which modules are nn.Linear and which Conv1D: from {layouts.source}",)
     notes += _trained_against(adapters, quantization.bitsandbytes)
     rows = {shape[0] for shape in resized.values()}
     if resized:
