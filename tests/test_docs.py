@@ -52,3 +52,10 @@ def test_the_readme_is_short_and_links_every_page_of_docs() -> None:
     assert len(readme.read_text().splitlines()) < 300
     linked = {(ROOT / target.partition("#")[0]).resolve() for target in _links(readme)}
     assert set(PAGES[1:]) <= linked
+
+
+def test_the_architecture_table_lists_every_family_tested() -> None:
+    from planning.test_families import FAMILIES
+
+    table = (ROOT / "docs" / "architectures.md").read_text()
+    assert [name for name in FAMILIES if f"`{name}`" not in table] == []

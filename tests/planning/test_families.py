@@ -206,6 +206,20 @@ def _experts_in_out(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     }
 
 
+def _glm45v() -> object:
+    text = dict(
+        vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
+        n_shared_experts=1, first_k_dense_replace=1, max_position_embeddings=64, n_group=1, topk_group=1,
+        rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4, "partial_rotary_factor": 1.0},
+    )  # fmt: skip
+    vision = dict(
+        depth=1, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=32, patch_size=14,
+        spatial_merge_size=2, image_size=28,
+    )  # fmt: skip
+    return tf.Glm4vMoeConfig(text_config=text, vision_config=vision)
+
+
 EXPERTS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
 VISION = ["fc1", "fc2", "out_proj", "qkv", "proj", "linear_fc1", "linear_fc2", "attn.proj"]
 FAMILIES: dict[str, Family] = {
@@ -280,6 +294,13 @@ FAMILIES: dict[str, Family] = {
             ["experts.gate_up_proj", "experts.down_proj"],
         ),
         ("block_sparse_moe.input_linear", "block_sparse_moe.output_linear", "shared_mlp.input_linear", "mamba.in_proj"),
+    ),
+    # PEFT's all-linear wraps the vision tower's Conv3d patch embedding too.
+    "glm-4.5v": Family(
+        tf.Glm4vMoeForConditionalGeneration,
+        _glm45v,
+        _lora("all-linear"),
+        ("visual.patch_embed.proj", "visual.blocks.0", "language_model.layers.1.mlp.experts"),
     ),
     "qwen3-vl-moe": Family(
         tf.Qwen3VLMoeForConditionalGeneration,
