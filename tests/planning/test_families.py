@@ -211,7 +211,9 @@ def _glm45v() -> object:
         vocab_size=96, hidden_size=32, intermediate_size=48, moe_intermediate_size=16, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, n_routed_experts=4, num_experts_per_tok=2,
         n_shared_experts=1, first_k_dense_replace=1, max_position_embeddings=64, n_group=1, topk_group=1,
-        rope_parameters={"rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4},
+        rope_parameters={
+            "rope_type": "default", "mrope_section": [2, 1, 1], "rope_theta": 1e4, "partial_rotary_factor": 1.0
+        },
     )  # fmt: skip
     vision = dict(
         depth=1, hidden_size=32, intermediate_size=48, num_heads=4, out_hidden_size=32, patch_size=14,
