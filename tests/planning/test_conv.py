@@ -14,6 +14,7 @@ from torch import nn
 
 import shardmerge
 from conftest import assert_within_tolerance
+from shardmerge.verify import verify
 
 
 class Convs(nn.Module):
@@ -67,6 +68,8 @@ def test_lora_on_convolutions_matches_peft(tmp_path: Path, lora: dict) -> None:
         assert_within_tolerance(name, value, expected[name])
     before = load_file(tmp_path / "base" / "model.safetensors")
     assert not torch.equal(ours["video.weight"], before["video.weight"])
+    report = verify(tmp_path / "out", recompute=len(ours), against_base=True)
+    assert report.recomputed == sum(bool(tensor.ops) for tensor in plan.shards[0].tensors)
 
 
 def test_lora_on_a_grouped_convolution_is_refused_as_peft_refuses_to_merge_it(tmp_path: Path) -> None:

@@ -15,12 +15,12 @@ import torch
 import transformers as tf
 from peft import LoraConfig
 from safetensors import safe_open
-from test_families import _deepseek_v4, _granite_hybrid, _qwen3vl_moe
+from test_families import EXPERTS, _deepseek_v4, _experts_in_out, _granite_hybrid, _qwen3vl_moe, _republish
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, rename_source_key
 
 import shardmerge
-from conftest import Base, save_adapter
+from conftest import Base, peft_reference, read_output, save_adapter
 from shardmerge.planning.conversions import checkpoint_names
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,19 +88,43 @@ def test_an_adapter_on_a_tensor_transformers_splits_on_load_is_refused(tmp_path:
 @pytest.mark.parametrize(
     ("gate_up", "down", "transposed"),
     [
-        ((4, 48, 32), (4, 32, 24), False),  # as transformers saves them: [experts, out, in]
-        ((4, 32, 48), (4, 24, 32), True),  # as Qwen3-VL-MoE is published: [experts, in, out]
-        ((4, 32, 32), (4, 16, 32), True),  # a square gate_up_proj, told by its layer's down_proj
-        ((4, 32, 32), (4, 32, 16), False),
-        ((4, 32, 32), (4, 32, 32), None),  # nothing tells: each square expert is refused
+        ((4, 48, 32), (4, 32, 24), (False, False, False)),  # as transformers saves them: [experts, out, in]
+        ((4, 32, 48), (4, 24, 32), (True, True, True)),  # as Qwen3-VL-MoE is published: [experts, in, out]
+        # A square tensor is loaded as stored (transformers transposes only another shape).
+        ((4, 32, 32), (4, 16, 32), (False, True, True)),
+        ((4, 32, 32), (4, 32, 16), (False, False, False)),
+        ((4, 32, 32), (4, 32, 32), (False, False, None)),  # nothing tells layer 1's: refused if square
     ],
 )
 def test_the_orientation_of_published_experts_is_decided_per_checkpoint(
-    gate_up: tuple[int, ...], down: tuple[int, ...], transposed: bool | None
+    gate_up: tuple[int, ...], down: tuple[int, ...], transposed: tuple[bool | None, ...]
 ) -> None:
     config = {"model_type": "qwen3_vl_moe", "architectures": ["Qwen3VLMoeForConditionalGeneration"]}
     layer = "model.language_model.layers.{}.mlp.experts."
+    # layer 1 stores only a non-square gate_up_proj: the checkpoint's orientation decides it
+    lone = (4, 32, 48) if transposed[2] is not False else (4, 48, 32)
     shapes = {layer.format(0) + "gate_up_proj": gate_up, layer.format(0) + "down_proj": down}
-    shapes |= {layer.format(1) + "gate_up_proj": (4, 48, 32) if transposed is False else gate_up}
+    shapes[layer.format(1) + "gate_up_proj"] = lone
     names = checkpoint_names(config, shapes, False)
-    assert names.transposed == dict.fromkeys(shapes, transposed)
+    assert tuple(names.transposed[name] for name in shapes) == transposed
+
+
+def test_a_square_published_expert_merges_as_transformers_loads_it(tmp_path: Path) -> None:
+    """hidden = 2 x intermediate: transformers keeps the square gate_up_proj as stored and
+    transposes down_proj; the adapter is trained on (and the output loaded as) that."""
+    torch.manual_seed(0)
+    model_class = tf.Qwen3VLMoeForConditionalGeneration
+    model_class(_qwen3vl_moe(16)).save_pretrained(tmp_path / "base")
+    _republish(tmp_path / "base", _experts_in_out)
+    base = Base(tmp_path / "base", torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=EXPERTS)
+    adapter = save_adapter(base, tmp_path / "adapter", seed=1, config=lora, model_class=model_class)
+    reference = peft_reference(base, [(adapter, 1.0)], model_class=model_class).eval()
+    shardmerge.merge(base=str(base.path), adapters=[str(adapter)], output=str(tmp_path / "out"), dtype="float32")
+    ours = model_class.from_pretrained(tmp_path / "out", dtype=torch.float32).eval()
+    ids = torch.arange(24).reshape(2, 12) % 90
+    with torch.no_grad():
+        got, want = ours(input_ids=ids).logits, reference(input_ids=ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    merged = read_output(tmp_path / "out")
+    assert merged["model.language_model.layers.0.mlp.experts.down_proj"].shape == (4, 16, 32)

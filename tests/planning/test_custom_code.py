@@ -88,8 +88,25 @@ HEADER = "from torch import nn\nfrom transformers.pytorch_utils import Conv1D\n"
             "self.a = Flipped(3, 3)\nself.b = Plain(3, 3)",
             {"a": None, "b": False},
         ),
+        (
+            "from transformers.pytorch_utils import Conv1D as Linear\nclass P(Linear):\n    pass\n"
+            "self.a = P(3, 3)\nself.b = Linear(3, 3)",
+            {"a": None, "b": True},
+        ),
+        ("import torch.nn as nn\nself.a = nn.Linear(3, 3)", {"a": False}),
+        ("from . import layers as nn\nself.a = nn.Linear(3, 3)", {"a": None}),
     ],
-    ids=["conv1d", "conditional", "both", "foreign-linear", "torch-nn", "subclasses"],
+    ids=[
+        "conv1d",
+        "conditional",
+        "both",
+        "foreign-linear",
+        "torch-nn",
+        "subclasses",
+        "aliased-base",
+        "import-as",
+        "local-nn",
+    ],
 )
 def test_the_files_decide_only_what_they_build_one_way(source: str, modules: dict, tmp_path: Path) -> None:
     (tmp_path / "modeling_x.py").write_text(HEADER + source)
@@ -112,6 +129,43 @@ def test_unreadable_code_decides_nothing(auto_map: dict, files: dict, why: str, 
         (tmp_path / name).write_text(text)
     code = read_custom_code(tmp_path, {"auto_map": auto_map})
     assert code.modules == {} and why in code.unread
+
+
+@pytest.mark.parametrize(
+    ("source", "why"),
+    [
+        ("self.add_module('proj', Conv1D(3, 3))\nself.proj2 = nn.Linear(3, 3)", "add_module (module names computed"),
+        ("setattr(self, 'proj', Conv1D(3, 3))", "setattr (module names computed"),
+        ("self.blocks = nn.ModuleDict({'proj': Conv1D(3, 3)})", "ModuleDict (module names computed"),
+        ("from mylib import Block\nself.block = Block()\nself.proj = nn.Linear(3, 3)", "mylib.Block, whose code"),
+        (
+            "from transformers.models.gpt2.modeling_gpt2 import GPT2Block\nself.h = GPT2Block(c)\n"
+            "self.c_proj = nn.Linear(3, 3)",
+            "GPT2Block (transformers' GPT-2 family",
+        ),
+        ("import transformers\nself.h = transformers.GPT2Block(c)", "transformers.GPT2Block (transformers' GPT-2"),
+    ],
+    ids=["add-module", "setattr", "module-dict", "foreign-class", "gpt2-block", "gpt2-top-level"],
+)
+def test_files_that_build_modules_out_of_sight_decide_nothing(source: str, why: str, tmp_path: Path) -> None:
+    (tmp_path / "modeling_x.py").write_text(HEADER + source)
+    code = read_custom_code(tmp_path, {"auto_map": {"AutoModel": "modeling_x.Model"}})
+    assert code.modules == {} and why in code.unread, code.unread
+
+
+def test_the_files_a_modelling_file_imports_are_read_and_bounded(tmp_path: Path) -> None:
+    (tmp_path / "modeling_x.py").write_bytes(b"\xef\xbb\xbf" + (HEADER + "from .layers import Wide\n").encode())
+    (tmp_path / "layers.py").write_text(HEADER + "self.wide = Conv1D(3, 3)")
+    code = read_custom_code(tmp_path, {"auto_map": {"AutoModel": "modeling_x.Model"}})
+    assert code.modules == {"wide": True} and code.files == ("layers.py", "modeling_x.py")
+    for number in range(17):
+        (tmp_path / f"part{number}.py").write_text(f"from .part{number + 1} import x\n")
+    (tmp_path / "modeling_x.py").write_text(HEADER + "from .part0 import x\n")
+    code = read_custom_code(tmp_path, {"auto_map": {"AutoModel": "modeling_x.Model"}})
+    assert code.modules == {} and "more than 16 files" in code.unread
+    (tmp_path / "modeling_x.py").write_text("#" * (4 << 20) + "\n")
+    code = read_custom_code(tmp_path, {"auto_map": {"AutoModel": "modeling_x.Model"}})
+    assert code.modules == {} and "not a readable Python file" in code.unread
 
 
 def test_a_link_out_of_the_base_folder_is_not_read(tmp_path: Path) -> None:

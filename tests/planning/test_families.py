@@ -184,9 +184,9 @@ def _granite_hybrid() -> object:
     )  # fmt: skip
 
 
-def _qwen3vl_moe() -> object:
+def _qwen3vl_moe(intermediate: int = 24) -> object:
     text = dict(
-        **SMALL, head_dim=8, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2,
+        **SMALL, head_dim=8, moe_intermediate_size=intermediate, num_experts=4, num_experts_per_tok=2,
         rope_scaling={"rope_type": "default", "mrope_section": [2, 1, 1], "mrope_interleaved": True},
     )  # fmt: skip
     vision = dict(

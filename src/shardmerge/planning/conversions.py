@@ -32,6 +32,7 @@ _PLAIN = frozenset({"WeightRenaming", "PrefixChange", "WeightConverter"})
 # Converters that gather experts stored one by one into a fused tensor: the per-expert
 # tensors keep their (renamed) names, which the expert rules split a fused update into.
 _GATHER = frozenset({"MergeModulelist", "Concatenate"})
+_STACKED = "MergeModulelist"
 
 
 @dataclass(frozen=True)
@@ -81,9 +82,10 @@ def _table() -> dict[str, Any]:
 
 
 def rules_for(config: dict[str, Any] | None) -> tuple[str, tuple[Transform, ...]] | None:
-    """The conversion rules transformers applies to the checkpoint of ``config``'s model, and
-    the name they are filed under (its class first, then its model type, as transformers
-    looks them up); None where it has none, or where they cannot be read as data here."""
+    """The conversion rules transformers applies to the checkpoint of ``config``'s model (its
+    class's, else its model type's, as transformers looks them up, and the legacy renamings it
+    adds to every model), and the name they are filed under; None where they cannot be read as
+    data here."""
     if not isinstance(config, dict):
         return None
     table = _table()
@@ -91,12 +93,13 @@ def rules_for(config: dict[str, Any] | None) -> tuple[str, tuple[Transform, ...]
     keys = [name for name in architectures if isinstance(name, str)] if isinstance(architectures, list) else []
     keys = [*keys[:1], config.get("model_type")]
     found = next((key for key in keys if isinstance(key, str) and key in table["aliases"]), None)
-    if found is None or isinstance(config.get("auto_map"), dict):  # custom code: transformers skips its rules
-        return None
-    entries = table["rules"][table["aliases"][found]] + table["rules"][table["aliases"]["legacy"]]
+    if isinstance(config.get("auto_map"), dict):  # custom code: transformers skips its rules
+        found = None
+    entries = table["rules"][table["aliases"][found]] if found is not None else []
+    entries = entries + table["rules"][table["aliases"]["legacy"]]  # transformers adds these to every model
     if any(entry["class"] not in _PLAIN for entry in entries):
         return None
-    return found, tuple(Transform.of(entry) for entry in entries)
+    return found or "every model (legacy)", tuple(Transform.of(entry) for entry in entries)
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,7 @@ def checkpoint_names(
             if ops == {"Transpose"} and _expert_transpose(converter, shapes[name]):
                 transposes[name] = bool(converter.operations[0].get("check_dims"))
                 model = target
-            elif not ops <= _GATHER:
+            elif not (ops <= _GATHER and _STACKED in ops):
                 for built in converter.apply_all(model):
                     converted.setdefault(built, Converted(name, converter.describe()))
             break
@@ -174,8 +177,8 @@ def checkpoint_names(
 
 def _expert_transpose(converter: Transform, shape: tuple[int, ...]) -> bool:
     """Whether ``converter`` swaps the two matrix dimensions of a fused 3-D expert tensor."""
-    (op,) = converter.operations
-    return len(shape) == 3 and {op.get("dim0"), op.get("dim1")} == {1, 2}
+    ops = converter.operations
+    return len(ops) == 1 and len(shape) == 3 and {ops[0].get("dim0"), ops[0].get("dim1")} == {1, 2}
 
 
 def _orientation(
@@ -183,7 +186,8 @@ def _orientation(
 ) -> dict[str, bool | None]:
     """Whether each fused expert tensor a transpose converter matches is stored
     [experts, in, out]. A transpose applied always is the model's layout swapped. One applied
-    where the shapes differ from the model's is decided for the whole checkpoint by each
+    only where the stored shape differs from the model's keeps a square tensor as stored (the
+    model trained on it as such); any other is decided for the whole checkpoint by each
     layer's pair of fused tensors: [experts, 2 * inter, hidden] and [experts, hidden, inter]
     as [out, in], [experts, hidden, 2 * inter] and [experts, inter, hidden] as [in, out]."""
     result: dict[str, bool | None] = {}
@@ -205,5 +209,5 @@ def _orientation(
     checkpoint = decided.pop() if len(decided) == 1 else None
     for name, by_shape in transposes.items():
         if by_shape:
-            result[name] = checkpoint
+            result[name] = False if shapes[name][1] == shapes[name][2] else checkpoint
     return result

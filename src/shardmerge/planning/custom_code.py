@@ -5,82 +5,158 @@ base folder, parsed and never run.
 Every assignment ``self.NAME = CALL(...)`` in the files counts: a module name is ``nn.Linear``
 when each one builds torch's ``nn.Linear`` (or a class of the files that derives from it alone
 and changes nothing of how it stores its weight), and ``Conv1D`` when each one builds
-transformers' ``Conv1D``, as the files' imports name them. A name built both ways, by another call (a
-helper function, a class of another package, a conditional), or not found at all stays
-undecided, and its square weights are refused as before.
+transformers' ``Conv1D``, as the files' imports name them. A name built both ways, by another
+call (a helper function, a conditional), or not found at all stays undecided, and its square
+weights are refused as before. Files that build modules with code they do not hold (a class of
+another package, transformers' GPT-2 family) or under names computed at run time
+(``add_module``, ``setattr``, ``ModuleDict``) decide nothing.
 """
 
 from __future__ import annotations
 
 import ast
 import re
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from ..errors import ShardmergeError
 from ..formats.confined import read_input
+from .layouts import CustomCode
 
-# A modelling file is read into memory and parsed: its size is the sender's to choose.
+# Modelling files are read into memory and parsed: their sizes are the sender's to choose.
 MAX_CODE_BYTES = 4 << 20
+_MAX_TOTAL_BYTES = 8 << 20
 # Files the code may span: those auto_map names and the local modules they import.
 _MAX_FILES = 16
 _MODULE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-
-
-@dataclass(frozen=True)
-class CustomCode:
-    """What the files say: module name -> whether it is a Conv1D (None: undecided), the files
-    read, and why nothing was decided where nothing was."""
-
-    modules: dict[str, bool | None]
-    files: tuple[str, ...]
-    unread: str = ""
+_LINEAR = frozenset({"torch.nn.Linear", "torch.nn.modules.linear.Linear"})
+_CONV1D = frozenset({"transformers.pytorch_utils.Conv1D", "transformers.modeling_utils.Conv1D"})
+# transformers' models whose classes build Conv1D layers: their folders and class prefixes.
+_CONV1D_FOLDERS = ("gpt2", "openai", "imagegpt", "decision_transformer", "clvp")
+_CONV1D_CLASSES = ("GPT2", "OpenAIGPT", "ImageGPT", "DecisionTransformer", "Clvp")
+# Calls that give modules names computed at run time.
+_DYNAMIC = frozenset({"add_module", "register_module", "setattr", "ModuleDict"})
 
 
 def read_custom_code(folder: Path, config: dict[str, Any]) -> CustomCode:
-    """Parse the modelling files ``config``'s ``auto_map`` names, in ``folder``."""
+    """Parse the modelling files ``config``'s ``auto_map`` names, in ``folder``, and the files
+    of the folder they import."""
     auto_map = config.get("auto_map")
     names = [value for value in auto_map.values() if isinstance(value, str)] if isinstance(auto_map, dict) else []
     pending = sorted({name.rpartition(".")[0] for name in names if "--" not in name})
     if not pending:
         return CustomCode({}, (), "auto_map names no modelling file in the base folder")
     trees: dict[str, ast.Module] = {}
-    while pending and len(trees) < _MAX_FILES:
+    total = 0
+    while pending:
         module = pending.pop()
         if module in trees:
             continue
-        tree = _parse(folder, module)
-        if tree is None:
-            return CustomCode({}, tuple(sorted(trees)), f"{module}.py is not a readable Python file in the base folder")
+        if len(trees) == _MAX_FILES:
+            return CustomCode({}, (), f"the modelling code spans more than {_MAX_FILES} files")
+        source = _read(folder, module)
+        tree = _parse(source) if source is not None else None
+        if source is None or tree is None:
+            return CustomCode({}, (), f"{module}.py is not a readable Python file in the base folder")
+        total += len(source)
+        if total > _MAX_TOTAL_BYTES:
+            return CustomCode({}, (), f"the modelling code holds more than {_MAX_TOTAL_BYTES} bytes")
         trees[module] = tree
         pending += [name for name in _local_imports(tree) if name not in trees and (folder / f"{name}.py").is_file()]
-    local_linear = _linear_subclasses(trees.values())
+    files = tuple(f"{name}.py" for name in sorted(trees))
+    defined = {node.name for tree in trees.values() for node in tree.body if isinstance(node, _DEFINITIONS)}
+    bindings = {module: _bindings(tree) for module, tree in trees.items()}
+    local_linear = _linear_subclasses(trees, bindings)
     kinds: dict[str, set[bool | None]] = {}
-    for tree in trees.values():
-        imports = _imports(tree)
-        for name, call in _assignments(tree):
-            kinds.setdefault(name, set()).add(_kind(call, imports, local_linear))
+    for module, tree in trees.items():
+        for called in _calls(tree):
+            full = _resolve(called, bindings[module])
+            outside = _outside(full, defined, set(trees))
+            if outside:
+                return CustomCode({}, files, f"{files[0]} builds modules with {outside}, whose code is not there")
+        for name, value in _assignments(tree):
+            kinds.setdefault(name, set()).add(_kind(value, bindings[module], local_linear))
     modules = {name: found.pop() if len(found) == 1 else None for name, found in kinds.items()}
-    return CustomCode(modules, tuple(f"{name}.py" for name in sorted(trees)))
+    return CustomCode(modules, files)
 
 
-def _parse(folder: Path, module: str) -> ast.Module | None:
+_DEFINITIONS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
+def _read(folder: Path, module: str) -> bytes | None:
     if not _MODULE.match(module):
         return None
     try:
-        return ast.parse(read_input(folder / f"{module}.py", MAX_CODE_BYTES).decode())
-    except (ShardmergeError, SyntaxError, UnicodeDecodeError, ValueError, RecursionError):
+        return read_input(folder / f"{module}.py", MAX_CODE_BYTES)
+    except ShardmergeError:
+        return None
+
+
+def _parse(source: bytes) -> ast.Module | None:
+    """The syntax tree of ``source`` (bytes: a BOM or coding line is honoured), never run."""
+    try:
+        return ast.parse(source)
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return None
 
 
 def _local_imports(tree: ast.Module) -> list[str]:
-    """Modules of the same folder that ``tree`` imports (``from .x import ...``)."""
-    return [
-        node.module
-        for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module and _MODULE.match(node.module)
-    ]
+    """Modules of the same folder that ``tree`` imports (``from .x import ...``,
+    ``from . import x``)."""
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found += [node.module] if node.module else [alias.name for alias in node.names]
+    return [name for name in found if _MODULE.match(name)]
+
+
+def _bindings(tree: ast.Module) -> dict[str, str]:
+    """What each imported name stands for: ``import torch.nn as nn`` binds ``nn`` to
+    ``torch.nn``, ``from .layers import Linear`` binds ``Linear`` to ``.layers.Linear``."""
+    names = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                bound = alias.asname or alias.name.partition(".")[0]
+                names[bound] = alias.name if alias.asname else bound
+        elif isinstance(node, ast.ImportFrom):
+            prefix = "." * node.level + (f"{node.module}." if node.module else "")
+            for alias in node.names:
+                names[alias.asname or alias.name] = prefix + alias.name
+    return names
+
+
+def _dotted(func: ast.expr) -> str | None:
+    parts = []
+    while isinstance(func, ast.Attribute):
+        parts.append(func.attr)
+        func = func.value
+    return ".".join([func.id, *reversed(parts)]) if isinstance(func, ast.Name) else None
+
+
+def _calls(tree: ast.Module) -> list[str]:
+    return [name for node in ast.walk(tree) if isinstance(node, ast.Call) and (name := _dotted(node.func))]
+
+
+def _resolve(called: str, bindings: dict[str, str]) -> str:
+    head, _, rest = called.partition(".")
+    bound = bindings.get(head, head)
+    return f"{bound}.{rest}" if rest else bound
+
+
+def _outside(full: str, defined: set[str], local: set[str]) -> str | None:
+    """Why the call ``full`` builds modules whose names the files do not show; None if not."""
+    last = full.rpartition(".")[2]
+    if last in _DYNAMIC:
+        return f"{last} (module names computed at run time)"
+    root = full.split(".")[0]
+    if full.startswith("transformers."):
+        family = any(f".models.{folder}." in full for folder in _CONV1D_FOLDERS) or last.startswith(_CONV1D_CLASSES)
+        return f"{full} (transformers' GPT-2 family, with Conv1D layers)" if family and last[:1].isupper() else None
+    if full.startswith(".") or root in defined or root in local or root in ("torch", "self", "super"):
+        return None
+    # A class of another package (a call of a capitalised name): its modules are not in the files.
+    return full if last[:1].isupper() and root[:1].islower() and "." in full else None
 
 
 def _assignments(tree: ast.Module) -> list[tuple[str, ast.expr]]:
@@ -101,59 +177,32 @@ def _assignments(tree: ast.Module) -> list[tuple[str, ast.expr]]:
     return found
 
 
-def _called(call: ast.expr) -> str | None:
-    """The dotted name ``call`` calls (``nn.Linear(...)`` -> ``nn.Linear``), if a call."""
-    if not isinstance(call, ast.Call):
-        return None
-    parts = []
-    func = call.func
-    while isinstance(func, ast.Attribute):
-        parts.append(func.attr)
-        func = func.value
-    if not isinstance(func, ast.Name):
-        return None
-    return ".".join([func.id, *reversed(parts)])
-
-
-def _imports(tree: ast.Module) -> dict[str, str]:
-    """Names ``tree`` imports with ``from M import N [as A]``: A -> M.N."""
-    return {
-        alias.asname or alias.name: f"{node.module}.{alias.name}"
-        for node in ast.walk(tree)
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0
-        for alias in node.names
-    }
-
-
-def _linear_subclasses(trees: Any) -> set[str]:
-    """Classes of the files that derive from ``Linear`` alone and define no forward or
-    weight of their own: they store their weight as nn.Linear does."""
+def _linear_subclasses(trees: dict[str, ast.Module], bindings: dict[str, dict[str, str]]) -> set[str]:
+    """Classes of the files that derive from torch's ``nn.Linear`` alone and define no
+    forward, initialisation of parameters or loading of their own: they store their weight as
+    nn.Linear does."""
     found: set[str] = set()
-    for tree in trees:
-        for node in ast.walk(tree):
+    for module, tree in trees.items():
+        for node in tree.body:
             if not isinstance(node, ast.ClassDef) or len(node.bases) != 1:
                 continue
-            base = node.bases[0]
-            name = base.id if isinstance(base, ast.Name) else base.attr if isinstance(base, ast.Attribute) else ""
+            base = _dotted(node.bases[0])
             own = {item.name for item in node.body if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef))}
-            if name == "Linear" and not own & {"forward", "reset_parameters", "_load_from_state_dict"}:
+            if base and _resolve(base, bindings[module]) in _LINEAR and not own & _OVERRIDES:
                 found.add(node.name)
     return found
 
 
-# What a call must name to build an nn.Linear or a Conv1D, once the file's imports are read.
-_LINEAR = frozenset({"nn.Linear", "torch.nn.Linear", "torch.nn.modules.linear.Linear"})
-_CONV1D = frozenset({"transformers.pytorch_utils.Conv1D", "transformers.modeling_utils.Conv1D"})
+_OVERRIDES = frozenset({"forward", "reset_parameters", "_load_from_state_dict", "__init__"})
 
 
-def _kind(value: ast.expr, imports: dict[str, str], local_linear: set[str]) -> bool | None:
-    called = _called(value)
+def _kind(value: ast.expr, bindings: dict[str, str], local_linear: set[str]) -> bool | None:
+    """Whether ``value`` builds a Conv1D (True) or an nn.Linear (False); None if neither or
+    not known."""
+    called = _dotted(value.func) if isinstance(value, ast.Call) else None
     if called is None:
         return None
-    if called in local_linear:
+    if called in local_linear and called not in bindings:
         return False
-    head, _, rest = called.partition(".")
-    full = imports.get(head, head) + (f".{rest}" if rest else "")
-    if full in _LINEAR or full.replace("torch.nn.", "nn.") in _LINEAR:
-        return False
-    return True if full in _CONV1D else None
+    full = _resolve(called, bindings)
+    return False if full in _LINEAR else True if full in _CONV1D else None

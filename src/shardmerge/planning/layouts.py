@@ -15,8 +15,6 @@ from functools import cache
 from importlib import resources
 from typing import Any
 
-from .custom_code import CustomCode
-
 # Module names that are transformers' ``Conv1D``, per model type. Every other module of a
 # model type that transformers implements is ``nn.Linear``: the tests check both against
 # transformers' own modelling code.
@@ -55,6 +53,17 @@ CONV1D_HINT = (
 def transformers_model_types() -> frozenset[str]:
     text = resources.files(__package__).joinpath(_MODEL_TYPES_FILE).read_text()
     return frozenset(line.strip() for line in text.splitlines() if line.strip())
+
+
+@dataclass(frozen=True)
+class CustomCode:
+    """What a base's custom modelling code says (see ``custom_code``): module name -> whether
+    it is a Conv1D (None: undecided), the files read, and why nothing was decided where
+    nothing was."""
+
+    modules: dict[str, bool | None]
+    files: tuple[str, ...]
+    unread: str = ""
 
 
 @dataclass(frozen=True)

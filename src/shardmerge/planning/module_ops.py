@@ -155,7 +155,8 @@ class AdapterPlanner:
                 )
             )
         covered = [module.path for module in self.adapter.modules] + [name.rpartition(".")[0] for name in self.ops]
-        base_modules = {name.rpartition(".")[0] for name in self.base}
+        model_name = {stored: model for model, stored in self.names.renamed.items()}
+        base_modules = {model_name.get(name, name).rpartition(".")[0] for name in self.base}
         for name, modules in targets.uncovered(config, base_modules, covered):
             self.problems.append(
                 AdapterError(
