@@ -15,6 +15,7 @@ import torch
 import transformers as tf
 from peft import LoraConfig
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from test_families import EXPERTS, _deepseek_v4, _experts_in_out, _granite_hybrid, _qwen3vl_moe, _republish
 from transformers.conversion_mapping import get_model_conversion_mapping
 from transformers.core_model_loading import WeightConverter, rename_source_key
@@ -128,3 +129,19 @@ def test_a_square_published_expert_merges_as_transformers_loads_it(tmp_path: Pat
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     merged = read_output(tmp_path / "out")
     assert merged["model.language_model.layers.0.mlp.experts.down_proj"].shape == (4, 16, 32)
+
+
+def test_an_incomplete_adapter_is_refused_on_a_renamed_checkpoint(tmp_path: Path) -> None:
+    """The adapter's config targets kv_proj, which the checkpoint stores as attn.wkv, and the
+    weights hold no kv_proj tensor: PEFT would leave those modules untrained."""
+    torch.manual_seed(0)
+    tf.DeepseekV4ForCausalLM(_deepseek_v4()).save_pretrained(tmp_path / "base")
+    base = Base(tmp_path / "base", torch.float32)
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_b_proj", "kv_proj"])
+    adapter = save_adapter(base, tmp_path / "adapter", seed=1, config=lora, model_class=tf.DeepseekV4ForCausalLM)
+    weights = adapter / "adapter_model.safetensors"
+    save_file({k: v for k, v in load_file(weights).items() if ".kv_proj." not in k}, weights)
+    with pytest.raises(shardmerge.PlanError) as refused:
+        shardmerge.plan(base=str(base.path), adapters=[str(adapter)])
+    (problem,) = refused.value.problems
+    assert "target_modules names 'kv_proj', which 4 modules of the base answer to" in str(problem)
