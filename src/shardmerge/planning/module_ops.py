@@ -272,14 +272,28 @@ class AdapterPlanner:
         layout = self.layout(module, base, (b_shape[0], a_shape[1]), a_key)
         if layout is None:
             return
-        keys: tuple[str, ...] = (a_key, b_key)
+        # DoRA's magnitude has one entry per output feature: B's rows in every layout.
+        self.add_lora(module, mapping, layout, (a_key, b_key), (b_shape[0],))
+
+    def add_lora(
+        self,
+        module: AdapterModule,
+        mapping: Mapping,
+        layout: str,
+        factors: tuple[str, str],
+        magnitude_shape: tuple[int, ...],
+    ) -> None:
+        """Record LoRA (the keys of A and B in ``factors``), or DoRA where the module has a
+        magnitude of ``magnitude_shape``, and its lora_B bias."""
+        a_key, b_key = factors
+        keys: tuple[str, ...] = factors
         kind = "lora"
         magnitude = module.keys.get("magnitude")
         if magnitude is not None:
-            # DoRA's magnitude has one entry per output feature: B's rows in every layout.
-            if module.shapes["magnitude"] != (b_shape[0],):
+            if module.shapes["magnitude"] != magnitude_shape:
                 self.error(
-                    f"shape mismatch: DoRA magnitude has {list(module.shapes['magnitude'])}, expected [{b_shape[0]}]",
+                    f"shape mismatch: DoRA magnitude has {list(module.shapes['magnitude'])}, "
+                    f"expected {list(magnitude_shape)}",
                     magnitude,
                 )
                 return
@@ -323,24 +337,8 @@ class AdapterPlanner:
             return
         if not self.check_rank(module, {"A": a_shape[0], "B": b_shape[1]}):
             return
-        kind, keys = "lora", (a_key, b_key)
-        magnitude = module.keys.get("magnitude")
-        if magnitude is not None:
-            # PEFT keeps a convolution's DoRA magnitude as (1, out, 1, ...).
-            expected = (1, b_shape[0], *(1,) * (len(base.shape) - 2))
-            if module.shapes["magnitude"] != expected:
-                self.error(
-                    f"shape mismatch: DoRA magnitude has {list(module.shapes['magnitude'])}, expected {list(expected)}",
-                    magnitude,
-                )
-                return
-            kind, keys = "dora", (a_key, b_key, magnitude)
-        elif self.adapter.config.get("use_dora"):
-            self.error("use_dora is set but the module has no lora_magnitude_vector", a_key)
-            return
-        self.add(mapping, kind, keys, "conv", module.path)
-        if "lora_B_bias" in module.keys:
-            self.bias_update(module, "bias", module.keys["lora_B_bias"], module.shapes["lora_B_bias"])
+        # PEFT keeps a convolution's DoRA magnitude as (1, out, 1, ...).
+        self.add_lora(module, mapping, "conv", (a_key, b_key), (1, b_shape[0], *(1,) * (len(base.shape) - 2)))
 
     def layout(self, module: AdapterModule, base: TensorInfo, out_in: tuple[int, int], key: str) -> str | None:
         """How an (out, in) update lies against ``base``: ``linear`` (nn.Linear, [out, in]) or
