@@ -118,7 +118,13 @@ def test_the_files_decide_only_what_they_build_one_way(source: str, modules: dic
 @pytest.mark.parametrize(
     ("auto_map", "files", "why"),
     [
-        ({"AutoModel": "org/repo--modeling_x.Model"}, {}, "names no modelling file in the base folder"),
+        ({"AutoModel": "org/repo--modeling_x.Model"}, {}, "modelling code of another repo"),
+        (
+            {"AutoConfig": "configuration_x.Config", "AutoModel": "org/repo--modeling_x.Model"},
+            {"configuration_x.py": "from torch import nn\nself.wo = nn.Linear(3, 3)"},
+            "modelling code of another repo",
+        ),
+        ({}, {}, "names no modelling file in the base folder"),
         ({"AutoModel": "modeling_x.Model"}, {}, "modeling_x.py is not a readable Python file"),
         ({"AutoModel": "modeling_x.Model"}, {"modeling_x.py": "def broken(:"}, "modeling_x.py is not a readable"),
         ({"AutoModel": "../outside.Model"}, {}, "../outside.py is not a readable Python file"),

@@ -38,7 +38,6 @@ _STACKED = "MergeModulelist"
 @dataclass(frozen=True)
 class Transform:
     kind: str  # "rename" or "convert"
-    cls: str
     pattern: re.Pattern[str]
     targets: tuple[str, ...]
     operations: tuple[dict[str, Any], ...]
@@ -46,7 +45,7 @@ class Transform:
     @classmethod
     def of(cls, entry: dict[str, Any]) -> Transform:
         pattern = re.compile(entry["pattern"])
-        return cls(entry["kind"], entry["class"], pattern, tuple(entry["targets"]), tuple(entry["operations"]))
+        return cls(entry["kind"], pattern, tuple(entry["targets"]), tuple(entry["operations"]))
 
     def apply(self, key: str) -> str | None:
         """``key`` renamed as transformers' ``rename_source_key`` renames it (to the first

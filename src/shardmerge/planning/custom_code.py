@@ -43,7 +43,9 @@ def read_custom_code(folder: Path, config: dict[str, Any]) -> CustomCode:
     of the folder they import."""
     auto_map = config.get("auto_map")
     names = [value for value in auto_map.values() if isinstance(value, str)] if isinstance(auto_map, dict) else []
-    pending = sorted({name.rpartition(".")[0] for name in names if "--" not in name})
+    if any("--" in name for name in names):
+        return CustomCode({}, (), "auto_map names modelling code of another repo, which is not in the base folder")
+    pending = sorted({name.rpartition(".")[0] for name in names})
     if not pending:
         return CustomCode({}, (), "auto_map names no modelling file in the base folder")
     trees: dict[str, ast.Module] = {}

@@ -158,9 +158,10 @@ def candidates(name: str) -> dict[str, str]:
 def map_name(name: str, base_names: Collection[str], renamed: dict[str, str] | None = None) -> Mapping:
     """The base tensor ``name`` maps to. ``renamed``: the model's names of base tensors that
     transformers' conversion rules rename on load (see ``conversions``), to their own names."""
-    hits = {target: rule for target, rule in candidates(name).items() if target in base_names}
-    for target, rule in candidates(name).items():
-        stored = (renamed or {}).get(target)
+    found = candidates(name)
+    hits = {target: rule for target, rule in found.items() if target in base_names}
+    for target, rule in found.items():
+        stored = renamed.get(target) if renamed else None
         if stored is not None and stored in base_names:
             hits.setdefault(stored, "transformers-rules" if rule == "exact" else f"{rule}+transformers-rules")
     if len(hits) == 1:

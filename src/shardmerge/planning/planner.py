@@ -82,7 +82,9 @@ def build_plan(job: MergeJob) -> Plan:
             adapters.append(adapter)
     tensors = {name: info for header in headers for name, info in header.tensors.items()}
     located = {name: (info, header.path) for header in headers for name, info in header.tensors.items()}
-    code = read_custom_code(base.folder, config) if config and config.get("auto_map") else None
+    # The job's conv1d_modules, where given, say what custom code would.
+    read_code = config is not None and config.get("auto_map") and job.conv1d_modules is None
+    code = read_custom_code(base.folder, config) if config is not None and read_code else None
     layouts = find_layouts(config, job.conv1d_modules, code)
     quantization = find_quantized(declared, located, problems, transposed=layouts.experts_transposed)
     quantized = quantization.weights
@@ -139,7 +141,8 @@ def build_plan(job: MergeJob) -> Plan:
         raise PlanError(problems)
     extra: dict[Path, list[TensorInfo]] = defaultdict(list)
     notes = _notes(ops, layouts.source) + quantization_notes(quantization, ops, dtype)
-    notes += tuple(note for note in (names.note(),) if note)
+    if renamed := names.note():
+        notes += (renamed,)
     if layouts.custom is not None:
         notes += (f"which modules are nn.Linear and which Conv1D: from {layouts.source}",)
     notes += _trained_against(adapters, quantization.bitsandbytes)

@@ -54,7 +54,7 @@ def apply_op(
             # A convolution's weight (out, in, *kernel) as the matrix (out, in * kernel): A is
             # (r, in, *kernel), B (out, r, 1, ...), and DoRA's magnitude (1, out, 1, ...).
             matrices = [lora_a.reshape(lora_a.shape[0], -1), lora_b.reshape(lora_b.shape[0], -1)]
-            magnitude = [tensors[2].reshape(-1)] if op.kind == "dora" and tensors[2] is not None else []
+            magnitude = [_get(tensors, 2).reshape(-1)] if op.kind == "dora" else []
             apply_op(value.view(value.shape[0], -1), replace(op, layout="linear"), [*matrices, *magnitude], rows)
             return value
         left, right = _factors(op, lora_a, lora_b)
