@@ -100,6 +100,34 @@ def _parser() -> argparse.ArgumentParser:
         "format; bfloat16, float16 and float32 convert every floating-point tensor, dequantizing first",
     )
     inputs.add_argument(
+        "--combine",
+        choices=["linear", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"],
+        default="linear",
+        help="how the adapters' updates are combined: linear (default) applies them in turn, each times its weight; "
+        "the others are mergekit's methods of the same names on each tensor's updates",
+    )
+    inputs.add_argument(
+        "--density",
+        metavar="D[,D...]",
+        help="with --combine other than linear: the fraction of each update kept, one for all or one per adapter "
+        "(default 1)",
+    )
+    inputs.add_argument("--seed", type=int, help="dare_*: the seed of the random masks (default 0)")
+    inputs.add_argument(
+        "--gamma", type=float, help="breadcrumbs*: the fraction of largest magnitudes dropped (default 0.01)"
+    )
+    inputs.add_argument(
+        "--sign-election",
+        choices=["sum", "count"],
+        help="*_ties: elect each element's sign by the sum of the weighted updates (default) or by the count of signs",
+    )
+    inputs.add_argument(
+        "--normalize",
+        action=argparse.BooleanOptionalAction,
+        help="divide the combined update by the sum of the weights (of those agreeing with the elected sign, for "
+        "*_ties); default: only for ties, as in mergekit",
+    )
+    inputs.add_argument(
         "--max-shard-size",
         metavar="SIZE",
         help="split the output into shards of at most SIZE of tensor data (e.g. 5GB, 500MB, 2GiB), named as "
@@ -209,21 +237,45 @@ def _push_fields(args: argparse.Namespace) -> dict[str, Any]:
     return {key: getattr(args, key) for key in keys if getattr(args, key, None) not in (None, False)}
 
 
+def _per_adapter(args: argparse.Namespace, flag: str, noun: str, default: float | None) -> list[float | None]:
+    """The values of ``--FLAG``, one per adapter: a comma-separated list, or one for all where
+    ``default`` is None."""
+    text = getattr(args, flag)
+    count = len(args.adapters)
+    if not text:
+        return [default] * count
+    try:
+        values: list[float | None] = [float(item) for item in text.split(",")]
+    except ValueError:
+        raise JobConfigError(f"--{flag} {text!r} is not a comma-separated list of numbers") from None
+    if len(values) == 1 and default is None:
+        return [None] * count
+    if len(values) != count:
+        raise JobConfigError(
+            f"--{flag} has {len(values)} values for {count} adapters",
+            hint=f"give one {noun} per adapter, in the same order" + (", or one for all" if default is None else ""),
+        )
+    return values
+
+
 def _job_from_args(args: argparse.Namespace) -> MergeJob:
-    weights = [1.0] * len(args.adapters)
-    if args.weights:
-        try:
-            weights = [float(item) for item in args.weights.split(",")]
-        except ValueError:
-            raise JobConfigError(f"--weights {args.weights!r} is not a comma-separated list of numbers") from None
-        if len(weights) != len(args.adapters):
-            raise JobConfigError(
-                f"--weights has {len(weights)} values for {len(args.adapters)} adapters",
-                hint="give one weight per adapter, in the same order",
-            )
+    weights = _per_adapter(args, "weights", "weight", 1.0)
+    densities = _per_adapter(args, "density", "density", None)
+    adapters = [
+        {"path": path, "weight": weight} | ({"density": density} if density is not None else {})
+        for path, weight, density in zip(args.adapters, weights, densities, strict=True)
+    ]
+    combining = {
+        key: getattr(args, key)
+        for key in ("combine", "seed", "gamma", "sign_election", "normalize")
+        if getattr(args, key) is not None
+    }
+    if args.density and "," not in args.density:
+        combining["density"] = args.density
     data: dict[str, Any] = {
         "base": args.base,
-        "adapters": [{"path": path, "weight": weight} for path, weight in zip(args.adapters, weights, strict=True)],
+        "adapters": adapters,
+        **combining,
         "output": getattr(args, "output", None),
         "dtype": args.dtype,
         "device": getattr(args, "device", "auto"),

@@ -50,15 +50,23 @@ def parse_size(value: Any) -> int:
 _REPO_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-]{0,95}$")
 
 
+# How several adapters' updates of a tensor are combined: ``linear`` applies them in turn,
+# each multiplied by its weight (mergekit's task_arithmetic); the others are mergekit's
+# methods of the same names on the task vectors (see planning.model.Combine).
+CombineMethod = Literal["linear", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"]
+
+
 class AdapterSpec(BaseModel):
-    """One adapter and the weight its delta is multiplied by."""
+    """One adapter, the weight its delta is multiplied by, and (for a ``combine`` method that
+    prunes) the fraction of its update kept, where it differs from the job's ``density``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     path: str
     weight: float = Field(1.0, allow_inf_nan=False)  # a finite number
+    density: float | None = Field(None, gt=0, le=1)
 
-    @field_validator("weight", mode="before")
+    @field_validator("weight", "density", mode="before")
     @classmethod
     def _number(cls, value: Any) -> Any:
         if isinstance(value, bool):
@@ -122,6 +130,36 @@ class MergeJob(PushOptions):
     ray_address: str | None = None
     # Seconds to wait for the cluster to start a first task before failing (None: 60).
     ray_start_timeout: float | None = Field(None, gt=0, allow_inf_nan=False)
+    # How the adapters' updates are combined, and the method's parameters: the fraction of each
+    # update kept (1: all), DARE's seed, breadcrumbs' fraction of largest magnitudes dropped,
+    # the sign election of the *_ties methods, and whether the sum is divided by the weights
+    # (None: the method's own default, as in mergekit).
+    combine: CombineMethod = "linear"
+    density: float | None = Field(None, gt=0, le=1)
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    gamma: float | None = Field(None, ge=0, lt=1)
+    sign_election: Literal["sum", "count"] | None = None
+    normalize: bool | None = None
+
+    @model_validator(mode="after")
+    def _combining(self) -> MergeJob:
+        method = self.combine
+        given = {
+            "density": self.density is not None or any(spec.density is not None for spec in self.adapters),
+            "seed": self.seed is not None,
+            "gamma": self.gamma is not None,
+            "sign_election": self.sign_election is not None,
+        }
+        uses = {
+            "density": method != "linear",
+            "seed": method.startswith("dare"),
+            "gamma": method.startswith("breadcrumbs"),
+            "sign_election": method.endswith("ties"),
+        }
+        for key, value in given.items():
+            if value and not uses[key]:
+                raise ValueError(f"{key} does not apply to combine: {method}")
+        return self
 
     @model_validator(mode="after")
     def _cluster(self) -> MergeJob:

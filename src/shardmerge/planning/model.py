@@ -149,6 +149,11 @@ class TensorPlan:
     scale_of: str | None = None
     scales_follow: bool = False
     base_rows: int = 0  # a tensor whose rows an adapter resized (added tokens): the base's rows
+    # Its adapters' updates are combined by the plan's Combine (not applied in turn), in
+    # ``passes`` passes over its blocks: the last merges, those before find each update's
+    # thresholds or norms (see Combine.passes).
+    combined: bool = False
+    passes: int = 1
 
     def packed_block(self) -> tuple[int, int, bool, int, int]:
         """For a packed weight: the rows and columns of one matrix in the orientation it is
@@ -197,6 +202,41 @@ def row_separable(op: MergeOp) -> bool:
     if op.layout.startswith("experts-") or op.kind in ("lokr", "bias"):
         return False
     return op.kind != "dora" or op.layout == "linear"
+
+
+@dataclass(frozen=True)
+class Combine:
+    """How the adapters' updates of a tensor are combined (``--combine``): mergekit's method of
+    the same name applied to the task vectors tau_i (adapter i's update at weight 1, zero where
+    it does not touch the tensor). Each is pruned (``pruning``: the largest magnitudes kept for
+    ties, a random mask for DARE, the largest and smallest dropped for breadcrumbs; adapter
+    i's ``densities[i]`` is the fraction kept), multiplied by its weight, summed where its
+    sign agrees with the elected one (``election``: ``sum`` or ``count`` of the *_ties methods;
+    None: everywhere) and, with ``normalize``, divided by the weights summed alike. ``seed``
+    draws DARE's masks, ``gamma`` is the fraction breadcrumbs drops from the top. Both tuples
+    are indexed by adapter."""
+
+    method: str
+    weights: tuple[float, ...]
+    densities: tuple[float, ...]
+    seed: int = 0
+    gamma: float = 0.01
+    election: str | None = None
+    normalize: bool = False
+
+    @property
+    def pruning(self) -> str | None:
+        """``magnitude`` (ties), ``random`` (DARE), ``outliers`` (breadcrumbs) or None."""
+        return {"ties": "magnitude", "dare": "random", "breadcrumbs": "outliers"}.get(self.method.split("_")[0])
+
+    def passes(self, adapters: set[int]) -> int:
+        """Passes over the blocks of a tensor that ``adapters`` change: one that merges, after
+        two that find each update's thresholds (ties and breadcrumbs; one more where a
+        threshold falls among equal magnitudes and keeps only some) or one that finds each
+        DARE update's norms, unless every density is 1."""
+        if self.pruning is None or all(self.densities[i] >= 1 for i in adapters):
+            return 1
+        return 2 if self.pruning == "random" else 3
 
 
 @dataclass(frozen=True)
@@ -273,6 +313,7 @@ class Plan:
     base_repo: str | None = None  # a Hub base: its repo id (``base`` is ``repo@commit``)
     strict: bool = False  # a merge that changes no tensor is an error, not a warning
     quantization: str | None = None  # the base's weight quantization, described
+    combine: Combine | None = None  # None: the adapters apply in turn (linear, not normalized)
 
     @property
     def base_commit(self) -> str | None:

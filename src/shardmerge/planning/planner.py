@@ -12,7 +12,7 @@ import itertools
 import json
 import mmap
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -34,12 +34,14 @@ from ..tuning import (
     WIDEN_CHUNK,
 )
 from .adapters import MAX_CONFIG_BYTES, Adapter, load_adapter
+from .combining import check_combinable, combine_of, mark_combined
 from .conversions import checkpoint_names
 from .custom_code import read_custom_code
 from .layouts import find_layouts
 from .model import (
     Action,
     AdapterSummary,
+    Combine,
     GpuMemory,
     MergeOp,
     Plan,
@@ -137,6 +139,9 @@ def build_plan(job: MergeJob) -> Plan:
         _resize_tied(tied, ops, resized, resizer)
     _check_resized(resized, resizer, ops, targets, set(tensors) if not untie else set(targets), adapters, problems)
     _check_targets(headers, targets, ops, set(quantized), problems)
+    combine = combine_of(job, adapters)
+    if combine is not None:
+        check_combinable(combine, ops, set(quantized), adapters, problems)
     if problems:
         raise PlanError(problems)
     extra: dict[Path, list[TensorInfo]] = defaultdict(list)
@@ -159,7 +164,7 @@ def build_plan(job: MergeJob) -> Plan:
         # Still tied: the embedding's changes reach the head through the tie.
         ops.pop(virtual_head.name, None)
     out_dtype = OUTPUT_DTYPES.get(dtype)
-    inputs = _inputs(job, dtype, base, headers, adapters)
+    inputs = _inputs(job, dtype, base, headers, adapters, combine)
     quant = QuantLayout(quantization, ops, tensors, dequantize=out_dtype is not None)
     for name, weight_file in quant.moved.items():
         extra[weight_file].append(tensors[name])
@@ -169,6 +174,8 @@ def build_plan(job: MergeJob) -> Plan:
     _check_unique_names(shards)
     if job.max_shard_size is not None:
         shards = _resharded(shards, job.max_shard_size)
+    if combine is not None:
+        shards = mark_combined(shards, combine)
     return Plan(
         format_version=FORMAT_VERSION,
         base=base.name,
@@ -195,6 +202,7 @@ def build_plan(job: MergeJob) -> Plan:
         gpu_memory=_gpu_memory(shards, adapters),
         strict=job.strict,
         quantization=quantization.describe(),
+        combine=combine,
     )
 
 
@@ -666,7 +674,12 @@ def _summary(adapter: Adapter, ops: dict[str, list[MergeOp]]) -> AdapterSummary:
 
 
 def _inputs(
-    job: MergeJob, dtype: str, base: BaseFiles, headers: list[SafetensorsHeader], adapters: list[Adapter]
+    job: MergeJob,
+    dtype: str,
+    base: BaseFiles,
+    headers: list[SafetensorsHeader],
+    adapters: list[Adapter],
+    combine: Combine | None,
 ) -> dict[str, Any]:
     """Everything that decides the output bytes: options, the format version, and the input
     files. Base shards count by name, size and header hash (reading a 140 GB base at every
@@ -679,6 +692,8 @@ def _inputs(
     declared = {} if job.conv1d_modules is None else {"conv1d_modules": job.conv1d_modules}
     if job.max_shard_size is not None:
         declared["max_shard_size"] = job.max_shard_size
+    if combine is not None:
+        declared["combine"] = asdict(combine)
     return {
         "format_version": FORMAT_VERSION,
         "dtype": dtype,
@@ -723,6 +738,8 @@ def _blocks(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> list[_Blo
                 count = tensor.block_rows * tensor.shape[-1]
             # DoRA, LoKr and replacements hold a second float32 operand
             copies = 1 if all(op.kind in ("lora", "bias", "ia3", "tokens", "loha") for op in tensor.ops) else 2
+            if tensor.combined:  # each adapter's update, their sum and the weights agreeing, a mask
+                copies = 1 + len({op.adapter for op in tensor.ops}) + _COMBINE_COPIES
             if tensor.quant is not None:  # the scales as stored and in float32
                 copies += 2 * (tensor.quant.scale.end - tensor.quant.scale.begin) // count
             source = count * ITEMSIZE[tensor.src_dtype]
@@ -743,6 +760,11 @@ def _blocks(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> list[_Blo
             blocks.append(_Block(copies, count, source, count * ITEMSIZE[tensor.dtype], factors, stored))
     return blocks
 
+
+# float32 copies of a block a combination holds beside the value and each adapter's update:
+# the sum of the updates, the weights that agree with the elected sign (or DARE's random
+# numbers, 32 bits a value), and the masks and signs of one update (a byte or two a value).
+_COMBINE_COPIES = 3
 
 # A chunk of an untouched tensor converted: as read, and up to twice that (float16 widened
 # to float32) in each of two output buffers.

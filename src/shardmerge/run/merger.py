@@ -27,6 +27,7 @@ from ..planning.model import Action, Plan, ShardPlan, TensorPlan
 from ..tuning import COPY_CHUNK_BYTES
 from .blocks import Block, read_blocks, row_blocks
 from .buffers import Buffer
+from .combine import CombiningFactors
 from .context import MergeContext, out_of_range, same_bytes
 from .device import Device
 from .factors import AdapterFactors, AdapterReader, Factors
@@ -83,7 +84,12 @@ class TensorMerger:
 
     def __init__(self, place: Device, plan: Plan, adapters: list[AdapterReader], *, sha256: bool = False) -> None:
         self.context = MergeContext(place, sha256=sha256)
-        self.factors = AdapterFactors(place.memory, adapters)
+        combine = plan.combine
+        self.factors = (
+            AdapterFactors(place.memory, adapters)
+            if combine is None
+            else CombiningFactors(place.memory, adapters, combine)
+        )
         self.uploaded = Buffer(place.memory)  # a block read by a shared pass, on the device (grown there)
         # The merged quantized weights by name, for their new companions (written in their shard).
         weights = {t.name: t for shard in plan.shards for t in shard.tensors if t.quant and t.requantized}
@@ -129,6 +135,8 @@ class TensorMerger:
         context.reads.reserve(blocks)
         context.work.take(most.work)
         self.factors.reserve(most.staging, most.whole, most.block)
+        if isinstance(self.factors, CombiningFactors):
+            self.factors.reserve_combined(tensors)
         self.sink.reserve([need.output for need in needs])
 
     def _needs(self, tensor: TensorPlan) -> Needs:

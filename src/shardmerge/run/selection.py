@@ -1,0 +1,131 @@
+"""Exact order statistics of a tensor's magnitudes without holding the tensor: the cut after
+its k largest, found from blocks of it fed in a few passes (a radix selection over float32
+bit patterns), in memory of a block and two histograms.
+
+The magnitudes are ranked from the largest; equal magnitudes rank by position, the earlier
+(row-major, in the stored tensor) first. So "the k largest" is always exactly k elements,
+whatever the ties, and the same whichever blocks the tensor is fed in.
+
+A non-negative float32's bit pattern, read as an integer, orders as its value does. The first
+pass counts the top 16 bits of every magnitude (32768 bins: the sign bit is clear) and finds
+the bin the k-th largest falls in; the second counts the low 16 bits of the magnitudes in
+that bin, which gives the k-th largest value exactly and how many magnitudes equal it. Only
+where the cut falls among equal non-zero magnitudes, and keeps only some of them, a third
+pass finds the position of the last one kept. Tied zeros need none: a zero kept or dropped is
+the same zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+_HIGH_BINS = 1 << 15  # top 16 bits of a non-negative float32 (sign bit clear)
+_LOW_BINS = 1 << 16
+
+# Each pass's blocks: their flat offset in the tensor, and their magnitudes' bit patterns as
+# int32 (see ``magnitude_bits``), computed afresh for each pass.
+Blocks = Callable[[], Iterable[tuple[int, torch.Tensor]]]
+
+
+def magnitude_bits(values: torch.Tensor) -> torch.Tensor:
+    """The bit patterns of ``values``' magnitudes (float32, made absolute in place), as int32."""
+    return values.abs_().view(torch.int32)
+
+
+@dataclass(frozen=True)
+class Cut:
+    """The boundary after the ``rank`` largest magnitudes: every magnitude whose bits exceed
+    ``bits`` is before it, and of the ``equal`` magnitudes with those bits the first
+    ``quota``, those at flat positions up to ``last`` (-1: all of them, or none is needed)."""
+
+    rank: int
+    bits: int = -1  # -1 with rank 0: nothing is before the cut
+    quota: int = 0
+    equal: int = 0
+    last: int = -1
+
+    def before(self, bits: torch.Tensor, offset: int) -> torch.Tensor:
+        """Which of a block's magnitudes (``bits``, see ``magnitude_bits``; the block starts
+        at flat position ``offset``) rank before the cut."""
+        if self.rank == 0:
+            return torch.zeros_like(bits, dtype=torch.bool)
+        inside = bits > self.bits
+        if self.last < 0 or self.last >= offset + bits.numel():
+            return inside | (bits == self.bits)
+        if self.last < offset:
+            return inside
+        positions = torch.arange(offset, offset + bits.numel(), device=bits.device).reshape(bits.shape)
+        return inside | ((bits == self.bits) & (positions <= self.last))
+
+    @property
+    def value(self) -> float:
+        """The magnitude at the cut (the rank-th largest); 0 with rank 0."""
+        return float(np.array([max(self.bits, 0)], dtype=np.int32).view(np.float32)[0])
+
+
+def find_cuts(blocks: Blocks, ranks: Sequence[int], count: int) -> list[Cut]:
+    """The cuts after the ``ranks`` largest of a tensor's ``count`` magnitudes, fed by ``blocks``
+    in two passes (three where a cut keeps only some of the equal magnitudes at it)."""
+    if not any(0 < rank < count for rank in ranks):
+        return [_whole(rank, count) for rank in ranks]
+    (high,) = _histograms(blocks, [lambda bits: bits >> 16], _HIGH_BINS)
+    above_high = np.cumsum(high[::-1])  # magnitudes in bins from the top down to each bin
+    starts = {}
+    for rank in ranks:
+        if 0 < rank < count:
+            index = int(np.searchsorted(above_high, rank))
+            starts[rank] = (_HIGH_BINS - 1 - index, int(above_high[index] - high[_HIGH_BINS - 1 - index]))
+    tops = sorted({top for top, _ in starts.values()})
+    digits = [lambda bits, top=top: bits[(bits >> 16) == top] & 0xFFFF for top in tops]
+    lows = dict(zip(tops, _histograms(blocks, digits, _LOW_BINS), strict=True))
+    cuts = {}
+    for rank, (top, greater) in starts.items():
+        low = lows[top]
+        above_low = np.cumsum(low[::-1])
+        index = int(np.searchsorted(above_low, rank - greater))
+        bin_ = _LOW_BINS - 1 - index
+        equal = int(low[bin_])
+        greater += int(above_low[index]) - equal
+        cuts[rank] = Cut(rank, (top << 16) | bin_, rank - greater, equal)
+    _place_ties(blocks, cuts)
+    return [cuts.get(rank) or _whole(rank, count) for rank in ranks]
+
+
+def _whole(rank: int, count: int) -> Cut:
+    """The cut before every magnitude (rank 0) or after every one (rank ``count``)."""
+    return Cut(0) if rank <= 0 else Cut(count, 0, count, count)
+
+
+def _histograms(blocks: Blocks, digits: list[Callable[[torch.Tensor], torch.Tensor]], bins: int) -> list[np.ndarray]:
+    """Counts of each of ``digits`` of every magnitude (``bins`` values), in one pass."""
+    totals: list[torch.Tensor] = []
+    for _, bits in blocks():
+        counts = [torch.bincount(digit(bits).reshape(-1), minlength=bins) for digit in digits]
+        totals = counts if not totals else [total.add_(count) for total, count in zip(totals, counts, strict=True)]
+    assert totals, "a tensor has at least one block"
+    return [total.cpu().numpy() for total in totals]
+
+
+def _place_ties(blocks: Blocks, cuts: dict[int, Cut]) -> None:
+    """Find, in one more pass, the position of the last equal magnitude before each cut that
+    keeps only some of those equal to it (non-zero ones: tied zeros need no position)."""
+    pending = {rank: cut for rank, cut in cuts.items() if cut.quota < cut.equal and cut.bits > 0}
+    if not pending:
+        return
+    seen = dict.fromkeys(pending, 0)
+    for offset, bits in blocks():
+        for rank, cut in list(pending.items()):
+            equal = (bits == cut.bits).reshape(-1)
+            here = int(equal.sum())
+            if seen[rank] + here >= cut.quota:
+                position = int(torch.nonzero(equal)[cut.quota - seen[rank] - 1])
+                cuts[rank] = Cut(cut.rank, cut.bits, cut.quota, cut.equal, offset + position)
+                del pending[rank]
+            else:
+                seen[rank] += here
+        if not pending:
+            return
