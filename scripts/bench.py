@@ -33,6 +33,8 @@ bfloat16), ``--bnb4`` in bitsandbytes NF4 with double quantization (a QLoRA base
 bfloat16); both also time the merge into the same model in bfloat16 ("16-bit base").
 ``--executor ray --nodes N`` starts a Ray cluster of N one-CPU worker nodes on this machine
 (on 127.0.0.1) and times the same merge by the local executor and by ``--executor ray`` on it.
+``--combine METHOD --adapters N`` times N adapters combined by METHOD (``--density``, 0.5 by
+default) against the same N applied in turn, with each one's peak RSS against its plan.
 
     python scripts/bench.py                       # default model, 5 runs of each command
     python scripts/bench.py --preset 70b-slice    # a 70B model's largest tensors
@@ -44,6 +46,7 @@ bfloat16); both also time the merge into the same model in bfloat16 ("16-bit bas
     python scripts/bench.py --nvfp4               # NVFP4 linear weights, beside the 16-bit merge
     python scripts/bench.py --bnb4                # a bitsandbytes NF4 base, beside the 16-bit merge
     python scripts/bench.py --executor ray --nodes 2   # local executor against a 2-node Ray cluster
+    python scripts/bench.py --combine ties --adapters 3  # 3 adapters by TIES against applied in turn
 """
 
 from __future__ import annotations
@@ -308,10 +311,11 @@ def generate(shape: Shape, folder: Path) -> None:
         "bias": "none",
     }
     (adapter / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
-    for number in range(1, shape.adapters):  # more adapters of the same shape, other values
+    for number in range(1, shape.adapters):  # more adapters of the same shape, values of their own
         other = folder / f"adapter-{number}"
         other.mkdir()
-        save_file({key: value * (1 + number) for key, value in lora.items()}, other / "adapter_model.safetensors")
+        values = {key: torch.randn(value.shape, generator=generator) * 0.01 for key, value in lora.items()}
+        save_file(values, other / "adapter_model.safetensors")
         (other / "adapter_config.json").write_text(json.dumps(adapter_config, indent=2))
 
 
@@ -545,6 +549,60 @@ def run_batch(shape: Shape, work: Path, repeats: int) -> None:
     print(f"separate / batch wall time: {wall['separate'] / wall['batch']:.2f}")
 
 
+def run_combine(shape: Shape, work: Path, repeats: int, method: str, density: float) -> None:
+    """``shape.adapters`` adapters on every linear layer combined by ``method`` against the same
+    adapters applied in turn (``--combine linear``): time, CPU and peak RSS, each against the
+    plan's estimate."""
+    made = setup(shape, work, "cpu")
+    data, commands = made.data, dict(made.commands)
+    base = data / "base"
+    adapters = [str(data / "adapter"), *(str(data / f"adapter-{n}") for n in range(1, shape.adapters))]
+    linear = [*commands["shardmerge"][:3], *adapters, *commands["shardmerge"][4:]]
+    options = ["--combine", method, "--density", str(density)]
+    commands["shardmerge"] = linear
+    commands[method] = [*linear, *options]
+    samples = alternate(commands, repeats, made.fresh, cold=False)
+    made.fresh()
+    shardmerge = linear[0]
+    plans = {
+        name: json.loads(
+            subprocess.run(
+                [shardmerge, "plan", str(base), *adapters, "--json", *extra],
+                capture_output=True,
+                check=True,
+                text=True,
+            ).stdout
+        )
+        for name, extra in (("shardmerge", []), (method, options))
+    }
+    tensors = [t for shard in plans[method]["shards"] for t in shard["tensors"] if t["ops"]]
+    merged = sum(t["end"] - t["begin"] for t in tensors)
+    passes = sorted({t["passes"] for t in tensors})
+    print(
+        f"\n{shape.adapters} adapters (rank {shape.rank}, every linear layer) on {shape.layers} layers, hidden "
+        f"{shape.hidden}: {made.size / 2**30:.2f} GiB, {merged / 2**30:.2f} GiB of it merged; --combine {method} "
+        f"--density {density} takes {', '.join(map(str, passes))} passes a merged tensor"
+    )
+    print(f"warm page cache; {PROTOCOL.format(repeats=repeats)}")
+    table(samples, made.size)
+    wall = {name: statistics.median(s.wall for s in runs) for name, runs in samples.items()}
+    cpu = {name: statistics.median(s.cpu for s in runs) for name, runs in samples.items()}
+    rss = {name: max(s.rss for s in runs) for name, runs in samples.items()}
+    for name in ("shardmerge", method):
+        working = rss[name] - rss["start-up"]
+        estimate = plans[name]["peak_memory_bytes"]
+        verdict = "within" if working <= estimate else "OVER"
+        print(
+            f"{'linear' if name == 'shardmerge' else name}: peak RSS above start-up {working / 2**20:.0f} MB, "
+            f"{verdict} the plan's estimate of {estimate / 2**20:.0f} MB"
+        )
+    extra = (cpu[method] - cpu["shardmerge"]) / (merged / 2**30)
+    print(
+        f"{method} / linear: wall {wall[method] / wall['shardmerge']:.2f}, CPU {cpu[method] / cpu['shardmerge']:.2f}; "
+        f"{extra:.2f} CPU s more per GiB of merged weights"
+    )
+
+
 def run_on_cluster(shape: Shape, work: Path, repeats: int, nodes: int) -> None:
     """The same merge by the local executor and by ``--executor ray`` on a Ray cluster of
     ``nodes`` worker nodes of one CPU each, all on this machine and on 127.0.0.1."""
@@ -675,6 +733,13 @@ def main() -> None:
     parser.add_argument("--mxfp4", action="store_true", help="the gpt-oss preset with MXFP4 experts")
     parser.add_argument("--nvfp4", action="store_true", help="the preset's model with NVFP4 linear weights")
     parser.add_argument("--bnb4", action="store_true", help="the preset's model in bitsandbytes NF4 (QLoRA base)")
+    parser.add_argument(
+        "--combine",
+        choices=["ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"],
+        help="time --adapters adapters combined by this method against --combine linear",
+    )
+    parser.add_argument("--adapters", type=int, default=3, help="with --combine: adapters combined (default 3)")
+    parser.add_argument("--density", type=float, default=0.5, help="with --combine: the density (default 0.5)")
     parser.add_argument("--executor", choices=["local", "ray"], default="local")
     parser.add_argument("--nodes", type=int, default=2, help="with --executor ray: worker nodes of the local cluster")
     parser.add_argument("--workdir", type=Path, default=Path("bench-data"))
@@ -690,6 +755,9 @@ def main() -> None:
         preset = replace(preset, layers=args.layers)
     if args.executor == "ray":
         run_on_cluster(preset, args.workdir, args.repeats, args.nodes)
+        return
+    if args.combine:
+        run_combine(replace(preset, adapters=args.adapters), args.workdir, args.repeats, args.combine, args.density)
         return
     if args.batch:  # absolute: a batch file's paths are taken from the file's own folder
         run_batch(replace(preset, adapters=args.batch), args.workdir.resolve(), args.repeats)

@@ -22,7 +22,7 @@ from .output.publish import PushTarget
 if TYPE_CHECKING:
     from .batch import JobResult
     from .run.jobs import MergeReport
-from .planning.model import AdapterSummary, Plan, TensorPlan
+from .planning.model import AdapterSummary, Combine, Plan, TensorPlan
 from .planning.planner import build_plan
 
 EXIT_INTERRUPTED = 130
@@ -502,12 +502,17 @@ def _print_plan(plan: Plan) -> None:
     print(f"dtype   {plan.dtype}")
     if plan.quantization:
         print(f"quant   base in {plan.quantization}")
+    if plan.combine is not None:
+        print(f"combine {_combination(plan.combine)}")
     for shard in plan.shards:
         copied = len(shard.tensors) - shard.merged
         print(f"shard   {shard.name}: {shard.merged} merged, {copied} copied, {_size(shard.size)}")
         for tensor in shard.tensors:
             for op in tensor.ops:
                 print(f"  {tensor.name}  <- [{op.adapter}] {op.kind} {op.layout} {op.module} (rule {op.rule})")
+            if tensor.combined:
+                sources = " ".join(f"[{index}]" for index in sorted({op.adapter for op in tensor.ops}))
+                print(f"  {tensor.name}  combined from {sources} in {_passes(tensor.passes)}")
             if tensor.quant is not None or tensor.scale_of is not None:
                 print(f"  {tensor.name}  {_formats(tensor)}")
     merged = sum(shard.merged for shard in plan.shards)
@@ -524,6 +529,28 @@ def _print_plan(plan: Plan) -> None:
         f"        on a GPU: about {_size(gpu.host_bytes)} of host RAM ({_size(gpu.locked_bytes)} of it locked) "
         f"and {_size(gpu.device_bytes)} of GPU memory"
     )
+
+
+def _combination(combine: Combine) -> str:
+    parts = []
+    if combine.pruning is not None:
+        parts.append("density " + " ".join(f"{density:g}" for density in combine.densities))
+    if combine.pruning == "random":
+        parts.append(f"seed {combine.seed}")
+    if combine.pruning == "outliers":
+        parts.append(f"gamma {combine.gamma:g}")
+    if combine.election is not None:
+        parts.append(f"sign election {combine.election}")
+    parts.append("normalized" if combine.normalize else "not normalized")
+    return f"{combine.method}: {', '.join(parts)}"
+
+
+def _passes(count: int) -> str:
+    """A combined tensor's passes, the one that may be added where a threshold falls among
+    equal magnitudes included."""
+    if count == 1:
+        return "1 pass"
+    return f"{count} passes" + (" (4 where a threshold falls among equal magnitudes)" if count == 3 else "")
 
 
 def _formats(tensor: TensorPlan) -> str:

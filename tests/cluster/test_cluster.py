@@ -202,11 +202,14 @@ def test_auto_asks_for_the_clusters_gpus_and_cuda_on_a_cluster_without_any_fails
 def test_a_batch_on_one_base_is_each_jobs_local_merge(
     nodes: LocalCluster, inputs: tuple[Base, Path, Path], tmp_path: Path
 ) -> None:
-    """Two customers' adapters, both saved as adapter_model.safetensors: each job gets its own."""
+    """Two customers' adapters, both saved as adapter_model.safetensors: each job gets its own.
+    The second combines both by DARE-TIES: every task draws the masks the local merge draws."""
     base, adapter, reference = inputs
     other = save_adapter(base, tmp_path / "other", seed=4, r=2, target_modules=["q_proj", "down_proj"])
     half = tmp_path / "half-local"
-    merge(base=str(base.path), adapters=[{"path": str(other), "weight": 0.5}], output=str(half))
+    both = [{"path": str(adapter)}, {"path": str(other), "weight": 0.5}]
+    combine = {"combine": "dare_ties", "density": 0.5, "seed": 9}
+    merge(base=str(base.path), adapters=both, output=str(half), **combine)
     batch = tmp_path / "batch.yaml"
     batch.write_text(
         yaml.safe_dump(
@@ -214,7 +217,7 @@ def test_a_batch_on_one_base_is_each_jobs_local_merge(
                 "defaults": {"base": str(base.path), "output": str(tmp_path / "{name}"), "executor": "ray"},
                 "jobs": [
                     {"name": "full", "adapters": [str(adapter)]},
-                    {"name": "half", "adapters": [{"path": str(other), "weight": 0.5}]},
+                    {"name": "half", "adapters": both, **combine},
                 ],
             }
         )

@@ -333,9 +333,22 @@ def _earlier(folder: Path, plan: Plan, restart: bool) -> Journal | None:
 def _job_of(plan: Plan) -> dict[str, Any]:
     """The job that plans ``plan`` again (for verify): every option that decides its bytes."""
     declared = {key: plan.inputs[key] for key in ("conv1d_modules", "max_shard_size") if key in plan.inputs}
+    adapters: list[dict[str, Any]] = [{"path": a.path, "weight": a.weight} for a in plan.adapters]
+    combine = plan.combine
+    if combine is not None:
+        declared |= {"combine": combine.method, "normalize": combine.normalize}
+        if combine.pruning is not None:
+            for adapter, spec in zip(plan.adapters, adapters, strict=True):
+                spec["density"] = combine.densities[adapter.index]
+        if combine.pruning == "random":
+            declared["seed"] = combine.seed
+        if combine.pruning == "outliers":
+            declared["gamma"] = combine.gamma
+        if combine.election is not None:
+            declared["sign_election"] = combine.election
     return {
         "base": plan.base,
-        "adapters": [{"path": a.path, "weight": a.weight} for a in plan.adapters],
+        "adapters": adapters,
         "output": plan.output,
         "dtype": plan.dtype,
         "device": plan.device,
@@ -374,6 +387,7 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     if old.get("base_files") != new.get("base_files"):
         names = sorted(set(old.get("base_files", {}).items()) ^ set(new.get("base_files", {}).items()))
         changes.append(f"base files changed ({', '.join(sorted({name for name, _ in names}))})")
+    changes += _combine_changes(old.get("combine"), new.get("combine"))
     old_adapters, new_adapters = old.get("adapters", []), new.get("adapters", [])
     if len(old_adapters) != len(new_adapters):
         changes.append(f"{len(old_adapters)} adapters before, {len(new_adapters)} now")
@@ -384,6 +398,17 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
         if what:
             changes.append(f"adapter {index} changed: {', '.join(what)}")
     return changes
+
+
+def _combine_changes(old: dict[str, Any] | None, new: dict[str, Any] | None) -> list[str]:
+    """How the combination of the adapters changed (None: applied in turn), in words."""
+    if old == new:
+        return []
+    before, after = (combine.get("method", "?") if combine else "linear" for combine in (old, new))
+    if before != after or old is None or new is None:
+        return [f"combine changed from {before} to {after}"]
+    keys = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+    return [f"combine {after} changed: {', '.join(keys)}"]
 
 
 def _changed_names(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str:

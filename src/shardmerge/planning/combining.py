@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Mapping
 
 from ..config import MergeJob
-from ..errors import InputError, ShardmergeError
+from ..errors import InputError, PlanError, ShardmergeError
 from .adapters import Adapter
 from .model import Combine, MergeOp, ShardPlan
 
@@ -43,14 +43,10 @@ def combine_of(job: MergeJob, adapters: list[Adapter]) -> Combine | None:
 
 
 def check_combinable(
-    combine: Combine,
-    ops: Mapping[str, list[MergeOp]],
-    quantized: set[str],
-    adapters: list[Adapter],
-    problems: list[ShardmergeError],
+    combine: Combine, ops: Mapping[str, list[MergeOp]], adapters: list[Adapter], problems: list[ShardmergeError]
 ) -> None:
     """Refuse, one problem a tensor, what the combination is not defined on: every op must be
-    an additive update of a float tensor."""
+    an additive update."""
     files = {adapter.index: adapter.files.weights for adapter in adapters}
     method = combine.method
     for name, tensor_ops in ops.items():
@@ -65,18 +61,26 @@ def check_combinable(
                     hint="merge with --combine linear, which applies the adapters in turn",
                 )
             )
-        elif name in quantized and tensor_ops:
-            problems.append(
-                InputError(
-                    f"--combine {method} does not merge into quantized weights yet",
-                    tensor=name,
-                    hint="merge with --combine linear, or into a 16-bit copy of the base",
-                )
-            )
 
 
 def mark_combined(shards: tuple[ShardPlan, ...], combine: Combine) -> tuple[ShardPlan, ...]:
-    """``shards`` with every merged tensor marked combined, with its passes."""
+    """``shards`` with every merged tensor marked combined, with its passes. Refuses a merged
+    quantized weight that is written back in its format, or of a packed format: only a
+    weight dequantized through a grid of scales is combined."""
+    refused = [
+        InputError(
+            f"--combine {combine.method} merges into a quantized weight only where it is dequantized, and not "
+            "into one of a packed format yet",
+            tensor=tensor.name,
+            hint="merge with --combine linear, or with --dtype bfloat16 into a base of a format with scales "
+            "beside its values (FP8)",
+        )
+        for shard in shards
+        for tensor in shard.tensors
+        if tensor.ops and tensor.quant is not None and (tensor.requantized or tensor.packed)
+    ]
+    if refused:
+        raise PlanError(refused)
     return tuple(
         dataclasses.replace(
             shard,

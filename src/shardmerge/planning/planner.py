@@ -141,7 +141,7 @@ def build_plan(job: MergeJob) -> Plan:
     _check_targets(headers, targets, ops, set(quantized), problems)
     combine = combine_of(job, adapters)
     if combine is not None:
-        check_combinable(combine, ops, set(quantized), adapters, problems)
+        check_combinable(combine, ops, adapters, problems)
     if problems:
         raise PlanError(problems)
     extra: dict[Path, list[TensorInfo]] = defaultdict(list)
@@ -693,7 +693,7 @@ def _inputs(
     if job.max_shard_size is not None:
         declared["max_shard_size"] = job.max_shard_size
     if combine is not None:
-        declared["combine"] = asdict(combine)
+        declared["combine"] = json.loads(json.dumps(asdict(combine)))  # as the journal keeps it
     return {
         "format_version": FORMAT_VERSION,
         "dtype": dtype,
