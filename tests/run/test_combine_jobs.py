@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 
+import shardmerge
 from conftest import Base, forget_shard, llama_config, read_output, save_adapter, save_base, shard_bytes
 from fp8_checkpoints import fine_grained, quantize_checkpoint
 from merge_cases import _fp8
@@ -22,6 +23,7 @@ from shardmerge.cli import main
 from shardmerge.config import build_job, load_job_file
 from shardmerge.errors import JobConfigError, PlanError
 from shardmerge.planning.planner import build_plan
+from shardmerge.run.emulated import VARIABLE, emulated_runtime
 from shardmerge.verify import verify
 
 DARE = ["--combine", "dare_ties", "--density", "0.5,0.4,0.6", "--seed", "3"]
@@ -166,3 +168,22 @@ def test_densities_on_the_command_line(inputs, tmp_path: Path, capsys: pytest.Ca
     assert main(["merge", str(base), *map(str, adapters), "-o", str(tmp_path / "o"), "--density", "0.5,0.5"]) == 2
     assert "--density has 2 values for 3 adapters" in capsys.readouterr().err
     shutil.rmtree(tmp_path / "o", ignore_errors=True)
+
+
+@pytest.mark.cuda_emulated
+@pytest.mark.parametrize(
+    "job", [{"combine": "dare_ties", "density": 0.5, "seed": 3}, {"combine": "breadcrumbs_ties", "density": 0.5}]
+)
+def test_an_emulated_gpu_combines_as_the_cpu_within_the_plans_device_memory(
+    inputs, job: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, small_blocks: None
+) -> None:
+    base, adapters = inputs
+    args = {"base": str(base), "adapters": [str(a) for a in adapters], **job}
+    shardmerge.merge(**args, output=str(tmp_path / "cpu"), device="cpu")
+    monkeypatch.setenv(VARIABLE, "1")
+    report = shardmerge.merge(**args, output=str(tmp_path / "gpu"), device="auto")
+    assert report.device == "cuda:0"
+    assert shard_bytes(tmp_path / "gpu") == shard_bytes(tmp_path / "cpu")
+    runtime = emulated_runtime()
+    assert runtime is not None
+    assert 0 < runtime.peak_bytes <= shardmerge.plan(**args).gpu_memory.device_bytes
