@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from shardmerge.run.buffers import Buffer
 from shardmerge.run.selection import Cut, find_cuts, magnitude_bits
 
 
@@ -29,7 +30,11 @@ def _kept(tensor: torch.Tensor, cut: Cut, rows: int) -> torch.Tensor:
     width = tensor[0].numel()
     return torch.cat(
         [
-            cut.before(magnitude_bits(tensor[first : first + rows].clone()), first * width).reshape(-1)
+            cut.before(
+                magnitude_bits(tensor[first : first + rows].clone()),
+                first * width,
+                torch.empty(tensor[first : first + rows].shape, dtype=torch.bool),
+            ).reshape(-1)
             for first in range(0, tensor.shape[0], rows)
         ]
     )
@@ -49,7 +54,7 @@ def test_the_threshold_is_kthvalue_and_the_kept_are_the_k_largest(rows: int) -> 
     fed = Fed(tensor, rows)
     count = tensor.numel()
     ranks = [1, 5, count // 3, count // 2, count - 1]
-    cuts = find_cuts(fed, ranks, count)
+    cuts = find_cuts(fed, ranks, count, Buffer())
     assert fed.passes == 2
     for rank, cut in zip(ranks, cuts, strict=True):
         assert cut.value == torch.kthvalue(tensor.abs().reshape(-1), count - rank + 1).values.item()
@@ -65,7 +70,7 @@ def test_ties_at_the_threshold_keep_the_earliest(rows: int) -> None:
     fed = Fed(tensor, rows)
     count = tensor.numel()
     ranks = [1, 17, 333, count // 2, 777, count - 2]
-    cuts = find_cuts(fed, ranks, count)
+    cuts = find_cuts(fed, ranks, count, Buffer())
     assert fed.passes == 3  # the third places the last of the equal magnitudes kept
     for rank, cut in zip(ranks, cuts, strict=True):
         assert cut.value == torch.kthvalue(tensor.abs().reshape(-1), count - rank + 1).values.item()
@@ -82,7 +87,7 @@ def test_tied_zeros_are_kept_whole_and_change_nothing() -> None:
     fed = Fed(tensor, 8)
     count = tensor.numel()
     rank = count - 100  # among the 400 zeros
-    (cut,) = find_cuts(fed, [rank], count)
+    (cut,) = find_cuts(fed, [rank], count, Buffer())
     assert fed.passes == 2 and cut.value == 0.0
     kept = _kept(tensor, cut, 8)
     assert torch.equal(kept, _largest(tensor, rank) | (tensor.reshape(-1) == 0))
@@ -93,7 +98,7 @@ def test_tied_zeros_are_kept_whole_and_change_nothing() -> None:
 def test_no_cut_inside_needs_no_pass() -> None:
     tensor = torch.randn(4, 4)
     fed = Fed(tensor, 2)
-    nothing, everything = find_cuts(fed, [0, 16], 16)
+    nothing, everything = find_cuts(fed, [0, 16], 16, Buffer())
     assert fed.passes == 0
     assert not _kept(tensor, nothing, 2).any()
     assert _kept(tensor, everything, 2).all()

@@ -762,9 +762,10 @@ def _blocks(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> list[_Blo
 
 
 # float32 copies of a block a combination holds beside the value and each adapter's update:
-# the sum of the updates, the weights that agree with the elected sign (or DARE's random
-# numbers, 32 bits a value), and the masks and signs of one update (a byte or two a value).
-_COMBINE_COPIES = 3
+# the sum of the updates and the weights that agree with the elected sign, the bits of one
+# update's magnitudes (or DARE's random numbers, 32 bits a value), and two masks and a
+# comparison's (a byte a value each).
+_COMBINE_COPIES = 4
 
 # A chunk of an untouched tensor converted: as read, and up to twice that (float16 widened
 # to float32) in each of two output buffers.

@@ -59,6 +59,8 @@ class CombiningFactors(AdapterFactors):
         self.combine = combine
         self.updates = Buffer(memory)  # each adapter's update of the block, one after another
         self.sums = Buffer(memory)  # their sum, and the weights that agree with the elected sign
+        self.scratch = Buffer(memory)  # a block's magnitudes' bits, or their digits
+        self.masks = Buffer(memory)  # two masks of a block
         self.pruned: tuple[str, dict[int, Pruning]] | None = None  # the last tensor's
 
     def reserve_combined(self, tensors: list[TensorPlan]) -> None:
@@ -69,7 +71,10 @@ class CombiningFactors(AdapterFactors):
             if tensor.combined
         ]
         self.updates.take(max((4 * adapters * count for adapters, count in largest), default=0))
-        self.sums.take(max((8 * count for _, count in largest), default=0))
+        most = max((count for _, count in largest), default=0)
+        self.sums.take(8 * most)
+        self.scratch.take(4 * most)
+        self.masks.take(2 * most)
 
     def whole(self, tensor: TensorPlan) -> Factors:
         factors = super().whole(tensor)
@@ -98,31 +103,37 @@ class CombiningFactors(AdapterFactors):
             update = self._update(updates[slot], tensor, whole, adapter, rows)
             self._pruned(update, tensor, pruned[adapter], offset)
             update.mul_(combine.weights[adapter])
-        mixed = self.sums.tensor(torch.float32, (2, *shape))[0]
+        mixed, agreeing = self.sums.tensor(torch.float32, (2, *shape))
         if combine.election is None:
             torch.sum(updates, dim=0, out=mixed)
             divisor = sum(combine.weights)
             if combine.normalize:
                 mixed.div_(1.0 if abs(divisor) < _DIVISOR_EPSILON else divisor)
             return value.add_(mixed)
-        agreeing = self.sums.tensor(torch.float32, (2, *shape))[1]
-        elected = self._elected(updates, mixed)
+        positive, agrees = self.masks.tensor(torch.bool, (2, *shape))
+        self._elect(updates, mixed, positive)
         mixed.zero_()
         agreeing.zero_()
         for slot, adapter in enumerate(adapters):
-            agrees = torch.sign(updates[slot]) == elected
-            mixed.add_(updates[slot] * agrees)
+            update = updates[slot]
+            # agrees: its sign is the elected one (a zero has none)
+            torch.gt(update, 0, out=agrees).eq_(positive).logical_and_(update != 0)
+            mixed.add_(update.mul_(agrees))
             agreeing.add_(agrees, alpha=combine.weights[adapter])
         if combine.normalize:
             mixed.div_(agreeing.masked_fill_(agreeing == 0, 1.0))
         return value.add_(mixed)
 
-    def _elected(self, updates: torch.Tensor, room: torch.Tensor) -> torch.Tensor:
-        """The elected sign of every element, +1 or -1 (+1 where the vote is even): that of
-        the weighted updates' sum, or of their signs' sum (``count``)."""
-        votes = torch.sign(updates) if self.combine.election == "count" else updates
-        torch.sum(votes, dim=0, out=room)
-        return torch.where(room >= 0, 1.0, -1.0)
+    def _elect(self, updates: torch.Tensor, votes: torch.Tensor, positive: torch.Tensor) -> None:
+        """Into ``positive``: where the elected sign is +1 (else -1), as the vote is at least 0
+        (in ``votes``): the weighted updates' sum, or their signs' (``count``)."""
+        if self.combine.election == "count":
+            votes.zero_()
+            for update in updates:
+                votes.add_(update > 0).add_(update < 0, alpha=-1)
+        else:
+            torch.sum(updates, dim=0, out=votes)
+        torch.ge(votes, 0, out=positive)
 
     def _update(
         self, into: torch.Tensor, tensor: TensorPlan, whole: Factors, adapter: int, rows: tuple[int, int] | None
@@ -140,10 +151,12 @@ class CombiningFactors(AdapterFactors):
         if pruning.random is not None:
             update.mul_(self._kept_randomly(update, tensor.name, offset, pruning.random))
         elif pruning.keep is not None:
-            bits = magnitude_bits(update.clone())
-            kept = pruning.keep.before(bits, offset)
+            shape = tuple(update.shape)
+            bits = magnitude_bits(self.scratch.tensor(torch.float32, shape).copy_(update))
+            kept, dropped = self.masks.tensor(torch.bool, (2, *shape))
+            pruning.keep.before(bits, offset, kept)
             if pruning.drop is not None:
-                kept &= ~pruning.drop.before(bits, offset)
+                kept.logical_and_(pruning.drop.before(bits, offset, dropped).logical_not_())
             update.mul_(kept)
         if pruning.factor != 1.0:
             update.mul_(pruning.factor)
@@ -167,14 +180,14 @@ class CombiningFactors(AdapterFactors):
             else:
                 blocks = partial(self._magnitudes, tensor, whole, adapter)
                 if combine.pruning == "magnitude":
-                    (keep,) = find_cuts(blocks, [max(1, int(density * count))], count)
+                    (keep,) = find_cuts(blocks, [max(1, int(density * count))], count, self.scratch)
                     pruned[adapter] = Pruning(keep)
                 else:
                     # breadcrumbs: of the magnitudes in ascending order, the int(density * count)
                     # after the smallest count - kept - int(gamma * count) (none, at least)
                     kept = int(density * count)
                     bottom = max(0, count - kept - int(combine.gamma * count))
-                    drop, keep = find_cuts(blocks, [count - bottom - kept, count - bottom], count)
+                    drop, keep = find_cuts(blocks, [count - bottom - kept, count - bottom], count, self.scratch)
                     pruned[adapter] = Pruning(keep, drop)
         return pruned
 

@@ -25,5 +25,5 @@ def keep_mask(seed: int, name: str, offset: int, count: int, density: float) -> 
     first, last = offset // 2, (offset + count - 1) // 2  # the 64-bit outputs holding them
     start = first // _OUTPUTS_PER_COUNTER * _OUTPUTS_PER_COUNTER
     raw = np.random.Philox(key=key, counter=start // _OUTPUTS_PER_COUNTER).random_raw(last + 1 - start)
-    numbers = raw.astype("<u8").view("<u4")[offset - 2 * start :][:count]
+    numbers = raw.astype("<u8", copy=False).view("<u4")[offset - 2 * start :][:count]
     return numbers < math.ceil(density * 2**32)

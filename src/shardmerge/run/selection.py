@@ -19,9 +19,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
+
+from .buffers import Buffer
 
 _HIGH_BINS = 1 << 15  # top 16 bits of a non-negative float32 (sign bit clear)
 _LOW_BINS = 1 << 16
@@ -48,18 +51,19 @@ class Cut:
     equal: int = 0
     last: int = -1
 
-    def before(self, bits: torch.Tensor, offset: int) -> torch.Tensor:
+    def before(self, bits: torch.Tensor, offset: int, out: torch.Tensor) -> torch.Tensor:
         """Which of a block's magnitudes (``bits``, see ``magnitude_bits``; the block starts
-        at flat position ``offset``) rank before the cut."""
+        at flat position ``offset``) rank before the cut, into ``out`` (bool, the block's
+        shape)."""
         if self.rank == 0:
-            return torch.zeros_like(bits, dtype=torch.bool)
-        inside = bits > self.bits
+            return out.zero_()
         if self.last < 0 or self.last >= offset + bits.numel():
-            return inside | (bits == self.bits)
-        if self.last < offset:
-            return inside
-        positions = torch.arange(offset, offset + bits.numel(), device=bits.device).reshape(bits.shape)
-        return inside | ((bits == self.bits) & (positions <= self.last))
+            return torch.ge(bits, self.bits, out=out)
+        torch.gt(bits, self.bits, out=out)
+        if self.last >= offset:  # the equal magnitudes up to ``last`` too: a prefix of the block
+            prefix = self.last - offset + 1
+            out.view(-1)[:prefix] |= bits.reshape(-1)[:prefix] == self.bits
+        return out
 
     @property
     def value(self) -> float:
@@ -67,12 +71,13 @@ class Cut:
         return float(np.array([max(self.bits, 0)], dtype=np.int32).view(np.float32)[0])
 
 
-def find_cuts(blocks: Blocks, ranks: Sequence[int], count: int) -> list[Cut]:
+def find_cuts(blocks: Blocks, ranks: Sequence[int], count: int, room: Buffer) -> list[Cut]:
     """The cuts after the ``ranks`` largest of a tensor's ``count`` magnitudes, fed by ``blocks``
-    in two passes (three where a cut keeps only some of the equal magnitudes at it)."""
+    in two passes (three where a cut keeps only some of the equal magnitudes at it); ``room``
+    holds a block's digits (int32)."""
     if not any(0 < rank < count for rank in ranks):
         return [_whole(rank, count) for rank in ranks]
-    (high,) = _histograms(blocks, [lambda bits: bits >> 16], _HIGH_BINS)
+    (high,) = _histograms(blocks, [lambda bits: bits.bitwise_right_shift_(16)], _HIGH_BINS)
     above_high = np.cumsum(high[::-1])  # magnitudes in bins from the top down to each bin
     starts = {}
     for rank in ranks:
@@ -80,8 +85,16 @@ def find_cuts(blocks: Blocks, ranks: Sequence[int], count: int) -> list[Cut]:
             index = int(np.searchsorted(above_high, rank))
             starts[rank] = (_HIGH_BINS - 1 - index, int(above_high[index] - high[_HIGH_BINS - 1 - index]))
     tops = sorted({top for top, _ in starts.values()})
-    digits = [lambda bits, top=top: bits[(bits >> 16) == top] & 0xFFFF for top in tops]
-    lows = dict(zip(tops, _histograms(blocks, digits, _LOW_BINS), strict=True))
+
+    def low(bits: torch.Tensor, top: int) -> torch.Tensor:
+        # The low 16 bits of the magnitudes in bin ``top``, plus one; 0 and LOW_BINS + 1 for
+        # those below and above it (counted, then dropped).
+        digits = room.tensor(torch.int32, tuple(bits.shape))
+        return torch.sub(bits, (top << 16) - 1, out=digits).clamp_(0, _LOW_BINS + 1)
+
+    digits = [partial(low, top=top) for top in tops]
+    counts = _histograms(blocks, digits, _LOW_BINS + 2)
+    lows = {top: found[1:-1] for top, found in zip(tops, counts, strict=True)}
     cuts = {}
     for rank, (top, greater) in starts.items():
         low = lows[top]
