@@ -141,6 +141,13 @@ class MergeJob(PushOptions):
     sign_election: Literal["sum", "count"] | None = None
     normalize: bool | None = None
 
+    @field_validator("density", "seed", "gamma", mode="before")
+    @classmethod
+    def _not_a_flag(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("must be a number, not true or false")
+        return value
+
     @model_validator(mode="after")
     def _combining(self) -> MergeJob:
         method = self.combine

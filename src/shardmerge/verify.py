@@ -328,15 +328,24 @@ def _within_tolerance(found: torch.Tensor, expected: torch.Tensor, tensor: Tenso
     infinities (kept from the base) exactly where the CPU has them. A requantized weight:
     every value's code within one step, codes ordered by their signed magnitude (so that +0
     and -0 are one): an error smaller than a step crosses at most one rounding boundary; an
-    FP8 NaN code only where the CPU has one."""
+    FP8 NaN code only where the CPU has one. A combined tensor (``--combine``) may differ
+    further in a few values, at most COMBINED_STRAYS of them: where an update's magnitude
+    lies within the float32 error of a threshold, or a vote within that of zero, the GPU's
+    rounding keeps or elects what the CPU's does not."""
     if found.numel() == 0 or found.shape != expected.shape:
         return found.shape == expected.shape
     if tensor.quant is not None and tensor.requantized:
         return kernel_of(tensor.quant.format).within_one_step(tensor.quant.format, found, expected)
-    return _within_float_tolerance(found, expected)
+    strays = int(found.numel() * COMBINED_STRAYS) if tensor.combined else 0
+    return _within_float_tolerance(found, expected, strays)
 
 
-def _within_float_tolerance(found: torch.Tensor, expected: torch.Tensor) -> bool:
+# The fraction of a combined tensor's values a GPU merge may place on the other side of a
+# threshold or an election than the CPU's (see _within_tolerance).
+COMBINED_STRAYS = 2.0**-12
+
+
+def _within_float_tolerance(found: torch.Tensor, expected: torch.Tensor, strays: int = 0) -> bool:
     ours, theirs = found.float(), expected.float()
     finite = theirs[theirs.isfinite()].double()
     rms = float(finite.pow(2).mean().sqrt()) if finite.numel() else 0.0
@@ -345,4 +354,4 @@ def _within_float_tolerance(found: torch.Tensor, expected: torch.Tensor) -> bool
     ulp = torch.exp2((exponent - 1).float()).mul_(info.eps).clamp_(min=info.tiny * info.eps)
     close = (ours - theirs).abs() <= ulp + FLOAT32_ERROR * rms
     exact = (ours == theirs) | (ours.isnan() & theirs.isnan())
-    return bool(torch.where(theirs.isfinite() & ours.isfinite(), close, exact).all())
+    return int((~torch.where(theirs.isfinite() & ours.isfinite(), close, exact)).sum()) <= strays

@@ -94,16 +94,19 @@ def _descending(tau: torch.Tensor) -> torch.Tensor:
     return torch.sort(-tau.abs().reshape(-1), stable=True).indices
 
 
-def _dare_mask(seed: int, name: str, count: int, density: float) -> torch.Tensor:
+def _dare_mask(seed: int, adapter: int, name: str, count: int, density: float) -> torch.Tensor:
     """shardmerge's documented DARE mask of a whole tensor: Philox4x64-10 keyed by sha256 of
-    "seed:name", 64-bit outputs from the stream's start, each split low half first."""
-    key = np.frombuffer(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:16], dtype="<u8")
-    raw = np.random.Philox(key=key).random_raw((count + 1) // 2)
-    numbers = raw.astype("<u8").view("<u4")[:count]
-    return torch.from_numpy(numbers < math.ceil(density * 2**32))
+    "seed:adapter:name", 64-bit outputs from the stream's start cut into 16-bit numbers, the
+    lowest bits first."""
+    key = np.frombuffer(hashlib.sha256(f"{seed}:{adapter}:{name}".encode()).digest()[:16], dtype="<u8")
+    raw = np.random.Philox(key=key).random_raw((count + 3) // 4)
+    numbers = [(int(word) >> (16 * lane)) & 0xFFFF for word in raw for lane in range(4)][:count]
+    return torch.tensor(numbers) < math.ceil(density * 2**16)
 
 
-def _sparsify(tau: torch.Tensor, density: float, method: str, gamma: float, seed: int, name: str) -> torch.Tensor:
+def _sparsify(
+    tau: torch.Tensor, density: float, method: str, gamma: float, seed: int, adapter: int, name: str
+) -> torch.Tensor:
     """mergekit/sparsify.py, ``sparsify``: ``magnitude``, ``magnitude_outliers`` and ``bernoulli``
     (the last with ``rescaled_masked_tensor``'s L1 rescale, mergekit's ``rescale: true``)."""
     if density >= 1:
@@ -118,7 +121,7 @@ def _sparsify(tau: torch.Tensor, density: float, method: str, gamma: float, seed
         bottom = max(0, count - target - top)
         mask[_descending(tau).flip(0)[bottom : bottom + target]] = 1
     else:
-        masked = tau * _dare_mask(seed, name, count, density).reshape(tau.shape)
+        masked = tau * _dare_mask(seed, adapter, name, count, density).reshape(tau.shape)
         before, after = tau.abs().sum(), masked.abs().sum()
         return masked if before < 1e-7 or after < 1e-7 else masked * (before / after)
     return tau * mask.reshape(tau.shape)
@@ -157,8 +160,8 @@ def mergekit_merge(
     normalize = default_normalize if normalize is None else normalize
     deltas = torch.stack(
         [
-            tau if pruning is None else _sparsify(tau, d, pruning, gamma, seed, name)
-            for tau, d in zip(taus, densities, strict=True)
+            tau if pruning is None else _sparsify(tau, d, pruning, gamma, seed, adapter, name)
+            for adapter, (tau, d) in enumerate(zip(taus, densities, strict=True))
         ]
     )
     weight = torch.tensor(weights).reshape(-1, *[1] * base.dim())

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file, save_file
 
 import shardmerge
 from conftest import Base, forget_shard, llama_config, read_output, save_adapter, save_base, shard_bytes
@@ -155,6 +156,8 @@ def test_a_dequantized_fp8_weight_combines_as_its_float32_values(tmp_path: Path)
         ({"combine": "ties", "density": 0}, "density: Input should be greater than 0"),
         ({"combine": "ties", "density": 1.5}, "density: Input should be less than or equal to 1"),
         ({"combine": "mean"}, "combine: Input should be 'linear', 'ties'"),
+        ({"combine": "ties", "density": True}, "density: Value error, must be a number, not true or false"),
+        ({"combine": "dare_ties", "seed": True}, "seed: Value error, must be a number, not true or false"),
     ],
 )
 def test_options_a_method_does_not_take_are_refused(inputs, job: dict, message: str) -> None:
@@ -187,3 +190,22 @@ def test_an_emulated_gpu_combines_as_the_cpu_within_the_plans_device_memory(
     runtime = emulated_runtime()
     assert runtime is not None
     assert 0 < runtime.peak_bytes <= shardmerge.plan(**args).gpu_memory.device_bytes
+
+
+def test_an_update_holding_nan_stops_the_pruning_naming_adapter_and_tensor(
+    inputs, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    base, adapters = inputs
+    broken = tmp_path / "broken"
+    shutil.copytree(adapters[1], broken)
+    tensors = load_file(broken / "adapter_model.safetensors")
+    key = next(key for key in sorted(tensors) if "k_proj.lora_B" in key)
+    tensors[key][3, 1] = float("nan")
+    save_file(tensors, broken / "adapter_model.safetensors")
+    out = tmp_path / "out"
+    flags = ["--combine", "ties", "--density", "0.5"]
+    assert main(["merge", str(base), str(adapters[0]), str(broken), "-o", str(out), "--quiet", *flags]) != 0
+    error = capsys.readouterr().err
+    assert f"{broken}/adapter_model.safetensors: model.layers.0.self_attn.k_proj.weight: adapter 1's update" in error
+    assert "holds NaN or Inf" in error
+    assert not list(out.glob("*.safetensors"))

@@ -15,18 +15,20 @@ its mask. The tensor's base values are read only by the last pass.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from functools import partial
 
 import torch
 
+from ..errors import NonFiniteError
 from ..formats.safetensors import numel
 from ..planning.model import Combine, TensorPlan
 from .blocks import row_blocks
 from .buffers import Buffer, Memory
 from .factors import AdapterFactors, AdapterReader, Factors
-from .kernels import apply_op
+from .kernels import all_finite, apply_op
 from .random_mask import keep_mask
 from .selection import Cut, find_cuts, magnitude_bits
 
@@ -35,6 +37,13 @@ from .selection import Cut, find_cuts, magnitude_bits
 _NORM_EPSILON = 1e-7
 # A sum of weights nearer zero than this divides as one, where no sign is elected (mergekit).
 _DIVISOR_EPSILON = 1e-8
+# The largest finite float32's bits: a cut above them drops nothing finite.
+_LARGEST = 0x7F7FFFFF
+
+
+def _float(bits: int) -> float:
+    """The float32 whose bits are ``bits``."""
+    return struct.unpack("<f", struct.pack("<i", bits))[0]
 
 
 @dataclass(frozen=True)
@@ -101,7 +110,7 @@ class CombiningFactors(AdapterFactors):
         updates = self.updates.tensor(torch.float32, (len(adapters), *shape))
         for slot, adapter in enumerate(adapters):
             update = self._update(updates[slot], tensor, whole, adapter, rows)
-            self._pruned(update, tensor, pruned[adapter], offset)
+            self._pruned(update, tensor.name, adapter, pruned[adapter], offset)
             update.mul_(combine.weights[adapter])
         mixed, agreeing = self.sums.tensor(torch.float32, (2, *shape))
         if combine.election is None:
@@ -110,30 +119,33 @@ class CombiningFactors(AdapterFactors):
             if combine.normalize:
                 mixed.div_(1.0 if abs(divisor) < _DIVISOR_EPSILON else divisor)
             return value.add_(mixed)
-        positive, agrees = self.masks.tensor(torch.bool, (2, *shape))
-        self._elect(updates, mixed, positive)
+        elected = self.scratch.tensor(torch.float32, shape)
+        self._elect(updates, mixed, elected)
         mixed.zero_()
         agreeing.zero_()
         for slot, adapter in enumerate(adapters):
-            update = updates[slot]
-            # agrees: its sign is the elected one (a zero has none)
-            torch.gt(update, 0, out=agrees).eq_(positive).logical_and_(update != 0)
-            mixed.add_(update.mul_(agrees))
-            agreeing.add_(agrees, alpha=combine.weights[adapter])
-        if combine.normalize:
-            mixed.div_(agreeing.masked_fill_(agreeing == 0, 1.0))
+            # The update where its sign is the elected one (a zero has none), in float32 ops
+            # alone: u * e is |u| there, and not above zero elsewhere; times e again, u.
+            agreed = updates[slot].mul_(elected).clamp_(min=0)
+            mixed.addcmul_(agreed, elected)
+            agreeing.add_(agreed.sign_(), alpha=combine.weights[adapter])
+        if combine.normalize:  # where no update agrees, the divisor is 0: divide by 1 there
+            none = torch.sign(agreeing, out=elected).abs_().neg_().add_(1.0)
+            mixed.div_(agreeing.add_(none))
         return value.add_(mixed)
 
-    def _elect(self, updates: torch.Tensor, votes: torch.Tensor, positive: torch.Tensor) -> None:
-        """Into ``positive``: where the elected sign is +1 (else -1), as the vote is at least 0
-        (in ``votes``): the weighted updates' sum, or their signs' (``count``)."""
+    def _elect(self, updates: torch.Tensor, votes: torch.Tensor, elected: torch.Tensor) -> None:
+        """Into ``elected``: the elected sign of every element, +1 where the vote (in
+        ``votes``) is at least 0, else -1. The vote is the weighted updates' sum, or their
+        signs' (``count``). A vote of -0 is one of updates that are all zero, which agree with
+        neither sign."""
         if self.combine.election == "count":
             votes.zero_()
             for update in updates:
-                votes.add_(update > 0).add_(update < 0, alpha=-1)
+                votes.add_(torch.sign(update, out=elected))
         else:
             torch.sum(updates, dim=0, out=votes)
-        torch.ge(votes, 0, out=positive)
+        torch.copysign(torch.ones((), device=votes.device), votes, out=elected)
 
     def _update(
         self, into: torch.Tensor, tensor: TensorPlan, whole: Factors, adapter: int, rows: tuple[int, int] | None
@@ -146,24 +158,45 @@ class CombiningFactors(AdapterFactors):
                 apply_op(into, replace(op, weight=1.0), factors, rows)
         return into
 
-    def _pruned(self, update: torch.Tensor, tensor: TensorPlan, pruning: Pruning, offset: int) -> None:
-        """``update`` (its block starting at flat position ``offset``) pruned in place."""
+    def _pruned(self, update: torch.Tensor, name: str, adapter: int, pruning: Pruning, offset: int) -> None:
+        """Adapter ``adapter``'s ``update`` of tensor ``name`` (its block starting at flat
+        position ``offset``) pruned in place."""
         if pruning.random is not None:
-            update.mul_(self._kept_randomly(update, tensor.name, offset, pruning.random))
+            dropped = self._kept_randomly(update, adapter, name, offset, pruning.random).logical_not_()
+            update.masked_fill_(dropped, 0.0)
         elif pruning.keep is not None:
-            shape = tuple(update.shape)
-            bits = magnitude_bits(self.scratch.tensor(torch.float32, shape).copy_(update))
-            kept, dropped = self.masks.tensor(torch.bool, (2, *shape))
-            pruning.keep.before(bits, offset, kept)
-            if pruning.drop is not None:
-                kept.logical_and_(pruning.drop.before(bits, offset, dropped).logical_not_())
-            update.mul_(kept)
+            self._trimmed(update, pruning.keep, pruning.drop, offset)
         if pruning.factor != 1.0:
             update.mul_(pruning.factor)
 
-    def _kept_randomly(self, update: torch.Tensor, name: str, offset: int, density: float) -> torch.Tensor:
-        """DARE's mask of a block of tensor ``name`` (see ``random_mask``), beside ``update``."""
-        mask = keep_mask(self.combine.seed, name, offset, update.numel(), density)
+    def _trimmed(self, update: torch.Tensor, keep: Cut, drop: Cut | None, offset: int) -> None:
+        """``update`` kept where it ranks before ``keep`` and not before ``drop``. Where each
+        cut is a plain threshold over the block (no equal magnitudes split by position in
+        it), by float32 thresholds on the magnitudes; else through masks."""
+        shape = tuple(update.shape)
+        lowest = keep.lowest(offset, update.numel())
+        highest = drop.lowest(offset, update.numel()) if drop is not None else None
+        if lowest is not None and (drop is None or highest is not None):
+            magnitudes = torch.abs(update, out=self.scratch.tensor(torch.float32, shape))
+            if lowest > 0:  # kept: at least the lowest, so above the float just below it
+                torch.nn.functional.threshold(magnitudes, _float(lowest - 1), 0.0, inplace=True)
+            if highest is not None and highest <= _LARGEST:  # and below the highest dropped
+                torch.nn.functional.threshold(magnitudes.neg_(), -_float(highest), 0.0, inplace=True).neg_()
+            torch.copysign(magnitudes, update, out=update)
+            return
+        bits = magnitude_bits(self.scratch.tensor(torch.float32, shape).copy_(update))
+        kept, dropped = self.masks.tensor(torch.bool, (2, *shape))
+        keep.before(bits, offset, kept)
+        if drop is not None:
+            kept.logical_and_(drop.before(bits, offset, dropped).logical_not_())
+        update.mul_(kept)
+
+    def _kept_randomly(
+        self, update: torch.Tensor, adapter: int, name: str, offset: int, density: float
+    ) -> torch.Tensor:
+        """DARE's mask of adapter ``adapter``'s update of a block of tensor ``name`` (see
+        ``random_mask``), beside ``update``."""
+        mask = keep_mask(self.combine.seed, adapter, name, offset, update.numel(), density)
         return torch.from_numpy(mask).to(update.device).reshape(update.shape)
 
     def _prune(self, tensor: TensorPlan, whole: Factors) -> dict[int, Pruning]:
@@ -196,7 +229,15 @@ class CombiningFactors(AdapterFactors):
         width = numel(tensor.shape[1:]) if not tensor.expert_rows else tensor.shape[-1]
         for block in row_blocks(tensor):
             room = self.updates.tensor(torch.float32, block.shape)
-            yield block.first * width, self._update(room, tensor, whole, adapter, block.span)
+            update = self._update(room, tensor, whole, adapter, block.span)
+            if not all_finite(update):  # it would decide thresholds and norms, and vanish where pruned
+                raise NonFiniteError(
+                    f"adapter {adapter}'s update holds NaN or Inf",
+                    file=self.adapters[adapter].path,
+                    tensor=tensor.name,
+                    hint="the adapter is damaged or its training diverged: leave it out",
+                )
+            yield block.first * width, update
 
     def _magnitudes(self, tensor: TensorPlan, whole: Factors, adapter: int) -> Iterator[tuple[int, torch.Tensor]]:
         for offset, update in self._blocks(tensor, whole, adapter):
@@ -209,7 +250,7 @@ class CombiningFactors(AdapterFactors):
         for offset, update in self._blocks(tensor, whole, adapter):
             magnitudes = update.abs_()
             before += float(magnitudes.sum(dtype=torch.float64))
-            magnitudes.mul_(self._kept_randomly(update, tensor.name, offset, density))
-            after += float(magnitudes.sum(dtype=torch.float64))
+            dropped = self._kept_randomly(update, adapter, tensor.name, offset, density).logical_not_()
+            after += float(magnitudes.masked_fill_(dropped, 0.0).sum(dtype=torch.float64))
         factor = 1.0 if before < _NORM_EPSILON or after < _NORM_EPSILON else before / after
         return Pruning(random=density, factor=factor)

@@ -62,6 +62,7 @@ class AdapterReader:
     count against memory, so a large adapter would grow the footprint as the merge went on."""
 
     def __init__(self, path: str) -> None:
+        self.path = path
         self.tensors = read_checkpoint_header(Path(path)).tensors
         self.fd = open_input(path)
 

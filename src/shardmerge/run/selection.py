@@ -28,6 +28,7 @@ from .buffers import Buffer
 
 _HIGH_BINS = 1 << 15  # top 16 bits of a non-negative float32 (sign bit clear)
 _LOW_BINS = 1 << 16
+_NONE_BEFORE = 0x7F800001  # above every finite float's and infinity's bits (a cut before all)
 
 # Each pass's blocks: their flat offset in the tensor, and their magnitudes' bit patterns as
 # int32 (see ``magnitude_bits``), computed afresh for each pass.
@@ -64,6 +65,17 @@ class Cut:
             prefix = self.last - offset + 1
             out.view(-1)[:prefix] |= bits.reshape(-1)[:prefix] == self.bits
         return out
+
+    def lowest(self, offset: int, count: int) -> int | None:
+        """The lowest bits before the cut, where the ``count`` magnitudes of the block at flat
+        position ``offset`` are before it exactly when their bits are at least that (a
+        number above every float's where none is); None where equal magnitudes in the block
+        are before it by position."""
+        if self.rank == 0:
+            return _NONE_BEFORE
+        if self.last < 0 or self.last >= offset + count:
+            return self.bits
+        return self.bits + 1 if self.last < offset else None
 
     @property
     def value(self) -> float:
