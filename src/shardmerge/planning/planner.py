@@ -714,8 +714,8 @@ def _inputs(
 @dataclass(frozen=True)
 class _Block:
     """What merging one block of a tensor holds: float32 copies of ``count`` values, its
-    ``source`` bytes, its ``output`` bytes, and the adapter factors (float32, and the
-    largest as stored)."""
+    ``source`` bytes, its ``output`` bytes, the adapter factors (float32, and the largest as
+    stored), and the bytes a combination of its adapters' updates holds beside them."""
 
     copies: int
     count: int
@@ -723,6 +723,7 @@ class _Block:
     output: int
     factors: int
     stored: int
+    combined: int = 0
 
 
 def _blocks(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> list[_Block]:
@@ -738,8 +739,6 @@ def _blocks(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> list[_Blo
                 count = tensor.block_rows * tensor.shape[-1]
             # DoRA, LoKr and replacements hold a second float32 operand
             copies = 1 if all(op.kind in ("lora", "bias", "ia3", "tokens", "loha") for op in tensor.ops) else 2
-            if tensor.combined:  # each adapter's update, their sum and the weights agreeing, a mask
-                copies = 1 + len({op.adapter for op in tensor.ops}) + _COMBINE_COPIES
             if tensor.quant is not None:  # the scales as stored and in float32
                 copies += 2 * (tensor.quant.scale.end - tensor.quant.scale.begin) // count
             source = count * ITEMSIZE[tensor.src_dtype]
@@ -757,15 +756,17 @@ def _blocks(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> list[_Blo
             ]
             factors = sum(4 * numel(info.shape) for info in read)
             stored = max((info.nbytes for info in read), default=0)
-            blocks.append(_Block(copies, count, source, count * ITEMSIZE[tensor.dtype], factors, stored))
+            held = (len({op.adapter for op in tensor.ops}) + _COMBINE_COPIES) * 4 * count if tensor.combined else 0
+            blocks.append(_Block(copies, count, source, count * ITEMSIZE[tensor.dtype], factors, stored, held))
     return blocks
 
 
-# float32 copies of a block a combination holds beside the value and each adapter's update:
-# the sum of the updates and the weights that agree with the elected sign, the bits of one
-# update's magnitudes (or DARE's random numbers, 32 bits a value), and two masks and a
-# comparison's (a byte a value each).
-_COMBINE_COPIES = 4
+# float32 copies of a block a combination holds beside each adapter's update, in buffers kept
+# from its first combined tensor on (so beside those of conversions too): the sum of the
+# updates and the weights that agree with the elected sign, one update's magnitudes, two
+# masks (a byte a value each), DARE's random numbers (two bytes a value, and a mask) while
+# they are drawn, and the allocator's room between blocks.
+_COMBINE_COPIES = 5
 
 # A chunk of an untouched tensor converted: as read, and up to twice that (float16 widened
 # to float32) in each of two output buffers.
@@ -782,12 +783,14 @@ def _widen(shards: tuple[ShardPlan, ...]) -> int:
 def _peak_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> int:
     """Working memory a merge on the CPU needs beyond the interpreter: the largest merged
     block in float32 copies, its source bytes, two output buffers (one written and hashed
-    while the next fills), the adapter factors of the tensor with the most (in float32, and
-    one as stored), and the conversion and staging buffers."""
+    while the next fills), the buffers of a combination (``--combine``), the adapter factors
+    of the tensor with the most (in float32, and one as stored), and the conversion and
+    staging buffers."""
     blocks = _blocks(shards, adapters)
     worst = max((b.copies * 4 * b.count + b.source + 2 * b.output for b in blocks), default=0)
     factors = max((b.factors + b.stored for b in blocks), default=0)
-    return max(worst, _CONVERSION) + factors + _widen(shards) + STAGING_BUFFERS * STAGING_BYTES
+    combined = max((b.combined for b in blocks), default=0)
+    return max(worst, _CONVERSION) + combined + factors + _widen(shards) + STAGING_BUFFERS * STAGING_BYTES
 
 
 def _gpu_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> GpuMemory:
@@ -803,6 +806,7 @@ def _gpu_memory(shards: tuple[ShardPlan, ...], adapters: list[Adapter]) -> GpuMe
     converted = any(t.action is Action.CONVERT for s in shards for t in s.tensors)
     outputs = [2 * COPY_CHUNK_BYTES if converted else 0, *(b.output for b in blocks)]
     device = max((b.copies * 4 * b.count + b.output for b in blocks), default=0) + _widen(shards)
+    device += max((b.combined for b in blocks), default=0)
     device += max(sources, default=0) + _lockable(sources) + max((b.factors for b in blocks), default=0)
     host = 2 * _lockable(sources) + _spilled(sources) + 3 * (_lockable(outputs) + _spilled(outputs))
     host += max((b.stored for b in blocks), default=0) + COPY_CHUNK_BYTES + STAGING_BUFFERS * STAGING_BYTES

@@ -245,12 +245,12 @@ class CombiningFactors(AdapterFactors):
 
     def _dare(self, tensor: TensorPlan, whole: Factors, adapter: int, density: float) -> Pruning:
         """DARE's pruning of one update, rescaled as mergekit does: so that its L1 norm stays
-        what it was (unless either norm is about zero), summed over the tensor in float64."""
+        what it was (unless either norm is about zero), each block's sum added in float64."""
         before = after = 0.0
         for offset, update in self._blocks(tensor, whole, adapter):
             magnitudes = update.abs_()
-            before += float(magnitudes.sum(dtype=torch.float64))
+            before += float(magnitudes.sum())
             dropped = self._kept_randomly(update, adapter, tensor.name, offset, density).logical_not_()
-            after += float(magnitudes.masked_fill_(dropped, 0.0).sum(dtype=torch.float64))
+            after += float(magnitudes.masked_fill_(dropped, 0.0).sum())
         factor = 1.0 if before < _NORM_EPSILON or after < _NORM_EPSILON else before / after
         return Pruning(random=density, factor=factor)
