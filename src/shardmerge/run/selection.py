@@ -77,11 +77,6 @@ class Cut:
             return self.bits
         return self.bits + 1 if self.last < offset else None
 
-    @property
-    def value(self) -> float:
-        """The magnitude at the cut (the rank-th largest); 0 with rank 0."""
-        return float(np.array([max(self.bits, 0)], dtype=np.int32).view(np.float32)[0])
-
 
 def find_cuts(blocks: Blocks, ranks: Sequence[int], count: int, room: Buffer) -> list[Cut]:
     """The cuts after the ``ranks`` largest of a tensor's ``count`` magnitudes, fed by ``blocks``
