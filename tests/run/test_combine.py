@@ -214,6 +214,7 @@ CASES = [
     ("dare_ties", ["a", "b", "c"], [1.0, 0.7, 0.5], [0.5, 0.3, 0.6], {"seed": 7}),
     ("dare_linear", ["a", "b"], [0.5, 0.5], [0.4, 0.4], {"normalize": True}),
     ("linear", ["a", "b", "c"], [1.0, 0.5, 0.5], [1.0, 1.0, 1.0], {"normalize": True}),
+    ("linear", ["a", "b", "c"], [1.0, 0.5, -0.5], [1.0, 1.0, 1.0], {}),  # task_arithmetic: in turn, as always
 ]
 
 
