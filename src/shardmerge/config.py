@@ -56,6 +56,19 @@ _REPO_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][\w.-]{0,95}/[A-Za-z0-9][\w.-
 CombineMethod = Literal["linear", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"]
 
 
+def _a_number(value: Any) -> Any:
+    """A number as given, refusing true and false; one written as text (YAML reads 1e-1 as
+    text) read as a number."""
+    if isinstance(value, bool):
+        raise ValueError("must be a number, not true or false")
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 class AdapterSpec(BaseModel):
     """One adapter, the weight its delta is multiplied by, and (for a ``combine`` method that
     prunes) the fraction of its update kept, where it differs from the job's ``density``."""
@@ -69,14 +82,7 @@ class AdapterSpec(BaseModel):
     @field_validator("weight", "density", mode="before")
     @classmethod
     def _number(cls, value: Any) -> Any:
-        if isinstance(value, bool):
-            raise ValueError("must be a number, not true or false")
-        if isinstance(value, str):  # YAML reads 1e-1 as text: a number written as text is one
-            try:
-                return float(value)
-            except ValueError:
-                return value
-        return value
+        return _a_number(value)
 
 
 class PushOptions(BaseModel):
@@ -141,9 +147,14 @@ class MergeJob(PushOptions):
     sign_election: Literal["sum", "count"] | None = None
     normalize: bool | None = None
 
-    @field_validator("density", "seed", "gamma", mode="before")
+    @field_validator("density", "gamma", mode="before")
     @classmethod
-    def _not_a_flag(cls, value: Any) -> Any:
+    def _number(cls, value: Any) -> Any:
+        return _a_number(value)
+
+    @field_validator("seed", mode="before")
+    @classmethod
+    def _integer(cls, value: Any) -> Any:
         if isinstance(value, bool):
             raise ValueError("must be a number, not true or false")
         return value

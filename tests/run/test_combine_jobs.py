@@ -23,6 +23,7 @@ from shardmerge.batch import run_jobs
 from shardmerge.cli import main
 from shardmerge.config import build_job, load_job_file
 from shardmerge.errors import JobConfigError, PlanError
+from shardmerge.output.journal import describe_changes
 from shardmerge.planning.planner import build_plan
 from shardmerge.run.emulated import VARIABLE, emulated_runtime
 from shardmerge.verify import verify
@@ -209,3 +210,9 @@ def test_an_update_holding_nan_stops_the_pruning_naming_adapter_and_tensor(
     assert f"{broken}/adapter_model.safetensors: model.layers.0.self_attn.k_proj.weight: adapter 1's update" in error
     assert "holds NaN or Inf" in error
     assert not list(out.glob("*.safetensors"))
+
+
+def test_a_journal_whose_combination_is_not_a_mapping_reads_as_changed() -> None:
+    new = {"combine": {"method": "ties", "densities": [0.5]}}
+    assert describe_changes({"combine": ["ties"]}, new) == ["combine changed"]
+    assert describe_changes({}, new) == ["combine changed from linear to ties"]

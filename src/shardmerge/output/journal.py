@@ -400,10 +400,13 @@ def describe_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     return changes
 
 
-def _combine_changes(old: dict[str, Any] | None, new: dict[str, Any] | None) -> list[str]:
-    """How the combination of the adapters changed (None: applied in turn), in words."""
+def _combine_changes(old: Any, new: dict[str, Any] | None) -> list[str]:
+    """How the combination of the adapters changed (None: applied in turn), in words; ``old``
+    as the journal holds it, whatever that is."""
     if old == new:
         return []
+    if old is not None and not isinstance(old, dict):
+        return ["combine changed"]
     before, after = (combine.get("method", "?") if combine else "linear" for combine in (old, new))
     if before != after or old is None or new is None:
         return [f"combine changed from {before} to {after}"]

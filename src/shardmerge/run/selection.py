@@ -149,3 +149,4 @@ def _place_ties(blocks: Blocks, cuts: dict[int, Cut]) -> None:
                 seen[rank] += here
         if not pending:
             return
+    raise AssertionError("a pass computed other magnitudes than the one before it")
